@@ -1,0 +1,239 @@
+"""One typed config drives the CLI, YAML files and the Python API alike.
+
+Every section is a dataclass; `load_config` validates a YAML/dict strictly (unknown keys and wrong types
+are errors naming the key and the fix), and `config_to_dict` writes the resolved config into every
+output so a run can be replayed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from tdastore.errors import ConfigError
+
+
+@dataclass
+class TaskConfig:
+    """Which data set and which kind of prediction problem."""
+
+    dataset: str = "diabetes"  # a scikit-learn bundled name, or a path to a .csv / .parquet file
+    kind: Optional[Literal["regression", "classification"]] = None  # None: inferred for bundled sets
+    target: Optional[str] = None  # target column for a file data set
+    features: Optional[list[str]] = None  # feature columns for a file data set (None: all but target)
+    id_column: Optional[str] = None  # column holding example ids (None: row numbers)
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    standardize_target: bool = True  # regression targets are z-scored with training statistics
+
+
+@dataclass
+class ModelConfig:
+    """The MLP of PAPER.md: d-128-128-out with ReLU."""
+
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """How the final model is trained (plain minibatch SGD, as in the paper's tabular setups)."""
+
+    lr: float = 0.03
+    batch_size: int = 128
+    epochs: int = 200
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    output_dir: str = "runs/model"  # model.safetensors and config.yaml are written here
+
+
+@dataclass
+class GradientConfig:
+    """Which parameters' per-example gradients are taken, and in what batches."""
+
+    params: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on parameter names
+    batch_size: int = 256
+
+
+@dataclass
+class ProjectionConfig:
+    """Random projection of gradients to `dim` columns, deterministic from (seed, parameter name)."""
+
+    kind: Literal["none", "gaussian", "rademacher", "sparse"] = "none"
+    dim: int = 1024
+    seed: int = 0
+    nonzeros: int = 1  # sparse JL: non-zeros per input coordinate (must divide dim)
+    block_rows: int = 4096  # rows of the matrix generated per seeded block (part of the spec)
+    cache_mb: int = 512  # generated blocks kept per process while they fit in this budget
+
+
+@dataclass
+class StoreConfig:
+    """Layout of the gradient store on disk."""
+
+    dtype: Literal["float16", "float32"] = "float32"
+    chunk_rows: int = 256  # Zarr chunk height; shards are whole chunks so writers never share one
+    shard_rows: int = 1024  # rows per unit of work (a multiple of chunk_rows)
+    compressor: Literal["zstd", "none"] = "zstd"
+
+
+@dataclass
+class BuildConfig:
+    """How the store is built on Ray."""
+
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    max_retries: int = 2  # a shard whose worker died is retried on a fresh worker this many times
+    address: Optional[str] = None  # None: RAY_ADDRESS, else a local Ray cluster
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gradients: GradientConfig = field(default_factory=GradientConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+
+    def validate(self) -> "Config":
+        """Cross-field checks that a type alone cannot express."""
+        _require(0.0 < self.task.test_fraction < 1.0, "task.test_fraction", "must lie in (0, 1)")
+        _require(all(h > 0 for h in self.model.hidden), "model.hidden", "sizes must be positive")
+        _require(self.train.lr > 0, "train.lr", "must be positive")
+        _require(self.train.batch_size > 0, "train.batch_size", "must be positive")
+        _require(self.train.epochs >= 0, "train.epochs", "must be >= 0")
+        _require(self.gradients.batch_size > 0, "gradients.batch_size", "must be positive")
+        _require(len(self.gradients.params) > 0, "gradients.params", "needs at least one pattern")
+        _require(self.projection.dim > 0, "projection.dim", "must be positive")
+        _require(self.projection.nonzeros > 0, "projection.nonzeros", "must be positive")
+        if self.projection.kind == "sparse":
+            _require(
+                self.projection.dim % self.projection.nonzeros == 0,
+                "projection.nonzeros",
+                f"must divide projection.dim={self.projection.dim}",
+            )
+        _require(self.projection.block_rows > 0, "projection.block_rows", "must be positive")
+        _require(self.store.chunk_rows > 0, "store.chunk_rows", "must be positive")
+        _require(
+            self.store.shard_rows > 0 and self.store.shard_rows % self.store.chunk_rows == 0,
+            "store.shard_rows",
+            f"must be a positive multiple of store.chunk_rows={self.store.chunk_rows}",
+        )
+        _require(self.build.workers > 0, "build.workers", "must be positive")
+        _require(self.build.max_retries >= 0, "build.max_retries", "must be >= 0")
+        return self
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {problem}")
+
+
+def load_config(source: Union[str, Path, dict, None] = None, overrides: Optional[dict] = None) -> Config:
+    """Build a validated Config from a YAML path, a dict, or nothing (all defaults)."""
+    if source is None:
+        raw: dict = {}
+    elif isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist: pass --config with a YAML file (see configs/)")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    return _build(Config, raw, "").validate()
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown config key(s) {unknown} in {where}; allowed keys: {sorted(names)}"
+        )
+    values = {}
+    for name in names & set(raw):
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _coerce(hints[name], raw[name], key)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check `value` against a type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for '{key}'")

@@ -1,0 +1,148 @@
+"""Build a gradient store with Ray actors: shard the rows, keep every worker busy, resume what is done."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Optional, Union
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from tqdm import tqdm
+
+import tdastore
+from tdastore.config import Config, config_to_dict
+from tdastore.errors import StoreError, TdaStoreError
+from tdastore.grads.per_example import PerExampleGradients
+from tdastore.grads.projection import make_projector
+from tdastore.distributed.gradient_worker import GradientWorker
+from tdastore.distributed.ray_session import ray_session
+from tdastore.store.gradient_store import GradientStore
+from tdastore.store.writer import done_shards, finalize_store, plan_shards, prepare_store, update_shard_table
+from tdastore.tasks.base import check_not_empty, model_fingerprint
+from tdastore.tasks.tabular import make_task
+from tdastore.training import load_model
+
+
+def store_identity(config: Config, split: str) -> dict:
+    """What a store's rows mean: split, task, model, gradient and projection spec, layout."""
+    task = make_task(config.task, config.model)
+    model = load_model(config, task)
+    loss_fn = task.per_example_loss if split == "train" else task.test_function
+    gradients = PerExampleGradients(model, loss_fn, config.gradients.params)
+    projector = make_projector(config.projection, gradients.shapes)
+    description = task.description()
+    return {
+        "split": split,
+        "task": {"name": task.name, "kind": description.get("kind"), "fingerprint": task.fingerprint(), "description": description},
+        "model": {"fingerprint": model_fingerprint(model)},
+        "gradients": {**gradients.spec(), "function": "loss" if split == "train" else "test_function"},
+        "projection": projector.spec(),
+        "layout": {
+            "dtype": config.store.dtype,
+            "chunk_rows": config.store.chunk_rows,
+            "shard_rows": config.store.shard_rows,
+            "compressor": config.store.compressor,
+        },
+        "_n_rows": len(task.examples(split)),
+    }
+
+
+def build_store(
+    config: Config,
+    output: Union[str, Path],
+    split: str = "train",
+    address: Optional[str] = None,
+    workers: Optional[int] = None,
+    progress: bool = True,
+    fault: Optional[dict] = None,
+) -> GradientStore:
+    """Compute every row of `split` into the store at `output`; done shards of an earlier run are kept.
+
+    `fault` is a testing hook ({"shard": i}): that shard's worker writes half its rows and is SIGKILLed.
+    """
+    if split not in ("train", "test"):
+        raise StoreError(f"unknown split '{split}': use --split train or --split test")
+    root = Path(output)
+    identity = store_identity(config, split)
+    n_rows = identity.pop("_n_rows")
+    check_not_empty(n_rows, f"the {split} split of '{config.task.dataset}'")
+    extra = {"config": config_to_dict(config), "tdastore_version": tdastore.__version__, "created": time.time()}
+    manifest = prepare_store(root, identity, n_rows, identity["projection"]["out_dim"], config.store.dtype, extra)
+    shards = plan_shards(n_rows, config.store.shard_rows)
+    done = done_shards(root)
+    pending = deque(s for s in shards if s.index not in done)
+    began = time.perf_counter()
+    reports: list[dict] = []
+    n_workers = min(workers or config.build.workers, len(pending)) if pending else 0
+    if pending:
+        with ray_session(address or config.build.address, num_cpus=max(2, n_workers)):
+            reports = _run_pool(config, root, split, identity["model"]["fingerprint"], pending, n_workers, progress, fault,
+                                initial_rows=sum(s.rows for s in shards if s.index in done), total_rows=n_rows, manifest=manifest)
+    seconds = time.perf_counter() - began
+    computed = sum(r["rows"] for r in reports)
+    summary = {
+        "seconds": seconds,
+        "rows_computed": computed,
+        "examples_per_s": computed / seconds if computed else 0.0,
+        "workers": n_workers,
+        "peak_worker_rss_mb": max((r["peak_rss_mb"] for r in reports), default=0.0),
+    }
+    finalize_store(root, manifest, summary)
+    return GradientStore(root)
+
+
+def _run_pool(config, root, split, model_fp, pending, n_workers, progress, fault, initial_rows, total_rows, manifest) -> list[dict]:
+    """Keep `n_workers` actors busy with one shard each; a dead worker is replaced and its shard retried."""
+    threads = max(1, int(config.build.cpus_per_worker))
+    config_dict = config_to_dict(config)
+
+    actors = []
+
+    def new_worker():
+        actors.append(
+            GradientWorker.options(num_cpus=config.build.cpus_per_worker, max_restarts=0).remote(
+                config_dict, str(root), split, model_fp, threads, fault
+            )
+        )
+        return actors[-1]
+
+    attempts: dict[int, int] = {}
+    in_flight: dict = {}  # object ref -> (actor, shard)
+    reports = []
+    bar = tqdm(total=total_rows, initial=initial_rows, desc=f"build {split}", unit="ex", disable=not progress)
+    idle = [new_worker() for _ in range(n_workers)]
+    try:
+        while pending or in_flight:
+            while idle and pending:
+                actor, shard = idle.pop(), pending.popleft()
+                in_flight[actor.run.remote(shard)] = (actor, shard)
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            actor, shard = in_flight.pop(ready[0])
+            try:
+                report = ray.get(ready[0])
+            except RayActorError as err:
+                attempts[shard.index] = attempts.get(shard.index, 0) + 1
+                if attempts[shard.index] > config.build.max_retries:
+                    raise StoreError(
+                        f"shard {shard.index} failed {attempts[shard.index]} time(s) because its worker died ({err}); "
+                        "done shards are kept: rerun the same command to resume"
+                    ) from err
+                pending.appendleft(shard)
+                idle.append(new_worker())
+                continue
+            except RayTaskError as err:
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, TdaStoreError):
+                    raise cause from None
+                raise
+            reports.append(report)
+            idle.append(actor)
+            bar.update(report["rows"])
+            update_shard_table(root, manifest)
+    finally:
+        bar.close()
+        for actor in actors:  # also stops shards still in flight after an error
+            ray.kill(actor)
+    return reports

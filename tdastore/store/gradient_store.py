@@ -1,0 +1,98 @@
+"""Reading a store: the Zarr gradients, the Arrow metadata and the manifest, behind one object."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from tdastore.errors import StoreError
+from tdastore.store.manifest import GRADS_DIR, META_FILE, identity_mismatches, read_manifest
+from tdastore.store.writer import done_shards
+
+
+class GradientStore:
+    """A directory of per-example gradients: row r of `grads` is example `meta['example_id'][r]`."""
+
+    def __init__(self, root: Union[str, Path], allow_incomplete: bool = False):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        if self.manifest.get("status") != "complete" and not allow_incomplete:
+            total = len(self.manifest.get("shards", []))
+            done = len(done_shards(self.root))
+            raise StoreError(
+                f"store '{self.root}' is incomplete ({done}/{total} shards done): rerun the same "
+                "`tdastore build` command to resume it"
+            )
+        try:
+            self.grads = zarr.open_array(str(self.root / GRADS_DIR), mode="r")
+        except Exception as err:  # zarr raises several kinds for missing/corrupt metadata
+            raise StoreError(f"store '{self.root}': gradient array is missing or corrupt ({err}); rebuild the store") from err
+        expected = (self.manifest["n_rows"], self.manifest["dim"])
+        if tuple(self.grads.shape) != expected:
+            raise StoreError(f"store '{self.root}': gradient array has shape {self.grads.shape}, manifest says {expected}")
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @cached_property
+    def meta(self) -> pa.Table:
+        path = self.root / META_FILE
+        if not path.is_file():
+            raise StoreError(f"store '{self.root}' has no {META_FILE}: it is incomplete; rerun the build to finish it")
+        return pq.read_table(path)
+
+    def read_rows(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Rows [start, stop) as float32 [n, k]."""
+        return np.asarray(self.grads[start : self.n_rows if stop is None else stop], dtype=np.float32)
+
+    def iter_blocks(self, block_rows: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 [b, k]) over the whole store; memory bounded by block_rows."""
+        chunk = self.grads.chunks[0]
+        block_rows = max(chunk, block_rows // chunk * chunk)  # whole chunks: each is decoded once
+        for start in range(0, self.n_rows, block_rows):
+            yield start, self.read_rows(start, min(start + block_rows, self.n_rows))
+
+    def check_matches(self, identity: dict) -> None:
+        """Raise if the model, task, gradients or projection asked for differ from the store's."""
+        problems = identity_mismatches(self.manifest, {**self.manifest, **identity})
+        if problems:
+            raise StoreError(f"store '{self.root}' does not match:\n  - " + "\n  - ".join(problems))
+
+    def summary(self) -> str:
+        m = self.manifest
+        proj = m["projection"]
+        done = sum(1 for s in m["shards"] if s["done"])
+        lines = [
+            f"store        {self.root}",
+            f"status       {m['status']} ({done}/{len(m['shards'])} shards)",
+            f"task         {m['task']['name']} ({m['task'].get('kind', '?')}), split={m['split']}, fingerprint {m['task']['fingerprint']}",
+            f"model        fingerprint {m['model']['fingerprint']}, {m['gradients']['numel']:,} gradient entries "
+            f"over {len(m['gradients']['params'])} parameter tensors",
+            f"projection   {proj['kind']} -> {proj['out_dim']}" + (f" (seed {proj['seed']})" if "seed" in proj else ""),
+            f"gradients    [{m['n_rows']:,}, {m['dim']:,}] {m['dtype']}, chunks of {m['layout']['chunk_rows']} rows",
+        ]
+        if "summary" in m:
+            s = m["summary"]
+            lines.append(f"build        {s.get('seconds', 0):.1f} s, {s.get('examples_per_s', 0):,.0f} examples/s, {s.get('workers')} workers")
+        if self.manifest["status"] == "complete":
+            loss = np.asarray(self.meta.column("loss"))
+            norm = np.asarray(self.meta.column("grad_norm"))
+            lines.append(f"loss         mean {loss.mean():.4g}, max {loss.max():.4g}")
+            lines.append(f"grad norm    mean {norm.mean():.4g}, max {norm.max():.4g}")
+        return "\n".join(lines)
+
+
+def open_store(path: Union[str, Path], allow_incomplete: bool = False) -> GradientStore:
+    """Open a gradient store written by `tdastore build`."""
+    return GradientStore(path, allow_incomplete=allow_incomplete)

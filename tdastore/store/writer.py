@@ -1,0 +1,186 @@
+"""Writing a store: create or reopen it for a build, write shards idempotently, finalise.
+
+A shard owns a chunk-aligned row range, so concurrent writers never touch the same Zarr chunk. Its
+rows are written and fsynced first, then its metadata, then its `.done` marker (each via `.part` and
+rename): a shard without a marker is simply rewritten on resume, and a marker always means durable rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from tdastore.errors import StoreError
+from tdastore.store.manifest import (
+    GRADS_DIR,
+    MANIFEST_FILE,
+    META_FILE,
+    SCHEMA_VERSION,
+    SHARDS_DIR,
+    identity_mismatches,
+    read_manifest,
+    write_json_atomic,
+)
+
+MAX_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def plan_shards(n_rows: int, shard_rows: int) -> list[Shard]:
+    return [Shard(i, start, min(start + shard_rows, n_rows)) for i, start in enumerate(range(0, n_rows, shard_rows))]
+
+
+def prepare_store(root: Path, identity: dict, n_rows: int, dim: int, dtype: str, extra: dict) -> dict:
+    """Create a new store, or check that an existing one is the same build and return its manifest.
+
+    `identity` holds IDENTITY_FIELDS. Nothing is written into a directory that is not a store, nor into
+    a store whose identity differs, so an existing store is never damaged by a wrong build.
+    """
+    if root.exists() and (root / MANIFEST_FILE).exists():
+        manifest = read_manifest(root)
+        problems = identity_mismatches(manifest, identity)
+        if problems:
+            raise StoreError(
+                f"store '{root}' was built with a different setup and was left unchanged:\n  - "
+                + "\n  - ".join(problems)
+                + "\nbuild into a new --output directory, or rebuild with the store's config"
+            )
+        return manifest
+    if root.exists() and any(root.iterdir()):
+        raise StoreError(
+            f"'{root}' exists, is not empty and is not a tdastore store: choose a new --output directory"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SHARDS_DIR).mkdir(exist_ok=True)
+    layout = identity["layout"]
+    chunk_cols = max(1, min(dim, MAX_CHUNK_BYTES // (layout["chunk_rows"] * np.dtype(dtype).itemsize)))
+    compressors = _compressors(layout["compressor"])
+    zarr.create_array(
+        store=str(root / GRADS_DIR),
+        shape=(n_rows, dim),
+        chunks=(layout["chunk_rows"], chunk_cols),
+        dtype=dtype,
+        fill_value=0,
+        compressors=compressors,
+        overwrite=False,
+    )
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "status": "building",
+        "n_rows": n_rows,
+        "dim": dim,
+        "dtype": dtype,
+        **identity,
+        **extra,
+        "shards": [
+            {"shard": s.index, "start": s.start, "stop": s.stop, "done": False}
+            for s in plan_shards(n_rows, layout["shard_rows"])
+        ],
+        "preconditioners": {},
+        "indexes": {},
+    }
+    write_json_atomic(root / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _compressors(name: str):
+    if name == "none":
+        return None
+    from zarr.codecs import ZstdCodec
+
+    return [ZstdCodec(level=3)]
+
+
+def shard_marker(root: Path, index: int) -> Path:
+    return root / SHARDS_DIR / f"{index:06d}.done"
+
+
+def shard_meta_path(root: Path, index: int) -> Path:
+    return root / SHARDS_DIR / f"{index:06d}.parquet"
+
+
+def done_shards(root: Path) -> set[int]:
+    """Shards whose marker exists: their rows and metadata are durable."""
+    folder = root / SHARDS_DIR
+    if not folder.is_dir():
+        return set()
+    return {int(p.name.split(".")[0]) for p in folder.glob("*.done")}
+
+
+def write_shard(root: Path, shard: Shard, rows: np.ndarray, meta: pa.Table) -> dict:
+    """Write one shard's rows [n, k] and metadata, then mark it done. Safe to repeat."""
+    array = zarr.open_array(str(root / GRADS_DIR), mode="r+")
+    if rows.shape != (shard.rows, array.shape[1]):
+        raise StoreError(f"shard {shard.index}: rows of shape {rows.shape}, expected {(shard.rows, array.shape[1])}")
+    rows = np.ascontiguousarray(rows, dtype=array.dtype)
+    array[shard.start : shard.stop] = rows
+    chunk_rows = array.chunks[0]
+    _fsync_chunks(root / GRADS_DIR, range(shard.start // chunk_rows, -(-shard.stop // chunk_rows)))
+    meta_path = shard_meta_path(root, shard.index)
+    tmp = meta_path.with_name(meta_path.name + ".part")
+    pq.write_table(meta, tmp)
+    tmp.replace(meta_path)
+    marker = {"shard": shard.index, "start": shard.start, "stop": shard.stop, "sha256": hashlib.sha256(rows.tobytes()).hexdigest()}
+    write_json_atomic(shard_marker(root, shard.index), marker)
+    return marker
+
+
+def _fsync_chunks(array_dir: Path, row_chunks: range) -> None:
+    """Flush this shard's chunk files (Zarr v3 keys c/<row chunk>/<col chunk>) before it is declared done."""
+    for row_chunk in row_chunks:
+        folder = array_dir / "c" / str(row_chunk)
+        for path in folder.iterdir() if folder.is_dir() else ():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def update_shard_table(root: Path, manifest: dict) -> dict:
+    done = done_shards(root)
+    for entry in manifest["shards"]:
+        entry["done"] = entry["shard"] in done
+    write_json_atomic(root / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def finalize_store(root: Path, manifest: dict, summary: dict) -> dict:
+    """All shards done: consolidate metadata into meta.parquet and mark the store complete."""
+    missing = [e["shard"] for e in manifest["shards"] if e["shard"] not in done_shards(root)]
+    if missing:
+        raise StoreError(f"store '{root}' cannot be finalised: shards {missing[:10]} are not done; rerun the build")
+    tables = [pq.read_table(shard_meta_path(root, e["shard"])) for e in manifest["shards"]]
+    meta = pa.concat_tables(tables)
+    if meta.num_rows != manifest["n_rows"]:
+        raise StoreError(f"store '{root}': metadata has {meta.num_rows} rows, expected {manifest['n_rows']}")
+    tmp = root / (META_FILE + ".part")
+    pq.write_table(meta, tmp)
+    tmp.replace(root / META_FILE)
+    manifest = update_shard_table(root, manifest)
+    manifest["status"] = "complete"
+    manifest["summary"] = summary
+    write_json_atomic(root / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def read_marker(root: Path, index: int) -> dict:
+    return json.loads(shard_marker(root, index).read_text())

@@ -1,0 +1,98 @@
+"""The contract a user implements: a model, a per-example loss, and the data.
+
+Everything downstream (gradients, store, queries, ground truth) only talks to a Task, so a new problem
+is one small class, not a fork of the pipeline.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from tdastore.errors import DataError
+
+Split = Literal["train", "test"]
+
+
+@dataclass
+class Examples:
+    """One split of a data set, as tensors ready for the model."""
+
+    inputs: torch.Tensor  # [N, ...] float32
+    targets: torch.Tensor  # [N] (float32 regression / int64 classification)
+    ids: np.ndarray  # [N] int64 example ids (row r of the store holds ids[r])
+    labels: np.ndarray  # [N] the label in the user's units (written to the store's metadata)
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def slice(self, start: int, stop: int) -> "Examples":
+        return Examples(self.inputs[start:stop], self.targets[start:stop], self.ids[start:stop], self.labels[start:stop])
+
+
+class Task(abc.ABC):
+    """Implement `make_model`, `per_example_loss` and `examples`; `test_function` defaults to the loss."""
+
+    name: str = "task"
+
+    @abc.abstractmethod
+    def make_model(self) -> nn.Module:
+        """A freshly initialised model (weights are loaded on top of it)."""
+
+    @abc.abstractmethod
+    def per_example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """outputs [B, ...], targets [B, ...] -> losses [B]."""
+
+    def test_function(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The function g whose sensitivity is attributed (PAPER.md: the per-example test loss)."""
+        return self.per_example_loss(outputs, targets)
+
+    @abc.abstractmethod
+    def examples(self, split: Split) -> Examples:
+        """The training or test split."""
+
+    def description(self) -> dict:
+        """What identifies this task in a store's manifest (overridden by built-in tasks)."""
+        return {"name": self.name}
+
+    def fingerprint(self) -> str:
+        """A hash of the task description and of both splits' data: a store built on other data is refused."""
+        digest = hashlib.sha256(repr(sorted(self.description().items())).encode())
+        for split in ("train", "test"):
+            data = self.examples(split)
+            digest.update(np.ascontiguousarray(data.inputs.numpy()).tobytes())
+            digest.update(np.ascontiguousarray(data.targets.numpy()).tobytes())
+            digest.update(np.ascontiguousarray(data.ids).tobytes())
+        return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of every weight, so a store cannot be extended or queried with a different model."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_finite_features(inputs: np.ndarray, columns: list[str], where: str) -> None:
+    """NaN/Inf in features poisons every gradient: refuse them, naming a column and a row."""
+    bad = ~np.isfinite(inputs)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        raise DataError(
+            f"{where}: {int(bad.sum())} NaN/Inf value(s) in the features, first at row {int(rows[0])}, "
+            f"column '{columns[int(cols[0])]}'; clean or impute them before building"
+        )
+
+
+def check_not_empty(n_rows: int, where: str) -> None:
+    if n_rows == 0:
+        raise DataError(f"{where} has no rows: point task.dataset at a non-empty data set")

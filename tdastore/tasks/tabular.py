@@ -1,0 +1,211 @@
+"""Built-in tabular tasks: an MLP on scikit-learn's bundled data sets or on a user's CSV/Parquet file."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tdastore.config import ModelConfig, TaskConfig
+from tdastore.errors import DataError
+from tdastore.tasks.base import Examples, Split, Task, check_finite_features, check_not_empty
+
+BUNDLED = {
+    "diabetes": ("load_diabetes", "regression"),
+    "breast_cancer": ("load_breast_cancer", "classification"),
+    "digits": ("load_digits", "classification"),
+    "wine": ("load_wine", "classification"),
+    "iris": ("load_iris", "classification"),
+}
+
+
+class MLP(nn.Sequential):
+    """d -> hidden... -> out with ReLU, the architecture of PAPER.md's tabular experiments."""
+
+    def __init__(self, n_inputs: int, hidden: list[int], n_outputs: int):
+        layers: list[nn.Module] = []
+        width = n_inputs
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        layers.append(nn.Linear(width, n_outputs))
+        super().__init__(*layers)
+
+
+class TabularTask(Task):
+    """Regression (squared error) or classification (cross-entropy) with an MLP."""
+
+    def __init__(self, task: TaskConfig, model: Optional[ModelConfig] = None):
+        self.task_config = task
+        self.model_config = model or ModelConfig()
+        self.name = Path(task.dataset).stem if _is_file(task.dataset) else task.dataset
+        raw = _load_table(task)
+        self.kind = raw.kind
+        self.columns = raw.columns
+        self.n_classes = raw.n_classes
+        self._splits = _split_and_standardise(raw, task)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.columns)
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.kind == "regression" else self.n_classes
+
+    def make_model(self) -> nn.Module:
+        torch.manual_seed(self.model_config.seed)
+        return MLP(self.n_features, self.model_config.hidden, self.n_outputs)
+
+    def per_example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.kind == "regression":
+            return (outputs.squeeze(-1) - targets) ** 2  # [B]
+        return F.cross_entropy(outputs, targets, reduction="none")  # [B]
+
+    def examples(self, split: Split) -> Examples:
+        if split not in self._splits:
+            raise DataError(f"unknown split '{split}': use 'train' or 'test'")
+        return self._splits[split]
+
+    def description(self) -> dict:
+        cfg = self.task_config
+        return {
+            "name": self.name,
+            "dataset": cfg.dataset,
+            "kind": self.kind,
+            "target": cfg.target,
+            "features": list(self.columns),
+            "test_fraction": cfg.test_fraction,
+            "split_seed": cfg.split_seed,
+            "standardize_target": cfg.standardize_target,
+            "hidden": list(self.model_config.hidden),
+        }
+
+
+class _RawTable:
+    def __init__(self, x: np.ndarray, y: np.ndarray, ids: np.ndarray, columns: list[str], kind: str, n_classes: int):
+        self.x, self.y, self.ids, self.columns, self.kind, self.n_classes = x, y, ids, columns, kind, n_classes
+
+
+def _is_file(dataset: str) -> bool:
+    return dataset.endswith((".csv", ".parquet", ".pq")) or "/" in dataset
+
+
+@functools.lru_cache(maxsize=8)
+def _load_bundled(name: str):
+    from sklearn import datasets
+
+    return getattr(datasets, BUNDLED[name][0])()
+
+
+def _load_table(cfg: TaskConfig) -> _RawTable:
+    if cfg.dataset in BUNDLED:
+        bunch = _load_bundled(cfg.dataset)
+        kind = cfg.kind or BUNDLED[cfg.dataset][1]
+        x = np.asarray(bunch.data, dtype=np.float64)
+        columns = [str(c) for c in getattr(bunch, "feature_names", [f"x{i}" for i in range(x.shape[1])])]
+        y_raw = np.asarray(bunch.target)
+        ids = np.arange(len(x), dtype=np.int64)
+    elif _is_file(cfg.dataset):
+        x, y_raw, ids, columns = _read_file(cfg)
+        kind = cfg.kind
+        if kind is None:
+            raise DataError(
+                f"task.kind is required for a file data set ('{cfg.dataset}'): set it to regression or classification"
+            )
+    else:
+        raise DataError(
+            f"unknown data set '{cfg.dataset}': use one of {sorted(BUNDLED)} or a path to a .csv/.parquet file"
+        )
+    check_not_empty(len(x), f"data set '{cfg.dataset}'")
+    check_finite_features(x, columns, f"data set '{cfg.dataset}'")
+    if kind == "classification":
+        classes, y = np.unique(y_raw, return_inverse=True)
+        n_classes = len(classes)
+        if n_classes < 2:
+            raise DataError(f"data set '{cfg.dataset}' has a single class: classification needs at least two")
+    else:
+        y = np.asarray(y_raw, dtype=np.float64)
+        if not np.isfinite(y).all():
+            raise DataError(f"data set '{cfg.dataset}': the regression target holds NaN/Inf; drop those rows")
+        n_classes = 0
+    return _RawTable(x, y, ids, columns, kind, n_classes)
+
+
+def _read_file(cfg: TaskConfig):
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    path = Path(cfg.dataset)
+    if not path.is_file():
+        raise DataError(f"data file '{path}' does not exist: check task.dataset")
+    table = pacsv.read_csv(path) if path.suffix == ".csv" else pq.read_table(path)
+    if cfg.target is None or cfg.target not in table.column_names:
+        raise DataError(
+            f"task.target must name a column of '{path}' (columns: {table.column_names}), got {cfg.target!r}"
+        )
+    excluded = {cfg.target, cfg.id_column}
+    columns = cfg.features or [c for c in table.column_names if c not in excluded]
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"task.features names column(s) {missing} that '{path}' does not have")
+    arrays = []
+    for name in columns:
+        col = table.column(name)
+        if not pa_is_numeric(col.type):
+            raise DataError(f"feature column '{name}' of '{path}' is {col.type}, not numeric: encode it or drop it")
+        arrays.append(pc.cast(col, "float64").to_numpy(zero_copy_only=False))
+    x = np.stack(arrays, axis=1) if arrays else np.zeros((table.num_rows, 0))
+    if x.shape[1] == 0 and table.num_rows > 0:
+        raise DataError(f"'{path}' has no feature columns besides the target")
+    y = table.column(cfg.target).to_numpy(zero_copy_only=False)
+    if cfg.id_column:
+        ids = table.column(cfg.id_column).to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        ids = np.arange(table.num_rows, dtype=np.int64)
+    return x, y, ids, columns
+
+
+def pa_is_numeric(arrow_type) -> bool:
+    import pyarrow.types as pat
+
+    return pat.is_integer(arrow_type) or pat.is_floating(arrow_type) or pat.is_boolean(arrow_type)
+
+
+def _split_and_standardise(raw: _RawTable, cfg: TaskConfig) -> dict[str, Examples]:
+    """A deterministic split (seeded, stratified for classification) and z-scores from the train split."""
+    from sklearn.model_selection import train_test_split
+
+    order = np.arange(len(raw.x))
+    stratify = raw.y if raw.kind == "classification" else None
+    if len(order) < 2:
+        raise DataError(f"data set '{cfg.dataset}' has {len(order)} row(s): a train/test split needs at least two")
+    train_idx, test_idx = train_test_split(
+        order, test_size=cfg.test_fraction, random_state=cfg.split_seed, stratify=stratify
+    )
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    mean = raw.x[train_idx].mean(axis=0)
+    std = raw.x[train_idx].std(axis=0)
+    std[std == 0] = 1.0
+    x = (raw.x - mean) / std
+    if raw.kind == "regression":
+        y_mean, y_std = (raw.y[train_idx].mean(), raw.y[train_idx].std() or 1.0) if cfg.standardize_target else (0.0, 1.0)
+        targets = torch.tensor((raw.y - y_mean) / y_std, dtype=torch.float32)
+    else:
+        targets = torch.tensor(raw.y, dtype=torch.int64)
+    inputs = torch.tensor(x, dtype=torch.float32)
+    splits = {}
+    for split, idx in (("train", train_idx), ("test", test_idx)):
+        splits[split] = Examples(inputs[idx].contiguous(), targets[idx].contiguous(), raw.ids[idx], np.asarray(raw.y)[idx])
+    return splits
+
+
+def make_task(task: TaskConfig, model: Optional[ModelConfig] = None) -> TabularTask:
+    """The task a config names (only tabular tasks for now; text tasks register here later)."""
+    return TabularTask(task, model)

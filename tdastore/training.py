@@ -1,0 +1,77 @@
+"""Train the final model theta_f (minibatch SGD) and save it with the config that made it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from tdastore.config import Config, save_config
+from tdastore.errors import StoreError
+from tdastore.tasks.base import Task, model_fingerprint
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def train_final_model(config: Config, task: Task, progress: bool = True) -> nn.Module:
+    """SGD over seeded shuffles; returns the trained model and writes it to train.output_dir."""
+    cfg = config.train
+    model = task.make_model()
+    data = task.examples("train")
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for _ in tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not progress):
+        order = torch.randperm(len(data), generator=generator)
+        total = 0.0
+        for start in range(0, len(data), cfg.batch_size):
+            batch = order[start : start + cfg.batch_size]
+            losses = task.per_example_loss(model(data.inputs[batch]), data.targets[batch])  # [b]
+            optimizer.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            optimizer.step()
+            total += float(losses.detach().sum())
+        history.append(total / len(data))
+    save_model(model, config, Path(cfg.output_dir), {"train_loss": history, "test_loss": evaluate_loss(model, task)})
+    return model
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, task: Task, split: str = "test") -> float:
+    data = task.examples(split)
+    return float(task.per_example_loss(model(data.inputs), data.targets).mean())
+
+
+def save_model(model: nn.Module, config: Config, out_dir: Path, log: Optional[dict] = None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / WEIGHTS_FILE
+    tmp = path.with_suffix(".part")
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    save_config(config, out_dir / "config.yaml")
+    summary = {"model_fingerprint": model_fingerprint(model), **(log or {})}
+    (out_dir / "train_log.json").write_text(json.dumps(summary))
+    return path
+
+
+def load_model(config: Config, task: Task) -> nn.Module:
+    """The final model: the task's architecture with the weights of train.output_dir."""
+    path = Path(config.train.output_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise StoreError(
+            f"no trained weights at '{path}': run `tdastore train --config CFG` first "
+            f"(or point train.output_dir at the directory holding {WEIGHTS_FILE})"
+        )
+    model = task.make_model()
+    state = load_file(str(path))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise StoreError(f"weights at '{path}' do not fit the task's model ({err}); retrain with this config") from err
+    model.eval()
+    return model
