@@ -66,8 +66,9 @@ class GradientConfig:
 class ProjectionConfig:
     """Random projection of gradients to `dim` columns, deterministic from (seed, parameter name)."""
 
-    kind: Literal["none", "gaussian", "rademacher", "sparse"] = "none"
-    dim: int = 1024
+    kind: Literal["none", "gaussian", "rademacher", "sparse", "factored"] = "none"
+    dim: int = 1024  # output columns of gaussian / rademacher / sparse
+    factors: list[int] = field(default_factory=lambda: [16, 16])  # factored: [k_out, k_in] per Linear layer
     seed: int = 0
     nonzeros: int = 1  # sparse JL: non-zeros per input coordinate (must divide dim)
     block_rows: int = 4096  # rows of the matrix generated per seeded block (part of the spec)
@@ -81,7 +82,7 @@ class StoreConfig:
     dtype: Literal["float16", "float32"] = "float32"
     chunk_rows: int = 256  # Zarr chunk height; shards are whole chunks so writers never share one
     shard_rows: int = 1024  # rows per unit of work (a multiple of chunk_rows)
-    compressor: Literal["zstd", "none"] = "zstd"
+    compressor: Literal["zstd", "lz4", "none"] = "zstd"
 
 
 @dataclass
@@ -121,6 +122,11 @@ class Config:
                 "projection.nonzeros",
                 f"must divide projection.dim={self.projection.dim}",
             )
+        _require(
+            len(self.projection.factors) == 2 and min(self.projection.factors) > 0,
+            "projection.factors",
+            "must be two positive sizes [k_out, k_in]",
+        )
         _require(self.projection.block_rows > 0, "projection.block_rows", "must be positive")
         _require(self.store.chunk_rows > 0, "store.chunk_rows", "must be positive")
         _require(

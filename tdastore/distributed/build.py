@@ -14,8 +14,7 @@ from tqdm import tqdm
 import tdastore
 from tdastore.config import Config, config_to_dict
 from tdastore.errors import StoreError, TdaStoreError
-from tdastore.grads.per_example import PerExampleGradients
-from tdastore.grads.projection import make_projector
+from tdastore.grads.computer import make_gradient_computer
 from tdastore.distributed.gradient_worker import GradientWorker
 from tdastore.distributed.ray_session import ray_session
 from tdastore.store.gradient_store import GradientStore
@@ -30,15 +29,14 @@ def store_identity(config: Config, split: str) -> dict:
     task = make_task(config.task, config.model)
     model = load_model(config, task)
     loss_fn = task.per_example_loss if split == "train" else task.test_function
-    gradients = PerExampleGradients(model, loss_fn, config.gradients.params)
-    projector = make_projector(config.projection, gradients.shapes)
+    computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection)
     description = task.description()
     return {
         "split": split,
         "task": {"name": task.name, "kind": description.get("kind"), "fingerprint": task.fingerprint(), "description": description},
         "model": {"fingerprint": model_fingerprint(model)},
-        "gradients": {**gradients.spec(), "function": "loss" if split == "train" else "test_function"},
-        "projection": projector.spec(),
+        "gradients": {**computer.param_spec(), "function": "loss" if split == "train" else "test_function"},
+        "projection": computer.spec(),
         "layout": {
             "dtype": config.store.dtype,
             "chunk_rows": config.store.chunk_rows,

@@ -20,8 +20,8 @@ import torch
 
 from tdastore.config import Config, load_config
 from tdastore.errors import GradientError, StoreError
-from tdastore.grads.per_example import PerExampleGradients, check_finite, squared_norms
-from tdastore.grads.projection import make_projector
+from tdastore.grads.computer import make_gradient_computer
+from tdastore.grads.per_example import check_finite
 from tdastore.store.manifest import GRADS_DIR
 from tdastore.store.writer import Shard, write_shard
 from tdastore.tasks.base import model_fingerprint
@@ -30,7 +30,7 @@ from tdastore.training import load_model
 
 
 class ShardComputer:
-    """Everything a worker needs, loaded once: task, model, gradient function and projector."""
+    """Everything a worker needs, loaded once: task, model and the (projected) gradient computer."""
 
     def __init__(self, config: Config, split: str):
         self.config = config
@@ -38,24 +38,22 @@ class ShardComputer:
         self.task = make_task(config.task, config.model)
         self.model = load_model(config, self.task)
         loss_fn = self.task.per_example_loss if split == "train" else self.task.test_function
-        self.gradients = PerExampleGradients(self.model, loss_fn, config.gradients.params)
-        self.projector = make_projector(config.projection, self.gradients.shapes)
+        self.gradients = make_gradient_computer(self.model, loss_fn, config.gradients, config.projection)
         self.data = self.task.examples(split)
         self.dtype = np.dtype(config.store.dtype)
 
     def compute(self, shard: Shard) -> tuple[np.ndarray, pa.Table]:
         """Rows [shard.rows, k] in the store dtype and their metadata; batches start at shard.start."""
-        rows = np.empty((shard.rows, self.projector.out_dim), dtype=self.dtype)
+        rows = np.empty((shard.rows, self.gradients.out_dim), dtype=self.dtype)
         losses = np.empty(shard.rows, dtype=np.float32)
         norms = np.empty(shard.rows, dtype=np.float32)
         batch = self.config.gradients.batch_size
         for start in range(shard.start, shard.stop, batch):
             part = self.data.slice(start, min(start + batch, shard.stop))
-            grads, loss = self.gradients(part.inputs, part.targets)  # {name: [b, ...]}, [b]
+            projected, loss, sq_norm = self.gradients(part.inputs, part.targets)  # [b, k], [b], [b]
             check_finite(loss, part.ids, f"the {self.split} loss")
-            sq_norm = squared_norms(grads)  # [b]
             check_finite(sq_norm, part.ids, "the gradient")
-            projected = self.projector.project(grads).numpy().astype(self.dtype, copy=False)  # [b, k]
+            projected = projected.numpy().astype(self.dtype, copy=False)
             if not np.isfinite(projected).all():
                 raise GradientError(
                     f"a projected gradient in rows {start}..{start + len(part)} overflows {self.dtype}: "

@@ -156,4 +156,6 @@ def make_projector(config: ProjectionConfig, shapes: dict[str, tuple[int, ...]])
         return DenseProjector(config, shapes)
     if config.kind == "sparse":
         return SparseProjector(config, shapes)
-    raise ValueError(f"unknown projection kind '{config.kind}': use none, gaussian, rademacher or sparse")
+    if config.kind == "factored":
+        raise ValueError("the factored projection is applied inside FactoredLinearGradients, not by a Projector")
+    raise ValueError(f"unknown projection kind '{config.kind}': use none, gaussian, rademacher, sparse or factored")

@@ -104,9 +104,11 @@ def prepare_store(root: Path, identity: dict, n_rows: int, dim: int, dtype: str,
 def _compressors(name: str):
     if name == "none":
         return None
-    from zarr.codecs import ZstdCodec
+    from zarr.codecs import BloscCodec, ZstdCodec
 
-    return [ZstdCodec(level=3)]
+    if name == "lz4":
+        return [BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")]
+    return [ZstdCodec(level=1)]  # gradients compress little: favour write speed
 
 
 def shard_marker(root: Path, index: int) -> Path:

@@ -1,0 +1,61 @@
+"""One interface for the two ways of getting projected per-example gradients.
+
+- vmap: exact per-example gradients of any nn.Module (torch.func), then a seeded projector
+  (none / gaussian / rademacher / sparse). Memory per batch: B x p.
+- factored: hooks on nn.Linear layers, Kronecker-factored projection applied before the per-example
+  outer product (LoGra-style). Memory per batch: B x k; cost about one training step.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from tdastore.config import GradientConfig, ProjectionConfig
+from tdastore.grads.factored import FactoredLinearGradients
+from tdastore.grads.per_example import LossFn, PerExampleGradients, squared_norms
+from tdastore.grads.projection import make_projector
+
+
+class GradientComputer(Protocol):
+    out_dim: int
+
+    def spec(self) -> dict:
+        """The projection's identity (what a query must match)."""
+
+    def param_spec(self) -> dict:
+        """The selected parameters and their shapes."""
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (rows [B, out_dim] float32, losses [B], squared norms of the full gradients [B])."""
+
+
+class VmapProjectedGradients:
+    """Exact per-example gradients (torch.func) followed by a block-wise seeded projection."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, patterns: list[str], projection: ProjectionConfig):
+        self.gradients = PerExampleGradients(model, loss_fn, patterns)
+        self.projector = make_projector(projection, self.gradients.shapes)
+        self.out_dim = self.projector.out_dim
+        self.numel = self.gradients.numel
+
+    def spec(self) -> dict:
+        return self.projector.spec()
+
+    def param_spec(self) -> dict:
+        return self.gradients.spec()
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grads, losses = self.gradients(inputs, targets)  # {name: [B, ...]}, [B]
+        return self.projector.project(grads), losses, squared_norms(grads)
+
+
+def make_gradient_computer(
+    model: nn.Module, loss_fn: LossFn, gradients: GradientConfig, projection: ProjectionConfig
+) -> GradientComputer:
+    if projection.kind == "factored":
+        return FactoredLinearGradients(model, loss_fn, gradients.params, projection)
+    return VmapProjectedGradients(model, loss_fn, gradients.params, projection)
+

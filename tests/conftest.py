@@ -1,0 +1,46 @@
+"""Shared fixtures: one local Ray cluster on loopback per test session, and small trained models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's node IP becomes 127.0.0.1
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test cluster: no token needed
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def small_config(tmp_path, dataset="diabetes", **sections):
+    """A quick config: a 32-32 MLP trained for a few epochs, stores in small shards."""
+    from tdastore.config import load_config
+
+    raw = {
+        "task": {"dataset": dataset},
+        "model": {"hidden": [32, 32]},
+        "train": {"lr": 0.01, "batch_size": 32, "epochs": 5, "output_dir": str(tmp_path / "model")},
+        "gradients": {"batch_size": 48},
+        "store": {"chunk_rows": 32, "shard_rows": 64},
+        "build": {"workers": 2, "max_retries": 0},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return load_config(raw)
+
+
+@pytest.fixture
+def trained_config(tmp_path):
+    import tdastore
+
+    config = small_config(tmp_path)
+    tdastore.train(config, progress=False)
+    return config

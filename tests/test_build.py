@@ -1,0 +1,206 @@
+"""The Ray build: rows equal direct computation, crashes resume to an identical store, bad input is refused."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tdastore
+from tdastore.cli import main as cli_main
+from tdastore.distributed.build import build_store
+from tdastore.errors import StoreError, GradientError
+from tdastore.grads.factored import FactoredLinearGradients
+from tdastore.grads.per_example import PerExampleGradients
+from tdastore.grads.projection import make_projector
+from tdastore.tasks import TabularTask
+from tdastore.training import load_model
+
+from conftest import small_config
+from test_factored import reference_rows
+
+
+def direct_rows(config, split="train"):
+    """The reference: per-example gradients of the whole split in one call, projected, no Ray, no store."""
+    task = TabularTask(config.task, config.model)
+    model = load_model(config, task)
+    fn = task.per_example_loss if split == "train" else task.test_function
+    pe = PerExampleGradients(model, fn, config.gradients.params)
+    data = task.examples(split)
+    grads, losses = pe(data.inputs, data.targets)
+    if config.projection.kind == "factored":  # same side matrices, applied to the dense gradients
+        fac = FactoredLinearGradients(model, fn, config.gradients.params, config.projection)
+        rows = reference_rows(model, fn, data.inputs, data.targets, fac)[0]
+    else:
+        rows = make_projector(config.projection, pe.shapes).project(grads)
+    return rows.numpy(), losses.numpy(), pe.flatten(grads).norm(dim=1).numpy(), data
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("projection, dtype, tol", [({"kind": "none"}, "float32", 1e-5),
+                                                    ({"kind": "sparse", "dim": 256, "nonzeros": 4}, "float16", 2e-3),
+                                                    ({"kind": "factored", "factors": [8, 8]}, "float32", 1e-5)])
+def test_store_round_trip(ray_cluster, tmp_path, trained_config, projection, dtype, tol):
+    config = small_config(tmp_path, projection=projection, store={"dtype": dtype})
+    store = build_store(config, tmp_path / "store", progress=False)
+    expected, losses, norms, data = direct_rows(config)
+    assert store.grads.shape == expected.shape and store.grads.dtype == np.dtype(dtype)
+    got = store.read_rows()
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= tol * scale
+    meta = store.meta
+    assert meta.column_names[:6] == ["example_id", "row", "label", "loss", "grad_norm", "shard"]
+    np.testing.assert_array_equal(meta.column("example_id").to_numpy(), data.ids)
+    np.testing.assert_array_equal(meta.column("row").to_numpy(), np.arange(len(data)))
+    np.testing.assert_allclose(meta.column("label").to_numpy(), data.labels)
+    np.testing.assert_allclose(meta.column("loss").to_numpy(), losses, rtol=1e-5)
+    np.testing.assert_allclose(meta.column("grad_norm").to_numpy(), norms, rtol=1e-4)
+    assert sorted(set(meta.column("shard").to_pylist())) == list(range(len(store.manifest["shards"])))
+    m = tdastore.open_store(tmp_path / "store").manifest
+    assert m["status"] == "complete" and m["n_rows"] == len(data) and m["projection"]["kind"] == projection["kind"]
+    assert m["model"]["fingerprint"] and m["task"]["fingerprint"] and all(s["done"] for s in m["shards"])
+    blocks = list(store.iter_blocks(block_rows=100))
+    assert [b[0] for b in blocks] == list(range(0, len(data), 96))  # whole chunks of 32
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), got)
+
+
+def test_test_split_store(ray_cluster, tmp_path, trained_config):
+    store = build_store(trained_config, tmp_path / "test_store", split="test", progress=False)
+    expected, _, _, data = direct_rows(trained_config, "test")
+    assert store.manifest["split"] == "test" and store.manifest["gradients"]["function"] == "test_function"
+    np.testing.assert_allclose(store.read_rows(), expected, atol=1e-6)
+
+
+def uninterrupted(tmp_path, config):
+    return build_store(config, tmp_path / "reference", progress=False)
+
+
+def assert_same_store(a, b):
+    np.testing.assert_array_equal(a.read_rows(), b.read_rows())
+    assert a.meta.equals(b.meta)
+    assert a.manifest["shards"] == b.manifest["shards"]
+
+
+def test_killed_worker_then_rerun_resumes_to_identical_store(ray_cluster, tmp_path, trained_config):
+    reference = uninterrupted(tmp_path, trained_config)
+    target = tmp_path / "store"
+    with pytest.raises(StoreError, match="rerun the same command to resume"):
+        build_store(trained_config, target, progress=False, fault={"shard": 2})  # max_retries = 0
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["status"] == "building" and not (target / "meta.parquet").exists()
+    assert not (target / "shards" / "000002.done").exists()
+    with pytest.raises(StoreError, match="incomplete"):
+        tdastore.open_store(target)
+    partial = tdastore.open_store(target, allow_incomplete=True)
+    half = reference.read_rows(128, 160)
+    np.testing.assert_array_equal(partial.read_rows(128, 160), half)  # the crash wrote half of shard 2 ...
+    done_before = {p.name: p.stat().st_mtime_ns for p in (target / "shards").glob("*.done")}
+    resumed = build_store(trained_config, target, progress=False)
+    assert_same_store(resumed, reference)
+    for name, mtime in done_before.items():  # ... and shards done before the crash were not recomputed
+        assert (target / "shards" / name).stat().st_mtime_ns == mtime
+    assert resumed.manifest["summary"]["rows_computed"] < resumed.n_rows
+
+
+def test_killed_worker_is_retried_within_one_build(ray_cluster, tmp_path, trained_config):
+    reference = uninterrupted(tmp_path, trained_config)
+    config = small_config(tmp_path, build={"max_retries": 1})
+    store = build_store(config, tmp_path / "store", progress=False, fault={"shard": 1})
+    assert (tmp_path / "store" / ".fault-fired").exists()
+    assert_same_store(store, reference)
+
+
+def test_store_with_other_model_or_projection_is_refused_and_intact(ray_cluster, tmp_path, trained_config):
+    root = tmp_path / "store"
+    build_store(trained_config, root, progress=False)
+    before = tree_digest(root)
+    other_projection = small_config(tmp_path, projection={"kind": "gaussian", "dim": 64})
+    with pytest.raises(StoreError, match="projection: store has"):
+        build_store(other_projection, root, progress=False)
+    other_model = small_config(tmp_path, train={"epochs": 6, "output_dir": str(tmp_path / "model2")})
+    tdastore.train(other_model, progress=False)
+    with pytest.raises(StoreError, match="model: store has"):
+        build_store(other_model, root, progress=False)
+    with pytest.raises(StoreError, match="split: store has"):
+        build_store(trained_config, root, split="test", progress=False)
+    assert tree_digest(root) == before
+    with pytest.raises(StoreError, match="model"):
+        tdastore.open_store(root).check_matches({"model": {"fingerprint": "0000"}})
+
+
+def test_directories_that_are_not_stores(tmp_path, trained_config):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(StoreError, match="is not a tdastore store"):
+        tdastore.open_store(folder)
+    with pytest.raises(StoreError, match="not empty and is not a tdastore store"):
+        build_store(trained_config, folder, progress=False)
+    assert (folder / "cat.jpg").read_bytes() == b"meow" and len(list(folder.iterdir())) == 1
+    with pytest.raises(StoreError, match="does not exist"):
+        tdastore.open_store(tmp_path / "missing")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="corrupt"):
+        tdastore.open_store(corrupt)
+    (corrupt / "manifest.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(StoreError, match="schema version 99"):
+        tdastore.open_store(corrupt)
+
+
+def test_nan_weights_give_a_clear_error(ray_cluster, tmp_path, trained_config):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "model" / "model.safetensors"
+    state = load_file(str(path))
+    state["2.weight"][0, 0] = float("nan")
+    save_file(state, str(path))
+    with pytest.raises(GradientError, match="NaN/Inf"):
+        build_store(trained_config, tmp_path / "store", progress=False)
+
+
+def test_float16_overflow_is_refused(ray_cluster, tmp_path, trained_config):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "model" / "model.safetensors"
+    state = load_file(str(path))
+    state["4.weight"] *= 1e4  # losses ~1e8 stay finite in fp32, gradients overflow fp16
+    save_file(state, str(path))
+    config = small_config(tmp_path, store={"dtype": "float16"})
+    with pytest.raises(GradientError, match="float32"):
+        build_store(config, tmp_path / "store", progress=False)
+
+
+def test_cli_train_build_info(ray_cluster, tmp_path, capsys):
+    import yaml
+
+    config = small_config(tmp_path)
+    path = tmp_path / "cfg.yaml"
+    tdastore.config.save_config(config, path)
+    assert cli_main(["train", "--config", str(path), "--quiet"]) == 0
+    assert cli_main(["build", "--config", str(path), "--output", str(tmp_path / "s"), "--quiet", "--workers", "1"]) == 0
+    assert cli_main(["info", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "status       complete" in out and "[353, 1,441] float32" in out
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["epoch"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    assert cli_main(["build", "--config", str(path), "--output", str(tmp_path / "s2")]) == 2
+    assert "unknown config key(s) ['epoch']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "build", "info"])
+def test_cli_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([command, "--help"])
+    assert exit_info.value.code == 0 and "usage: tdastore" in capsys.readouterr().out
