@@ -82,3 +82,30 @@ def test_factored_refuses_non_linear_parameters():
     assert fac.out_dim == 2 * 4 and fac.numel == 2 * 12 + 2
     with pytest.raises(GradientError, match="match no parameter"):
         FactoredLinearGradients(model, loss_fn, ["head.*"], ProjectionConfig(kind="factored"))
+
+
+@pytest.mark.parametrize("sequence", [False, True])
+def test_exact_hook_gradients_equal_vmap_layout(sequence):
+    """kind none on a Linear-only model uses hooks; rows must equal PerExampleGradients.flatten exactly."""
+    from tdastore.config import GradientConfig
+    from tdastore.grads.computer import ExactLinearGradients, VmapProjectedGradients, make_gradient_computer
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(9, 20), nn.ReLU(), nn.Linear(20, 20, bias=False), nn.ReLU(), nn.Linear(20, 3)).eval()
+    inputs = torch.randn(7, 5, 9) if sequence else torch.randn(7, 9)
+    targets = torch.randn(7, 5, 3) if sequence else torch.randn(7, 3)
+    loss_fn = lambda out, y: (out - y).pow(2).reshape(out.shape[0], -1).mean(1)  # noqa: E731
+    for patterns in (["*"], ["2.weight", "4.*"]):
+        hooks = make_gradient_computer(model, loss_fn, GradientConfig(params=patterns), ProjectionConfig(kind="none"))
+        vmapped = VmapProjectedGradients(model, loss_fn, patterns, ProjectionConfig(kind="none"))
+        assert isinstance(hooks, ExactLinearGradients) and hooks.spec() == vmapped.spec()
+        rows, losses, norms = hooks(inputs, targets)
+        expected, expected_losses, expected_norms = vmapped(inputs, targets)
+        assert (rows - expected).abs().max() <= 1e-5 * expected.abs().max()
+        torch.testing.assert_close(norms, expected_norms, rtol=1e-4, atol=1e-7)
+        half = torch.empty(7, hooks.out_dim, dtype=torch.float16)
+        hooks(inputs, targets, out=half)
+        torch.testing.assert_close(half.float(), expected, rtol=2e-3, atol=1e-4)
+    # a bias selected without its weight, or a non-Linear parameter: vmap handles it
+    only_bias = make_gradient_computer(model, loss_fn, GradientConfig(params=["0.bias"]), ProjectionConfig(kind="none"))
+    assert isinstance(only_bias, VmapProjectedGradients)

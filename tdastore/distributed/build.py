@@ -84,6 +84,8 @@ def build_store(
         "seconds": seconds,
         "rows_computed": computed,
         "examples_per_s": computed / seconds if computed else 0.0,
+        "worker_examples_per_s": computed / sum(r["seconds"] for r in reports) if computed else 0.0,
+        "worker_compute_examples_per_s": computed / sum(r["compute_seconds"] for r in reports) if computed else 0.0,
         "workers": n_workers,
         "peak_worker_rss_mb": max((r["peak_rss_mb"] for r in reports), default=0.0),
     }

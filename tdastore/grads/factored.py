@@ -1,4 +1,4 @@
-"""Projected per-example gradients of Linear layers without ever forming them (LoGra-style).
+"""Per-example gradients of Linear layers from forward/backward hooks, exact or projected (LoGra-style).
 
 For a Linear layer with input a_t and output gradient d_t at position t, the per-example gradient of
 [W | b] is G = sum_t d_t [a_t; 1]^T  ([out, in+1]). Projecting it with a Kronecker-factored matrix
@@ -28,47 +28,42 @@ def _side_matrix(seed: int, name: str, dim: int, k: int) -> torch.Tensor | None:
     return torch.randn(dim, k, generator=generator).mul_(1.0 / math.sqrt(k))
 
 
-class FactoredLinearGradients:
-    """(projected rows [B, K], losses [B], squared full-gradient norms [B]) for the selected Linear layers."""
+def only_linear_parameters(model: nn.Module, patterns: list[str]) -> bool:
+    """Whether every selected parameter is a weight or bias of an nn.Linear (hooks can then replace vmap)."""
+    owners = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, nn.Linear) for p in ("weight", "bias")}
+    selected = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    weights = {n for n in selected if n.endswith(".weight")}
+    return bool(selected) and all(n in owners and n.rsplit(".", 1)[0] + ".weight" in weights for n in selected)
 
-    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], config: ProjectionConfig):
-        self.model, self.loss_fn, self.config = model, loss_fn, config
-        selected = {n for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
-        if not selected:
-            names = [n for n, _ in model.named_parameters()]
-            raise GradientError(f"gradients.params {patterns} match no parameter of the model; its parameters are: {names}")
-        self.modules: list[tuple[str, nn.Linear, bool]] = []  # (module name, module, bias included)
-        covered = set()
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and f"{name}.weight" in selected:
-                with_bias = module.bias is not None and f"{name}.bias" in selected
-                self.modules.append((name, module, with_bias))
-                covered |= {f"{name}.weight"} | ({f"{name}.bias"} if with_bias else set())
-        if selected - covered:
-            raise GradientError(
-                f"projection.kind 'factored' handles the weights (and biases) of nn.Linear layers only; "
-                f"these selected parameters are not: {sorted(selected - covered)}. Narrow gradients.params or use "
-                "projection.kind sparse/gaussian"
-            )
-        k_out, k_in = config.factors
-        self.p_out, self.p_in, self.dims = [], [], []
-        for name, module, with_bias in self.modules:
-            d_in = module.in_features + int(with_bias)
-            self.p_out.append(_side_matrix(config.seed, f"{name}.out", module.out_features, k_out))
-            self.p_in.append(_side_matrix(config.seed, f"{name}.in", d_in, k_in))
-            self.dims.append((min(module.out_features, k_out), min(d_in, k_in)))
-        self.out_dim = sum(o * i for o, i in self.dims)
+
+def linear_modules(model: nn.Module, patterns: list[str], what: str) -> list[tuple[str, nn.Linear, bool]]:
+    """(module name, module, bias selected) for every nn.Linear whose weight matches; an error when a
+    selected parameter belongs to anything else, since hooks only see Linear layers."""
+    selected = {n for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+    if not selected:
+        names = [n for n, _ in model.named_parameters()]
+        raise GradientError(f"gradients.params {patterns} match no parameter of the model; its parameters are: {names}")
+    modules, covered = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and f"{name}.weight" in selected:
+            with_bias = module.bias is not None and f"{name}.bias" in selected
+            modules.append((name, module, with_bias))
+            covered |= {f"{name}.weight"} | ({f"{name}.bias"} if with_bias else set())
+    if selected - covered:
+        raise GradientError(
+            f"{what} handles the weights (and biases) of nn.Linear layers only; these selected parameters are "
+            f"not: {sorted(selected - covered)}. Narrow gradients.params or use projection.kind sparse/gaussian"
+        )
+    return modules
+
+
+class _LinearHookGradients:
+    """Shared machinery: capture each selected Linear layer's inputs and output gradients in one pass."""
+
+    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], what: str):
+        self.model, self.loss_fn = model, loss_fn
+        self.modules = linear_modules(model, patterns, what)
         self.numel = sum(m.weight.numel() + (m.out_features if b else 0) for _, m, b in self.modules)
-
-    def spec(self) -> dict:
-        return {
-            "kind": "factored",
-            "in_dim": self.numel,
-            "out_dim": self.out_dim,
-            "seed": self.config.seed,
-            "factors": list(self.config.factors),
-            "modules": {name: list(dims) for (name, _, _), dims in zip(self.modules, self.dims)},
-        }
 
     def param_spec(self) -> dict:
         shapes = {}
@@ -78,7 +73,8 @@ class FactoredLinearGradients:
                 shapes[f"{name}.bias"] = list(module.bias.shape)
         return {"params": shapes, "numel": self.numel}
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _capture(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """-> (losses [B], [(inputs [B, (T,) in], output grads [B, (T,) out]) per module])."""
         captured_inputs: list[torch.Tensor] = []
         captured_outputs: list[torch.Tensor] = []
 
@@ -90,29 +86,115 @@ class FactoredLinearGradients:
         try:
             with torch.enable_grad():
                 losses = self.loss_fn(self.model(inputs), targets)  # [B]
-                # examples are independent, so d(sum of losses)/d(output_b) = d(loss_b)/d(output_b)
+                # examples are independent, so d(sum of losses)/d(output_b) = d(loss_b)/d(output_b);
+                # only activation gradients are computed, never the weight gradients
                 out_grads = torch.autograd.grad(losses.sum(), captured_outputs)
         finally:
             for handle in handles:
                 handle.remove()
+        return losses.detach(), list(zip(captured_inputs, out_grads))
+
+    def __call__(
+        self, inputs: torch.Tensor, targets: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        losses, captured = self._capture(inputs, targets)
         batch = inputs.shape[0]
-        rows = torch.empty(batch, self.out_dim)  # [B, K]
+        rows = torch.empty(batch, self.out_dim) if out is None else out  # [B, K]
         sq_norms = torch.zeros(batch)  # [B]
         col = 0
-        for (_, _, with_bias), p_out, p_in, dims, acts, grads in zip(
-            self.modules, self.p_out, self.p_in, self.dims, captured_inputs, out_grads
-        ):
-            acts = acts.reshape(batch, -1, acts.shape[-1]).float()  # [B, T, in]
-            grads = grads.reshape(batch, -1, grads.shape[-1]).float()  # [B, T, out]
-            if with_bias:
-                acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1)], dim=2)  # [B, T, in+1]
-            sq_norms += _squared_norm_of_sum_of_outer_products(grads, acts)
-            left = grads if p_out is None else grads @ p_out  # [B, T, k_out]
-            right = acts if p_in is None else acts @ p_in  # [B, T, k_in]
-            block = torch.bmm(left.transpose(1, 2), right)  # [B, k_out, k_in]
-            rows[:, col : col + dims[0] * dims[1]] = block.reshape(batch, -1)
-            col += dims[0] * dims[1]
-        return rows, losses.detach(), sq_norms
+        for index, (acts, grads) in enumerate(captured):
+            col = self._write_module(index, acts, grads, rows, col, sq_norms)
+        return rows, losses, sq_norms
+
+
+class ExactLinearGradients(_LinearHookGradients):
+    """Unprojected per-example gradients of Linear layers, written straight into the output rows in the
+    layout of PerExampleGradients.flatten (weight [out, in] row-major, then bias): no vmap, one pass."""
+
+    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], config: ProjectionConfig):
+        super().__init__(model, loss_fn, patterns, "the hook-based exact gradient")
+        self.out_dim = self.numel
+
+    def spec(self) -> dict:
+        return {"kind": "none", "in_dim": self.numel, "out_dim": self.numel}
+
+    def _write_module(self, index, acts, grads, rows, col, sq_norms) -> int:
+        _, module, with_bias = self.modules[index]
+        batch, n_out, n_in = rows.shape[0], module.out_features, module.in_features
+        weight = rows[:, col : col + n_out * n_in].view(batch, n_out, n_in)
+        col += n_out * n_in
+        if acts.dim() == 2:
+            torch.mul(grads.unsqueeze(2), acts.unsqueeze(1), out=weight)  # [B, out, in]
+            sq_norms += grads.pow(2).sum(1) * acts.pow(2).sum(1)
+            bias = grads  # [B, out]
+        else:
+            acts = acts.reshape(batch, -1, n_in).float()  # [B, T, in]
+            grads = grads.reshape(batch, -1, n_out).float()  # [B, T, out]
+            full = torch.bmm(grads.transpose(1, 2), acts)  # [B, out, in]
+            weight.copy_(full)
+            sq_norms += full.pow(2).sum((1, 2))
+            bias = grads.sum(1)  # [B, out]
+        if with_bias:
+            rows[:, col : col + n_out].copy_(bias)
+            sq_norms += bias.pow(2).sum(1)
+            col += n_out
+        return col
+
+
+class FactoredLinearGradients(_LinearHookGradients):
+    """(projected rows [B, K], losses [B], squared full-gradient norms [B]) for the selected Linear layers."""
+
+    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], config: ProjectionConfig):
+        super().__init__(model, loss_fn, patterns, "projection.kind 'factored'")
+        self.config = config
+        k_out, k_in = config.factors
+        self.p_out, self.p_in, self.dims = [], [], []
+        for name, module, with_bias in self.modules:
+            d_in = module.in_features + int(with_bias)
+            self.p_out.append(_side_matrix(config.seed, f"{name}.out", module.out_features, k_out))
+            self.p_in.append(_side_matrix(config.seed, f"{name}.in", d_in, k_in))
+            self.dims.append((min(module.out_features, k_out), min(d_in, k_in)))
+        self.out_dim = sum(o * i for o, i in self.dims)
+
+    def spec(self) -> dict:
+        return {
+            "kind": "factored",
+            "in_dim": self.numel,
+            "out_dim": self.out_dim,
+            "seed": self.config.seed,
+            "factors": list(self.config.factors),
+            "modules": {name: list(dims) for (name, _, _), dims in zip(self.modules, self.dims)},
+        }
+
+    def _write_module(self, index, acts, grads, rows, col, sq_norms) -> int:
+        with_bias, p_out, p_in = self.modules[index][2], self.p_out[index], self.p_in[index]
+        k_out, k_in = self.dims[index]
+        batch = rows.shape[0]
+        target = rows[:, col : col + k_out * k_in].view(batch, k_out, k_in)
+        if acts.dim() == 2:  # one position per example: a plain outer product
+            sq_norms += grads.pow(2).sum(1) * (acts.pow(2).sum(1) + float(with_bias))
+            left = grads if p_out is None else grads @ p_out  # [B, k_out]
+            right = _project_inputs(acts, p_in, with_bias)  # [B, k_in]
+            torch.mul(left.unsqueeze(2), right.unsqueeze(1), out=target)
+            return col + k_out * k_in
+        acts = acts.reshape(batch, -1, acts.shape[-1]).float()  # [B, T, in]
+        grads = grads.reshape(batch, -1, grads.shape[-1]).float()  # [B, T, out]
+        if with_bias:
+            acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1)], dim=2)  # [B, T, in+1]
+        sq_norms += _squared_norm_of_sum_of_outer_products(grads, acts)
+        left = grads if p_out is None else grads @ p_out  # [B, T, k_out]
+        right = acts if p_in is None else acts @ p_in  # [B, T, k_in]
+        target.copy_(torch.bmm(left.transpose(1, 2), right))  # [B, k_out, k_in]
+        return col + k_out * k_in
+
+
+def _project_inputs(acts: torch.Tensor, p_in: torch.Tensor | None, with_bias: bool) -> torch.Tensor:
+    """[a; 1] @ P_in without concatenating the constant: the bias row of P_in is added instead."""
+    if p_in is None:
+        return torch.cat([acts, acts.new_ones(acts.shape[0], 1)], dim=1) if with_bias else acts
+    if with_bias:
+        return torch.addmm(p_in[-1], acts, p_in[:-1])  # [B, k_in]
+    return acts @ p_in
 
 
 def _squared_norm_of_sum_of_outer_products(grads: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -42,10 +42,15 @@ class Projector:
         """What must match for two stores (or a store and a query) to share a projection."""
         return {"kind": self.kind, "in_dim": self.in_dim, "out_dim": self.out_dim}
 
-    def project(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """{name: [B, *shape]} -> [B, out_dim] float32."""
+    def project(self, grads: dict[str, torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """{name: [B, *shape]} -> [B, out_dim], written into `out` (any float dtype) when given."""
         batch = next(iter(grads.values())).shape[0]
-        return torch.cat([grads[n].reshape(batch, -1) for n in self.names], dim=1).float()  # [B, p]
+        out = torch.empty(batch, self.out_dim) if out is None else out  # [B, p]
+        column = 0
+        for name in self.names:
+            out[:, column : column + self.numel[name]].copy_(grads[name].reshape(batch, -1))
+            column += self.numel[name]
+        return out
 
 
 class _BlockProjector(Projector):
@@ -89,14 +94,14 @@ class _BlockProjector(Projector):
     def _generate(self, generator: torch.Generator, n_rows: int) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def project(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    def project(self, grads: dict[str, torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch = next(iter(grads.values())).shape[0]
-        out = torch.zeros(batch, self.out_dim)  # [B, k]
+        total = torch.zeros(batch, self.out_dim)  # [B, k] accumulated in float32
         for name in self.names:
             flat = grads[name].reshape(batch, -1).float()  # [B, p_name]
             for block, start, stop in self.blocks(name):
-                self._apply(out, flat[:, start:stop], self._block(name, block, stop - start))
-        return out
+                self._apply(total, flat[:, start:stop], self._block(name, block, stop - start))
+        return total if out is None else out.copy_(total)
 
     def _apply(self, out: torch.Tensor, rows: torch.Tensor, block: tuple[torch.Tensor, ...]) -> None:
         raise NotImplementedError
