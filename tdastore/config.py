@@ -96,6 +96,36 @@ class BuildConfig:
 
 
 @dataclass
+class AttributionConfig:
+    """How methods of the unified view are computed (see tdastore/methods.py)."""
+
+    path: Literal["projected", "exact"] = "projected"  # store's projected space (indexable) or full space on the model
+    damping_factor: float = 10.0  # lambda = factor x lambda_0, lambda_0 = mean squared gradient entry
+    lissa_depth: int = 1000
+    lissa_scale: Optional[float] = None  # None: 1.1 x the largest eigenvalue of the damped matrix (converges)
+    lissa_batch_size: Optional[int] = None  # exact path: None = full-batch products (deterministic)
+    cg_tol: float = 1e-8  # relative residual
+    cg_max_iter: int = 1000
+    max_exact_params: int = 200_000  # the exact path is refused above this many parameters
+    max_dense_dim: int = 8192  # projected preconditioners are k x k: refused above this k
+    batch_size: int = 256  # train examples per block when scoring
+
+
+@dataclass
+class IndexConfig:
+    """FAISS index over preconditioner-transformed rows."""
+
+    kind: Literal["flat", "ivf", "hnsw", "sq8", "pq"] = "flat"
+    shard_rows: int = 262_144  # rows per index shard (whole store shards); searched with a top-k merge
+    nlist: Optional[int] = None  # ivf / pq: None = 4 x sqrt(rows)
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_search: int = 128
+    pq_m: Optional[int] = None  # pq: sub-quantizers (None: dim / 4, a divisor of dim)
+    refine: int = 4  # pq: re-rank refine x top_k candidates exactly
+
+
+@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -104,6 +134,8 @@ class Config:
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def validate(self) -> "Config":
         """Cross-field checks that a type alone cannot express."""
@@ -136,6 +168,14 @@ class Config:
         )
         _require(self.build.workers > 0, "build.workers", "must be positive")
         _require(self.build.max_retries >= 0, "build.max_retries", "must be >= 0")
+        a = self.attribution
+        _require(a.damping_factor >= 0, "attribution.damping_factor", "must be >= 0")
+        _require(a.lissa_depth > 0, "attribution.lissa_depth", "must be positive")
+        _require(a.lissa_scale is None or a.lissa_scale > 0, "attribution.lissa_scale", "must be positive")
+        _require(a.cg_max_iter > 0 and a.cg_tol > 0, "attribution.cg_max_iter", "and cg_tol must be positive")
+        _require(a.batch_size > 0, "attribution.batch_size", "must be positive")
+        _require(self.index.shard_rows > 0, "index.shard_rows", "must be positive")
+        _require(self.index.nprobe > 0 and self.index.ef_search > 0, "index.nprobe", "and ef_search must be positive")
         return self
 
 

@@ -31,6 +31,7 @@ def small_config(tmp_path, dataset="diabetes", **sections):
         "gradients": {"batch_size": 48},
         "store": {"chunk_rows": 32, "shard_rows": 64},
         "build": {"workers": 2, "max_retries": 0},
+        "attribution": {},
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}

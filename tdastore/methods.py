@@ -1,0 +1,67 @@
+"""The unified view of gradient-based attribution (PAPER.md) as one table: every method is a row.
+
+Each method approximates further training by a quadratic model with damping lambda:
+
+    score_i(z) = eps * grad g(z)^T  K  grad L(z_i),     eps = 1/n  (n = number of training rows)
+
+where K is the method's operator (identity, a damped inverse Gauss-Newton / Hessian, a truncated
+Neumann series, a per-layer Sherman-Morrison approximation, ...). Sign convention: a positive score
+means removing z_i *raises* the test function g (the paper's gold standard a_i). `tracin_final` carries
+the learning rate as well (eps * lr); `grad_cos` normalises both gradients first.
+
+A row names the operator used on each of the two paths:
+- projected: in the store's (projected) space, fitted from the stored rows, K = Q diag(d) Q^T, so
+  K^(1/2) transforms rows for a FAISS inner-product search (tdastore/precond/projected.py);
+- exact: in the model's full parameter space with Hessian / Gauss-Newton-vector products
+  (tdastore/precond/exact.py), as the paper ran it on 18k-120k-parameter MLPs.
+Adding a method is adding a row (and, for a new operator, one function on a path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from tdastore.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    projected: Optional[str]  # operator on the projected path (None: not available there)
+    exact: Optional[str]  # operator on the exact path (None: not available there)
+    normalise: bool = False  # unit-normalise train and test gradients (cosine)
+    learning_rate: bool = False  # multiply by the training learning rate (TracIn)
+    summary: str = ""
+
+    def operator(self, path: str) -> str:
+        op = self.projected if path == "projected" else self.exact
+        if op is None:
+            other = "exact" if path == "projected" else "projected"
+            raise ConfigError(
+                f"method '{self.name}' has no {path} path ({self.summary}); set attribution.path: {other}"
+            )
+        return op
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("grad_dot", "identity", "identity", summary="first order: drop the Hessian"),
+        Method("grad_cos", "identity", "identity", normalise=True, summary="Grad-Dot of unit-normalised gradients"),
+        Method("tracin_final", "identity", "identity", learning_rate=True, summary="TracIn at the last checkpoint: lr x Grad-Dot"),
+        Method("if_gn", "fisher", "gauss_newton", summary="damped Gauss-Newton influence (projected: empirical Fisher)"),
+        Method("if_h", None, "hessian", summary="damped true-Hessian influence; needs Hessian-vector products on the model"),
+        Method("lissa", "lissa_fisher", "lissa_gauss_newton", summary="Neumann-series solve of the damped Gauss-Newton system"),
+        Method("if_gen", None, "generalised", summary="Proposition 1: influence with the non-stationarity correction Hess L_i dTheta(D)"),
+        Method("trak1", "trak", None, summary="TRAK with one model: Gauss-Newton in the random projection, lambda ~ 0"),
+        Method("datainf", "datainf", "datainf", summary="per-layer Sherman-Morrison, lambda_l = mean squared gradient / 10"),
+        Method("ekfac", None, "ekfac", summary="per-Linear-layer Kronecker factors with eigenvalue correction"),
+    ]
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}': choose one of {sorted(METHODS)}")
+    return METHODS[name]

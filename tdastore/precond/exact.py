@@ -1,0 +1,225 @@
+"""The exact path: second-order operators in the model's full parameter space.
+
+The model is a function of one flat parameter vector theta [p]; torch.func gives per-example gradients,
+Hessian-vector products (forward-over-reverse) and Gauss-Newton-vector products (J^T H_out J v), all
+vmapped over a block of vectors. Linear systems are solved by batched conjugate gradients or LiSSA,
+never by forming a p x p matrix, as the paper ran them on 18k-120k-parameter MLPs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from tdastore.config import AttributionConfig
+from tdastore.errors import ConfigError, GradientError
+from tdastore.grads.per_example import select_parameters
+from tdastore.tasks.base import Examples
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]  # [m, p] -> [m, p]
+
+
+class FullSpace:
+    """theta -> losses of a task's model on its data, with the products second-order methods need."""
+
+    def __init__(self, model: nn.Module, loss_fn, test_fn, patterns: list[str], train: Examples, config: AttributionConfig):
+        self.model, self.loss_fn, self.test_fn, self.train, self.config = model, loss_fn, test_fn, train, config
+        self.names = select_parameters(model, patterns)
+        params = dict(model.named_parameters())
+        self.shapes = [tuple(params[n].shape) for n in self.names]
+        self.sizes = [params[n].numel() for n in self.names]
+        self.p = sum(self.sizes)
+        if self.p > config.max_exact_params:
+            raise ConfigError(
+                f"the exact path needs {self.p:,} parameters in full space, above attribution.max_exact_params="
+                f"{config.max_exact_params:,}: use attribution.path: projected (a fitted matrix in the store's "
+                "space), narrow gradients.params, or raise the limit"
+            )
+        self.theta = torch.cat([params[n].detach().reshape(-1) for n in self.names])  # [p]
+        self.frozen = {n: t.detach() for n, t in params.items() if n not in self.names}
+        self.frozen.update(dict(model.named_buffers()))
+        self.n = len(train)
+
+    # -- the model as a function of theta -------------------------------------------------------
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: t.view(s) for n, t, s in zip(self.names, torch.split(theta, self.sizes), self.shapes)}
+
+    def outputs(self, theta: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, {**self.unflatten(theta), **self.frozen}, (inputs,))
+
+    def batches(self, data: Examples, size: Optional[int] = None) -> Iterator[Examples]:
+        size = size or self.config.batch_size
+        for start in range(0, len(data), size):
+            yield data.slice(start, min(start + size, len(data)))
+
+    # -- gradients ------------------------------------------------------------------------------
+    def example_grads(self, data: Examples, fn=None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, per-example gradients [b, p]) of `fn` (default the loss) over `data`."""
+        fn = fn or self.loss_fn
+
+        def one(theta, x, y):
+            return fn(self.outputs(theta, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(0)
+
+        per_example = vmap(grad(one), in_dims=(None, 0, 0))
+        start = 0
+        for part in self.batches(data):
+            yield start, per_example(self.theta, part.inputs, part.targets)
+            start += len(part)
+
+    def mean_loss_grad(self) -> torch.Tensor:
+        """grad R(D) [p], R = mean training loss."""
+        total = torch.zeros(self.p)
+        for _, block in self.example_grads(self.train):
+            total += block.sum(0)
+        return total / self.n
+
+    def damping(self) -> tuple[float, float]:
+        """(lambda, lambda_0): lambda_0 is the mean squared entry of the training gradients."""
+        total = sum(float(block.pow(2).sum()) for _, block in self.example_grads(self.train))
+        lambda_0 = total / (self.n * self.p)
+        return self.config.damping_factor * lambda_0, lambda_0
+
+    # -- curvature products ---------------------------------------------------------------------
+    def hvp(self, vectors: torch.Tensor, data: Optional[Examples] = None) -> torch.Tensor:
+        """Hessian of the mean loss over `data` (default: all training rows) times vectors [m, p]."""
+        data = data or self.train
+        out = torch.zeros_like(vectors)
+        for part in self.batches(data):
+            def batch_loss(theta, part=part):
+                return self.loss_fn(self.outputs(theta, part.inputs), part.targets).sum()
+
+            out += vmap(lambda v: jvp(grad(batch_loss), (self.theta,), (v,))[1])(vectors)
+        return out / len(data)
+
+    def gnvp(self, vectors: torch.Tensor, data: Optional[Examples] = None) -> torch.Tensor:
+        """Gauss-Newton matrix (1/n) sum_i J_i^T H_out,i J_i times vectors [m, p]."""
+        data = data or self.train
+        out = torch.zeros_like(vectors)
+        for part in self.batches(data):
+            def f(theta, part=part):
+                return self.outputs(theta, part.inputs)  # [b, out]
+
+            def summed_loss(outputs, part=part):
+                return self.loss_fn(outputs, part.targets).sum()
+
+            outputs, pullback = vjp(f, self.theta)
+
+            def one(v):
+                jv = jvp(f, (self.theta,), (v,))[1]  # [b, out]
+                h_jv = jvp(grad(summed_loss), (outputs,), (jv,))[1]  # [b, out]
+                return pullback(h_jv)[0]  # [p]
+
+            out += vmap(one)(vectors)
+        return out / len(data)
+
+    def operator(self, curvature: str) -> MatVec:
+        return self.gnvp if curvature == "gauss_newton" else self.hvp
+
+
+def conjugate_gradients(matvec: MatVec, rhs: torch.Tensor, damping: float, tol: float, max_iter: int) -> torch.Tensor:
+    """Solve (A + damping I) X = rhs for every row of rhs [m, p] at once (columns independent)."""
+    x = torch.zeros_like(rhs, dtype=torch.float64)
+    b = rhs.double()
+    r = b.clone()
+    d = r.clone()
+    rs = (r * r).sum(1)  # [m]
+    target = (tol * b.norm(dim=1)) ** 2
+    for _ in range(max_iter):
+        if bool((rs <= target).all()):
+            break
+        ad = matvec(d.float()).double() + damping * d
+        curvature = (d * ad).sum(1)
+        if bool((curvature <= 0).any()):
+            raise GradientError(
+                "conjugate gradients met a direction of non-positive curvature: the damped Hessian is not "
+                "positive definite; raise attribution.damping_factor or use if_gn (Gauss-Newton)"
+            )
+        alpha = torch.where(rs > target, rs / curvature, torch.zeros_like(rs))
+        x += alpha[:, None] * d
+        r -= alpha[:, None] * ad
+        rs_new = (r * r).sum(1)
+        d = r + (rs_new / rs.clamp_min(1e-300))[:, None] * d
+        rs = rs_new
+    return x.float()
+
+
+def largest_eigenvalue(matvec: MatVec, p: int, iters: int = 30, seed: int = 0) -> float:
+    """Power iteration on a symmetric operator."""
+    v = torch.randn(1, p, generator=torch.Generator().manual_seed(seed))
+    v /= v.norm()
+    value = 0.0
+    for _ in range(iters):
+        w = matvec(v)
+        value = float((w * v).sum())
+        v = w / w.norm().clamp_min(1e-30)
+    return abs(value)
+
+
+def lissa(
+    matvec: MatVec, rhs: torch.Tensor, damping: float, scale: float, depth: int,
+    sampled: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Truncated Neumann series: x_{j+1} = b + (I - (A + damping I)/scale) x_j, returned as x_J / scale.
+
+    With `sampled` (vectors, step) -> A-on-a-minibatch times vectors, it is the stochastic LiSSA of the paper.
+    """
+    x = rhs.clone()
+    for step in range(1, depth):
+        product = matvec(x) if sampled is None else sampled(x, step)
+        x = rhs + x - (product + damping * x) / scale
+    return x / scale
+
+
+def _is_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def check_solution(x: torch.Tensor, method: str) -> torch.Tensor:
+    if not _is_finite(x):
+        raise GradientError(
+            f"{method}: the solve diverged (NaN/Inf); for LiSSA raise attribution.lissa_scale or lower lissa_depth, "
+            "otherwise raise attribution.damping_factor"
+        )
+    return x
+
+
+def layer_groups(names: list[str], sizes: list[int]) -> list[tuple[int, int]]:
+    """Column ranges of the flat vector grouped by module (weight and bias of a layer together)."""
+    groups: list[tuple[int, int]] = []
+    column, previous = 0, None
+    for name, size in zip(names, sizes):
+        module = name.rsplit(".", 1)[0]
+        if module == previous:
+            groups[-1] = (groups[-1][0], column + size)
+        else:
+            groups.append((column, column + size))
+        previous = module
+        column += size
+    return groups
+
+
+def datainf_apply(make_blocks: Callable[[], Iterator[torch.Tensor]], vectors: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
+    """DataInf on vectors [m, p]: per layer l,
+        (G_l + lambda_l I)^-1 v ~ (1/lambda_l) (v - (1/n) sum_i (v . g_il) / (lambda_l + |g_il|^2) g_il),
+    lambda_l = mean_i mean(g_il^2) / 10. `make_blocks()` yields training rows [b, p]; two passes, memory
+    bounded by the block size."""
+    n, sums = 0, [0.0] * len(groups)
+    for block in make_blocks():
+        n += block.shape[0]
+        for index, (lo, hi) in enumerate(groups):
+            sums[index] += float(block[:, lo:hi].double().pow(2).sum())
+    lambdas = [total / (n * (hi - lo)) / 10.0 for total, (lo, hi) in zip(sums, groups)]
+    corrections = [torch.zeros(vectors.shape[0], hi - lo, dtype=torch.float64) for lo, hi in groups]
+    for block in make_blocks():
+        for (lo, hi), lam, correction in zip(groups, lambdas, corrections):
+            g = block[:, lo:hi].double()  # [b, p_l]
+            weights = (vectors[:, lo:hi].double() @ g.T) / (lam + g.pow(2).sum(1))  # [m, b]
+            correction += weights @ g
+    out = torch.zeros(vectors.shape, dtype=torch.float64)
+    for (lo, hi), lam, correction in zip(groups, lambdas, corrections):
+        out[:, lo:hi] = (vectors[:, lo:hi].double() - correction / n) / lam
+    return out.float()

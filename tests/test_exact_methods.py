@@ -1,0 +1,240 @@
+"""Every method on the exact path equals an independent float64 computation with explicit matrices."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import tdastore
+from tdastore.methods import METHODS, get_method
+from tdastore.precond.exact_methods import ExactScorer
+from tdastore.tasks import TabularTask
+from tdastore.training import load_model
+
+from conftest import small_config
+
+REL = 1e-4
+
+
+def rel_err(got, ref):
+    return float(np.abs(np.asarray(got, dtype=np.float64) - ref).max() / np.abs(ref).max())
+
+
+class Reference:
+    """Float64 model copy: flat parameters, per-example gradients by a loop, explicit H and GN."""
+
+    def __init__(self, model, task):
+        self.model = copy.deepcopy(model).double()
+        self.task = task
+        self.params = list(self.model.parameters())
+        self.train, self.test = task.examples("train"), task.examples("test").slice(0, 6)
+        self.n = len(self.train)
+
+    def set_flat(self, theta):
+        torch.nn.utils.vector_to_parameters(theta, self.params)
+
+    def flat(self):
+        return torch.nn.utils.parameters_to_vector(self.params).detach().clone()
+
+    def loss(self, data, reduction="mean"):
+        losses = self.task.per_example_loss(self.model(data.inputs.double()), data.targets if data.targets.dtype == torch.int64 else data.targets.double())
+        return losses.mean() if reduction == "mean" else losses
+
+    def grads(self, data):
+        rows = []
+        for i in range(len(data)):
+            losses = self.loss(data.slice(i, i + 1), "none")
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses.sum(), self.params)]))
+        return torch.stack(rows).numpy()
+
+    def call(self, theta, inputs):
+        """The model at flat parameters theta (differentiable in theta)."""
+        names = [n for n, _ in self.model.named_parameters()]
+        sizes = [p.numel() for p in self.params]
+        views = {n: t.view(p.shape) for n, t, p in zip(names, torch.split(theta, sizes), self.params)}
+        return torch.func.functional_call(self.model, views, (inputs,))
+
+    def hessian(self):
+        targets = self.train.targets if self.task.kind != "regression" else self.train.targets.double()
+        f = lambda theta: self.task.per_example_loss(self.call(theta, self.train.inputs.double()), targets).mean()  # noqa: E731
+        return torch.autograd.functional.hessian(f, self.flat()).numpy()  # double backward, explicit [p, p]
+
+    def gauss_newton(self):
+        f = lambda theta: self.call(theta, self.train.inputs.double())  # noqa: E731
+        jac = torch.autograd.functional.jacobian(f, self.flat()).numpy()  # [n, out, p]
+        out = self.model(self.train.inputs.double()).detach()
+        if self.task.kind == "regression":
+            h_out = np.full((self.n, 1, 1), 2.0)
+        else:
+            p = torch.softmax(out, 1).numpy()
+            h_out = np.stack([np.diag(pi) - np.outer(pi, pi) for pi in p])
+        return np.einsum("nop,noq,nqr->pr", jac, h_out, jac) / self.n
+
+    def per_example_hvp(self, v, h=1e-4):
+        theta0 = self.flat()
+        self.set_flat(theta0 + h * v)
+        plus = self.grads(self.train)
+        self.set_flat(theta0 - h * v)
+        minus = self.grads(self.train)
+        self.set_flat(theta0)
+        return (plus - minus) / (2 * h)
+
+
+@pytest.fixture(scope="module", params=["diabetes", "wine"])
+def setup(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    config = small_config(tmp, dataset=request.param, model={"hidden": [24, 16]}, train={"epochs": 40},
+                          attribution={"path": "exact", "cg_tol": 1e-12, "cg_max_iter": 3000, "batch_size": 128})
+    tdastore.train(config, progress=False)
+    task = TabularTask(config.task, config.model)
+    model = load_model(config, task)
+    ref = Reference(model, task)
+    g_train, g_test = ref.grads(ref.train), ref.grads(ref.test)
+    lambda_0 = float((g_train**2).mean())
+    return config, task, model, ref, g_train, g_test, lambda_0
+
+
+def scorer_for(setup, **attribution):
+    config, task, model = setup[:3]
+    config = copy.deepcopy(config)
+    for key, value in attribution.items():
+        setattr(config.attribution, key, value)
+    return ExactScorer(model, task, config)
+
+
+def test_first_order_methods(setup):
+    config, task, model, ref, g_train, g_test, _ = setup
+    scorer = scorer_for(setup)
+    dot = g_test @ g_train.T / ref.n
+    assert rel_err(scorer.scores(get_method("grad_dot"), ref.test), dot) <= REL
+    assert rel_err(scorer.scores(get_method("tracin_final"), ref.test), config.train.lr * dot) <= REL
+    cos = (g_test / np.linalg.norm(g_test, axis=1, keepdims=True)) @ (g_train / np.linalg.norm(g_train, axis=1, keepdims=True)).T
+    assert rel_err(scorer.scores(get_method("grad_cos"), ref.test), cos / ref.n) <= REL
+
+
+def test_gauss_newton_influence(setup):
+    config, task, model, ref, g_train, g_test, lambda_0 = setup
+    lam = 10 * lambda_0
+    scorer = scorer_for(setup, damping_factor=10.0)
+    gn = ref.gauss_newton()
+    expected = np.linalg.solve(gn + lam * np.eye(len(gn)), g_test.T).T @ g_train.T / ref.n
+    assert rel_err(scorer.scores(get_method("if_gn"), ref.test), expected) <= REL
+    assert scorer.info["lambda_0"] == pytest.approx(lambda_0, rel=1e-4)
+
+
+def positive_definite_factor(hessian, lambda_0):
+    """A damping factor that makes H + lambda I comfortably positive definite."""
+    lowest = float(np.linalg.eigvalsh(hessian)[0])
+    return max(10.0, (2 * max(0.0, -lowest) + lambda_0) / lambda_0)
+
+
+def test_hessian_influence(setup):
+    config, task, model, ref, g_train, g_test, lambda_0 = setup
+    hessian = ref.hessian()
+    factor = positive_definite_factor(hessian, lambda_0)
+    scorer = scorer_for(setup, damping_factor=factor)
+    expected = np.linalg.solve(hessian + factor * lambda_0 * np.eye(len(hessian)), g_test.T).T @ g_train.T / ref.n
+    assert rel_err(scorer.scores(get_method("if_h"), ref.test), expected) <= REL
+
+
+def test_generalised_influence(setup):
+    config, task, model, ref, g_train, g_test, lambda_0 = setup
+    hessian = ref.hessian()
+    factor = positive_definite_factor(hessian, lambda_0)
+    damped = hessian + factor * lambda_0 * np.eye(len(hessian))
+    shift = -np.linalg.solve(damped, g_train.mean(0))  # dTheta(D)
+    train_side = g_train + ref.per_example_hvp(torch.tensor(shift))  # grad L_i + Hess L_i dTheta(D)
+    expected = np.linalg.solve(damped, g_test.T).T @ train_side.T / ref.n
+    scorer = scorer_for(setup, damping_factor=factor)
+    assert rel_err(scorer.scores(get_method("if_gen"), ref.test), expected) <= 1e-3  # finite-difference reference
+    plain = np.linalg.solve(damped, g_test.T).T @ g_train.T / ref.n
+    assert rel_err(expected, plain) > 1e-3  # the correction term is not negligible here
+
+
+def test_lissa_converges_to_the_exact_solve(setup):
+    config, task, model, ref, g_train, g_test, lambda_0 = setup
+    gn = ref.gauss_newton()
+    lam = 10 * lambda_0
+    exact = np.linalg.solve(gn + lam * np.eye(len(gn)), g_test.T).T @ g_train.T / ref.n
+    errors = [rel_err(scorer_for(setup, lissa_depth=depth).scores(get_method("lissa"), ref.test), exact)
+              for depth in (10, 100, 3000)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] <= 1e-3
+
+
+def test_datainf(setup):
+    config, task, model, ref, g_train, g_test, _ = setup
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    expected_test = np.zeros_like(g_test)
+    col = 0
+    for module in dict.fromkeys(n.rsplit(".", 1)[0] for n in names):
+        width = sum(s for n, s in zip(names, sizes) if n.rsplit(".", 1)[0] == module)
+        g = g_train[:, col : col + width]
+        lam = (g**2).mean() / 10
+        matrix = (np.eye(width) - sum(np.outer(r, r) / (lam + r @ r) for r in g) / ref.n) / lam
+        expected_test[:, col : col + width] = g_test[:, col : col + width] @ matrix
+        col += width
+    expected = expected_test @ g_train.T / ref.n
+    assert rel_err(scorer_for(setup).scores(get_method("datainf"), ref.test), expected) <= REL
+
+
+def layer_io(ref, data):
+    """Independent per-example inputs and output gradients of every Linear layer (float64)."""
+    acts, outs = [], []
+    x = data.inputs.double()
+    for module in ref.model:
+        if isinstance(module, torch.nn.Linear):
+            acts.append(x.detach())
+            x = module(x)
+            x.retain_grad()
+            outs.append(x)
+        else:
+            x = module(x)
+    targets = data.targets if data.targets.dtype == torch.int64 else data.targets.double()
+    ref.task.per_example_loss(x, targets).sum().backward()
+    return acts, [o.grad.detach() for o in outs]
+
+
+def test_ekfac(setup):
+    config, task, model, ref, g_train, g_test, _ = setup
+    acts, grads = layer_io(ref, ref.train)
+    layers, factors = [m for m in ref.model if isinstance(m, torch.nn.Linear)], []
+    for a, d in zip(acts, grads):
+        a = np.concatenate([a.numpy(), np.ones((len(a), 1))], axis=1)
+        d = d.numpy()
+        q_a = np.linalg.eigh(a.T @ a / ref.n)[1]
+        q_s = np.linalg.eigh(d.T @ d / ref.n)[1]
+        values = np.mean([(q_s.T @ np.outer(di, ai) @ q_a) ** 2 for di, ai in zip(d, a)], axis=0)
+        factors.append((q_a, q_s, values))
+    lam = 10 * sum(v.sum() for _, _, v in factors) / g_train.shape[1]
+    expected_test, col = np.zeros_like(g_test), 0
+    for layer, (q_a, q_s, values) in zip(layers, factors):
+        n_out, n_in = layer.out_features, layer.in_features
+        w = g_test[:, col : col + n_out * n_in].reshape(-1, n_out, n_in)
+        b = g_test[:, col + n_out * n_in : col + n_out * (n_in + 1)]
+        g = np.concatenate([w, b[:, :, None]], axis=2)
+        pre = q_s @ ((q_s.T @ g @ q_a) / (values + lam)) @ q_a.T
+        expected_test[:, col : col + n_out * n_in] = pre[:, :, :n_in].reshape(len(g), -1)
+        expected_test[:, col + n_out * n_in : col + n_out * (n_in + 1)] = pre[:, :, n_in]
+        col += n_out * (n_in + 1)
+    expected = expected_test @ g_train.T / ref.n
+    assert rel_err(scorer_for(setup, damping_factor=10.0).scores(get_method("ekfac"), ref.test), expected) <= REL
+
+
+def test_methods_without_an_exact_path_say_so(setup):
+    from tdastore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trak1.*no exact path.*attribution.path: projected"):
+        scorer_for(setup).scores(get_method("trak1"), setup[3].test)
+    with pytest.raises(ConfigError, match="unknown method 'tracin'"):
+        get_method("tracin")
+    assert {m.name for m in METHODS.values() if m.exact} >= {"grad_dot", "if_gn", "if_h", "lissa", "if_gen", "datainf", "ekfac"}
+
+
+def test_exact_path_refuses_large_models(setup):
+    from tdastore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_exact_params"):
+        scorer_for(setup, max_exact_params=100)
