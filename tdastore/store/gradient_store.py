@@ -12,7 +12,14 @@ import pyarrow.parquet as pq
 import zarr
 
 from tdastore.errors import StoreError
-from tdastore.store.manifest import GRADS_DIR, META_FILE, identity_mismatches, read_manifest
+from tdastore.store.manifest import (
+    GRADS_DIR,
+    MANIFEST_FILE,
+    META_FILE,
+    identity_mismatches,
+    read_manifest,
+    write_json_atomic,
+)
 from tdastore.store.writer import done_shards
 
 
@@ -68,6 +75,19 @@ class GradientStore:
         problems = identity_mismatches(self.manifest, {**self.manifest, **identity})
         if problems:
             raise StoreError(f"store '{self.root}' does not match:\n  - " + "\n  - ".join(problems))
+
+    def register(self, section: str, key: str, entry: dict) -> None:
+        """Name a derived artefact (preconditioner, index) in the manifest, atomically."""
+        manifest = read_manifest(self.root)
+        manifest.setdefault(section, {})[key] = entry
+        write_json_atomic(self.root / MANIFEST_FILE, manifest)
+        self.manifest = manifest
+
+    def query(self, method: str = "grad_dot", **kwargs):
+        """Attribution scores for test inputs; see tdastore.query.query_store for the arguments."""
+        from tdastore.query import query_store
+
+        return query_store(self, method, **kwargs)
 
     def summary(self) -> str:
         m = self.manifest

@@ -48,7 +48,8 @@ class TabularTask(Task):
         self.kind = raw.kind
         self.columns = raw.columns
         self.n_classes = raw.n_classes
-        self._splits = _split_and_standardise(raw, task)
+        self.classes = raw.classes
+        self._splits, self._scaling = _split_and_standardise(raw, task)
 
     @property
     def n_features(self) -> int:
@@ -72,6 +73,41 @@ class TabularTask(Task):
             raise DataError(f"unknown split '{split}': use 'train' or 'test'")
         return self._splits[split]
 
+    def encode(self, table) -> Examples:
+        """New inputs (a pyarrow Table or a .csv/.parquet path with the task's feature columns and its target
+        column) standardised with the training statistics, e.g. test points for a query."""
+        import pyarrow as pa
+
+        if not isinstance(table, pa.Table):
+            table = _read_any(Path(table))
+        target = self.task_config.target or "target"
+        missing = [c for c in self.columns if c not in table.column_names]
+        if missing:
+            raise DataError(
+                f"test inputs lack {len(missing)} of the task's {self.n_features} feature columns "
+                f"(first: {missing[:3]}); the task's features are {self.columns}"
+            )
+        if target not in table.column_names:
+            raise DataError(f"test inputs need the target column '{target}' (the test function is the loss)")
+        check_not_empty(table.num_rows, "the test inputs")
+        x = np.stack([np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in self.columns], 1)
+        check_finite_features(x, self.columns, "test inputs")
+        y_raw = table.column(target).to_numpy(zero_copy_only=False)
+        if self.kind == "classification":
+            position = np.searchsorted(self.classes, y_raw)
+            unknown = (position >= len(self.classes)) | (self.classes[np.minimum(position, len(self.classes) - 1)] != y_raw)
+            if unknown.any():
+                raise DataError(f"test inputs hold label(s) {sorted(set(y_raw[unknown].tolist()))[:5]} unseen in training")
+            targets, labels = torch.tensor(position, dtype=torch.int64), position
+        else:
+            labels = np.asarray(y_raw, dtype=np.float64)
+            targets = torch.tensor((labels - self._scaling[2]) / self._scaling[3], dtype=torch.float32)
+        inputs = torch.tensor((x - self._scaling[0]) / self._scaling[1], dtype=torch.float32)
+        id_column = self.task_config.id_column or "id"
+        ids = (table.column(id_column).to_numpy(zero_copy_only=False).astype(np.int64)
+               if id_column in table.column_names else np.arange(table.num_rows, dtype=np.int64))
+        return Examples(inputs, targets, ids, labels)
+
     def description(self) -> dict:
         cfg = self.task_config
         return {
@@ -88,8 +124,9 @@ class TabularTask(Task):
 
 
 class _RawTable:
-    def __init__(self, x: np.ndarray, y: np.ndarray, ids: np.ndarray, columns: list[str], kind: str, n_classes: int):
-        self.x, self.y, self.ids, self.columns, self.kind, self.n_classes = x, y, ids, columns, kind, n_classes
+    def __init__(self, x: np.ndarray, y: np.ndarray, ids: np.ndarray, columns: list[str], kind: str, classes: np.ndarray):
+        self.x, self.y, self.ids, self.columns, self.kind, self.classes = x, y, ids, columns, kind, classes
+        self.n_classes = len(classes)
 
 
 def _is_file(dataset: str) -> bool:
@@ -126,26 +163,32 @@ def _load_table(cfg: TaskConfig) -> _RawTable:
     check_finite_features(x, columns, f"data set '{cfg.dataset}'")
     if kind == "classification":
         classes, y = np.unique(y_raw, return_inverse=True)
-        n_classes = len(classes)
-        if n_classes < 2:
+        if len(classes) < 2:
             raise DataError(f"data set '{cfg.dataset}' has a single class: classification needs at least two")
     else:
         y = np.asarray(y_raw, dtype=np.float64)
         if not np.isfinite(y).all():
             raise DataError(f"data set '{cfg.dataset}': the regression target holds NaN/Inf; drop those rows")
-        n_classes = 0
-    return _RawTable(x, y, ids, columns, kind, n_classes)
+        classes = np.array([])
+    return _RawTable(x, y, ids, columns, kind, classes)
+
+
+def _read_any(path: Path):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise DataError(f"data file '{path}' does not exist")
+    if path.suffix not in (".csv", ".parquet", ".pq"):
+        raise DataError(f"'{path}' is neither .csv nor .parquet")
+    return pacsv.read_csv(path) if path.suffix == ".csv" else pq.read_table(path)
 
 
 def _read_file(cfg: TaskConfig):
     import pyarrow.compute as pc
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     path = Path(cfg.dataset)
-    if not path.is_file():
-        raise DataError(f"data file '{path}' does not exist: check task.dataset")
-    table = pacsv.read_csv(path) if path.suffix == ".csv" else pq.read_table(path)
+    table = _read_any(path)
     if cfg.target is None or cfg.target not in table.column_names:
         raise DataError(
             f"task.target must name a column of '{path}' (columns: {table.column_names}), got {cfg.target!r}"
@@ -178,7 +221,7 @@ def pa_is_numeric(arrow_type) -> bool:
     return pat.is_integer(arrow_type) or pat.is_floating(arrow_type) or pat.is_boolean(arrow_type)
 
 
-def _split_and_standardise(raw: _RawTable, cfg: TaskConfig) -> dict[str, Examples]:
+def _split_and_standardise(raw: _RawTable, cfg: TaskConfig) -> tuple[dict[str, Examples], tuple]:
     """A deterministic split (seeded, stratified for classification) and z-scores from the train split."""
     from sklearn.model_selection import train_test_split
 
@@ -198,12 +241,13 @@ def _split_and_standardise(raw: _RawTable, cfg: TaskConfig) -> dict[str, Example
         y_mean, y_std = (raw.y[train_idx].mean(), raw.y[train_idx].std() or 1.0) if cfg.standardize_target else (0.0, 1.0)
         targets = torch.tensor((raw.y - y_mean) / y_std, dtype=torch.float32)
     else:
+        y_mean, y_std = 0.0, 1.0
         targets = torch.tensor(raw.y, dtype=torch.int64)
     inputs = torch.tensor(x, dtype=torch.float32)
     splits = {}
     for split, idx in (("train", train_idx), ("test", test_idx)):
         splits[split] = Examples(inputs[idx].contiguous(), targets[idx].contiguous(), raw.ids[idx], np.asarray(raw.y)[idx])
-    return splits
+    return splits, (mean, std, y_mean, y_std)
 
 
 def make_task(task: TaskConfig, model: Optional[ModelConfig] = None) -> TabularTask:

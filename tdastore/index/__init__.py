@@ -1,0 +1,1 @@
+"""FAISS indexes over operator-transformed gradient rows."""

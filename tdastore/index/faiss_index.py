@@ -1,0 +1,179 @@
+"""FAISS inner-product indexes over operator-transformed store rows, one per row shard, merged top-k.
+
+An index lives in STORE/indexes/<method>-<kind>/ (shard files + index.json) and is named in the
+manifest. index.json records what the rows mean (method, operator key, projection, model, rows, kind
+settings): an index that matches is reused, never rebuilt; one that does not is refused at query time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from tdastore.config import IndexConfig
+from tdastore.errors import ConfigError, StoreError
+from tdastore.store.manifest import write_json_atomic
+
+INDEX_DIR = "indexes"
+
+
+def normalise_rows(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return (rows / np.maximum(norms, 1e-30)).astype(np.float32)
+
+
+def _nlist(config: IndexConfig, rows: int) -> int:
+    wanted = config.nlist or int(4 * math.sqrt(rows))
+    return max(1, min(wanted, rows // 39 or 1))  # FAISS wants ~39 training points per list
+
+
+def _pq_m(config: IndexConfig, dim: int) -> int:
+    wanted = config.pq_m or max(1, dim // 4)
+    return max(m for m in range(1, min(wanted, dim) + 1) if dim % m == 0)
+
+
+def make_faiss_index(kind: str, dim: int, rows: int, config: IndexConfig) -> faiss.Index:
+    """An empty inner-product index of `kind` for `rows` vectors of `dim` columns."""
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, _nlist(config, rows), ip)
+        index.nprobe = config.nprobe
+        return index
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, ip)
+        index.hnsw.efConstruction = max(40, config.hnsw_m * 2)
+        index.hnsw.efSearch = config.ef_search
+        return index
+    if kind == "sq8":
+        return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip)
+    if kind == "pq":
+        base = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, _nlist(config, rows), _pq_m(config, dim), 8, ip)
+        base.nprobe = config.nprobe
+        index = faiss.IndexRefineFlat(base)
+        index.k_factor = float(config.refine)
+        return index
+    raise ConfigError(f"unknown index kind '{kind}': use flat, ivf, hnsw, sq8 or pq")
+
+
+@dataclass
+class IndexHandle:
+    directory: Path
+    description: dict
+    shards: list[tuple[int, int, str]]  # (first row, stop row, file)
+
+    def search(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner products over all shards: (scores [m, K], rows [m, K]), best first."""
+        all_scores, all_rows = [], []
+        for start, stop, name in self.shards:
+            index = faiss.read_index(str(self.directory / name))
+            k = min(top_k, stop - start)
+            scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            all_scores.append(scores)
+            all_rows.append(np.where(rows >= 0, rows + start, -1))
+        return merge_top_k(np.concatenate(all_scores, 1), np.concatenate(all_rows, 1), top_k)
+
+
+def merge_top_k(scores: np.ndarray, rows: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the top_k largest scores per query row (ties broken by the smaller row id)."""
+    order = np.lexsort((rows, -scores), axis=1)[:, :top_k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def index_shards(store, shard_rows: int) -> list[tuple[int, int]]:
+    """Row ranges made of whole store shards, each at most `shard_rows` rows (at least one shard)."""
+    ranges: list[tuple[int, int]] = []
+    for entry in store.manifest["shards"]:
+        if ranges and entry["stop"] - ranges[-1][0] <= shard_rows:
+            ranges[-1] = (ranges[-1][0], entry["stop"])
+        else:
+            ranges.append((entry["start"], entry["stop"]))
+    return ranges
+
+
+def build_index(store, method, operator, operator_key: str, kind: str, config: IndexConfig, progress: bool = True) -> IndexHandle:
+    """Transform every row with the operator (and normalise for cosine), add them to FAISS, shard by shard."""
+    directory = store.root / INDEX_DIR / f"{method.name}-{kind}"
+    description = {
+        "method": method.name,
+        "kind": kind,
+        "operator": operator_key,
+        "projection": store.manifest["projection"],
+        "model": store.manifest["model"],
+        "n_rows": store.n_rows,
+        "dim": store.dim,
+        "settings": _kind_settings(kind, config),
+        "shard_rows": config.shard_rows,
+    }
+    existing = load_index(store, method.name, kind)
+    if existing is not None and existing.description == description:
+        return existing
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = []
+    began = time.perf_counter()
+    ranges = index_shards(store, config.shard_rows)
+    bar = tqdm(total=store.n_rows, desc=f"index {method.name}/{kind}", unit="row", disable=not progress)
+    for number, (start, stop) in enumerate(ranges):
+        rows = transformed_rows(store, operator, method, start, stop)  # [n, k] float32
+        index = make_faiss_index(kind, store.dim, stop - start, config)
+        if not index.is_trained:
+            index.train(rows)
+        index.add(rows)
+        name = f"shard-{number:04d}.faiss"
+        faiss.write_index(index, str(directory / (name + ".part")))
+        (directory / (name + ".part")).replace(directory / name)
+        shards.append((start, stop, name))
+        bar.update(stop - start)
+    bar.close()
+    description["shards"] = shards
+    description["build_seconds"] = time.perf_counter() - began
+    write_json_atomic(directory / "index.json", description)
+    store.register("indexes", f"{method.name}-{kind}", {"directory": str(directory.relative_to(store.root)), "operator": operator_key})
+    return IndexHandle(directory, _without_build_facts(description), shards)
+
+
+def transformed_rows(store, operator, method, start: int, stop: int) -> np.ndarray:
+    return transform_block(store.read_rows(start, stop), operator, method)
+
+
+def transform_block(rows: np.ndarray, operator, method) -> np.ndarray:
+    """Train-side rows as the index holds them: unit-normalised for cosine methods, then K^(1/2)."""
+    if method.normalise:
+        rows = normalise_rows(rows)
+    return np.ascontiguousarray(operator.transform(rows), dtype=np.float32)
+
+
+def _kind_settings(kind: str, config: IndexConfig) -> dict:
+    return {
+        "flat": {},
+        "ivf": {"nlist": config.nlist, "nprobe": config.nprobe},
+        "hnsw": {"m": config.hnsw_m, "ef_search": config.ef_search},
+        "sq8": {},
+        "pq": {"nlist": config.nlist, "nprobe": config.nprobe, "pq_m": config.pq_m, "refine": config.refine},
+    }[kind]
+
+
+def _without_build_facts(description: dict) -> dict:
+    return {k: v for k, v in description.items() if k not in ("shards", "build_seconds")}
+
+
+def load_index(store, method_name: str, kind: str) -> Optional[IndexHandle]:
+    directory = store.root / INDEX_DIR / f"{method_name}-{kind}"
+    path = directory / "index.json"
+    if not path.is_file():
+        return None
+    try:
+        description = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise StoreError(f"index description {path} is corrupt ({err}); rebuild it with `tdastore index`") from err
+    shards = [tuple(s) for s in description.get("shards", [])]
+    return IndexHandle(directory, _without_build_facts(description), shards)

@@ -1,0 +1,1 @@
+"""Operators of the unified view: projected (fitted from the store) and exact (on the model)."""
