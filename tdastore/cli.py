@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Optional
 
-from tdastore.errors import TdaStoreError
+from tdastore.errors import ConfigError, TdaStoreError
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -41,6 +41,71 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(tdastore.open_store(args.store, allow_incomplete=True).summary())
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    """Query-time settings from the command line (the store's own config supplies the rest)."""
+    attribution = {k: v for k, v in {
+        "path": getattr(args, "path", None),
+        "damping_factor": getattr(args, "damping_factor", None),
+        "lissa_depth": getattr(args, "lissa_depth", None),
+    }.items() if v is not None}
+    index = {"shard_rows": args.index_shard_rows} if getattr(args, "index_shard_rows", None) else {}
+    return {"attribution": attribution, "index": index}
+
+
+def _cmd_index(args: argparse.Namespace) -> None:
+    import tdastore
+    from tdastore.index.faiss_index import build_index
+    from tdastore.precond.projected import fit_or_load, operator_key
+    from tdastore.query import QueryContext
+
+    store = tdastore.open_store(args.store)
+    ctx = QueryContext(store, args.method, _overrides(args))
+    if ctx.path != "projected":
+        raise ConfigError("indexes hold projected-space rows: drop --path exact")
+    op = ctx.method.operator("projected")
+    operator = fit_or_load(store, op, ctx.config.attribution)
+    handle = build_index(store, ctx.method, operator, operator_key(op, ctx.config.attribution), args.kind,
+                         ctx.config.index, progress=not args.quiet)
+    print(f"index {handle.directory} ({len(handle.shards)} shard(s), {store.n_rows:,} rows, operator {handle.description['operator']})")
+
+
+def _cmd_query(args: argparse.Namespace) -> None:
+    import tdastore
+
+    store = tdastore.open_store(args.store)
+    if args.inputs is None and args.split is None:
+        raise ConfigError("say what to attribute: --inputs FILE (.csv/.parquet) or --split test")
+    table = store.query(args.method, split=args.split, inputs=args.inputs, top_k=args.top_k, kind=args.kind,
+                        out=args.out, scores_out=args.scores_out, overrides=_overrides(args), progress=not args.quiet)
+    meta = {k.decode().split(".", 1)[1]: v.decode() for k, v in (table.schema.metadata or {}).items()}
+    print(f"{table.num_rows:,} rows ({args.top_k} per test input), method {meta.get('method')}, path {meta.get('path')}"
+          + (f", written to {args.out}" if args.out else ""))
+    print(table.slice(0, min(10, table.num_rows)).to_pandas().to_string(index=False) if _has_pandas() else table.slice(0, 10))
+
+
+def _has_pandas() -> bool:
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cmd_methods(args: argparse.Namespace) -> None:
+    from tdastore.methods import METHODS
+
+    print(f"{'method':<14}{'projected':<16}{'exact':<22}summary")
+    for m in METHODS.values():
+        print(f"{m.name:<14}{m.projected or '-':<16}{m.exact or '-':<22}{m.summary}")
+
+
+def _add_query_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--path", choices=["projected", "exact"], default=None,
+                        help="projected: the store's space (indexable); exact: full parameter space on the model")
+    parser.add_argument("--damping-factor", type=float, default=None, help="lambda = factor x mean squared gradient entry")
+    parser.add_argument("--lissa-depth", type=int, default=None, help="LiSSA: Neumann series depth")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tdastore",
@@ -68,6 +133,39 @@ def make_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a summary of a store", description="Summarise a gradient store.")
     info.add_argument("store", help="store directory")
     info.set_defaults(func=_cmd_info)
+
+    index = sub.add_parser("index", help="build a FAISS index of a method over a store",
+                           description="Fit the method's operator (saved in the store) and index K^(1/2)-transformed "
+                                       "rows, so a preconditioned query is an inner-product search. Up-to-date indexes "
+                                       "are reused.")
+    index.add_argument("store", help="store directory")
+    index.add_argument("--method", required=True, help="a method of `tdastore methods`")
+    index.add_argument("--kind", choices=["flat", "ivf", "hnsw", "sq8", "pq"], default="flat", help="FAISS index kind")
+    index.add_argument("--index-shard-rows", type=int, default=None, help="rows per index shard")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_query_settings(index)
+    index.set_defaults(func=_cmd_index)
+
+    query = sub.add_parser("query", help="attribute test inputs to training rows",
+                           description="Top-k training rows per test input (test_id, rank, train_id, score), "
+                                       "and optionally the full score matrix.")
+    query.add_argument("store", help="store directory")
+    query.add_argument("--method", default="grad_dot", help="a method of `tdastore methods` (default grad_dot)")
+    source = query.add_mutually_exclusive_group()
+    source.add_argument("--inputs", default=None, help=".csv/.parquet with the task's feature and target columns")
+    source.add_argument("--split", choices=["test", "train"], default=None, help="a split of the store's task")
+    query.add_argument("--top-k", type=int, default=10, help="training rows per test input")
+    query.add_argument("--kind", choices=["flat", "ivf", "hnsw", "sq8", "pq"], default=None,
+                       help="search a FAISS index of this kind (built if missing); default: exact streamed scoring")
+    query.add_argument("--out", default=None, help="write the top-k table as Parquet")
+    query.add_argument("--scores-out", default=None, help="write the full [n_test, N] score matrix as Zarr")
+    query.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_query_settings(query)
+    query.set_defaults(func=_cmd_query)
+
+    methods = sub.add_parser("methods", help="list the methods of the unified view",
+                             description="The method table: each method's operator on the projected and exact paths.")
+    methods.set_defaults(func=_cmd_methods)
     return parser
 
 

@@ -51,6 +51,7 @@ METHODS: dict[str, Method] = {
         Method("grad_cos", "identity", "identity", normalise=True, summary="Grad-Dot of unit-normalised gradients"),
         Method("tracin_final", "identity", "identity", learning_rate=True, summary="TracIn at the last checkpoint: lr x Grad-Dot"),
         Method("if_gn", "fisher", "gauss_newton", summary="damped Gauss-Newton influence (projected: empirical Fisher)"),
+        Method("if_diag", "diagonal", None, summary="influence with a damped diagonal empirical Fisher"),
         Method("if_h", None, "hessian", summary="damped true-Hessian influence; needs Hessian-vector products on the model"),
         Method("lissa", "lissa_fisher", "lissa_gauss_newton", summary="Neumann-series solve of the damped Gauss-Newton system"),
         Method("if_gen", None, "generalised", summary="Proposition 1: influence with the non-stationarity correction Hess L_i dTheta(D)"),

@@ -1,0 +1,222 @@
+"""Projected-path methods, FAISS search and queries against independent numpy computations."""
+
+import json
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import tdastore
+from tdastore.cli import main as cli_main
+from tdastore.distributed.build import build_store
+from tdastore.errors import ConfigError, DataError, StoreError
+from tdastore.grads.projection import make_projector
+from tdastore.tasks import TabularTask
+from tdastore.training import load_model
+
+from conftest import small_config
+from test_exact_methods import rel_err
+
+
+@pytest.fixture(scope="module")
+def built(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("query")
+    config = small_config(tmp, projection={"kind": "gaussian", "dim": 128, "seed": 5}, train={"epochs": 20})
+    tdastore.train(config, progress=False)
+    store = build_store(config, tmp / "store", progress=False)
+    task = TabularTask(config.task, config.model)
+    model = load_model(config, task)
+    test = task.examples("test").slice(0, 12)
+    # independent test side: a per-example autograd loop, projected with the explicit matrices
+    params = dict(model.named_parameters())
+    proj = make_projector(config.projection, {n: tuple(p.shape) for n, p in params.items()})
+    matrix = torch.cat([proj.matrix(n) for n in params]).double().numpy()  # [p, k]
+    rows = []
+    for i in range(len(test)):
+        loss = task.test_function(model(test.inputs[i : i + 1]), test.targets[i : i + 1]).sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))]))
+    t = torch.stack(rows).double().numpy() @ matrix  # [m, k]
+    g = np.asarray(store.grads[:], dtype=np.float64)  # [N, k]
+    return config, store, task, test, t, g, tmp
+
+
+def fisher_parts(g):
+    n, k = g.shape
+    fisher = g.T @ g / n
+    return fisher, np.trace(fisher) / k
+
+
+def expected_scores(method, t, g, config):
+    n, k = g.shape
+    fisher, lambda_0 = fisher_parts(g)
+    lam = config.attribution.damping_factor * lambda_0
+    if method == "grad_dot":
+        return t @ g.T / n
+    if method == "tracin_final":
+        return config.train.lr * t @ g.T / n
+    if method == "grad_cos":
+        unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+        return unit(t) @ unit(g).T / n
+    if method == "if_gn":
+        return np.linalg.solve(fisher + lam * np.eye(k), t.T).T @ g.T / n
+    if method == "if_diag":
+        return (t / (np.diag(fisher) + np.diag(fisher).mean() * config.attribution.damping_factor)) @ g.T / n
+    if method == "trak1":
+        return t @ np.linalg.pinv(fisher, rcond=1e-8, hermitian=True) @ g.T / n
+    if method == "datainf":
+        lam_l = (g**2).mean() / 10
+        matrix = (np.eye(k) - sum(np.outer(r, r) / (lam_l + r @ r) for r in g) / n) / lam_l
+        return t @ matrix @ g.T / n
+    if method == "lissa":  # the recursion itself, run explicitly
+        scale = 1.1 * (np.linalg.eigvalsh(fisher)[-1] + lam)
+        x = t.T.copy()
+        for _ in range(1, config.attribution.lissa_depth):
+            x = t.T + x - ((fisher + lam * np.eye(k)) @ x) / scale
+        return (x / scale).T @ g.T / n
+    raise KeyError(method)
+
+
+@pytest.mark.parametrize("method", ["grad_dot", "grad_cos", "tracin_final", "if_gn", "if_diag", "trak1", "datainf", "lissa"])
+def test_projected_methods_equal_numpy(built, method, tmp_path):
+    config, store, task, test, t, g, _ = built
+    expected = expected_scores(method, t, g, config)
+    table = store.query(method, inputs=test, top_k=store.n_rows, scores_out=tmp_path / "s.zarr")
+    import zarr
+
+    full = zarr.open_array(str(tmp_path / "s.zarr"), mode="r")[:]
+    assert full.shape == expected.shape
+    assert rel_err(full, expected) <= 1e-4
+    got = np.zeros_like(expected)
+    rows = table.column("train_row").to_numpy().reshape(len(test), -1)
+    got[np.arange(len(test))[:, None], rows] = table.column("score").to_numpy().reshape(len(test), -1)
+    assert rel_err(got, expected) <= 1e-4
+    assert table.schema.metadata[b"tdastore.path"] == b"projected"
+
+
+def test_lissa_closed_form_converges_to_the_solve(built):
+    config, store, task, test, t, g, _ = built
+    exact = expected_scores("if_gn", t, g, config)
+    errors = [rel_err(store.query("lissa", inputs=test, top_k=1, scores_out=None,
+                                  overrides={"attribution": {"lissa_depth": depth}}).column("score").to_numpy(),
+                      exact.max(1)) for depth in (3, 30, 3000)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4
+
+
+def test_flat_index_equals_brute_force(built):
+    config, store, task, test, t, g, _ = built
+    for method in ("if_gn", "grad_cos", "grad_dot"):
+        expected = expected_scores(method, t, g, config)
+        table = store.query(method, inputs=test, top_k=10, kind="flat")
+        ids = table.column("train_row").to_numpy().reshape(len(test), 10)
+        brute = np.argsort(-expected, axis=1, kind="stable")[:, :10]
+        np.testing.assert_array_equal(ids, brute)
+        scores = table.column("score").to_numpy().reshape(len(test), 10)
+        assert rel_err(scores, np.take_along_axis(expected, brute, 1)) <= 1e-4
+    manifest = tdastore.open_store(store.root).manifest
+    assert {"if_gn-flat", "grad_cos-flat", "grad_dot-flat"} <= set(manifest["indexes"])
+    assert any(entry["operator"] == "fisher" for entry in manifest["preconditioners"].values())
+
+
+def test_index_is_not_rebuilt_when_up_to_date(built):
+    config, store, task, test, t, g, _ = built
+    store.query("grad_dot", inputs=test, top_k=3, kind="flat")
+    shard = store.root / "indexes" / "grad_dot-flat" / "shard-0000.faiss"
+    before = shard.stat().st_mtime_ns
+    store.query("grad_dot", inputs=test, top_k=3, kind="flat")
+    assert shard.stat().st_mtime_ns == before
+
+
+def test_sharded_index_merges_top_k(built):
+    config, store, task, test, t, g, _ = built
+    expected = expected_scores("grad_dot", t, g, config)
+    from tdastore.index.faiss_index import build_index
+    from tdastore.methods import get_method
+    from tdastore.precond.projected import SpectralOperator
+
+    handle = build_index(store, get_method("grad_dot"), SpectralOperator("identity", store.dim), "identity-x", "flat",
+                         config.index.__class__(shard_rows=100), progress=False)
+    # store shards of 64 rows; two never fit in 100, the last two (64 + 33) do
+    assert [s[:2] for s in handle.shards] == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 353)]
+    scores, rows = handle.search((t / len(g)).astype(np.float32), 7)
+    np.testing.assert_array_equal(rows, np.argsort(-expected, axis=1, kind="stable")[:, :7])
+
+
+def test_query_from_a_file_equals_the_split(built, tmp_path):
+    config, store, task, test, t, g, _ = built
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes()
+    rows = np.searchsorted(np.arange(len(bunch.data)), test.ids)
+    columns = {name: bunch.data[rows, i] for i, name in enumerate(bunch.feature_names)}
+    columns["target"] = bunch.target[rows]
+    columns["id"] = test.ids
+    path = tmp_path / "inputs.csv"
+    pacsv.write_csv(pa.table(columns), path)
+    from_file = store.query("if_gn", inputs=str(path), top_k=5)
+    from_split = store.query("if_gn", inputs=test, top_k=5)
+    np.testing.assert_array_equal(from_file.column("train_id").to_numpy(), from_split.column("train_id").to_numpy())
+    np.testing.assert_allclose(from_file.column("score").to_numpy(), from_split.column("score").to_numpy(), rtol=1e-4)
+    np.testing.assert_array_equal(from_file.column("test_id").to_numpy()[::5], test.ids)
+
+
+def test_bad_queries_are_clear_errors(built, tmp_path):
+    config, store, task, test, t, g, _ = built
+    with pytest.raises(ConfigError, match="unknown method 'influence'"):
+        store.query("influence", inputs=test)
+    with pytest.raises(ConfigError, match="top-k 1000 must lie in 1..353"):
+        store.query("grad_dot", inputs=test, top_k=1000)
+    narrow = pa.table({"age": [0.1], "target": [100.0]})
+    with pytest.raises(DataError, match="lack 9 of the task's 10 feature columns"):
+        store.query("grad_dot", inputs=narrow)
+    from tdastore.tasks.base import Examples
+
+    wrong = Examples(torch.zeros(2, 7), torch.zeros(2), np.arange(2), np.zeros(2))
+    with pytest.raises(DataError, match=r"\(7,\) features per row, the task has 10"):
+        store.query("grad_dot", inputs=wrong)
+    with pytest.raises(ConfigError, match="ekfac' has no projected path"):
+        store.query("ekfac", inputs=test)
+    store.query("if_gn", inputs=test, top_k=3, kind="flat")
+    with pytest.raises(StoreError, match="built for operator fisher-.*rebuild it"):
+        store.query("if_gn", inputs=test, top_k=3, kind="flat", overrides={"attribution": {"damping_factor": 100.0}})
+    description = store.root / "indexes" / "if_gn-flat" / "index.json"
+    original = description.read_text()
+    edited = json.loads(original)
+    edited["projection"]["seed"] = 99
+    description.write_text(json.dumps(edited))
+    try:
+        with pytest.raises(StoreError, match="another projection"):
+            store.query("if_gn", inputs=test, top_k=3, kind="flat")
+    finally:
+        description.write_text(original)
+    with pytest.raises(ConfigError, match="max_dense_dim"):  # fitting a new 128 x 128 operator is refused
+        store.query("if_gn", inputs=test, overrides={"attribution": {"max_dense_dim": 64, "damping_factor": 3.0}})
+
+
+def test_exact_path_on_a_query_matches_the_projected_grad_dot_of_an_unprojected_store(ray_cluster, tmp_path):
+    config = small_config(tmp_path, train={"epochs": 5})
+    tdastore.train(config, progress=False)
+    store = build_store(config, tmp_path / "store", progress=False)
+    projected = store.query("grad_dot", split="test", top_k=5)
+    exact = store.query("grad_dot", split="test", top_k=5, overrides={"attribution": {"path": "exact"}})
+    np.testing.assert_array_equal(projected.column("train_id").to_numpy(), exact.column("train_id").to_numpy())
+    np.testing.assert_allclose(projected.column("score").to_numpy(), exact.column("score").to_numpy(), rtol=1e-4)
+    assert exact.schema.metadata[b"tdastore.path"] == b"exact"
+    with pytest.raises(ConfigError, match="max_dense_dim"):  # 1,441 columns: a dense fisher is refused here
+        store.query("if_gn", split="test", overrides={"attribution": {"max_dense_dim": 1000}})
+
+
+def test_cli_index_and_query(built, tmp_path, capsys):
+    config, store, task, test, t, g, _ = built
+    assert cli_main(["index", str(store.root), "--method", "if_gn", "--kind", "hnsw", "--quiet"]) == 0
+    out = tmp_path / "top.parquet"
+    assert cli_main(["query", str(store.root), "--method", "if_gn", "--split", "test", "--top-k", "4",
+                     "--kind", "hnsw", "--out", str(out), "--quiet"]) == 0
+    table = pq.read_table(out)
+    assert table.column_names[:4] == ["test_id", "rank", "train_id", "score"]
+    assert table.num_rows == 4 * len(task.examples("test"))
+    assert cli_main(["query", str(store.root), "--method", "nope", "--split", "test"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert cli_main(["query", str(store.root)]) == 2
