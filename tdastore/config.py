@@ -118,9 +118,9 @@ class IndexConfig:
     kind: Literal["flat", "ivf", "hnsw", "sq8", "pq"] = "flat"
     shard_rows: int = 262_144  # rows per index shard (whole store shards); searched with a top-k merge
     nlist: Optional[int] = None  # ivf / pq: None = 4 x sqrt(rows)
-    nprobe: int = 32
+    nprobe: int = 64
     hnsw_m: int = 32
-    ef_search: int = 128
+    ef_search: int = 256
     pq_m: Optional[int] = None  # pq: sub-quantizers (None: dim / 4, a divisor of dim)
     refine: int = 4  # pq: re-rank refine x top_k candidates exactly
 

@@ -134,7 +134,8 @@ def query_store(
         info["operator"] = key
         if kind is not None:
             handle = _index_for(store, ctx, operator, key, kind, progress)
-            scores, rows = handle.search(queries, top_k)
+            scores, rows = handle.search(queries / np.float32(ctx.scale), top_k)  # unscaled: float32 headroom
+            scores = scores * np.float32(ctx.scale)
             info["index"] = kind
             if scores_out is not None:
                 _stream_top_k(_projected_blocks(store, ctx, operator, queries), len(test), top_k, store.n_rows, scores_out, progress)

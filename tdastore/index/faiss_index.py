@@ -40,13 +40,32 @@ def _pq_m(config: IndexConfig, dim: int) -> int:
     return max(m for m in range(1, min(wanted, dim) + 1) if dim % m == 0)
 
 
+# Clustering (IVF) assigns vectors by distance, which fails for maximum inner product: the top scores
+# belong to long vectors spread over every cluster (measured: recall@10 0.29 at nprobe 32 on 100k
+# gradients). These kinds index x~ = [x, sqrt(M^2 - |x|^2), 0...] under L2 instead (Bachrach et al.
+# 2014): |q~ - x~|^2 = |q|^2 + M^2 - 2 q.x, so the nearest x~ has the largest inner product.
+L2_REDUCED = ("ivf", "pq")
+
+
+def augment_rows(rows: np.ndarray, max_norm: float, width: int) -> np.ndarray:
+    """[n, k] -> [n, width] with the norm-completing column, zero padded."""
+    out = np.zeros((rows.shape[0], width), dtype=np.float32)
+    out[:, : rows.shape[1]] = rows
+    out[:, rows.shape[1]] = np.sqrt(np.maximum(max_norm**2 - (rows.astype(np.float64) ** 2).sum(1), 0.0))
+    return out
+
+
+def reduced_width(dim: int) -> int:
+    return -(-(dim + 1) // 4) * 4  # room for the extra column, a multiple of 4 for product quantisation
+
+
 def make_faiss_index(kind: str, dim: int, rows: int, config: IndexConfig) -> faiss.Index:
-    """An empty inner-product index of `kind` for `rows` vectors of `dim` columns."""
+    """An empty index of `kind` for `rows` vectors of `dim` columns (already widened for L2-reduced kinds)."""
     ip = faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
     if kind == "ivf":
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, _nlist(config, rows), ip)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, _nlist(config, rows), faiss.METRIC_L2)
         index.nprobe = config.nprobe
         return index
     if kind == "hnsw":
@@ -57,7 +76,7 @@ def make_faiss_index(kind: str, dim: int, rows: int, config: IndexConfig) -> fai
     if kind == "sq8":
         return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip)
     if kind == "pq":
-        base = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, _nlist(config, rows), _pq_m(config, dim), 8, ip)
+        base = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, _nlist(config, rows), _pq_m(config, dim), 8, faiss.METRIC_L2)
         base.nprobe = config.nprobe
         index = faiss.IndexRefineFlat(base)
         index.k_factor = float(config.refine)
@@ -69,15 +88,26 @@ def make_faiss_index(kind: str, dim: int, rows: int, config: IndexConfig) -> fai
 class IndexHandle:
     directory: Path
     description: dict
-    shards: list[tuple[int, int, str]]  # (first row, stop row, file)
+    shards: list[tuple[int, int, str, float]]  # (first row, stop row, file, largest row norm)
 
     def search(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k inner products over all shards: (scores [m, K], rows [m, K]), best first."""
         all_scores, all_rows = [], []
-        for start, stop, name in self.shards:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        reduced = self.description["kind"] in L2_REDUCED
+        for start, stop, name, max_norm in self.shards:
             index = faiss.read_index(str(self.directory / name))
             k = min(top_k, stop - start)
-            scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            if reduced:
+                # rescale each query to norm M so |q|^2, M^2 and 2 q.x share one magnitude in float32
+                q_norm = np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
+                widened = np.zeros((queries.shape[0], index.d), dtype=np.float32)
+                widened[:, : queries.shape[1]] = queries * (max_norm / q_norm)
+                distances, rows = index.search(widened, k)
+                scores = ((2 * max_norm**2 - distances) / 2 * (q_norm / max_norm)).astype(np.float32)
+                scores[rows < 0] = -np.inf
+            else:
+                scores, rows = index.search(queries, k)
             all_scores.append(scores)
             all_rows.append(np.where(rows >= 0, rows + start, -1))
         return merge_top_k(np.concatenate(all_scores, 1), np.concatenate(all_rows, 1), top_k)
@@ -124,14 +154,17 @@ def build_index(store, method, operator, operator_key: str, kind: str, config: I
     bar = tqdm(total=store.n_rows, desc=f"index {method.name}/{kind}", unit="row", disable=not progress)
     for number, (start, stop) in enumerate(ranges):
         rows = transformed_rows(store, operator, method, start, stop)  # [n, k] float32
-        index = make_faiss_index(kind, store.dim, stop - start, config)
+        max_norm = float(np.linalg.norm(rows, axis=1).max())
+        if kind in L2_REDUCED:
+            rows = augment_rows(rows, max_norm, reduced_width(store.dim))
+        index = make_faiss_index(kind, rows.shape[1], stop - start, config)
         if not index.is_trained:
             index.train(rows)
         index.add(rows)
         name = f"shard-{number:04d}.faiss"
         faiss.write_index(index, str(directory / (name + ".part")))
         (directory / (name + ".part")).replace(directory / name)
-        shards.append((start, stop, name))
+        shards.append((start, stop, name, max_norm))
         bar.update(stop - start)
     bar.close()
     description["shards"] = shards

@@ -1,0 +1,48 @@
+"""Approximate FAISS kinds against flat on 100k stored gradients of a trained model."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import tdastore
+from tdastore.distributed.build import build_store
+
+ROWS = 101_000
+
+
+@pytest.fixture(scope="module")
+def large_store(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recall")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(ROWS, 20)).astype(np.float32)
+    y = np.sin(x[:, 0]) + x[:, 1] * x[:, 2] - x[:, 3] + 0.1 * rng.normal(size=ROWS)
+    pq.write_table(pa.table({**{f"x{i}": x[:, i] for i in range(20)}, "y": y}), tmp / "data.parquet")
+    config = tdastore.load_config({
+        "task": {"dataset": str(tmp / "data.parquet"), "kind": "regression", "target": "y", "test_fraction": 0.01},
+        "model": {"hidden": [64, 64]},
+        "train": {"epochs": 2, "lr": 0.01, "batch_size": 256, "output_dir": str(tmp / "model")},
+        "gradients": {"batch_size": 1024},
+        "projection": {"kind": "factored", "factors": [8, 8]},
+        "store": {"chunk_rows": 4096, "shard_rows": 16384},
+    })
+    tdastore.train(config, progress=False)
+    return build_store(config, tmp / "store", progress=False)
+
+
+def recall_at_10(reference, candidate) -> float:
+    a = reference.column("train_row").to_numpy().reshape(-1, 10)
+    b = candidate.column("train_row").to_numpy().reshape(-1, 10)
+    return float(np.mean([len(set(r) & set(c)) / 10 for r, c in zip(a, b)]))
+
+
+@pytest.mark.parametrize("method", ["grad_dot", "if_gn"])
+def test_each_kind_reaches_recall_095(large_store, method):
+    """Stated configuration (IndexConfig defaults): ivf and pq nlist = 4 sqrt(N), nprobe 64 (pq: IVF-PQ with
+    dim/4 sub-quantizers, exact re-ranking of 4 x top-k); hnsw M 32, efSearch 256; sq8 8-bit scalar."""
+    assert large_store.n_rows > 99_000
+    flat = large_store.query(method, split="test", top_k=10, kind="flat")
+    assert flat.num_rows == 10 * 1010
+    for kind in ("ivf", "hnsw", "sq8", "pq"):
+        recall = recall_at_10(flat, large_store.query(method, split="test", top_k=10, kind=kind))
+        assert recall >= 0.95, (kind, recall)
