@@ -121,7 +121,7 @@ def query_store(
             raise ConfigError("the exact path scores in full parameter space: FAISS indexes belong to attribution.path: projected")
         scorer = ExactScorer(ctx.model, ctx.task, ctx.config)
         blocks = scorer.score_blocks(ctx.method, test)
-        scores, rows = _stream_top_k(blocks, len(test), top_k, store.n_rows, scores_out, progress)
+        scores, rows = stream_top_k(blocks, len(test), top_k, store.n_rows, scores_out, progress)
         info.update({k: v for k, v in scorer.info.items() if isinstance(v, (int, float, str))})
     else:
         op = ctx.method.operator("projected")
@@ -138,10 +138,10 @@ def query_store(
             scores = scores * np.float32(ctx.scale)
             info["index"] = kind
             if scores_out is not None:
-                _stream_top_k(_projected_blocks(store, ctx, operator, queries), len(test), top_k, store.n_rows, scores_out, progress)
+                stream_top_k(projected_score_blocks(store, operator, ctx.method, queries), len(test), top_k, store.n_rows, scores_out, progress)
         else:
-            blocks = _projected_blocks(store, ctx, operator, queries)
-            scores, rows = _stream_top_k(blocks, len(test), top_k, store.n_rows, scores_out, progress)
+            blocks = projected_score_blocks(store, operator, ctx.method, queries)
+            scores, rows = stream_top_k(blocks, len(test), top_k, store.n_rows, scores_out, progress)
     table = _result_table(store, test, scores, rows, info)
     if out is not None:
         pq.write_table(table, out)
@@ -161,26 +161,33 @@ def _index_for(store, ctx: QueryContext, operator, key: str, kind: str, progress
     return build_index(store, ctx.method, operator, key, kind, ctx.config.index, progress=progress)
 
 
-def _projected_blocks(store, ctx: QueryContext, operator, queries: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
-    q = torch.from_numpy(np.ascontiguousarray(queries))
-    for start, block in store.iter_blocks(ctx.config.attribution.batch_size * 32):
-        yield start, q @ torch.from_numpy(transform_block(block, operator, ctx.method)).T  # [m, b]
+def projected_score_blocks(store, operator, method: Method, queries: np.ndarray, block_rows: int = 8192) -> Iterator[tuple[int, torch.Tensor]]:
+    """Score blocks [m, b] = queries . transformed store rows, streamed over the store. Each block is a view
+    of one reused buffer (fresh 30 MB results would page-fault on every block): use it before the next."""
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    buffer = None
+    for start, block in store.iter_blocks(block_rows):
+        rows = torch.from_numpy(transform_block(block, operator, method))  # [b, k]
+        if buffer is None or buffer.shape[1] < rows.shape[0]:
+            buffer = torch.empty(q.shape[0], rows.shape[0])
+        out = buffer[:, : rows.shape[0]]
+        torch.mm(q, rows.T, out=out)
+        yield start, out  # [m, b]
 
 
-def _stream_top_k(blocks, m: int, top_k: int, n: int, scores_out, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def stream_top_k(blocks, m: int, top_k: int, n: int, scores_out, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """Running top-k over score blocks [m, b]; optionally writes every block into a Zarr [m, n] array."""
     best_scores = np.full((m, 0), -np.inf, dtype=np.float32)
     best_rows = np.zeros((m, 0), dtype=np.int64)
     matrix = _create_scores_array(scores_out, m, n) if scores_out is not None else None
     bar = tqdm(total=n, desc="score", unit="row", disable=not progress)
     for start, block in blocks:
-        block = block.numpy() if isinstance(block, torch.Tensor) else block
+        block = torch.as_tensor(block)  # [m, b]
         if matrix is not None:
-            matrix[:, start : start + block.shape[1]] = block
-        k = min(top_k, block.shape[1])
-        part = np.argpartition(-block, k - 1, axis=1)[:, :k]
-        best_scores = np.concatenate([best_scores, np.take_along_axis(block, part, 1)], 1)
-        best_rows = np.concatenate([best_rows, part + start], 1)
+            matrix[:, start : start + block.shape[1]] = block.numpy()
+        values, part = torch.topk(block, min(top_k, block.shape[1]), dim=1)
+        best_scores = np.concatenate([best_scores, values.numpy()], 1)
+        best_rows = np.concatenate([best_rows, part.numpy() + start], 1)
         best_scores, best_rows = merge_top_k(best_scores, best_rows, top_k)
         bar.update(block.shape[1])
     bar.close()

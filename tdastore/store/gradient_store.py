@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import numpy as np
 import pyarrow as pa
+import torch
 import pyarrow.parquet as pq
 import zarr
 
@@ -61,14 +63,31 @@ class GradientStore:
 
     def read_rows(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
         """Rows [start, stop) as float32 [n, k]."""
-        return np.asarray(self.grads[start : self.n_rows if stop is None else stop], dtype=np.float32)
+        raw = self.grads[start : self.n_rows if stop is None else stop]
+        if raw.dtype == np.float16:  # torch's vectorised half -> float is ~3x numpy's astype
+            return torch.from_numpy(raw).float().numpy()
+        return np.asarray(raw, dtype=np.float32)
 
-    def iter_blocks(self, block_rows: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, float32 [b, k]) over the whole store; memory bounded by block_rows."""
+    def iter_blocks(self, block_rows: int = 8192, prefetch: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 [b, k]) over the whole store; memory bounded by two blocks.
+
+        With `prefetch`, the next block is read and decoded in a background thread while the caller
+        works on the current one (Zarr's decompression releases the GIL)."""
         chunk = self.grads.chunks[0]
         block_rows = max(chunk, block_rows // chunk * chunk)  # whole chunks: each is decoded once
-        for start in range(0, self.n_rows, block_rows):
-            yield start, self.read_rows(start, min(start + block_rows, self.n_rows))
+        starts = list(range(0, self.n_rows, block_rows))
+        read = lambda start: self.read_rows(start, min(start + block_rows, self.n_rows))  # noqa: E731
+        if not prefetch or len(starts) < 2:
+            for start in starts:
+                yield start, read(start)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read, starts[0])
+            for index, start in enumerate(starts):
+                block = pending.result()
+                if index + 1 < len(starts):
+                    pending = pool.submit(read, starts[index + 1])
+                yield start, block
 
     def check_matches(self, identity: dict) -> None:
         """Raise if the model, task, gradients or projection asked for differ from the store's."""
