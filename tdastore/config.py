@@ -126,6 +126,32 @@ class IndexConfig:
 
 
 @dataclass
+class GroundTruthConfig:
+    """Further training from the final model (PAPER.md's gold standard)."""
+
+    coupling: Literal["delete", "subtract"] = "delete"  # delete: i removed from the seed's permutation
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.003  # about 10x below the original training rate
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    clip_norm: Optional[float] = None
+    epochs: Optional[int] = 50  # amount of further training in epochs ...
+    steps: Optional[int] = None  # ... or in optimizer steps (then epochs must be null)
+    eval_every: int = 1  # evaluation schedule, in epochs (or in steps when `steps` is set)
+    left_out_indices: Optional[list[int]] = None  # training rows to leave out, or:
+    left_out_every: Optional[int] = None  # every m-th training row, or:
+    left_out_count: Optional[int] = 50  # this many random rows (seeded by left_out_seed)
+    left_out_seed: int = 0
+    test_points: Optional[int] = None  # the first n test rows (None: all)
+    seeds: int = 20  # seeds 0 .. seeds-1 (batch orders)
+    seed_block: int = 10  # a unit of work: seed_block seeds x left_out_block rows
+    left_out_block: int = 50
+    max_replicas: int = 4096  # replicas trained together in one vmapped group (1: one at a time)
+    workers: int = 2
+    output: str = "runs/groundtruth"
+
+
+@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,6 +162,7 @@ class Config:
     build: BuildConfig = field(default_factory=BuildConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    groundtruth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
 
     def validate(self) -> "Config":
         """Cross-field checks that a type alone cannot express."""
@@ -175,6 +202,21 @@ class Config:
         _require(a.cg_max_iter > 0 and a.cg_tol > 0, "attribution.cg_max_iter", "and cg_tol must be positive")
         _require(a.batch_size > 0, "attribution.batch_size", "must be positive")
         _require(self.index.shard_rows > 0, "index.shard_rows", "must be positive")
+        gt = self.groundtruth
+        _require((gt.epochs is None) != (gt.steps is None), "groundtruth.epochs",
+                 "or groundtruth.steps must be set, not both (set the other to null)")
+        amount = gt.epochs if gt.epochs is not None else gt.steps
+        _require(amount > 0, "groundtruth.epochs/steps", "must be positive")
+        _require(0 < gt.eval_every <= amount, "groundtruth.eval_every",
+                 f"must lie in 1..{amount} (the amount of further training): the schedule would pass its end")
+        chosen = [gt.left_out_indices is not None, gt.left_out_every is not None, gt.left_out_count is not None]
+        _require(sum(chosen) == 1, "groundtruth.left_out_indices",
+                 "/ left_out_every / left_out_count: set exactly one (the others null)")
+        _require(gt.seeds > 0, "groundtruth.seeds", "must be positive (zero seeds give no gold standard)")
+        _require(gt.lr > 0 and gt.batch_size > 0, "groundtruth.lr", "and batch_size must be positive")
+        _require(gt.seed_block > 0 and gt.left_out_block > 0 and gt.max_replicas > 0 and gt.workers > 0,
+                 "groundtruth.seed_block", "left_out_block, max_replicas and workers must be positive")
+        _require(gt.clip_norm is None or gt.clip_norm > 0, "groundtruth.clip_norm", "must be positive")
         _require(self.index.nprobe > 0 and self.index.ef_search > 0, "index.nprobe", "and ef_search must be positive")
         return self
 

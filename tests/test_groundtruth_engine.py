@@ -1,0 +1,87 @@
+"""The vectorised replica engine against replicas trained one at a time with torch.optim."""
+
+import copy
+
+import pytest
+import torch
+
+from tdastore.config import GroundTruthConfig, ModelConfig, TaskConfig
+from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
+from tdastore.tasks import TabularTask
+
+
+def reference_run(model, task, cfg: GroundTruthConfig, train, test, seed: int, left_out: int):
+    """One replica, the plain way: torch.optim, a seeded permutation per epoch, g recorded per schedule."""
+    model = copy.deepcopy(model)
+    opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    schedule = Schedule.from_config(cfg, len(train))
+    values, step = [], 0
+    while step < schedule.total_steps:
+        perm = torch.randperm(len(train), generator=generator)
+        if cfg.coupling == "delete" and left_out >= 0:
+            perm = perm[perm != left_out]
+        for start in range(0, schedule.steps_per_epoch * cfg.batch_size, cfg.batch_size):
+            if step >= schedule.total_steps:
+                break
+            batch = perm[start : start + cfg.batch_size]
+            step += 1
+            if len(batch) > 0:
+                loss = task.per_example_loss(model(train.inputs[batch]), train.targets[batch]).mean()
+                if cfg.coupling == "subtract" and left_out >= 0:
+                    loss = loss - task.per_example_loss(model(train.inputs[left_out : left_out + 1]), train.targets[left_out : left_out + 1]).sum() / len(train)
+                optimizer.zero_grad()
+                loss.backward()
+                if cfg.clip_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+                optimizer.step()
+            if step in schedule.eval_steps:
+                with torch.no_grad():
+                    values.append(task.test_function(model(test.inputs), test.targets))
+    return torch.stack(values)  # [evals, n_test]
+
+
+CASES = [
+    dict(coupling="delete", optimizer="sgd", lr=0.05, batch_size=32, epochs=3, eval_every=1),
+    dict(coupling="subtract", optimizer="sgd", lr=0.05, batch_size=32, epochs=2, eval_every=1, weight_decay=0.01),
+    dict(coupling="delete", optimizer="adam", lr=0.003, batch_size=41, epochs=None, steps=17, eval_every=4, clip_norm=0.5),
+    dict(coupling="subtract", optimizer="adamw", lr=0.003, batch_size=50, epochs=2, eval_every=1, weight_decay=0.1),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['coupling']}-{c['optimizer']}")
+@pytest.mark.parametrize("dataset", ["diabetes", "wine"])
+def test_vectorised_replicas_equal_single_replicas(case, dataset):
+    task = TabularTask(TaskConfig(dataset=dataset), ModelConfig(hidden=[16, 16]))
+    model = task.make_model()
+    train = task.examples("train").slice(0, 121)  # 121 = 3 x 40 + 1: delete mode's last batch is empty at B=40
+    test = task.examples("test").slice(0, 7)
+    cfg = GroundTruthConfig(**{**dict(left_out_count=None, left_out_indices=[0]), **case})
+    trainer = ReplicaTrainer(model, task, cfg, train, test)
+    seeds, left_out = [3, 11], [0, 57, 120]
+    got = trainer.run(seeds, left_out)  # [evals, n_test, seeds, 1 + L]
+    for si, seed in enumerate(seeds):
+        for li, i in enumerate([-1, *left_out]):
+            expected = reference_run(model, task, cfg, train, test, seed, i)
+            torch.testing.assert_close(got[:, :, si, li], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_replica_at_a_time_equals_all_at_once():
+    task = TabularTask(TaskConfig(dataset="diabetes"), ModelConfig(hidden=[8]))
+    model, train, test = task.make_model(), task.examples("train"), task.examples("test").slice(0, 5)
+    cfg = GroundTruthConfig(epochs=2, batch_size=64, lr=0.05)
+    together = ReplicaTrainer(model, task, cfg, train, test).run([0, 1], [4, 9])
+    alone = ReplicaTrainer(model, task, GroundTruthConfig(epochs=2, batch_size=64, lr=0.05, max_replicas=1), train, test).run([0, 1], [4, 9])
+    torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)
+
+
+def test_delete_order_is_the_full_permutation_without_i():
+    task = TabularTask(TaskConfig(dataset="diabetes"), ModelConfig(hidden=[8]))
+    trainer = ReplicaTrainer(task.make_model(), task, GroundTruthConfig(), task.examples("train"), task.examples("test"))
+    perm = torch.randperm(trainer.n, generator=torch.Generator().manual_seed(5))
+    perms = perm.repeat(4, 1)
+    order = trainer._visit_order(perms, torch.tensor([-1, int(perm[0]), int(perm[100]), int(perm[-1])]))
+    assert torch.equal(order[0], perm)
+    for row, position in zip(order[1:], (0, 100, trainer.n - 1)):
+        assert torch.equal(row[:-1], torch.cat([perm[:position], perm[position + 1 :]])) and row[-1] == -1
