@@ -101,6 +101,7 @@ class AttributionConfig:
 
     path: Literal["projected", "exact"] = "projected"  # store's projected space (indexable) or full space on the model
     damping_factor: float = 10.0  # lambda = factor x lambda_0, lambda_0 = mean squared gradient entry
+    hessian_auto_damping: bool = True  # if_h / if_gen: raise lambda to 1.5 x |lowest Hessian eigenvalue| if larger
     lissa_depth: int = 1000
     lissa_scale: Optional[float] = None  # None: 1.1 x the largest eigenvalue of the damped matrix (converges)
     lissa_batch_size: Optional[int] = None  # exact path: None = full-batch products (deterministic)

@@ -214,3 +214,20 @@ def _result_table(store, test: Examples, scores: np.ndarray, rows: np.ndarray, i
         "train_row": rows.reshape(-1),
     })
     return table.replace_schema_metadata({f"tdastore.{key}": str(value) for key, value in info.items()})
+
+
+def method_scores(store, method: str, test: Examples, overrides=None) -> tuple[np.ndarray, dict]:
+    """The full score matrix [m, N] of one method for given test examples, and what computed it."""
+    ctx = QueryContext(store, method, overrides)
+    if ctx.path == "exact":
+        scorer = ExactScorer(ctx.model, ctx.task, ctx.config)
+        scores = scorer.scores(ctx.method, test).numpy()
+        return scores, {"path": "exact", **{k: v for k, v in scorer.info.items() if isinstance(v, (int, float, str))}}
+    op = ctx.method.operator("projected")
+    operator = fit_or_load(store, op, ctx.config.attribution)
+    rows = ctx.test_rows(test)
+    if ctx.method.normalise:
+        rows = normalise_rows(rows)
+    queries = operator.transform(rows) * np.float32(ctx.scale)
+    blocks = [block.clone() for _, block in projected_score_blocks(store, operator, ctx.method, queries)]
+    return torch.cat(blocks, dim=1).numpy(), {"path": "projected", "operator": operator_key(op, ctx.config.attribution)}

@@ -9,6 +9,8 @@ never by forming a p x p matrix, as the paper ran them on 18k-120k-parameter MLP
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -157,6 +159,18 @@ def largest_eigenvalue(matvec: MatVec, p: int, iters: int = 30, seed: int = 0) -
         value = float((w * v).sum())
         v = w / w.norm().clamp_min(1e-30)
     return abs(value)
+
+
+def lowest_eigenvalue(matvec: MatVec, p: int, tol: float = 1e-3) -> float:
+    """The smallest (most negative) eigenvalue of a symmetric operator, by Lanczos (ARPACK)."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    def apply(v):
+        return matvec(torch.as_tensor(v, dtype=torch.float32).reshape(1, -1))[0].double().numpy()
+
+    operator = LinearOperator((p, p), matvec=apply, dtype=np.float64)
+    start = np.random.default_rng(0).normal(size=p)
+    return float(eigsh(operator, k=1, which="SA", tol=tol, v0=start, return_eigenvectors=False)[0])
 
 
 def lissa(

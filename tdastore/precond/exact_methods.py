@@ -22,6 +22,7 @@ from tdastore.precond.exact import (
     largest_eigenvalue,
     layer_groups,
     lissa,
+    lowest_eigenvalue,
 )
 from tdastore.tasks.base import Examples, Task
 from torch.func import grad, jvp, vmap
@@ -66,6 +67,8 @@ class ExactScorer:
             self.info.update(damping=ekfac.damping, lambda_0=ekfac.lambda_0)
             return ekfac.apply(g)
         damping, lambda_0 = space.damping()
+        if op in ("hessian", "generalised"):
+            damping = self._hessian_damping(damping)
         self.info.update(damping=damping, lambda_0=lambda_0)
         if op in ("gauss_newton", "hessian"):
             return conjugate_gradients(space.operator(op), g, damping, cfg.cg_tol, cfg.cg_max_iter)
@@ -76,6 +79,15 @@ class ExactScorer:
         if op == "generalised":
             return conjugate_gradients(space.hvp, g, damping, cfg.cg_tol, cfg.cg_max_iter)
         raise ValueError(f"no exact operator '{op}'")
+
+    def _hessian_damping(self, damping: float) -> float:
+        """A final model is rarely at a minimum: its Hessian has negative eigenvalues. With
+        attribution.hessian_auto_damping, lambda is raised to 1.5 x |lowest eigenvalue| when that is larger."""
+        if not self.config.attribution.hessian_auto_damping:
+            return damping
+        if "hessian_lowest_eigenvalue" not in self.info:
+            self.info["hessian_lowest_eigenvalue"] = lowest_eigenvalue(self.space.hvp, self.space.p)
+        return max(damping, -1.5 * self.info["hessian_lowest_eigenvalue"])
 
     def _minibatch_gnvp(self):
         size = self.config.attribution.lissa_batch_size
@@ -98,7 +110,7 @@ class ExactScorer:
             for start, block in space.example_grads(space.train):
                 yield start, self._normalised(method, block)
             return
-        damping, _ = space.damping()
+        damping = self._hessian_damping(space.damping()[0])
         cfg = self.config.attribution
         # dTheta(D) = -(H + lambda I)^-1 grad R(D): where further training would move theta_f
         shift = -conjugate_gradients(space.hvp, space.mean_loss_grad()[None], damping, cfg.cg_tol, cfg.cg_max_iter)[0]

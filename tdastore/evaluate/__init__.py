@@ -1,0 +1,1 @@
+"""How well each method approximates the further-training gold standard."""

@@ -1,0 +1,67 @@
+"""The gold vector and the paper's agreement metrics (PAPER.md, "Metric").
+
+loo [E, T, L, S] and full [E, T, S] hold g(z_t) after further training at each evaluation point e,
+without left-out row l (or on all rows), with batch-order seed s. The gold vector per (e, t):
+    d = loo - full                       adjustment 1 (same theta_f, same seed)
+    d = d - mean_l d                     adjustment 2: mean-centred over the left-out set
+    gold = mean_s d                      seed averaging
+Agreement: cosine (and Spearman) between gold[e, t, :] and a method's scores[t, :] over the same rows,
+averaged over test points with a standard error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+SEED_GROUPS = (1, 2, 5, 10, 20, 50, 100)
+
+
+def gold_vectors(loo: np.ndarray, full: np.ndarray, seeds: slice = slice(None)) -> np.ndarray:
+    """[E, T, L, S], [E, T, S] -> [E, T, L]: adjusted, mean-centred, seed-averaged gold vectors."""
+    diff = loo[..., seeds].astype(np.float64) - full[:, :, None, seeds]
+    diff -= diff.mean(axis=2, keepdims=True)
+    return diff.mean(axis=3)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine along the last axis (0 where either vector is zero)."""
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation along the last axis."""
+    ra = rankdata(a, axis=-1)
+    rb = np.broadcast_to(rankdata(b, axis=-1), ra.shape)
+    return cosine_rows(ra - ra.mean(-1, keepdims=True), rb - rb.mean(-1, keepdims=True))
+
+
+def agreement(gold: np.ndarray, scores: np.ndarray) -> dict:
+    """gold [E, T, L], scores [T, L] -> per evaluation point: mean cosine, its stderr, mean Spearman."""
+    cos = cosine_rows(gold, scores[None])  # [E, T]
+    spear = spearman_rows(gold, scores[None])
+    t = cos.shape[1]
+    return {
+        "cosine": cos.mean(1),
+        "stderr": cos.std(1, ddof=1) / np.sqrt(t) if t > 1 else np.zeros(cos.shape[0]),
+        "spearman": spear.mean(1),
+    }
+
+
+def seed_curve(loo: np.ndarray, full: np.ndarray, scores: np.ndarray) -> dict[int, dict]:
+    """For k seeds per group: cosine of each group's gold vector, best over the amount of further training,
+    averaged over the groups (PAPER.md's seed curves)."""
+    n_seeds = loo.shape[-1]
+    curve = {}
+    for k in SEED_GROUPS:
+        if k > n_seeds:
+            break
+        bests = []
+        for start in range(0, n_seeds - k + 1, k):
+            cos = cosine_rows(gold_vectors(loo, full, slice(start, start + k)), scores[None]).mean(1)  # [E]
+            bests.append(cos.max())
+        curve[k] = {"cosine": float(np.mean(bests)), "groups": len(bests),
+                    "stderr": float(np.std(bests, ddof=1) / np.sqrt(len(bests))) if len(bests) > 1 else 0.0}
+    return curve

@@ -1,0 +1,101 @@
+"""report.md and PNG plots in the style of the paper's figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def report_points(labels: list[int]) -> list[int]:
+    """Indices of evaluation points shown in tables: first, ~10%, ~25%, ~50%, last."""
+    n = len(labels)
+    return sorted({0, max(0, n // 10 - 1), max(0, n // 4 - 1), max(0, n // 2 - 1), n - 1})
+
+
+def cosine_table(results: dict) -> str:
+    labels = results["evals"]["labels"]
+    unit = results["evals"]["unit"]
+    points = report_points(labels)
+    head = f"| method | path | " + " | ".join(f"{unit} {labels[i]}" for i in points) + " | best |"
+    lines = [head, "|" + "---|" * (len(points) + 3)]
+    for name, entry in results["methods"].items():
+        if "error" in entry:
+            lines.append(f"| {name} | {entry['path']} | " + " | ".join("-" for _ in points) + f" | skipped: {entry['error'][:60]} |")
+            continue
+        cos, err = np.asarray(entry["cosine"]), np.asarray(entry["stderr"])
+        cells = " | ".join(f"{cos[i]:.3f} ± {err[i]:.3f}" for i in points)
+        lines.append(f"| {name} | {entry['path']} | {cells} | {cos.max():.3f} |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out: Path) -> None:
+    seeds = sorted({int(k) for e in results["methods"].values() for k in e.get("seed_curve", {})})
+    seed_lines = ["| method | " + " | ".join(f"{k} seed{'s' if k > 1 else ''}" for k in seeds) + " |",
+                  "|" + "---|" * (len(seeds) + 1)]
+    for name, entry in results["methods"].items():
+        if "seed_curve" in entry:
+            seed_lines.append(f"| {name} | " + " | ".join(f"{entry['seed_curve'][str(k)]['cosine']:.3f}" for k in seeds) + " |")
+    text = f"""# Agreement with the further-training gold standard
+
+Ground truth: `{results['groundtruth']}` ({results['n_seeds']} seeds, {results['n_left_out']} left-out rows,
+{results['n_test']} test points, {len(results['evals']['labels'])} evaluation points).
+Store: `{results['store']}`.
+
+Mean cosine (± standard error over test points) between each method's scores and the gold vector
+(leave-one-out minus full run, mean-centred over the left-out rows, averaged over seeds):
+
+{cosine_table(results)}
+
+![cosine vs further training](cosine.png)
+
+## Seed curves
+
+Seeds split into groups of k; each group's gold vector; the best cosine over the amount of further
+training, averaged over groups:
+
+{chr(10).join(seed_lines)}
+
+![seed curves](seed_curves.png)
+"""
+    (out / "report.md").write_text(text)
+
+
+def write_plots(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = np.asarray(results["evals"]["labels"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, entry in results["methods"].items():
+        if "cosine" not in entry:
+            continue
+        cos, err = np.asarray(entry["cosine"]), np.asarray(entry["stderr"])
+        (line,) = ax.plot(labels, cos, label=name, lw=1.6)
+        ax.fill_between(labels, cos - err, cos + err, color=line.get_color(), alpha=0.18, lw=0)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel(f"further training ({results['evals']['unit']}s)")
+    ax.set_ylabel("cosine similarity to gold standard")
+    ax.set_title(f"{results['n_seeds']} seeds, {results['n_left_out']} left out, {results['n_test']} test points")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "cosine.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, entry in results["methods"].items():
+        curve = entry.get("seed_curve")
+        if not curve:
+            continue
+        ks = sorted(int(k) for k in curve)
+        ax.errorbar(ks, [curve[str(k)]["cosine"] for k in ks], yerr=[curve[str(k)]["stderr"] for k in ks],
+                    marker="o", ms=3, lw=1.4, capsize=2, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("seeds averaged")
+    ax.set_ylabel("best cosine over further training")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "seed_curves.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,90 @@
+"""`tdastore evaluate`: every method's scores against the gold standard, with a report and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import zarr
+
+from tdastore.errors import StoreError, TdaStoreError
+from tdastore.evaluate.metrics import agreement, gold_vectors, seed_curve
+from tdastore.evaluate.report import write_plots, write_report
+from tdastore.groundtruth.pool import read_groundtruth_manifest
+from tdastore.methods import METHODS, get_method
+from tdastore.query import QueryContext, method_scores
+
+DEFAULT_METHODS = ["grad_dot", "grad_cos", "tracin_final", "if_gn", "lissa", "trak1", "datainf", "ekfac", "if_gen", "if_h"]
+
+
+def choose_path(store, method_name: str, requested: Optional[str]) -> str:
+    """The exact path where the method has one and the model is small enough (as the paper ran them)."""
+    method = get_method(method_name)
+    if requested:
+        return requested
+    if method.exact is None:
+        return "projected"
+    if method.projected is None:
+        return "exact"
+    ctx_limit = QueryContext(store, method_name).config.attribution.max_exact_params
+    return "exact" if store.manifest["gradients"]["numel"] <= ctx_limit else "projected"
+
+
+def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] = None, out: Union[str, Path, None] = None,
+             path: Optional[str] = None, overrides: Optional[dict] = None, progress: bool = True) -> dict:
+    """Cosine / Spearman of each method against the gold standard at every evaluation point, and seed curves."""
+    gt_root = Path(groundtruth)
+    manifest = read_groundtruth_manifest(gt_root)
+    for key in ("task", "model"):
+        if manifest[key]["fingerprint"] != store.manifest[key]["fingerprint"]:
+            raise StoreError(
+                f"ground truth '{gt_root}' was computed for another {key} ({manifest[key]['fingerprint']}) than store "
+                f"'{store.root}' ({store.manifest[key]['fingerprint']}): evaluate a store and ground truth of the same run"
+            )
+    if manifest.get("status") != "complete":
+        raise StoreError(f"ground truth '{gt_root}' is incomplete: rerun `tdastore ground-truth` to finish it")
+    loo = zarr.open_array(str(gt_root / "loo.zarr"), mode="r")[:]
+    full = zarr.open_array(str(gt_root / "full.zarr"), mode="r")[:]
+    gold = gold_vectors(loo, full)  # [E, T, L]
+    left = np.asarray(manifest["left_out"])
+    ctx = QueryContext(store, "grad_dot")
+    test = ctx.task.examples("test").slice(0, len(manifest["test_rows"]))
+    results = {"groundtruth": str(gt_root), "store": str(store.root), "evals": manifest["evals"],
+               "n_test": len(test), "n_left_out": len(left), "n_seeds": len(manifest["seeds"]), "methods": {}}
+    for name in methods or DEFAULT_METHODS:
+        get_method(name)  # unknown names fail before any work
+    for name in methods or DEFAULT_METHODS:
+        chosen = choose_path(store, name, path)
+        settings = {"attribution": {**((overrides or {}).get("attribution", {})), "path": chosen}}
+        try:
+            scores, info = method_scores(store, name, test, settings)
+        except TdaStoreError as err:
+            results["methods"][name] = {"path": chosen, "error": str(err)}
+            if progress:
+                print(f"  {name:<13} skipped: {err}")
+            continue
+        chosen_scores = scores[:, left]  # [T, L]
+        stats = agreement(gold, chosen_scores)
+        results["methods"][name] = {
+            **info,
+            "cosine": stats["cosine"].tolist(),
+            "stderr": stats["stderr"].tolist(),
+            "spearman": stats["spearman"].tolist(),
+            "seed_curve": {str(k): v for k, v in seed_curve(loo, full, chosen_scores).items()},
+        }
+        if progress:
+            c = stats["cosine"]
+            print(f"  {name:<13} {info['path']:<9} cosine first {c[0]:+.3f}  best {c.max():+.3f}  last {c[-1]:+.3f}")
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        write_plots(results, out)
+        write_report(results, out)
+    return results
+
+
+def known_methods() -> list[str]:
+    return list(METHODS)

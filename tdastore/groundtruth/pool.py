@@ -1,0 +1,214 @@
+"""The ground-truth job: units of (seed block x left-out block) as Ray tasks, written to a resumable store.
+
+GT/
+  manifest.json   task and model fingerprints, resolved config, left-out rows, test rows, seeds, schedule,
+                  unit table, status
+  loo.zarr        [evals, n_test, n_left_out, n_seeds]  g after further training without row i (seed s)
+  full.zarr       [evals, n_test, n_seeds]              g after further training on all rows (seed s)
+  units/          one .done marker per finished unit
+A unit's region is exactly one Zarr chunk of each array, so concurrent units never share a chunk; a unit
+is marked done only after its chunks are written. Rerunning skips done units.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import ray
+import torch
+import zarr
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from tqdm import tqdm
+
+import tdastore
+from tdastore.config import Config, config_to_dict, load_config
+from tdastore.errors import ConfigError, StoreError, TdaStoreError
+from tdastore.distributed.ray_session import ray_session
+from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
+from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
+from tdastore.tasks.base import model_fingerprint
+from tdastore.tasks.tabular import make_task
+from tdastore.training import load_model
+
+GT_KIND = "groundtruth"
+
+
+@dataclass(frozen=True)
+class Unit:
+    seed_block: int
+    left_block: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.seed_block:04d}-{self.left_block:04d}"
+
+
+def left_out_rows(config: Config, n_train: int) -> list[int]:
+    """The training rows whose removal is measured, validated."""
+    gt = config.groundtruth
+    if gt.left_out_indices is not None:
+        rows = list(gt.left_out_indices)
+        bad = [i for i in rows if not 0 <= i < n_train]
+        if bad:
+            raise ConfigError(f"groundtruth.left_out_indices {bad[:5]} are out of range 0..{n_train - 1}")
+        if len(set(rows)) != len(rows):
+            dup = sorted({i for i in rows if rows.count(i) > 1})
+            raise ConfigError(f"groundtruth.left_out_indices holds duplicates {dup[:5]}: list each row once")
+    elif gt.left_out_every is not None:
+        if gt.left_out_every <= 0:
+            raise ConfigError("groundtruth.left_out_every must be positive")
+        rows = list(range(0, n_train, gt.left_out_every))
+    else:
+        if not 0 < gt.left_out_count <= n_train:
+            raise ConfigError(f"groundtruth.left_out_count must lie in 1..{n_train} (the training rows)")
+        generator = torch.Generator().manual_seed(gt.left_out_seed)
+        rows = sorted(torch.randperm(n_train, generator=generator)[: gt.left_out_count].tolist())
+    if len(rows) < 2:
+        raise ConfigError("the left-out set needs at least two rows (the gold vector is mean-centred over it)")
+    return rows
+
+
+def plan_units(n_seeds: int, n_left: int, seed_block: int, left_block: int) -> list[Unit]:
+    return [Unit(a, b) for a in range(-(-n_seeds // seed_block)) for b in range(-(-n_left // left_block))]
+
+
+def prepare_groundtruth(config: Config) -> tuple[Path, dict]:
+    """Create the ground-truth store, or reopen it after checking it is the same job."""
+    gt = config.groundtruth
+    root = Path(gt.output)
+    task = make_task(config.task, config.model)
+    model = load_model(config, task)
+    train, test = task.examples("train"), task.examples("test")
+    n_test = len(test) if gt.test_points is None else min(gt.test_points, len(test))
+    schedule = Schedule.from_config(gt, len(train))
+    left = left_out_rows(config, len(train))
+    identity = {
+        "kind": GT_KIND,
+        "task": {"name": task.name, "fingerprint": task.fingerprint()},
+        "model": {"fingerprint": model_fingerprint(model)},
+        "groundtruth": config_to_dict(config)["groundtruth"] | {"output": None, "workers": None},
+        "left_out": left,
+        "test_rows": list(range(n_test)),
+        "test_ids": [int(i) for i in test.ids[:n_test]],
+        "seeds": list(range(gt.seeds)),
+        "evals": {"unit": "epoch" if gt.epochs is not None else "step", "labels": schedule.eval_labels,
+                  "steps": schedule.eval_steps},
+    }
+    if (root / "manifest.json").exists():
+        manifest = read_groundtruth_manifest(root)
+        different = [k for k in identity if manifest.get(k) != identity[k]]
+        if different:
+            raise StoreError(f"ground-truth store '{root}' holds another job (differs in {different}) and was left "
+                             "unchanged: choose a new groundtruth.output")
+        return root, manifest
+    if root.exists() and any(root.iterdir()):
+        raise StoreError(f"'{root}' exists, is not empty and is not a ground-truth store: choose a new groundtruth.output")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "units").mkdir()
+    evals, seeds = len(schedule.eval_steps), gt.seeds
+    zarr.create_array(store=str(root / "loo.zarr"), shape=(evals, n_test, len(left), seeds),
+                      chunks=(evals, n_test, min(gt.left_out_block, len(left)), min(gt.seed_block, seeds)),
+                      dtype="float32", fill_value=np.nan)
+    zarr.create_array(store=str(root / "full.zarr"), shape=(evals, n_test, seeds),
+                      chunks=(evals, n_test, min(gt.seed_block, seeds)), dtype="float32", fill_value=np.nan)
+    manifest = {"schema_version": SCHEMA_VERSION, "status": "running", **identity,
+                "config": config_to_dict(config), "tdastore_version": tdastore.__version__,
+                "units": [u.name for u in plan_units(seeds, len(left), gt.seed_block, gt.left_out_block)]}
+    write_json_atomic(root / "manifest.json", manifest)
+    return root, manifest
+
+
+def read_groundtruth_manifest(root: Path) -> dict:
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise StoreError(f"'{root}' is not a ground-truth store (no manifest.json): run `tdastore ground-truth` first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("kind") != GT_KIND:
+        raise StoreError(f"'{root}' is not a ground-truth store (it is a {manifest.get('kind', 'gradient')} store)")
+    return manifest
+
+
+def run_unit(config: Config, root: Path, unit: Unit, manifest: dict) -> float:
+    """Train one unit's replicas and write its chunk of loo.zarr (and of full.zarr for left block 0)."""
+    began = time.perf_counter()
+    gt = config.groundtruth
+    task = make_task(config.task, config.model)
+    model = load_model(config, task)
+    test = task.examples("test").slice(0, len(manifest["test_rows"]))
+    trainer = ReplicaTrainer(model, task, gt, task.examples("train"), test)
+    seed_lo, left_lo = unit.seed_block * gt.seed_block, unit.left_block * gt.left_out_block
+    seeds = manifest["seeds"][seed_lo : seed_lo + gt.seed_block]
+    left = manifest["left_out"][left_lo : left_lo + gt.left_out_block]
+    values = trainer.run(seeds, left).numpy()  # [E, T, s, 1 + l]
+    if not np.isfinite(values).all():
+        raise StoreError(f"further training diverged (NaN/Inf test losses) in unit {unit.name}: lower groundtruth.lr")
+    loo = zarr.open_array(str(root / "loo.zarr"), mode="r+")
+    loo[:, :, left_lo : left_lo + len(left), seed_lo : seed_lo + len(seeds)] = values[:, :, :, 1:].transpose(0, 1, 3, 2)
+    if unit.left_block == 0:
+        zarr.open_array(str(root / "full.zarr"), mode="r+")[:, :, seed_lo : seed_lo + len(seeds)] = values[:, :, :, 0]
+    write_json_atomic(root / "units" / f"{unit.name}.done", {"unit": unit.name, "seconds": time.perf_counter() - began})
+    return time.perf_counter() - began
+
+
+@ray.remote
+def _run_unit_task(config_dict: dict, root: str, unit: Unit, manifest: dict, threads: int, fault: Optional[dict]) -> float:
+    torch.set_num_threads(threads)
+    if fault and fault.get("unit") == unit.name and not (Path(root) / ".fault-fired").exists():
+        (Path(root) / ".fault-fired").touch()
+        os.kill(os.getpid(), signal.SIGKILL)  # testing hook: this worker dies part way through the job
+    return run_unit(load_config(config_dict), Path(root), unit, manifest)
+
+
+def done_units(root: Path) -> set[str]:
+    return {p.name[: -len(".done")] for p in (root / "units").glob("*.done")}
+
+
+def run_groundtruth(config: Config, address: Optional[str] = None, progress: bool = True,
+                    fault: Optional[dict] = None, max_retries: Optional[int] = None) -> Path:
+    """Run (or resume) the ground-truth job on Ray; returns the store's path."""
+    root, manifest = prepare_groundtruth(config)
+    gt = config.groundtruth
+    units = plan_units(gt.seeds, len(manifest["left_out"]), gt.seed_block, gt.left_out_block)
+    pending = deque(u for u in units if u.name not in done_units(root))
+    retries = config.build.max_retries if max_retries is None else max_retries
+    if pending:
+        with ray_session(address or config.build.address, num_cpus=max(2, gt.workers)):
+            remote = _run_unit_task.options(num_cpus=1, max_retries=retries)
+            bar = tqdm(total=len(units), initial=len(units) - len(pending), desc="ground truth", unit="unit",
+                       disable=not progress)
+            in_flight: dict = {}
+            config_dict = config_to_dict(config)
+            try:
+                while pending or in_flight:
+                    while pending and len(in_flight) < gt.workers:
+                        unit = pending.popleft()
+                        in_flight[remote.remote(config_dict, str(root), unit, manifest, 1, fault)] = unit
+                    ready, _ = ray.wait(list(in_flight), num_returns=1)
+                    unit = in_flight.pop(ready[0])
+                    try:
+                        ray.get(ready[0])
+                    except (RayActorError, WorkerCrashedError) as err:
+                        raise StoreError(f"ground-truth unit {unit.name} failed: its worker died ({type(err).__name__}); "
+                                         "finished units are kept: rerun the same command to resume") from err
+                    except RayTaskError as err:
+                        if isinstance(getattr(err, "cause", None), TdaStoreError):
+                            raise err.cause from None
+                        raise
+                    bar.update(1)
+            finally:
+                bar.close()
+                for ref in in_flight:
+                    ray.cancel(ref)
+    if done_units(root) >= {u.name for u in units}:
+        manifest = read_groundtruth_manifest(root)
+        manifest["status"] = "complete"
+        write_json_atomic(root / "manifest.json", manifest)
+    return root
