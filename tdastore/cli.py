@@ -99,6 +99,32 @@ def _cmd_methods(args: argparse.Namespace) -> None:
         print(f"{m.name:<14}{m.projected or '-':<16}{m.exact or '-':<22}{m.summary}")
 
 
+def _cmd_ground_truth(args: argparse.Namespace) -> None:
+    import tdastore
+    from tdastore.groundtruth.pool import run_groundtruth
+
+    config = tdastore.load_config(args.config)
+    root = run_groundtruth(config, address=args.address, progress=not args.quiet)
+    print(f"ground truth written to {root}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    import tdastore
+    from tdastore.evaluate.run import evaluate
+
+    store = tdastore.open_store(args.store)
+    methods = args.methods.split(",") if args.methods else None
+    evaluate(store, args.ground_truth, methods=methods, out=args.out, path=args.path, overrides=_overrides(args))
+    print(f"report: {args.out}/report.md, results: {args.out}/results.json, plots: {args.out}/cosine.png, seed_curves.png")
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from tdastore.quickstart import run_quickstart
+
+    run_quickstart(args.output, datasets=args.datasets.split(",") if args.datasets else None,
+                   address=args.address, progress=not args.quiet)
+
+
 def _add_query_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", choices=["projected", "exact"], default=None,
                         help="projected: the store's space (indexable); exact: full parameter space on the model")
@@ -162,6 +188,33 @@ def make_parser() -> argparse.ArgumentParser:
     query.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_query_settings(query)
     query.set_defaults(func=_cmd_query)
+
+    gt = sub.add_parser("ground-truth", help="run the further-training gold standard as a Ray job pool",
+                        description="Further training from the final model for every seed and left-out row "
+                                    "(groundtruth section of the config); resumes from finished units.")
+    gt.add_argument("--config", required=True, help="YAML config with a groundtruth section")
+    gt.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    gt.add_argument("--quiet", action="store_true", help="no progress bar")
+    gt.set_defaults(func=_cmd_ground_truth)
+
+    ev = sub.add_parser("evaluate", help="compare every method with the gold standard",
+                        description="Cosine and Spearman of each method against the gold vector at every evaluation "
+                                    "point, seed curves; writes report.md, results.json and PNG plots.")
+    ev.add_argument("--store", required=True, help="gradient store of the same model")
+    ev.add_argument("--ground-truth", required=True, help="ground-truth store from `tdastore ground-truth`")
+    ev.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    ev.add_argument("--out", required=True, help="output directory")
+    _add_query_settings(ev)
+    ev.set_defaults(func=_cmd_evaluate)
+
+    quick = sub.add_parser("quickstart", help="the whole method end to end on embedded data sets",
+                           description="Train, build a store with Ray, run the gold standard and every method, "
+                                       "evaluate, and write reports (diabetes and breast_cancer, a few minutes).")
+    quick.add_argument("--output", default="runs/quickstart", help="output directory")
+    quick.add_argument("--datasets", default=None, help="comma-separated subset of diabetes,breast_cancer")
+    quick.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    quick.add_argument("--quiet", action="store_true", help="no progress bars")
+    quick.set_defaults(func=_cmd_quickstart)
 
     methods = sub.add_parser("methods", help="list the methods of the unified view",
                              description="The method table: each method's operator on the projected and exact paths.")

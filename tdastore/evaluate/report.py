@@ -69,11 +69,12 @@ def write_plots(results: dict, out: Path) -> None:
 
     labels = np.asarray(results["evals"]["labels"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, entry in results["methods"].items():
+    for number, (name, entry) in enumerate(results["methods"].items()):
         if "cosine" not in entry:
             continue
         cos, err = np.asarray(entry["cosine"]), np.asarray(entry["stderr"])
-        (line,) = ax.plot(labels, cos, label=name, lw=1.6)
+        style = "-" if number < 10 else "--"  # matplotlib's cycle has ten colours
+        (line,) = ax.plot(labels, cos, style if name != "tracin_final" else ":", label=name, lw=1.6)
         ax.fill_between(labels, cos - err, cos + err, color=line.get_color(), alpha=0.18, lw=0)
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xlabel(f"further training ({results['evals']['unit']}s)")
