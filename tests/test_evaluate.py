@@ -1,0 +1,49 @@
+"""The gold vector and the agreement metrics against hand computations."""
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from tdastore.evaluate.metrics import agreement, cosine_rows, gold_vectors, seed_curve
+
+
+def test_gold_vector_by_hand():
+    # E=1 evaluation point, T=1 test point, L=3 left-out rows, S=2 seeds
+    full = np.array([[[1.0, 2.0]]])  # [E, T, S]
+    loo = np.array([[[[1.5, 2.0], [0.5, 2.6], [1.0, 2.1]]]])  # [E, T, L, S]
+    # seed 0: loo - full = [0.5, -0.5, 0.0] -> centred [0.5, -0.5, 0.0]
+    # seed 1: loo - full = [0.0, 0.6, 0.1]  -> mean 0.2333 -> centred [-0.2333, 0.3667, -0.1333]
+    expected = (np.array([0.5, -0.5, 0.0]) + np.array([-0.7 / 3, 1.1 / 3, -0.4 / 3])) / 2
+    np.testing.assert_allclose(gold_vectors(loo, full)[0, 0], expected, atol=1e-12)
+    np.testing.assert_allclose(gold_vectors(loo, full, slice(0, 1))[0, 0], [0.5, -0.5, 0.0])
+
+
+def test_adjustment_one_does_not_matter_after_centring():
+    rng = np.random.default_rng(0)
+    loo, full = rng.normal(size=(4, 3, 6, 5)), rng.normal(size=(4, 3, 5))
+    np.testing.assert_allclose(gold_vectors(loo, full), gold_vectors(loo, np.zeros_like(full)), atol=1e-12)
+
+
+def test_agreement_against_scipy_and_numpy():
+    rng = np.random.default_rng(1)
+    gold, scores = rng.normal(size=(5, 7, 12)), rng.normal(size=(7, 12))
+    stats = agreement(gold, scores)
+    cos = np.array([[g @ s / np.linalg.norm(g) / np.linalg.norm(s) for g, s in zip(ge, scores)] for ge in gold])
+    np.testing.assert_allclose(stats["cosine"], cos.mean(1))
+    np.testing.assert_allclose(stats["stderr"], cos.std(1, ddof=1) / np.sqrt(7))
+    rho = np.array([[spearmanr(g, s)[0] for g, s in zip(ge, scores)] for ge in gold])
+    np.testing.assert_allclose(stats["spearman"], rho.mean(1), atol=1e-12)
+    assert cosine_rows(np.zeros(3), np.ones(3)) == 0.0
+
+
+def test_seed_curve_by_hand():
+    rng = np.random.default_rng(2)
+    loo, full, scores = rng.normal(size=(3, 2, 4, 4)), rng.normal(size=(3, 2, 4)), rng.normal(size=(2, 4))
+    curve = seed_curve(loo, full, scores)
+    assert sorted(curve) == [1, 2]
+    for k in (1, 2):
+        bests = []
+        for start in range(0, 4, k):
+            gold = gold_vectors(loo, full, slice(start, start + k))
+            bests.append(max(np.mean([cosine_rows(gold[e, t], scores[t]) for t in range(2)]) for e in range(3)))
+        assert curve[k]["groups"] == 4 // k
+        np.testing.assert_allclose(curve[k]["cosine"], np.mean(bests))

@@ -1,0 +1,102 @@
+"""The ground-truth job: store layout, resume after a killed worker, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+import tdastore
+from tdastore.config import load_config
+from tdastore.errors import ConfigError, StoreError
+from tdastore.groundtruth.engine import ReplicaTrainer
+from tdastore.groundtruth.pool import run_groundtruth
+from tdastore.tasks import TabularTask
+from tdastore.training import load_model
+
+from conftest import small_config
+
+
+def gt_config(tmp_path, name="gt", **gt):
+    settings = {"output": str(tmp_path / name), "epochs": 3, "eval_every": 1, "lr": 0.01, "batch_size": 64,
+                "seeds": 4, "seed_block": 2, "left_out_count": 6, "left_out_block": 3, "test_points": 5, **gt}
+    return small_config(tmp_path, model={"hidden": [16]}, groundtruth=settings)
+
+
+def arrays(root):
+    return zarr.open_array(str(root / "loo.zarr"))[:], zarr.open_array(str(root / "full.zarr"))[:]
+
+
+@pytest.fixture
+def trained(tmp_path):
+    config = gt_config(tmp_path)
+    tdastore.train(config, progress=False)
+    return config
+
+
+def test_store_holds_each_replica(ray_cluster, tmp_path, trained):
+    root = run_groundtruth(trained, progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    loo, full = arrays(root)
+    assert manifest["status"] == "complete" and loo.shape == (3, 5, 6, 4) and full.shape == (3, 5, 4)
+    assert manifest["evals"]["labels"] == [1, 2, 3] and len(manifest["left_out"]) == 6
+    task = TabularTask(trained.task, trained.model)
+    trainer = ReplicaTrainer(load_model(trained, task), task, trained.groundtruth, task.examples("train"),
+                             task.examples("test").slice(0, 5))
+    direct = trainer.run([3], manifest["left_out"][4:6]).numpy()  # seed 3, left-out rows 4 and 5
+    np.testing.assert_allclose(full[:, :, 3], direct[:, :, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(loo[:, :, 4:6, 3], direct[:, :, 0, 1:], rtol=1e-6)
+
+
+def test_killed_worker_then_rerun_resumes_to_the_same_result(ray_cluster, tmp_path, trained):
+    reference = arrays(run_groundtruth(trained, progress=False))
+    config = load_config({**tdastore.config.config_to_dict(trained), "groundtruth": {
+        **tdastore.config.config_to_dict(trained)["groundtruth"], "output": str(tmp_path / "gt2")}})
+    with pytest.raises(StoreError, match="rerun the same command to resume"):
+        run_groundtruth(config, progress=False, fault={"unit": "0001-0000"}, max_retries=0)
+    root = tmp_path / "gt2"
+    assert json.loads((root / "manifest.json").read_text())["status"] == "running"
+    assert not (root / "units" / "0001-0000.done").exists()
+    run_groundtruth(config, progress=False)
+    resumed = arrays(root)
+    np.testing.assert_array_equal(resumed[0], reference[0])
+    np.testing.assert_array_equal(resumed[1], reference[1])
+
+
+@pytest.mark.parametrize("gt, words", [
+    ({"left_out_count": None, "left_out_indices": [0, 5, 400]}, ["out of range 0..352"]),
+    ({"left_out_count": None, "left_out_indices": [3, 7, 3]}, ["duplicates [3]"]),
+    ({"left_out_count": 1000}, ["left_out_count must lie in 1..353"]),
+])
+def test_bad_left_out_sets(ray_cluster, tmp_path, trained, gt, words):
+    config = gt_config(tmp_path, "bad", **gt)
+    with pytest.raises(ConfigError) as err:
+        run_groundtruth(config, progress=False)
+    assert all(w in str(err.value) for w in words)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("gt, words", [
+    ({"seeds": 0}, ["groundtruth.seeds", "zero seeds"]),
+    ({"eval_every": 5}, ["groundtruth.eval_every", "1..3"]),
+    ({"steps": 10}, ["not both"]),
+    ({"left_out_every": 3}, ["set exactly one"]),
+])
+def test_bad_groundtruth_config(tmp_path, gt, words):
+    with pytest.raises(ConfigError) as err:
+        gt_config(tmp_path, **gt)
+    assert all(w in str(err.value) for w in words)
+
+
+def test_evaluate_refuses_another_models_ground_truth(ray_cluster, tmp_path, trained):
+    from tdastore.distributed.build import build_store
+    from tdastore.evaluate.run import evaluate
+
+    root = run_groundtruth(trained, progress=False)
+    other = small_config(tmp_path, model={"hidden": [16]}, train={"epochs": 7, "output_dir": str(tmp_path / "other")})
+    tdastore.train(other, progress=False)
+    store = build_store(other, tmp_path / "other_store", progress=False)
+    with pytest.raises(StoreError, match="another model"):
+        evaluate(store, root, methods=["grad_dot"], progress=False)
+    with pytest.raises(StoreError, match="not a ground-truth store"):
+        evaluate(store, tmp_path / "other_store", methods=["grad_dot"], progress=False)
