@@ -149,6 +149,7 @@ class GroundTruthConfig:
     left_out_block: int = 50
     max_replicas: int = 4096  # replicas trained together in one vmapped group (1: one at a time)
     workers: int = 2
+    threads_per_worker: int = 1  # CPUs (and torch threads) per unit task
     output: str = "runs/groundtruth"
 
 

@@ -94,7 +94,7 @@ def prepare_groundtruth(config: Config) -> tuple[Path, dict]:
         "kind": GT_KIND,
         "task": {"name": task.name, "fingerprint": task.fingerprint()},
         "model": {"fingerprint": model_fingerprint(model)},
-        "groundtruth": config_to_dict(config)["groundtruth"] | {"output": None, "workers": None},
+        "groundtruth": config_to_dict(config)["groundtruth"] | {"output": None, "workers": None, "threads_per_worker": None},
         "left_out": left,
         "test_rows": list(range(n_test)),
         "test_ids": [int(i) for i in test.ids[:n_test]],
@@ -180,8 +180,8 @@ def run_groundtruth(config: Config, address: Optional[str] = None, progress: boo
     pending = deque(u for u in units if u.name not in done_units(root))
     retries = config.build.max_retries if max_retries is None else max_retries
     if pending:
-        with ray_session(address or config.build.address, num_cpus=max(2, gt.workers)):
-            remote = _run_unit_task.options(num_cpus=1, max_retries=retries)
+        with ray_session(address or config.build.address, num_cpus=max(2, gt.workers * gt.threads_per_worker)):
+            remote = _run_unit_task.options(num_cpus=gt.threads_per_worker, max_retries=retries)
             bar = tqdm(total=len(units), initial=len(units) - len(pending), desc="ground truth", unit="unit",
                        disable=not progress)
             in_flight: dict = {}
@@ -190,7 +190,7 @@ def run_groundtruth(config: Config, address: Optional[str] = None, progress: boo
                 while pending or in_flight:
                     while pending and len(in_flight) < gt.workers:
                         unit = pending.popleft()
-                        in_flight[remote.remote(config_dict, str(root), unit, manifest, 1, fault)] = unit
+                        in_flight[remote.remote(config_dict, str(root), unit, manifest, gt.threads_per_worker, fault)] = unit
                     ready, _ = ray.wait(list(in_flight), num_returns=1)
                     unit = in_flight.pop(ready[0])
                     try:

@@ -1,0 +1,133 @@
+"""Ground-truth engine speed, as ratios measured in one run.
+
+    python benchmarks/groundtruth_throughput.py [--replicas 200] [--epochs 5]
+
+Figures (one per line):
+  - replica-steps/s of the vectorised engine / a sequential loop in the style of the paper's code
+    (a DataLoader with a seeded leave-one-out sampler, torch.optim.SGD, per-epoch test losses), same model
+    (diabetes, MLP d-128-128-1), data, optimizer and schedule, batch 128;
+  - the engine's FLOP rate (6 x params x batch per replica-step) / a raw torch.mm's FLOP rate;
+  - Ray pool: 2 workers x 1 thread vs 1 worker x 1 thread, and 1 worker x 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+import tdastore
+from tdastore.config import GroundTruthConfig, ModelConfig, TaskConfig
+from tdastore.groundtruth.engine import ReplicaTrainer
+from tdastore.tasks import TabularTask
+
+
+class LeaveOneOutSampler(Sampler):
+    """The paper's pattern: a seeded permutation per epoch with one index removed."""
+
+    def __init__(self, n: int, left_out: int, seed: int):
+        self.n, self.left_out, self.generator = n, left_out, torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=self.generator)
+        return iter(perm[perm != self.left_out].tolist())
+
+    def __len__(self):
+        return self.n - (self.left_out >= 0)
+
+
+def sequential(task, model, train, test, cfg: GroundTruthConfig, replicas) -> float:
+    dataset = TensorDataset(train.inputs, train.targets)
+    began = time.perf_counter()
+    for seed, left in replicas:
+        replica = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(replica.parameters(), lr=cfg.lr)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=LeaveOneOutSampler(len(train), left, seed))
+        for _ in range(cfg.epochs):
+            for x, y in loader:
+                loss = task.per_example_loss(replica(x), y).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                task.test_function(replica(test.inputs), test.targets)
+    return time.perf_counter() - began
+
+
+def mm_flops(seconds_budget: float = 1.0) -> float:
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    count, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds_budget:
+        torch.mm(a, b)
+        count += 1
+    return count * 2 * 1024**3 / (time.perf_counter() - began)
+
+
+def pool_seconds(work: Path, workers: int, threads: int, name: str) -> float:
+    from tdastore.groundtruth.pool import run_groundtruth
+
+    config = tdastore.load_config({
+        "task": {"dataset": "diabetes"}, "model": {"hidden": [128, 128]},
+        "train": {"epochs": 50, "output_dir": str(work / "model")},
+        "groundtruth": {"epochs": 20, "lr": 0.003, "seeds": 8, "seed_block": 2, "left_out_count": 50,
+                        "left_out_block": 50, "workers": workers, "threads_per_worker": threads,
+                        "output": str(work / name)},
+    })
+    if not (work / "model").exists():
+        tdastore.train(config, progress=False)
+    began = time.perf_counter()
+    run_groundtruth(config, progress=False)
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--replicas", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    task = TabularTask(TaskConfig(dataset="diabetes"), ModelConfig(hidden=[128, 128]))
+    model = task.make_model()
+    train, test = task.examples("train"), task.examples("test")
+    cfg = GroundTruthConfig(epochs=args.epochs, lr=0.003, batch_size=128)
+    left = list(range(args.replicas - 1))
+    replicas = [(0, i) for i in [-1, *left]]
+    trainer = ReplicaTrainer(model, task, cfg, train, test)
+    trainer.run([0], left[:4])  # warm-up
+    began = time.perf_counter()
+    trainer.run([0], left)
+    vectorised = time.perf_counter() - began
+    steps = trainer.schedule.total_steps * len(replicas)
+    sequential_seconds = sequential(task, model, train, test, cfg, replicas)
+    params = sum(p.numel() for p in model.parameters())
+    engine_flops = 6 * params * cfg.batch_size * steps / vectorised
+    print(f"vectorised / sequential replica-steps per s ({len(replicas)} replicas, {cfg.epochs} epochs, 1 thread): "
+          f"{sequential_seconds / vectorised:.1f} ({steps / vectorised:,.0f} vs {steps / sequential_seconds:,.0f})")
+    print(f"engine FLOP rate / raw torch.mm FLOP rate (1 thread): {engine_flops / mm_flops():.2f} "
+          f"({engine_flops / 1e9:.1f} GFLOP/s counted as 6 x {params:,} params x {cfg.batch_size} per replica-step)")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pool_seconds(work, 2, 1, "warm")  # start worker processes once
+        one = pool_seconds(work, 1, 1, "one")
+        two = pool_seconds(work, 2, 1, "two")
+        threads = pool_seconds(work, 1, 2, "threads")
+    ray.shutdown()
+    print(f"ray pool 2 workers x 1 thread vs 1 worker x 1 thread: {one / two:.2f}x ({one:.1f} s -> {two:.1f} s)")
+    print(f"ray pool 1 worker x 2 threads vs 1 worker x 1 thread: {one / threads:.2f}x ({threads:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
