@@ -24,10 +24,9 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
+
+from tdastore.tasks.synthetic import write_synthetic_regression
 
 BATCH = 256
 MODELS = {"mlp-10-128-128-1": (10, [128, 128]), "mlp-500-160-160-1": (500, [160, 160])}
@@ -38,15 +37,6 @@ PROJECTIONS = {
 }
 
 
-def synthetic_parquet(path: Path, rows: int, features: int, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, features)).astype(np.float32)
-    y = x[:, : min(5, features)].sum(1) + 0.1 * rng.normal(size=rows)
-    columns = {f"x{i}": x[:, i] for i in range(features)}
-    columns["y"] = y
-    pq.write_table(pa.table(columns), path)
-
-
 def make_config(work: Path, rows: int, features: int, hidden: list[int], projection: dict, dtype: str = "float32"):
     """A config on synthetic data with a randomly initialised model saved as the 'final' weights."""
     from tdastore.config import load_config
@@ -55,7 +45,7 @@ def make_config(work: Path, rows: int, features: int, hidden: list[int], project
 
     data = work / f"data_{rows}_{features}.parquet"
     if not data.exists():
-        synthetic_parquet(data, rows, features)
+        write_synthetic_regression(data, rows, features)
     config = load_config({
         "task": {"dataset": str(data), "kind": "regression", "target": "y", "test_fraction": 0.01},
         "model": {"hidden": hidden},

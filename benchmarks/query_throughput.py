@@ -73,17 +73,13 @@ def score_matrix_ratio(store: GradientStore, queries: np.ndarray) -> tuple[float
 
 def faiss_side_by_side(work: Path) -> list[str]:
     """Flat vs approximate kinds on 100k factored gradients of a trained MLP (as in tests/test_index_recall.py)."""
-    import pyarrow.parquet as pq
     import ray
 
     import tdastore
     from tdastore.distributed.build import build_store
+    from tdastore.tasks.synthetic import write_synthetic_regression
 
-    rng = np.random.default_rng(0)
-    rows = 101_000
-    x = rng.normal(size=(rows, 20)).astype(np.float32)
-    y = np.sin(x[:, 0]) + x[:, 1] * x[:, 2] - x[:, 3] + 0.1 * rng.normal(size=rows)
-    pq.write_table(pa.table({**{f"x{i}": x[:, i] for i in range(20)}, "y": y}), work / "data.parquet")
+    write_synthetic_regression(work / "data.parquet", 101_000, 20)
     config = tdastore.load_config({
         "task": {"dataset": str(work / "data.parquet"), "kind": "regression", "target": "y", "test_fraction": 0.01},
         "model": {"hidden": [64, 64]},

@@ -1,12 +1,11 @@
 """Approximate FAISS kinds against flat on 100k stored gradients of a trained model."""
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import tdastore
 from tdastore.distributed.build import build_store
+from tdastore.tasks.synthetic import write_synthetic_regression
 
 ROWS = 101_000
 
@@ -14,10 +13,7 @@ ROWS = 101_000
 @pytest.fixture(scope="module")
 def large_store(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recall")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(ROWS, 20)).astype(np.float32)
-    y = np.sin(x[:, 0]) + x[:, 1] * x[:, 2] - x[:, 3] + 0.1 * rng.normal(size=ROWS)
-    pq.write_table(pa.table({**{f"x{i}": x[:, i] for i in range(20)}, "y": y}), tmp / "data.parquet")
+    write_synthetic_regression(tmp / "data.parquet", ROWS, 20)
     config = tdastore.load_config({
         "task": {"dataset": str(tmp / "data.parquet"), "kind": "regression", "target": "y", "test_fraction": 0.01},
         "model": {"hidden": [64, 64]},
