@@ -80,16 +80,10 @@ def _cmd_query(args: argparse.Namespace) -> None:
     meta = {k.decode().split(".", 1)[1]: v.decode() for k, v in (table.schema.metadata or {}).items()}
     print(f"{table.num_rows:,} rows ({args.top_k} per test input), method {meta.get('method')}, path {meta.get('path')}"
           + (f", written to {args.out}" if args.out else ""))
-    print(table.slice(0, min(10, table.num_rows)).to_pandas().to_string(index=False) if _has_pandas() else table.slice(0, 10))
-
-
-def _has_pandas() -> bool:
-    try:
-        import pandas  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
+    shown = table.slice(0, min(10, table.num_rows)).to_pydict()
+    print("  ".join(f"{c:>10}" for c in shown))
+    for row in zip(*shown.values()):
+        print("  ".join(f"{v:>10.4g}" if isinstance(v, float) else f"{v:>10}" for v in row))
 
 def _cmd_methods(args: argparse.Namespace) -> None:
     from tdastore.methods import METHODS

@@ -7,7 +7,6 @@ and seed), then the method's operator; the train side is either a FAISS index ov
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from tdastore.config import Config, load_config
+from tdastore.config import Config, config_to_dict, load_config
 from tdastore.errors import ConfigError, DataError, StoreError
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.per_example import check_finite
@@ -38,14 +37,8 @@ def store_config(store, overrides: Union[None, dict, Config] = None) -> Config:
     for section, values in (overrides or {}).items():
         if section not in ("attribution", "index"):
             raise ConfigError(f"a query may override the attribution and index sections only, not '{section}'")
-        config = load_config({**_as_dict(config), section: {**getattr(config, section).__dict__, **values}})
+        config = load_config({**config_to_dict(config), section: {**getattr(config, section).__dict__, **values}})
     return config
-
-
-def _as_dict(config: Config) -> dict:
-    from tdastore.config import config_to_dict
-
-    return config_to_dict(config)
 
 
 class QueryContext:

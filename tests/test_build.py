@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import tdastore
 from tdastore.cli import main as cli_main

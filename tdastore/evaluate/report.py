@@ -17,7 +17,7 @@ def cosine_table(results: dict) -> str:
     labels = results["evals"]["labels"]
     unit = results["evals"]["unit"]
     points = report_points(labels)
-    head = f"| method | path | " + " | ".join(f"{unit} {labels[i]}" for i in points) + " | best |"
+    head = "| method | path | " + " | ".join(f"{unit} {labels[i]}" for i in points) + " | best |"
     lines = [head, "|" + "---|" * (len(points) + 3)]
     for name, entry in results["methods"].items():
         if "error" in entry:

@@ -13,8 +13,8 @@ from tdastore.errors import StoreError, TdaStoreError
 from tdastore.evaluate.metrics import agreement, gold_vectors, seed_curve
 from tdastore.evaluate.report import write_plots, write_report
 from tdastore.groundtruth.pool import read_groundtruth_manifest
-from tdastore.methods import METHODS, get_method
-from tdastore.query import QueryContext, method_scores
+from tdastore.methods import get_method
+from tdastore.query import QueryContext, method_scores, store_config
 
 DEFAULT_METHODS = ["grad_dot", "grad_cos", "tracin_final", "if_gn", "lissa", "trak1", "datainf", "ekfac", "if_gen", "if_h"]
 
@@ -28,8 +28,8 @@ def choose_path(store, method_name: str, requested: Optional[str]) -> str:
         return "projected"
     if method.projected is None:
         return "exact"
-    ctx_limit = QueryContext(store, method_name).config.attribution.max_exact_params
-    return "exact" if store.manifest["gradients"]["numel"] <= ctx_limit else "projected"
+    limit = store_config(store).attribution.max_exact_params
+    return "exact" if store.manifest["gradients"]["numel"] <= limit else "projected"
 
 
 def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] = None, out: Union[str, Path, None] = None,
@@ -85,6 +85,3 @@ def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] 
         write_report(results, out)
     return results
 
-
-def known_methods() -> list[str]:
-    return list(METHODS)

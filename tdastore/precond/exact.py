@@ -8,8 +8,6 @@ never by forming a p x p matrix, as the paper ran them on 18k-120k-parameter MLP
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from typing import Callable, Iterator, Optional
 
