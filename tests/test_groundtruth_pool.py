@@ -100,3 +100,5 @@ def test_evaluate_refuses_another_models_ground_truth(ray_cluster, tmp_path, tra
         evaluate(store, root, methods=["grad_dot"], progress=False)
     with pytest.raises(StoreError, match="not a ground-truth store"):
         evaluate(store, tmp_path / "other_store", methods=["grad_dot"], progress=False)
+    with pytest.raises(StoreError, match="is a ground-truth store, not a gradient store"):
+        tdastore.open_store(root)

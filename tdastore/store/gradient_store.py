@@ -31,6 +31,11 @@ class GradientStore:
     def __init__(self, root: Union[str, Path], allow_incomplete: bool = False):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
+        if self.manifest.get("kind") == "groundtruth":
+            raise StoreError(
+                f"'{self.root}' is a ground-truth store, not a gradient store: pass it to "
+                "`tdastore evaluate --ground-truth`, and a store from `tdastore build` where a store is asked for"
+            )
         if self.manifest.get("status") != "complete" and not allow_incomplete:
             total = len(self.manifest.get("shards", []))
             done = len(done_shards(self.root))
