@@ -71,7 +71,7 @@ class ReplicaTrainer:
         params = {n: t.unsqueeze(0).repeat(r, *([1] * t.dim())) for n, t in self.theta.items()}  # [R, ...]
         state = _OptimizerState(params, cfg)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        step_grad = vmap(grad(self._replica_loss), in_dims=(0, 0, 0, 0, 0, 0, 0))
+        step_grad = vmap(grad(self._replica_loss))
         evals = torch.empty(len(sched.eval_steps), len(self.test), r, dtype=params[self.names[0]].dtype)
         next_eval = 0
         order = None
@@ -83,11 +83,15 @@ class ReplicaTrainer:
             cols = order[:, within * cfg.batch_size : (within + 1) * cfg.batch_size]  # [R, b]
             weights = (cols >= 0).float()
             rows = cols.clamp(min=0)
-            x, y = self.train.inputs[rows], self.train.targets[rows]  # [R, b, ...]
-            drop = left_out.clamp(min=0)
-            drop_weight = ((left_out >= 0) & (cfg.coupling == "subtract")).float() / self.n  # [R]
-            grads = step_grad(params, x, y, weights, self.train.inputs[drop], self.train.targets[drop], drop_weight)
-            state.step(params, grads, active=weights.sum(1) > 0)
+            active = weights.sum(1) > 0
+            weights = weights / weights.sum(1, keepdim=True).clamp(min=1.0)  # batch mean
+            if cfg.coupling == "subtract":
+                # z_i joins the batch with weight -1/N: one forward pass, no second use of the parameters
+                rows = torch.cat([rows, left_out.clamp(min=0)[:, None]], dim=1)  # [R, b + 1]
+                weights = torch.cat([weights, -((left_out >= 0).float() / self.n)[:, None]], dim=1)
+            x, y = self.train.inputs[rows], self.train.targets[rows]  # [R, b(+1), ...]
+            grads = step_grad(params, x, y, weights)
+            state.step(params, grads, active=active)
             while next_eval < len(sched.eval_steps) and sched.eval_steps[next_eval] == step + 1:
                 evals[next_eval] = self._test_values(params).T
                 next_eval += 1
@@ -105,11 +109,10 @@ class ReplicaTrainer:
         order[(cols == n - 1) & (left_out[:, None] >= 0)] = -1
         return order
 
-    def _replica_loss(self, params, x, y, weights, drop_x, drop_y, drop_weight) -> torch.Tensor:
+    def _replica_loss(self, params, x, y, weights) -> torch.Tensor:
+        """sum_j weights_j L(x_j): the batch mean, minus L(z_i)/N in subtract mode."""
         losses = self.task.per_example_loss(functional_call(self.model, {**params, **self.buffers}, (x,)), y)  # [b]
-        loss = (losses * weights).sum() / weights.sum().clamp(min=1.0)
-        dropped = self.task.per_example_loss(functional_call(self.model, {**params, **self.buffers}, (drop_x.unsqueeze(0),)), drop_y.unsqueeze(0))
-        return loss - drop_weight * dropped.squeeze(0)
+        return (losses * weights).sum()
 
     def _test_values(self, params) -> torch.Tensor:
         """g(z) of every test point under every replica: [R, n_test]."""
@@ -140,9 +143,10 @@ class _OptimizerState:
         self.steps += active.double()
         mask = {n: _expand(active.float(), p) for n, p in params.items()}
         if cfg.optimizer == "sgd":
+            every = bool(active.all())
             for n, p in params.items():
                 g = grads[n] + cfg.weight_decay * p if cfg.weight_decay else grads[n]
-                p.sub_(cfg.lr * g * mask[n])
+                p.sub_(g if every else g * mask[n], alpha=cfg.lr)
             return
         beta1, beta2, eps = 0.9, 0.999, 1e-8
         dtype = next(iter(params.values())).dtype
