@@ -30,7 +30,10 @@ def _cmd_build(args: argparse.Namespace) -> None:
     import tdastore
 
     config = tdastore.load_config(args.config)
-    store = tdastore.build(config, args.output, split=args.split, address=args.address, workers=args.workers,
+    output = args.output or config.store.path
+    if output is None:
+        raise ConfigError("say where the store goes: --output STORE, or store.path in the config")
+    store = tdastore.build(config, output, split=args.split, address=args.address, workers=args.workers,
                            progress=not args.quiet)
     print(store.summary())
 
@@ -143,7 +146,7 @@ def make_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="compute per-example gradients into a store with Ray actors",
                            description="Build (or resume) a gradient store: Zarr rows, Parquet metadata, manifest.")
     build.add_argument("--config", required=True, help="YAML config (see configs/)")
-    build.add_argument("--output", required=True, help="store directory (created, or resumed if it exists)")
+    build.add_argument("--output", default=None, help="store directory, created or resumed (default: store.path)")
     build.add_argument("--split", choices=["train", "test"], default="train", help="which split's gradients")
     build.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     build.add_argument("--workers", type=int, default=None, help="number of Ray actors (default: build.workers)")

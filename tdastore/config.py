@@ -83,6 +83,7 @@ class StoreConfig:
     chunk_rows: int = 256  # Zarr chunk height; shards are whole chunks so writers never share one
     shard_rows: int = 1024  # rows per unit of work (a multiple of chunk_rows)
     compressor: Literal["zstd", "lz4", "none"] = "zstd"
+    path: Optional[str] = None  # where the store lives (jobs read it; `tdastore build --output` overrides)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class AttributionConfig:
     max_exact_params: int = 200_000  # the exact path is refused above this many parameters
     max_dense_dim: int = 8192  # projected preconditioners are k x k: refused above this k
     batch_size: int = 256  # train examples per block when scoring
+    methods: list[str] = field(default_factory=lambda: ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf"])
 
 
 @dataclass
@@ -124,6 +126,18 @@ class IndexConfig:
     ef_search: int = 256
     pq_m: Optional[int] = None  # pq: sub-quantizers (None: dim / 4, a divisor of dim)
     refine: int = 4  # pq: re-rank refine x top_k candidates exactly
+
+
+@dataclass
+class QueryConfig:
+    """What the query job attributes (jobs/query.py; the CLI takes the same as flags)."""
+
+    method: str = "grad_dot"
+    inputs: Optional[str] = None  # .csv / .parquet with the task's columns; None: the task's split
+    split: Literal["test", "train"] = "test"
+    top_k: int = 10
+    kind: Optional[Literal["flat", "ivf", "hnsw", "sq8", "pq"]] = None
+    out: str = "runs/query.parquet"
 
 
 @dataclass
@@ -165,6 +179,7 @@ class Config:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     groundtruth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
 
     def validate(self) -> "Config":
         """Cross-field checks that a type alone cannot express."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Iterator, Optional
 
 import ray
+
+import tdastore
 
 
 @contextlib.contextmanager
@@ -20,7 +23,9 @@ def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None) -
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        # workers on other nodes receive the package itself (merged with a submitted job's working_dir)
+        package = str(Path(tdastore.__file__).parent)
+        ray.init(address=address, log_to_driver=False, runtime_env={"py_modules": [package]})
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # node IP 127.0.0.1: traffic on loopback
         ray.init(

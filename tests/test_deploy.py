@@ -1,0 +1,82 @@
+"""Deployment files: every manifest parses, names the image the Dockerfile builds and entry points that exist."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def image_tag() -> str:
+    text = (DEPLOY / "Dockerfile").read_text()
+    return re.search(r"-t (\S+) \.", text).group(1)
+
+
+def manifests():
+    for path in sorted((DEPLOY / "kuberay").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            yield path.name, doc
+
+
+def images(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "image":
+                yield value
+            else:
+                yield from images(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from images(item)
+
+
+def test_dockerfile_copies_what_the_jobs_need():
+    text = (DEPLOY / "Dockerfile").read_text()
+    for part in ("COPY tdastore", "COPY jobs", "COPY configs", "COPY pyproject.toml"):
+        assert part in text
+    assert "torch==2.13.0" in text and "rayproject/ray:2.60.0" in text
+
+
+def test_kuberay_manifests():
+    kinds = {}
+    for name, doc in manifests():
+        kinds.setdefault(doc["kind"], []).append(name)
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            assert doc["apiVersion"] == "ray.io/v1"
+            found = set(images(doc))
+            assert found == {image_tag()}, (name, found)
+        if doc["kind"] == "RayJob":
+            words = shlex.split(doc["spec"]["entrypoint"])
+            assert words[0] == "python" and (ROOT / words[1]).is_file(), words
+            config = words[words.index("--config") + 1]
+            assert (ROOT / config).is_file()
+            import tdastore
+
+            tdastore.load_config(ROOT / config)
+            assert yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["working_dir"]
+    assert set(kinds) >= {"RayCluster", "RayJob", "PersistentVolumeClaim"}
+    assert len(kinds["RayJob"]) == 2
+
+
+def test_cluster_launcher_yaml_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((DEPLOY / "cluster-aws.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert config["docker"]["image"] == image_tag()
+    broken = {**config, "head_node_type": "ray.head.missing"}
+    with pytest.raises(ValueError):
+        validate_config(prepare_config(broken))
+
+
+@pytest.mark.parametrize("job", ["build_index", "index", "query", "ground_truth", "evaluate"])
+def test_every_job_has_help(job):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--config" in result.stdout
