@@ -117,28 +117,46 @@ def query_store(
         scores, rows = stream_top_k(blocks, len(test), top_k, store.n_rows, scores_out, progress)
         info.update({k: v for k, v in scorer.info.items() if isinstance(v, (int, float, str))})
     else:
-        op = ctx.method.operator("projected")
-        operator = fit_or_load(store, op, ctx.config.attribution)
-        key = operator_key(op, ctx.config.attribution)
-        test_rows = ctx.test_rows(test)
-        if ctx.method.normalise:
-            test_rows = normalise_rows(test_rows)
-        queries = operator.transform(test_rows) * np.float32(ctx.scale)  # [m, k]
-        info["operator"] = key
-        if kind is not None:
-            handle = _index_for(store, ctx, operator, key, kind, progress)
-            scores, rows = handle.search(queries / np.float32(ctx.scale), top_k)  # unscaled: float32 headroom
-            scores = scores * np.float32(ctx.scale)
-            info["index"] = kind
-            if scores_out is not None:
-                stream_top_k(projected_score_blocks(store, operator, ctx.method, queries), len(test), top_k, store.n_rows, scores_out, progress)
-        else:
-            blocks = projected_score_blocks(store, operator, ctx.method, queries)
-            scores, rows = stream_top_k(blocks, len(test), top_k, store.n_rows, scores_out, progress)
+        searcher = ProjectedSearcher(ctx, kind, progress)
+        scores, rows = searcher.top_k(test, top_k, scores_out, progress)
+        info.update(searcher.info)
     table = _result_table(store, test, scores, rows, info)
     if out is not None:
         pq.write_table(table, out)
     return table
+
+
+class ProjectedSearcher:
+    """The projected path of one method: the operator is fitted (or loaded) once and the index opened once;
+    each call only computes the test side. Used by queries and by the query service's replicas."""
+
+    def __init__(self, ctx: QueryContext, kind: Optional[str] = None, progress: bool = False):
+        self.ctx, self.kind = ctx, kind
+        op = ctx.method.operator("projected")
+        self.operator = fit_or_load(ctx.store, op, ctx.config.attribution)
+        self.key = operator_key(op, ctx.config.attribution)
+        self.handle = _index_for(ctx.store, ctx, self.operator, self.key, kind, progress) if kind else None
+        self.info = {"operator": self.key, **({"index": kind} if kind else {})}
+
+    def queries(self, test: Examples) -> np.ndarray:
+        """eps * K^(1/2) grad g(z) for each test input: [m, k]."""
+        rows = self.ctx.test_rows(test)
+        if self.ctx.method.normalise:
+            rows = normalise_rows(rows)
+        return self.operator.transform(rows) * np.float32(self.ctx.scale)
+
+    def top_k(self, test: Examples, top_k: int, scores_out=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        queries = self.queries(test)
+        store, m = self.ctx.store, len(test)
+        if self.handle is None:
+            blocks = projected_score_blocks(store, self.operator, self.ctx.method, queries)
+            return stream_top_k(blocks, m, top_k, store.n_rows, scores_out, progress)
+        scale = np.float32(self.ctx.scale)
+        scores, rows = self.handle.search(queries / scale, top_k)  # unscaled: float32 headroom
+        if scores_out is not None:
+            stream_top_k(projected_score_blocks(store, self.operator, self.ctx.method, queries), m, top_k,
+                         store.n_rows, scores_out, progress)
+        return scores * scale, rows
 
 
 def _index_for(store, ctx: QueryContext, operator, key: str, kind: str, progress: bool):
@@ -216,11 +234,7 @@ def method_scores(store, method: str, test: Examples, overrides=None) -> tuple[n
         scorer = ExactScorer(ctx.model, ctx.task, ctx.config)
         scores = scorer.scores(ctx.method, test).numpy()
         return scores, {"path": "exact", **{k: v for k, v in scorer.info.items() if isinstance(v, (int, float, str))}}
-    op = ctx.method.operator("projected")
-    operator = fit_or_load(store, op, ctx.config.attribution)
-    rows = ctx.test_rows(test)
-    if ctx.method.normalise:
-        rows = normalise_rows(rows)
-    queries = operator.transform(rows) * np.float32(ctx.scale)
-    blocks = [block.clone() for _, block in projected_score_blocks(store, operator, ctx.method, queries)]
-    return torch.cat(blocks, dim=1).numpy(), {"path": "projected", "operator": operator_key(op, ctx.config.attribution)}
+    searcher = ProjectedSearcher(ctx)
+    queries = searcher.queries(test)
+    blocks = [block.clone() for _, block in projected_score_blocks(store, searcher.operator, ctx.method, queries)]
+    return torch.cat(blocks, dim=1).numpy(), {"path": "projected", **searcher.info}

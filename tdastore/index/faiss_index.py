@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -89,6 +89,7 @@ class IndexHandle:
     directory: Path
     description: dict
     shards: list[tuple[int, int, str, float]]  # (first row, stop row, file, largest row norm)
+    loaded: dict = field(default_factory=dict)  # file -> faiss.Index, read on first search
 
     def search(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k inner products over all shards: (scores [m, K], rows [m, K]), best first."""
@@ -96,7 +97,9 @@ class IndexHandle:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         reduced = self.description["kind"] in L2_REDUCED
         for start, stop, name, max_norm in self.shards:
-            index = faiss.read_index(str(self.directory / name))
+            if name not in self.loaded:
+                self.loaded[name] = faiss.read_index(str(self.directory / name))
+            index = self.loaded[name]
             k = min(top_k, stop - start)
             if reduced:
                 # rescale each query to norm M so |q|^2, M^2 and 2 q.x share one magnitude in float32
