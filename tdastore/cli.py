@@ -122,6 +122,12 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
                    address=args.address, progress=not args.quiet)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from tdastore.serve import serve
+
+    serve(args.store, host=args.host, port=args.port, replicas=args.replicas, kind=args.kind, address=args.address)
+
+
 def _add_query_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", choices=["projected", "exact"], default=None,
                         help="projected: the store's space (indexable); exact: full parameter space on the model")
@@ -212,6 +218,17 @@ def make_parser() -> argparse.ArgumentParser:
     quick.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     quick.add_argument("--quiet", action="store_true", help="no progress bars")
     quick.set_defaults(func=_cmd_quickstart)
+
+    srv = sub.add_parser("serve", help="an HTTP JSON API for influence queries over a store",
+                         description="POST /query with raw test inputs; Ray actors hold the model, operators and "
+                                     "FAISS indexes. Binds loopback unless --host says otherwise.")
+    srv.add_argument("store", help="store directory")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=int, default=1, help="Ray actors answering queries")
+    srv.add_argument("--kind", choices=["flat", "ivf", "hnsw", "sq8", "pq"], default="flat", help="FAISS index kind")
+    srv.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    srv.set_defaults(func=_cmd_serve)
 
     methods = sub.add_parser("methods", help="list the methods of the unified view",
                              description="The method table: each method's operator on the projected and exact paths.")

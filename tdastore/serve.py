@@ -1,0 +1,229 @@
+"""`tdastore serve`: an HTTP JSON API over a store, its replicas Ray actors that hold the FAISS indexes.
+
+POST /query   {"method": "if_gn", "inputs": [[...features...], ...], "targets": [...], "top_k": 10}
+              -> {"method", "path", "operator", "index", "results": [{"top": [{"train_id", "train_row", "score"}]}]}
+GET  /methods, /health, /openapi.json
+
+Requests are validated before they reach a replica (size limits, feature counts, method names, top-k),
+and every problem is a 4xx with a message; a replica's own refusal (a TdaStoreError) is a 400 too.
+Replicas are round-robin; each opens the model, the operator and the index of a method once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import ray
+from aiohttp import web
+
+from tdastore.errors import TdaStoreError
+from tdastore.methods import METHODS
+
+MAX_BATCH = 256  # test inputs per request
+MAX_BODY = 2 * 2**20  # bytes
+MAX_TOP_K = 1000
+
+
+@ray.remote
+class QueryReplica:
+    """Holds one store's model, operators and FAISS indexes; answers batches of raw test inputs."""
+
+    def __init__(self, store_path: str, kind: Optional[str], overrides: Optional[dict]):
+        import tdastore
+
+        self.store = tdastore.open_store(store_path)
+        self.kind, self.overrides = kind, overrides or {}
+        self.searchers: dict = {}
+
+    def describe(self) -> dict:
+        from tdastore.query import QueryContext
+
+        ctx = QueryContext(self.store, "grad_dot", self.overrides)
+        task = ctx.task
+        return {"features": list(task.columns), "target": task.task_config.target or "target", "kind": task.kind,
+                "classes": [c.item() if hasattr(c, "item") else c for c in task.classes], "rows": self.store.n_rows,
+                "methods": [m.name for m in METHODS.values() if m.projected is not None]}
+
+    def query(self, method: str, inputs: list, targets: list, top_k: int) -> dict:
+        from tdastore.query import ProjectedSearcher, QueryContext
+
+        if method not in self.searchers:
+            ctx = QueryContext(self.store, method, {**self.overrides, "attribution": {
+                **self.overrides.get("attribution", {}), "path": "projected"}})
+            self.searchers[method] = ProjectedSearcher(ctx, self.kind)
+        searcher = self.searchers[method]
+        task = searcher.ctx.task
+        columns = {name: np.asarray(inputs, dtype=np.float64)[:, i] for i, name in enumerate(task.columns)}
+        columns[task.task_config.target or "target"] = np.asarray(targets)
+        examples = task.encode(pa.table(columns))
+        scores, rows = searcher.top_k(examples, top_k)
+        ids = self.store.meta.column("example_id").to_numpy()
+        return {
+            "method": method, "path": "projected", **searcher.info,
+            "results": [{"top": [{"train_id": int(ids[r]), "train_row": int(r), "score": float(s)}
+                                 for r, s in zip(row_ids, row_scores)]}
+                        for row_ids, row_scores in zip(rows, scores)],
+        }
+
+
+class RequestError(ValueError):
+    """A malformed request: answered with 400 and this message."""
+
+
+def validate(body, meta: dict) -> tuple[str, list, list, int]:
+    """Check a /query body against the store's task; returns (method, inputs, targets, top_k)."""
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object with method, inputs, targets and top_k")
+    unknown = sorted(set(body) - {"method", "inputs", "targets", "top_k"})
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}: allowed are method, inputs, targets, top_k")
+    method = body.get("method", "grad_dot")
+    if method not in meta["methods"]:
+        raise RequestError(f"unknown method {method!r}: this service answers {meta['methods']}")
+    inputs, targets = body.get("inputs"), body.get("targets")
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError("inputs must be a non-empty list of rows (one list of feature values per test input)")
+    if len(inputs) > MAX_BATCH:
+        raise RequestError(f"{len(inputs)} inputs in one request: at most {MAX_BATCH}")
+    width = len(meta["features"])
+    for i, row in enumerate(inputs):
+        if not isinstance(row, list) or len(row) != width:
+            raise RequestError(f"inputs[{i}] must be a list of {width} numbers (features {meta['features']})")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in row):
+            raise RequestError(f"inputs[{i}] holds a value that is not a finite number")
+    if not isinstance(targets, list) or len(targets) != len(inputs):
+        raise RequestError(f"targets must be a list with one value per input ({len(inputs)})")
+    if meta["kind"] == "classification":
+        bad = [t for t in targets if t not in meta["classes"]]
+        if bad:
+            raise RequestError(f"targets {bad[:5]} are not classes of this task {meta['classes']}")
+    elif not all(isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) for t in targets):
+        raise RequestError("targets must be finite numbers (the regression target)")
+    top_k = body.get("top_k", 10)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= min(MAX_TOP_K, meta["rows"]):
+        raise RequestError(f"top_k must be an integer in 1..{min(MAX_TOP_K, meta['rows'])}")
+    return method, inputs, targets, top_k
+
+
+def openapi(meta: dict) -> dict:
+    row = {"type": "array", "items": {"type": "number"}, "minItems": len(meta["features"]), "maxItems": len(meta["features"])}
+    hit = {"type": "object", "properties": {"train_id": {"type": "integer"}, "train_row": {"type": "integer"},
+                                            "score": {"type": "number"}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "tdastore query service", "version": "1",
+                 "description": "Top-k training examples by attribution score for new test inputs."},
+        "paths": {
+            "/query": {"post": {
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["inputs", "targets"], "additionalProperties": False,
+                    "properties": {
+                        "method": {"type": "string", "enum": meta["methods"], "default": "grad_dot"},
+                        "inputs": {"type": "array", "items": row, "minItems": 1, "maxItems": MAX_BATCH},
+                        "targets": {"type": "array", "items": {} if meta["kind"] == "classification" else {"type": "number"}},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": min(MAX_TOP_K, meta["rows"]), "default": 10},
+                    }}}}},
+                "responses": {
+                    "200": {"description": "one top-k list per input", "content": {"application/json": {"schema": {
+                        "type": "object", "properties": {"results": {"type": "array", "items": {
+                            "type": "object", "properties": {"top": {"type": "array", "items": hit}}}}}}}}},
+                    "400": {"description": "malformed request, with a message"},
+                    "413": {"description": "request body too large"}},
+            }},
+            "/methods": {"get": {"responses": {"200": {"description": "the methods and the task's features"}}}},
+            "/health": {"get": {"responses": {"200": {"description": "ok"}}}},
+            "/openapi.json": {"get": {"responses": {"200": {"description": "this document"}}}},
+        },
+    }
+
+
+def make_app(replicas: list, meta: dict) -> web.Application:
+    turn = itertools.cycle(replicas)
+
+    def error(status: int, message: str) -> web.Response:
+        return web.json_response({"error": message}, status=status)
+
+    async def query(request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, f"request body above {MAX_BODY} bytes: send fewer inputs per request")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return error(400, f"the body is not valid JSON ({err})")
+        try:
+            method, inputs, targets, top_k = validate(body, meta)
+        except RequestError as err:
+            return error(400, str(err))
+        try:
+            result = await next(turn).query.remote(method, inputs, targets, top_k)
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, TdaStoreError):
+                return error(400, str(cause))
+            return error(500, f"the replica failed: {type(cause).__name__ if cause else err}")
+        return web.json_response(result)
+
+    async def methods(request):
+        return web.json_response(meta)
+
+    async def health(request):
+        return web.json_response({"status": "ok", "replicas": len(replicas)})
+
+    async def spec(request):
+        return web.json_response(openapi(meta))
+
+    app = web.Application(client_max_size=MAX_BODY)
+    app.add_routes([web.post("/query", query), web.get("/methods", methods), web.get("/health", health),
+                    web.get("/openapi.json", spec)])
+    return app
+
+
+def start_replicas(store_path: str, replicas: int = 1, kind: Optional[str] = "flat", overrides=None) -> tuple[list, dict]:
+    actors = [QueryReplica.options(num_cpus=0).remote(store_path, kind, overrides) for _ in range(replicas)]
+    return actors, ray.get(actors[0].describe.remote())
+
+
+class BackgroundServer:
+    """The app on its own event loop in a thread (tests, benchmarks, notebooks)."""
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0):
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.runner.setup())
+            site = web.TCPSite(self.runner, host, port)
+            self.loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(30)
+        self.url = f"http://{host}:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def serve(store_path: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, kind: str = "flat",
+          address: Optional[str] = None) -> None:
+    """Run the service until interrupted (the CLI's `tdastore serve`)."""
+    from tdastore.distributed.ray_session import ray_session
+
+    with ray_session(address, num_cpus=2):
+        actors, meta = start_replicas(store_path, replicas, kind)
+        print(f"serving {store_path} on http://{host}:{port} ({replicas} replica(s), {kind} index); "
+              f"OpenAPI at /openapi.json")
+        web.run_app(make_app(actors, meta), host=host, port=port, print=None)
