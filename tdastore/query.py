@@ -57,6 +57,7 @@ class QueryContext:
                 "from (fingerprints differ): restore them or rebuild the store"
             )
         self.scale = 1.0 / store.n_rows * (self.config.train.lr if self.method.learning_rate else 1.0)
+        self._computer = None
 
     def test_examples(self, split: Optional[str], inputs) -> Examples:
         if inputs is None:
@@ -71,9 +72,12 @@ class QueryContext:
 
     def test_rows(self, test: Examples) -> np.ndarray:
         """Test-function gradients [m, k] in the store's space (same gradient computer, projection, seed)."""
-        computer = make_gradient_computer(self.model, self.task.test_function, self.config.gradients, self.config.projection)
-        if computer.spec() != self.store.manifest["projection"]:
-            raise StoreError("this query's projection differs from the store's; the store's config was edited")
+        if self._computer is None:  # built once: a projector caches its generated matrix blocks
+            self._computer = make_gradient_computer(self.model, self.task.test_function, self.config.gradients,
+                                                    self.config.projection)
+            if self._computer.spec() != self.store.manifest["projection"]:
+                raise StoreError("this query's projection differs from the store's; the store's config was edited")
+        computer = self._computer
         rows = []
         batch = self.config.gradients.batch_size
         for start in range(0, len(test), batch):
