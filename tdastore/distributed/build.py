@@ -18,6 +18,7 @@ from tdastore.grads.computer import make_gradient_computer
 from tdastore.distributed.gradient_worker import GradientWorker
 from tdastore.distributed.ray_session import ray_session
 from tdastore.store.gradient_store import GradientStore
+from tdastore.store.location import store_path
 from tdastore.store.writer import done_shards, finalize_store, plan_shards, prepare_store, update_shard_table
 from tdastore.tasks.base import check_not_empty, model_fingerprint
 from tdastore.tasks.tabular import make_task
@@ -62,7 +63,7 @@ def build_store(
     """
     if split not in ("train", "test"):
         raise StoreError(f"unknown split '{split}': use --split train or --split test")
-    root = Path(output)
+    root = store_path(output)
     identity = store_identity(config, split)
     n_rows = identity.pop("_n_rows")
     check_not_empty(n_rows, f"the {split} split of '{config.task.dataset}'")

@@ -23,6 +23,7 @@ from tdastore.errors import GradientError, StoreError
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.per_example import all_finite, check_finite
 from tdastore.store.manifest import GRADS_DIR
+from tdastore.store.location import store_path, zarr_store
 from tdastore.store.writer import Shard, write_shard
 from tdastore.tasks.base import model_fingerprint
 from tdastore.tasks.tabular import make_task
@@ -101,7 +102,7 @@ class GradientWorker:
 
     def __init__(self, config_dict: dict, root: str, split: str, model_fp: str, threads: int, fault: Optional[dict] = None):
         torch.set_num_threads(max(1, threads))
-        self.root = Path(root)
+        self.root = store_path(root)
         self.computer = ShardComputer(load_config(config_dict), split)
         if model_fingerprint(self.computer.model) != model_fp:
             raise StoreError("the model weights changed on disk while the build ran: restart the build")
@@ -132,5 +133,5 @@ def _crash_part_way(root: Path, shard: Shard, rows: np.ndarray, fault: dict) -> 
     import zarr
 
     half = shard.rows // 2
-    zarr.open_array(str(root / GRADS_DIR), mode="r+")[shard.start : shard.start + half] = rows[:half]
+    zarr.open_array(store=zarr_store(root / GRADS_DIR), mode="r+")[shard.start : shard.start + half] = rows[:half]
     os.kill(os.getpid(), signal.SIGKILL)

@@ -135,6 +135,11 @@ def index_shards(store, shard_rows: int) -> list[tuple[int, int]]:
 
 def build_index(store, method, operator, operator_key: str, kind: str, config: IndexConfig, progress: bool = True) -> IndexHandle:
     """Transform every row with the operator (and normalise for cosine), add them to FAISS, shard by shard."""
+    if not isinstance(store.root, Path):
+        raise StoreError(
+            f"FAISS indexes are written beside local stores only, and '{store.root}' is an object-store URI: "
+            "query without an index kind (streamed exact scoring), or copy the store to a local directory"
+        )
     directory = store.root / INDEX_DIR / f"{method.name}-{kind}"
     description = {
         "method": method.name,
@@ -203,6 +208,8 @@ def _without_build_facts(description: dict) -> dict:
 
 
 def load_index(store, method_name: str, kind: str) -> Optional[IndexHandle]:
+    if not isinstance(store.root, Path):
+        return None
     directory = store.root / INDEX_DIR / f"{method_name}-{kind}"
     path = directory / "index.json"
     if not path.is_file():

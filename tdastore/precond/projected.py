@@ -214,7 +214,7 @@ def fit_or_load(store, op: str, config: AttributionConfig) -> SpectralOperator:
             raise StoreError(f"store '{store.root}': preconditioner file {entry['file']} is missing; delete its manifest entry or rebuild")
         return SpectralOperator.load(path, op, entry["info"])
     operator = fit_operator(store, op, config)
-    if op != "identity":
+    if op != "identity" and isinstance(store.root, Path):  # object-store stores: fitted per process, not cached
         folder = store.root / PRECOND_DIR
         folder.mkdir(exist_ok=True)
         operator.save(folder / f"{key}.npz")

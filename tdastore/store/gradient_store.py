@@ -10,7 +10,6 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import pyarrow as pa
 import torch
-import pyarrow.parquet as pq
 import zarr
 
 from tdastore.errors import StoreError
@@ -22,6 +21,7 @@ from tdastore.store.manifest import (
     read_manifest,
     write_json_atomic,
 )
+from tdastore.store.location import read_parquet, store_path, zarr_store
 from tdastore.store.writer import done_shards
 
 
@@ -29,7 +29,7 @@ class GradientStore:
     """A directory of per-example gradients: row r of `grads` is example `meta['example_id'][r]`."""
 
     def __init__(self, root: Union[str, Path], allow_incomplete: bool = False):
-        self.root = Path(root)
+        self.root = store_path(root)  # a Path, or a RemotePath for fsspec URIs (memory://, s3://, ...)
         self.manifest = read_manifest(self.root)
         if self.manifest.get("kind") == "groundtruth":
             raise StoreError(
@@ -44,7 +44,7 @@ class GradientStore:
                 "`tdastore build` command to resume it"
             )
         try:
-            self.grads = zarr.open_array(str(self.root / GRADS_DIR), mode="r")
+            self.grads = zarr.open_array(store=zarr_store(self.root / GRADS_DIR, read_only=True), mode="r")
         except Exception as err:  # zarr raises several kinds for missing/corrupt metadata
             raise StoreError(f"store '{self.root}': gradient array is missing or corrupt ({err}); rebuild the store") from err
         expected = (self.manifest["n_rows"], self.manifest["dim"])
@@ -64,7 +64,7 @@ class GradientStore:
         path = self.root / META_FILE
         if not path.is_file():
             raise StoreError(f"store '{self.root}' has no {META_FILE}: it is incomplete; rerun the build to finish it")
-        return pq.read_table(path)
+        return read_parquet(path)
 
     def read_rows(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
         """Rows [start, stop) as float32 [n, k]."""

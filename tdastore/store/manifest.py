@@ -19,8 +19,11 @@ SHARDS_DIR = "shards"
 IDENTITY_FIELDS = ("split", "task", "model", "gradients", "projection", "layout")
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write to `.part`, fsync, then rename: a reader never sees half a file."""
+def write_json_atomic(path, payload: Any) -> None:
+    """Write to `.part`, fsync, then rename: a reader never sees half a file (one put on an object store)."""
+    if not isinstance(path, Path):
+        path.write_text(json.dumps(payload, indent=2))
+        return
     tmp = path.with_name(path.name + ".part")
     with open(tmp, "w") as handle:
         json.dump(payload, handle, indent=2, sort_keys=False)
@@ -29,7 +32,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp.replace(path)
 
 
-def read_manifest(root: Path) -> dict:
+def read_manifest(root) -> dict:
     """The manifest of the store at `root`, or a StoreError saying why it is not a usable store."""
     if not root.exists():
         raise StoreError(f"store '{root}' does not exist: build one with `tdastore build --config CFG --output {root}`")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
 from tdastore.errors import StoreError
+from tdastore.store.location import StorePath, is_local, read_parquet, write_parquet, zarr_store
 from tdastore.store.manifest import (
     GRADS_DIR,
     MANIFEST_FILE,
@@ -48,7 +48,7 @@ def plan_shards(n_rows: int, shard_rows: int) -> list[Shard]:
     return [Shard(i, start, min(start + shard_rows, n_rows)) for i, start in enumerate(range(0, n_rows, shard_rows))]
 
 
-def prepare_store(root: Path, identity: dict, n_rows: int, dim: int, dtype: str, extra: dict) -> dict:
+def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype: str, extra: dict) -> dict:
     """Create a new store, or check that an existing one is the same build and return its manifest.
 
     `identity` holds IDENTITY_FIELDS. Nothing is written into a directory that is not a store, nor into
@@ -74,7 +74,7 @@ def prepare_store(root: Path, identity: dict, n_rows: int, dim: int, dtype: str,
     chunk_cols = max(1, min(dim, MAX_CHUNK_BYTES // (layout["chunk_rows"] * np.dtype(dtype).itemsize)))
     compressors = _compressors(layout["compressor"])
     zarr.create_array(
-        store=str(root / GRADS_DIR),
+        store=zarr_store(root / GRADS_DIR),
         shape=(n_rows, dim),
         chunks=(layout["chunk_rows"], chunk_cols),
         dtype=dtype,
@@ -111,15 +111,15 @@ def _compressors(name: str):
     return [ZstdCodec(level=1)]  # gradients compress little: favour write speed
 
 
-def shard_marker(root: Path, index: int) -> Path:
+def shard_marker(root: StorePath, index: int) -> StorePath:
     return root / SHARDS_DIR / f"{index:06d}.done"
 
 
-def shard_meta_path(root: Path, index: int) -> Path:
+def shard_meta_path(root: StorePath, index: int) -> StorePath:
     return root / SHARDS_DIR / f"{index:06d}.parquet"
 
 
-def done_shards(root: Path) -> set[int]:
+def done_shards(root: StorePath) -> set[int]:
     """Shards whose marker exists: their rows and metadata are durable."""
     folder = root / SHARDS_DIR
     if not folder.is_dir():
@@ -127,18 +127,19 @@ def done_shards(root: Path) -> set[int]:
     return {int(p.name.split(".")[0]) for p in folder.glob("*.done")}
 
 
-def write_shard(root: Path, shard: Shard, rows: np.ndarray, meta: pa.Table) -> dict:
+def write_shard(root: StorePath, shard: Shard, rows: np.ndarray, meta: pa.Table) -> dict:
     """Write one shard's rows [n, k] and metadata, then mark it done. Safe to repeat."""
-    array = zarr.open_array(str(root / GRADS_DIR), mode="r+")
+    array = zarr.open_array(store=zarr_store(root / GRADS_DIR), mode="r+")
     if rows.shape != (shard.rows, array.shape[1]):
         raise StoreError(f"shard {shard.index}: rows of shape {rows.shape}, expected {(shard.rows, array.shape[1])}")
     rows = np.ascontiguousarray(rows, dtype=array.dtype)
     array[shard.start : shard.stop] = rows
     chunk_rows = array.chunks[0]
-    _fsync_chunks(root / GRADS_DIR, range(shard.start // chunk_rows, -(-shard.stop // chunk_rows)))
+    if is_local(root):  # object stores have no fsync: a finished put is durable
+        _fsync_chunks(root / GRADS_DIR, range(shard.start // chunk_rows, -(-shard.stop // chunk_rows)))
     meta_path = shard_meta_path(root, shard.index)
     tmp = meta_path.with_name(meta_path.name + ".part")
-    pq.write_table(meta, tmp)
+    write_parquet(meta, tmp)
     tmp.replace(meta_path)
     marker = {"shard": shard.index, "start": shard.start, "stop": shard.stop, "crc32": zlib.crc32(rows.data)}
     write_json_atomic(shard_marker(root, shard.index), marker)
@@ -157,7 +158,7 @@ def _fsync_chunks(array_dir: Path, row_chunks: range) -> None:
                 os.close(fd)
 
 
-def update_shard_table(root: Path, manifest: dict) -> dict:
+def update_shard_table(root: StorePath, manifest: dict) -> dict:
     done = done_shards(root)
     for entry in manifest["shards"]:
         entry["done"] = entry["shard"] in done
@@ -165,17 +166,17 @@ def update_shard_table(root: Path, manifest: dict) -> dict:
     return manifest
 
 
-def finalize_store(root: Path, manifest: dict, summary: dict) -> dict:
+def finalize_store(root: StorePath, manifest: dict, summary: dict) -> dict:
     """All shards done: consolidate metadata into meta.parquet and mark the store complete."""
     missing = [e["shard"] for e in manifest["shards"] if e["shard"] not in done_shards(root)]
     if missing:
         raise StoreError(f"store '{root}' cannot be finalised: shards {missing[:10]} are not done; rerun the build")
-    tables = [pq.read_table(shard_meta_path(root, e["shard"])) for e in manifest["shards"]]
+    tables = [read_parquet(shard_meta_path(root, e["shard"])) for e in manifest["shards"]]
     meta = pa.concat_tables(tables)
     if meta.num_rows != manifest["n_rows"]:
         raise StoreError(f"store '{root}': metadata has {meta.num_rows} rows, expected {manifest['n_rows']}")
     tmp = root / (META_FILE + ".part")
-    pq.write_table(meta, tmp)
+    write_parquet(meta, tmp)
     tmp.replace(root / META_FILE)
     manifest = update_shard_table(root, manifest)
     manifest["status"] = "complete"
@@ -184,5 +185,5 @@ def finalize_store(root: Path, manifest: dict, summary: dict) -> dict:
     return manifest
 
 
-def read_marker(root: Path, index: int) -> dict:
+def read_marker(root: StorePath, index: int) -> dict:
     return json.loads(shard_marker(root, index).read_text())
