@@ -5,6 +5,8 @@ Python API (notebooks):
     tdastore.train(config)
     store = tdastore.build(config, "runs/diabetes/store")
     store = tdastore.open_store("runs/diabetes/store"); store.grads, store.meta, store.manifest
+    top = store.query("if_gn", split="test", top_k=10)        # a pyarrow Table: test_id, rank, train_id, score
+    from tdastore.evaluate.run import evaluate                 # methods vs the further-training gold standard
 """
 
 __version__ = "0.1.0"
