@@ -111,13 +111,12 @@ class MetaGradient:
             if seg_start >= sched.total_steps:
                 continue
             states = [checkpoints[seg_start]]
-            for step in range(seg_start, seg_stop - 1):
+            for step in range(seg_start, seg_stop):  # the segment's states, and the state after its last step
                 states.append(tuple(x.detach() for x in self._step(*states[-1], w, batches[step], step + 1)))
             self.stored_states_peak = max(self.stored_states_peak, len(checkpoints) + len(states))
             for step in range(seg_stop - 1, seg_start - 1, -1):
                 if step + 1 in eval_at:  # theta_{step+1} is this step's output: inject grad g there
-                    after = self._step(*states[step - seg_start], w, batches[step], step + 1)[0].detach()
-                    lam[eval_at[step + 1], :, 0] += self._test_gradients(after)
+                    lam[eval_at[step + 1], :, 0] += self._test_gradients(states[step + 1 - seg_start][0])
                 theta_s, m_s, v_s = states[step - seg_start]
                 _, pullback = vjp(lambda th, mm, vv, ww: self._step(th, mm, vv, ww, batches[step], step + 1), theta_s, m_s, v_s, w)
                 flat = lam.reshape(-1, 3, lam.shape[-1])

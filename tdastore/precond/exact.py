@@ -43,6 +43,7 @@ class FullSpace:
         self.frozen = {n: t.detach() for n, t in params.items() if n not in self.names}
         self.frozen.update(dict(model.named_buffers()))
         self.n = len(train)
+        self._lambda_0: Optional[float] = None
 
     # -- the model as a function of theta -------------------------------------------------------
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,10 +79,11 @@ class FullSpace:
         return total / self.n
 
     def damping(self) -> tuple[float, float]:
-        """(lambda, lambda_0): lambda_0 is the mean squared entry of the training gradients."""
-        total = sum(float(block.pow(2).sum()) for _, block in self.example_grads(self.train))
-        lambda_0 = total / (self.n * self.p)
-        return self.config.damping_factor * lambda_0, lambda_0
+        """(lambda, lambda_0): lambda_0 is the mean squared entry of the training gradients (one pass, kept)."""
+        if self._lambda_0 is None:
+            total = sum(float(block.pow(2).sum()) for _, block in self.example_grads(self.train))
+            self._lambda_0 = total / (self.n * self.p)
+        return self.config.damping_factor * self._lambda_0, self._lambda_0
 
     # -- curvature products ---------------------------------------------------------------------
     def hvp(self, vectors: torch.Tensor, data: Optional[Examples] = None) -> torch.Tensor:

@@ -7,7 +7,6 @@ rename): a shard without a marker is simply rewritten on resume, and a marker al
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -184,6 +183,3 @@ def finalize_store(root: StorePath, manifest: dict, summary: dict) -> dict:
     write_json_atomic(root / MANIFEST_FILE, manifest)
     return manifest
 
-
-def read_marker(root: StorePath, index: int) -> dict:
-    return json.loads(shard_marker(root, index).read_text())
