@@ -105,6 +105,22 @@ def _cmd_ground_truth(args: argparse.Namespace) -> None:
     print(f"ground truth written to {root}")
 
 
+def _cmd_metagrad(args: argparse.Namespace) -> None:
+    import tdastore
+    from tdastore.config import config_to_dict
+    from tdastore.groundtruth.metagrad_pool import run_metagrad
+
+    config = tdastore.load_config(args.config)
+    settings = {k: v for k, v in {"coupling": args.coupling, "mode": args.mode, "rows": args.rows}.items() if v}
+    if args.seeds is not None:
+        settings["seeds"] = args.seeds
+    if settings:
+        as_dict = config_to_dict(config)
+        config = tdastore.load_config(as_dict | {"metagrad": as_dict["metagrad"] | settings})
+    root = run_metagrad(config, args.ground_truth, address=args.address, progress=not args.quiet)
+    print(f"metagradient scores written to {root}/scores.zarr")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     import tdastore
     from tdastore.evaluate.run import evaluate
@@ -199,6 +215,21 @@ def make_parser() -> argparse.ArgumentParser:
     gt.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
     gt.add_argument("--quiet", action="store_true", help="no progress bar")
     gt.set_defaults(func=_cmd_ground_truth)
+
+    mg = sub.add_parser("metagrad", help="differentiate the gold standard's further training (metagradients)",
+                        description="Scores a_i ~ -dg/dw_i for the ground truth's rows, at every evaluation point, "
+                                    "by reverse- or forward-mode differentiation through the further-training steps; "
+                                    "units of seed blocks x test blocks on Ray, written beside the ground truth.")
+    mg.add_argument("--config", required=True, help="the YAML config the ground truth was run with")
+    mg.add_argument("--ground-truth", default=None, help="ground-truth store (default: groundtruth.output)")
+    mg.add_argument("--coupling", choices=["delete", "subtract"], default=None, help="default: the ground truth's")
+    mg.add_argument("--mode", choices=["auto", "forward", "reverse"], default=None,
+                    help="reverse: one pass per (eval point, test point); forward: one per row; auto: fewer")
+    mg.add_argument("--rows", choices=["left_out", "all"], default=None, help="rows to score (default left_out)")
+    mg.add_argument("--seeds", type=int, default=None, help="the first n of the ground truth's seeds")
+    mg.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    mg.add_argument("--quiet", action="store_true", help="no progress bar")
+    mg.set_defaults(func=_cmd_metagrad)
 
     ev = sub.add_parser("evaluate", help="compare every method with the gold standard",
                         description="Cosine and Spearman of each method against the gold vector at every evaluation "

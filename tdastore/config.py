@@ -168,6 +168,22 @@ class GroundTruthConfig:
 
 
 @dataclass
+class MetagradConfig:
+    """The metagradient method (tdastore/groundtruth/metagrad.py): differentiate the ground truth's further
+    training with respect to per-row weights."""
+
+    mode: Literal["auto", "forward", "reverse"] = "auto"  # auto: fewer vectors (rows vs evals x test points)
+    coupling: Optional[Literal["delete", "subtract"]] = None  # None: the ground truth's coupling
+    rows: Literal["left_out", "all"] = "left_out"  # which training rows get scores
+    seeds: Optional[int] = 5  # the first n of the ground truth's seeds (None: all of them)
+    seed_block: int = 1  # a unit of work: seed_block seeds x test_block test points
+    test_block: Optional[int] = None  # None: all test points in one block (forward mode's cost ignores them)
+    checkpoint_every: Optional[int] = None  # reverse mode's trajectory checkpoints; None: from memory_mb
+    memory_mb: float = 512.0  # budget for the stored trajectory states (reverse mode)
+    workers: int = 2
+
+
+@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -180,6 +196,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     groundtruth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    metagrad: MetagradConfig = field(default_factory=MetagradConfig)
 
     def validate(self) -> "Config":
         """Cross-field checks that a type alone cannot express."""
@@ -211,6 +228,11 @@ class Config:
             f"must be a positive multiple of store.chunk_rows={self.store.chunk_rows}",
         )
         _require(self.build.workers > 0, "build.workers", "must be positive")
+        _require(self.metagrad.seeds is None or self.metagrad.seeds > 0, "metagrad.seeds", "must be positive")
+        _require(self.metagrad.seed_block > 0, "metagrad.seed_block", "must be positive")
+        _require(self.metagrad.test_block is None or self.metagrad.test_block > 0, "metagrad.test_block", "must be positive")
+        _require(self.metagrad.memory_mb > 0, "metagrad.memory_mb", "must be positive")
+        _require(self.metagrad.workers > 0, "metagrad.workers", "must be positive")
         _require(self.build.max_retries >= 0, "build.max_retries", "must be >= 0")
         a = self.attribution
         _require(a.damping_factor >= 0, "attribution.damping_factor", "must be >= 0")

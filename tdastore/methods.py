@@ -14,7 +14,10 @@ A row names the operator used on each of the two paths:
   K^(1/2) transforms rows for a FAISS inner-product search (tdastore/precond/projected.py);
 - exact: in the model's full parameter space with Hessian / Gauss-Newton-vector products
   (tdastore/precond/exact.py), as the paper ran it on 18k-120k-parameter MLPs.
-Adding a method is adding a row (and, for a new operator, one function on a path).
+Adding a method is adding a row (and, for a new operator, one function on a path). `metagrad` is the one
+row with no quadratic model: it differentiates the gold standard's further training itself
+(tdastore/groundtruth/metagrad.py), so it is computed per ground truth (`tdastore metagrad`) and shows up
+in `tdastore evaluate`, not in single queries.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Method:
     exact: Optional[str]  # operator on the exact path (None: not available there)
     normalise: bool = False  # unit-normalise train and test gradients (cosine)
     learning_rate: bool = False  # multiply by the training learning rate (TracIn)
+    further_training: bool = False  # scores a ground truth's further-training run, not a single query
     summary: str = ""
 
     def operator(self, path: str) -> str:
@@ -58,6 +62,8 @@ METHODS: dict[str, Method] = {
         Method("trak1", "trak", None, summary="TRAK with one model: Gauss-Newton in the random projection, lambda ~ 0"),
         Method("datainf", "datainf", "datainf", summary="per-layer Sherman-Morrison, lambda_l = mean squared gradient / 10"),
         Method("ekfac", None, "ekfac", summary="per-Linear-layer Kronecker factors with eigenvalue correction"),
+        Method("metagrad", None, "metagrad", further_training=True,
+               summary="-dg/dw_i through the further-training steps themselves (reverse or forward mode)"),
     ]
 }
 

@@ -47,6 +47,11 @@ class QueryContext:
     def __init__(self, store, method: str, overrides=None):
         self.store = store
         self.method: Method = get_method(method)
+        if self.method.further_training:
+            raise ConfigError(
+                f"method '{method}' differentiates the ground truth's further training, not a single query: run "
+                "`tdastore ground-truth --config CFG`, then `tdastore metagrad --config CFG` (or `tdastore evaluate`)"
+            )
         self.config = store_config(store, overrides)
         self.path = self.config.attribution.path
         self.task = make_task(self.config.task, self.config.model)

@@ -39,9 +39,11 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def agreement(gold: np.ndarray, scores: np.ndarray) -> dict:
-    """gold [E, T, L], scores [T, L] -> per evaluation point: mean cosine, its stderr, mean Spearman."""
-    cos = cosine_rows(gold, scores[None])  # [E, T]
-    spear = spearman_rows(gold, scores[None])
+    """gold [E, T, L], scores [T, L] (or [E, T, L]: one per evaluation point, as metagradients give) ->
+    per evaluation point: mean cosine, its stderr, mean Spearman."""
+    scores = scores if scores.ndim == 3 else scores[None]
+    cos = cosine_rows(gold, scores)  # [E, T]
+    spear = spearman_rows(gold, scores)
     t = cos.shape[1]
     return {
         "cosine": cos.mean(1),
@@ -54,13 +56,14 @@ def seed_curve(loo: np.ndarray, full: np.ndarray, scores: np.ndarray) -> dict[in
     """For k seeds per group: cosine of each group's gold vector, best over the amount of further training,
     averaged over the groups (PAPER.md's seed curves)."""
     n_seeds = loo.shape[-1]
+    scores = scores if scores.ndim == 3 else scores[None]
     curve = {}
     for k in SEED_GROUPS:
         if k > n_seeds:
             break
         bests = []
         for start in range(0, n_seeds - k + 1, k):
-            cos = cosine_rows(gold_vectors(loo, full, slice(start, start + k)), scores[None]).mean(1)  # [E]
+            cos = cosine_rows(gold_vectors(loo, full, slice(start, start + k)), scores).mean(1)  # [E]
             bests.append(cos.max())
         curve[k] = {"cosine": float(np.mean(bests)), "groups": len(bests),
                     "stderr": float(np.std(bests, ddof=1) / np.sqrt(len(bests))) if len(bests) > 1 else 0.0}

@@ -16,12 +16,15 @@ from tdastore.groundtruth.pool import read_groundtruth_manifest
 from tdastore.methods import get_method
 from tdastore.query import QueryContext, method_scores, store_config
 
-DEFAULT_METHODS = ["grad_dot", "grad_cos", "tracin_final", "if_gn", "lissa", "trak1", "datainf", "ekfac", "if_gen", "if_h"]
+DEFAULT_METHODS = ["grad_dot", "grad_cos", "tracin_final", "if_gn", "lissa", "trak1", "datainf", "ekfac", "if_gen", "if_h",
+                   "metagrad"]
 
 
 def choose_path(store, method_name: str, requested: Optional[str]) -> str:
     """The exact path where the method has one and the model is small enough (as the paper ran them)."""
     method = get_method(method_name)
+    if method.further_training:
+        return "exact"
     if requested:
         return requested
     if method.exact is None:
@@ -59,13 +62,17 @@ def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] 
         chosen = choose_path(store, name, path)
         settings = {"attribution": {**((overrides or {}).get("attribution", {})), "path": chosen}}
         try:
-            scores, info = method_scores(store, name, test, settings)
+            if get_method(name).further_training:
+                scores, info = metagrad_scores(store, gt_root, manifest, overrides, progress)  # [E, T, L]
+            else:
+                scores, info = method_scores(store, name, test, settings)
+                scores = scores[:, left]  # [T, L]
         except TdaStoreError as err:
             results["methods"][name] = {"path": chosen, "error": str(err)}
             if progress:
                 print(f"  {name:<13} skipped: {err}")
             continue
-        chosen_scores = scores[:, left]  # [T, L]
+        chosen_scores = scores
         stats = agreement(gold, chosen_scores)
         results["methods"][name] = {
             **info,
@@ -85,3 +92,22 @@ def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] 
         write_report(results, out)
     return results
 
+
+
+def metagrad_scores(store, gt_root: Path, manifest: dict, overrides: Optional[dict], progress: bool) -> tuple[np.ndarray, dict]:
+    """The metagradient scores of the ground truth's left-out rows, [E, T, L]: read from GT/metagrad-<coupling>
+    when finished, else computed there by the metagradient job (Ray)."""
+    from tdastore.groundtruth.metagrad_pool import metagrad_root, read_metagrad_manifest, read_metagrad_scores, run_metagrad
+
+    config = store_config(store, overrides)
+    coupling = config.metagrad.coupling or manifest["groundtruth"]["coupling"]
+    root = metagrad_root(gt_root, coupling)
+    finished = (root / "manifest.json").is_file() and read_metagrad_manifest(root).get("status") == "complete"
+    if not finished:
+        run_metagrad(config, gt_root, progress=progress)
+    scores, mg_manifest = read_metagrad_scores(root)  # [E, T, R]
+    position = {row: k for k, row in enumerate(mg_manifest["rows"])}
+    columns = [position[row] for row in manifest["left_out"]]
+    info = {"path": "exact", "operator": "metagrad", "coupling": coupling, "seeds": len(mg_manifest["seeds"]),
+            "store": str(root)}
+    return scores[:, :, columns], info

@@ -81,14 +81,14 @@ class ReplicaTrainer:
                 perms = torch.stack([torch.randperm(self.n, generator=g) for g in generators])  # [S, N]
                 order = self._visit_order(perms[seed_row], left_out)  # [R, N], -1 padded
             cols = order[:, within * cfg.batch_size : (within + 1) * cfg.batch_size]  # [R, b]
-            weights = (cols >= 0).float()
+            weights = (cols >= 0).to(evals.dtype)  # the parameters' precision (float64 runs stay float64)
             rows = cols.clamp(min=0)
             active = weights.sum(1) > 0
             weights = weights / weights.sum(1, keepdim=True).clamp(min=1.0)  # batch mean
             if cfg.coupling == "subtract":
                 # z_i joins the batch with weight -1/N: one forward pass, no second use of the parameters
                 rows = torch.cat([rows, left_out.clamp(min=0)[:, None]], dim=1)  # [R, b + 1]
-                weights = torch.cat([weights, -((left_out >= 0).float() / self.n)[:, None]], dim=1)
+                weights = torch.cat([weights, -((left_out >= 0).to(evals.dtype) / self.n)[:, None]], dim=1)
             x, y = self.train.inputs[rows], self.train.targets[rows]  # [R, b(+1), ...]
             grads = step_grad(params, x, y, weights)
             state.step(params, grads, active=active)
@@ -141,7 +141,7 @@ class _OptimizerState:
             coef = (cfg.clip_norm / (norms + 1e-6)).clamp(max=1.0)
             grads = {n: g * _expand(coef, g) for n, g in grads.items()}
         self.steps += active.double()
-        mask = {n: _expand(active.float(), p) for n, p in params.items()}
+        mask = {n: _expand(active.to(p.dtype), p) for n, p in params.items()}
         if cfg.optimizer == "sgd":
             every = bool(active.all())
             for n, p in params.items():

@@ -177,38 +177,45 @@ def run_groundtruth(config: Config, address: Optional[str] = None, progress: boo
     root, manifest = prepare_groundtruth(config)
     gt = config.groundtruth
     units = plan_units(gt.seeds, len(manifest["left_out"]), gt.seed_block, gt.left_out_block)
-    pending = deque(u for u in units if u.name not in done_units(root))
+    pending = [u for u in units if u.name not in done_units(root)]
     retries = config.build.max_retries if max_retries is None else max_retries
     if pending:
         with ray_session(address or config.build.address, num_cpus=max(2, gt.workers * gt.threads_per_worker)):
             remote = _run_unit_task.options(num_cpus=gt.threads_per_worker, max_retries=retries)
-            bar = tqdm(total=len(units), initial=len(units) - len(pending), desc="ground truth", unit="unit",
-                       disable=not progress)
-            in_flight: dict = {}
             config_dict = config_to_dict(config)
-            try:
-                while pending or in_flight:
-                    while pending and len(in_flight) < gt.workers:
-                        unit = pending.popleft()
-                        in_flight[remote.remote(config_dict, str(root), unit, manifest, gt.threads_per_worker, fault)] = unit
-                    ready, _ = ray.wait(list(in_flight), num_returns=1)
-                    unit = in_flight.pop(ready[0])
-                    try:
-                        ray.get(ready[0])
-                    except (RayActorError, WorkerCrashedError) as err:
-                        raise StoreError(f"ground-truth unit {unit.name} failed: its worker died ({type(err).__name__}); "
-                                         "finished units are kept: rerun the same command to resume") from err
-                    except RayTaskError as err:
-                        if isinstance(getattr(err, "cause", None), TdaStoreError):
-                            raise err.cause from None
-                        raise
-                    bar.update(1)
-            finally:
-                bar.close()
-                for ref in in_flight:
-                    ray.cancel(ref)
+            drive_units(lambda unit: remote.remote(config_dict, str(root), unit, manifest, gt.threads_per_worker, fault),
+                        pending, len(units), gt.workers, "ground truth", progress)
     if done_units(root) >= {u.name for u in units}:
         manifest = read_groundtruth_manifest(root)
         manifest["status"] = "complete"
         write_json_atomic(root / "manifest.json", manifest)
     return root
+
+
+def drive_units(submit, pending: list, total: int, workers: int, desc: str, progress: bool) -> None:
+    """Keep `workers` unit tasks in flight until every pending unit is done; a failed unit stops the job
+    with a clear error (finished units stay done, so rerunning resumes)."""
+    pending = deque(pending)
+    bar = tqdm(total=total, initial=total - len(pending), desc=desc, unit="unit", disable=not progress)
+    in_flight: dict = {}
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < workers:
+                unit = pending.popleft()
+                in_flight[submit(unit)] = unit
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            unit = in_flight.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except (RayActorError, WorkerCrashedError) as err:
+                raise StoreError(f"{desc} unit {unit.name} failed: its worker died ({type(err).__name__}); "
+                                 "finished units are kept: rerun the same command to resume") from err
+            except RayTaskError as err:
+                if isinstance(getattr(err, "cause", None), TdaStoreError):
+                    raise err.cause from None
+                raise
+            bar.update(1)
+    finally:
+        bar.close()
+        for ref in in_flight:
+            ray.cancel(ref)
