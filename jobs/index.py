@@ -18,7 +18,7 @@ def main() -> None:
             print(f"{method}: no projected path, nothing to index")
             continue
         op = ctx.method.operator("projected")
-        operator = fit_or_load(store, op, ctx.config.attribution)
+        operator = fit_or_load(store, op, ctx.config.attribution, ctx)
         handle = build_index(store, ctx.method, operator, operator_key(op, ctx.config.attribution), config.index.kind,
                              ctx.config.index, progress=False)
         print(f"{method}: {handle.directory} ({len(handle.shards)} shard(s))")

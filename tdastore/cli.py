@@ -66,7 +66,7 @@ def _cmd_index(args: argparse.Namespace) -> None:
     if ctx.path != "projected":
         raise ConfigError("indexes hold projected-space rows: drop --path exact")
     op = ctx.method.operator("projected")
-    operator = fit_or_load(store, op, ctx.config.attribution)
+    operator = fit_or_load(store, op, ctx.config.attribution, ctx)
     handle = build_index(store, ctx.method, operator, operator_key(op, ctx.config.attribution), args.kind,
                          ctx.config.index, progress=not args.quiet)
     print(f"index {handle.directory} ({len(handle.shards)} shard(s), {store.n_rows:,} rows, operator {handle.description['operator']})")

@@ -23,22 +23,33 @@ from tdastore.errors import ConfigError
 class TaskConfig:
     """Which data set and which kind of prediction problem."""
 
-    dataset: str = "diabetes"  # a scikit-learn bundled name, or a path to a .csv / .parquet file
-    kind: Optional[Literal["regression", "classification"]] = None  # None: inferred for bundled sets
+    dataset: str = "diabetes"  # a scikit-learn bundled name, a .csv / .parquet file; text: .jsonl/.json/.parquet/.txt or a hub name
+    kind: Optional[Literal["regression", "classification", "causal_lm", "sequence_classification"]] = None  # None: inferred for bundled sets
     target: Optional[str] = None  # target column for a file data set
     features: Optional[list[str]] = None  # feature columns for a file data set (None: all but target)
     id_column: Optional[str] = None  # column holding example ids (None: row numbers)
     test_fraction: float = 0.2
     split_seed: int = 0
     standardize_target: bool = True  # regression targets are z-scored with training statistics
+    # text tasks (kind causal_lm / sequence_classification, with model.name_or_path)
+    test_dataset: Optional[str] = None  # a separate test file (None: test_fraction of `dataset`)
+    text_column: str = "text"
+    prompt_column: Optional[str] = None  # causal_lm: a prompt before the text (masked with completion_only)
+    label_column: str = "label"  # sequence_classification: the class column
+    max_length: int = 128  # tokens per example
+    truncation: bool = True  # cut longer documents at max_length (false: longer documents are an error)
+    packing: bool = False  # causal_lm: concatenate documents (EOS between) and cut into max_length blocks
+    completion_only: bool = False  # causal_lm: loss on the text after the prompt only
 
 
 @dataclass
 class ModelConfig:
-    """The MLP of PAPER.md: d-128-128-out with ReLU."""
+    """The MLP of PAPER.md (d-128-128-out with ReLU), or a Hugging Face model for text tasks."""
 
     hidden: list[int] = field(default_factory=lambda: [128, 128])
     seed: int = 0
+    name_or_path: Optional[str] = None  # text tasks: a transformers model (hub name or local directory)
+    tokenizer: Optional[str] = None  # None: the model's own
 
 
 @dataclass
@@ -59,6 +70,7 @@ class GradientConfig:
     """Which parameters' per-example gradients are taken, and in what batches."""
 
     params: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on parameter names
+    modules: Optional[list[str]] = None  # or: fnmatch patterns on Linear / Conv1D module names (weights + biases)
     batch_size: int = 256
 
 
@@ -69,6 +81,7 @@ class ProjectionConfig:
     kind: Literal["none", "gaussian", "rademacher", "sparse", "factored"] = "none"
     dim: int = 1024  # output columns of gaussian / rademacher / sparse
     factors: list[int] = field(default_factory=lambda: [16, 16])  # factored: [k_out, k_in] per Linear layer
+    module_factors: dict[str, list[int]] = field(default_factory=dict)  # factored: {module pattern: [k_out, k_in]}
     seed: int = 0
     nonzeros: int = 1  # sparse JL: non-zeros per input coordinate (must divide dim)
     block_rows: int = 4096  # rows of the matrix generated per seeded block (part of the spec)
@@ -110,6 +123,7 @@ class AttributionConfig:
     cg_max_iter: int = 1000
     max_exact_params: int = 200_000  # the exact path is refused above this many parameters
     max_dense_dim: int = 8192  # projected preconditioners are k x k: refused above this k
+    kfac_examples: Optional[int] = None  # projected kfac / ekfac: training examples for the factors (None: all)
     batch_size: int = 256  # train examples per block when scoring
     methods: list[str] = field(default_factory=lambda: ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf"])
 
@@ -342,6 +356,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
         return value
+    if origin is dict:
+        key_hint, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {_coerce(key_hint, k, f"{key} (a key)"): _coerce(item, v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):

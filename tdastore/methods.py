@@ -61,7 +61,8 @@ METHODS: dict[str, Method] = {
         Method("if_gen", None, "generalised", summary="Proposition 1: influence with the non-stationarity correction Hess L_i dTheta(D)"),
         Method("trak1", "trak", None, summary="TRAK with one model: Gauss-Newton in the random projection, lambda ~ 0"),
         Method("datainf", "datainf", "datainf", summary="per-layer Sherman-Morrison, lambda_l = mean squared gradient / 10"),
-        Method("ekfac", None, "ekfac", summary="per-Linear-layer Kronecker factors with eigenvalue correction"),
+        Method("kfac", "kfac", None, summary="per-module Kronecker factors A (x) S in the factored space (factored stores)"),
+        Method("ekfac", "ekfac", "ekfac", summary="Kronecker factors with eigenvalue correction (projected: factored stores)"),
         Method("metagrad", None, "metagrad", further_training=True,
                summary="-dg/dw_i through the further-training steps themselves (reverse or forward mode)"),
     ]

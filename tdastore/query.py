@@ -68,7 +68,7 @@ class QueryContext:
         if inputs is None:
             return self.task.examples(split or "test")
         if isinstance(inputs, Examples):
-            if tuple(inputs.inputs.shape[1:]) != (self.task.n_features,):
+            if hasattr(self.task, "n_features") and tuple(inputs.inputs.shape[1:]) != (self.task.n_features,):
                 raise DataError(
                     f"test inputs have {tuple(inputs.inputs.shape[1:])} features per row, the task has {self.task.n_features}"
                 )
@@ -142,7 +142,7 @@ class ProjectedSearcher:
     def __init__(self, ctx: QueryContext, kind: Optional[str] = None, progress: bool = False):
         self.ctx, self.kind = ctx, kind
         op = ctx.method.operator("projected")
-        self.operator = fit_or_load(ctx.store, op, ctx.config.attribution)
+        self.operator = fit_or_load(ctx.store, op, ctx.config.attribution, ctx, progress)
         self.key = operator_key(op, ctx.config.attribution)
         self.handle = _index_for(ctx.store, ctx, self.operator, self.key, kind, progress) if kind else None
         self.info = {"operator": self.key, **({"index": kind} if kind else {})}
@@ -233,6 +233,11 @@ def _result_table(store, test: Examples, scores: np.ndarray, rows: np.ndarray, i
         "score": scores.reshape(-1).astype(np.float32),
         "train_row": rows.reshape(-1),
     })
+    if "text" in store.meta.column_names:  # text stores: the documents themselves, beside their scores
+        train_text = store.meta.column("text").to_numpy(zero_copy_only=False)
+        table = table.append_column("train_text", pa.array(train_text[rows.reshape(-1)], pa.string()))
+        if test.texts is not None:
+            table = table.append_column("test_text", pa.array(np.repeat(test.texts, k).astype(str), pa.string()))
     return table.replace_schema_metadata({f"tdastore.{key}": str(value) for key, value in info.items()})
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tdastore.config import Config, save_config
-from tdastore.errors import StoreError
+from tdastore.errors import ConfigError, StoreError
 from tdastore.tasks.base import Task, model_fingerprint
 
 WEIGHTS_FILE = "model.safetensors"
@@ -20,6 +20,9 @@ WEIGHTS_FILE = "model.safetensors"
 
 def train_final_model(config: Config, task: Task, progress: bool = True) -> nn.Module:
     """SGD over seeded shuffles; returns the trained model and writes it to train.output_dir."""
+    if getattr(task, "pretrained", False):
+        raise ConfigError(f"the final model of a text task is model.name_or_path ({config.model.name_or_path}) itself: "
+                          "there is nothing to train here; fine-tune it with your trainer and point name_or_path at it")
     cfg = config.train
     model = task.make_model()
     data = task.examples("train")
@@ -60,7 +63,10 @@ def save_model(model: nn.Module, config: Config, out_dir: Path, log: Optional[di
 
 
 def load_model(config: Config, task: Task) -> nn.Module:
-    """The final model: the task's architecture with the weights of train.output_dir."""
+    """The final model: the task's architecture with the weights of train.output_dir (text tasks: the
+    pretrained model itself)."""
+    if getattr(task, "pretrained", False):
+        return task.make_model().eval()
     path = Path(config.train.output_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise StoreError(

@@ -176,7 +176,9 @@ def test_bad_queries_are_clear_errors(built, tmp_path):
     wrong = Examples(torch.zeros(2, 7), torch.zeros(2), np.arange(2), np.zeros(2))
     with pytest.raises(DataError, match=r"\(7,\) features per row, the task has 10"):
         store.query("grad_dot", inputs=wrong)
-    with pytest.raises(ConfigError, match="ekfac' has no projected path"):
+    with pytest.raises(ConfigError, match="if_h' has no projected path"):
+        store.query("if_h", inputs=test)
+    with pytest.raises(ConfigError, match="operator 'ekfac' on the projected path needs .* projection.kind: factored"):
         store.query("ekfac", inputs=test)
     store.query("if_gn", inputs=test, top_k=3, kind="flat")
     with pytest.raises(StoreError, match="built for operator fisher-.*rebuild it"):

@@ -66,16 +66,17 @@ class ShardComputer:
             losses[lo:hi] = loss
             norms[lo:hi] = sq_norm.sqrt()
         part = self.data.slice(shard.start, shard.stop)
-        meta = pa.table(
-            {
-                "example_id": pa.array(part.ids, pa.int64()),
-                "row": pa.array(np.arange(shard.start, shard.stop), pa.int64()),
-                "label": pa.array(part.labels),
-                "loss": pa.array(losses.numpy()),
-                "grad_norm": pa.array(norms.numpy()),
-                "shard": pa.array(np.full(shard.rows, shard.index, dtype=np.int32)),
-            }
-        )
+        columns = {
+            "example_id": pa.array(part.ids, pa.int64()),
+            "row": pa.array(np.arange(shard.start, shard.stop), pa.int64()),
+            "label": pa.array(part.labels),
+            "loss": pa.array(losses.numpy()),
+            "grad_norm": pa.array(norms.numpy()),
+            "shard": pa.array(np.full(shard.rows, shard.index, dtype=np.int32)),
+        }
+        if part.texts is not None:  # text tasks: the document itself, so query results can show it
+            columns["text"] = pa.array([str(t) for t in part.texts], pa.string())
+        meta = pa.table(columns)
         return rows.numpy(), meta
 
 

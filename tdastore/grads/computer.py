@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tdastore.config import GradientConfig, ProjectionConfig
-from tdastore.grads.factored import ExactLinearGradients, FactoredLinearGradients, only_linear_parameters
+from tdastore.grads.factored import ExactLinearGradients, FactoredLinearGradients, only_linear_parameters, select_parameters
 from tdastore.grads.per_example import LossFn, PerExampleGradients, squared_norms
 from tdastore.grads.projection import make_projector
 
@@ -62,7 +62,10 @@ def make_gradient_computer(
     model: nn.Module, loss_fn: LossFn, gradients: GradientConfig, projection: ProjectionConfig
 ) -> GradientComputer:
     if projection.kind == "factored":
-        return FactoredLinearGradients(model, loss_fn, gradients.params, projection)
+        return FactoredLinearGradients(model, loss_fn, gradients.params, projection, gradients.modules)
+    if gradients.modules:  # module patterns name the parameters for the other computers too
+        gradients = GradientConfig(params=select_parameters(model, gradients.params, gradients.modules),
+                                   batch_size=gradients.batch_size)
     if projection.kind == "none" and only_linear_parameters(model, gradients.params):
         return ExactLinearGradients(model, loss_fn, gradients.params, projection)  # same rows, ~3x faster
     return VmapProjectedGradients(model, loss_fn, gradients.params, projection)

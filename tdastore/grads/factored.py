@@ -36,23 +36,60 @@ def only_linear_parameters(model: nn.Module, patterns: list[str]) -> bool:
     return bool(selected) and all(n in owners and n.rsplit(".", 1)[0] + ".weight" in weights for n in selected)
 
 
-def linear_modules(model: nn.Module, patterns: list[str], what: str) -> list[tuple[str, nn.Linear, bool]]:
-    """(module name, module, bias selected) for every nn.Linear whose weight matches; an error when a
-    selected parameter belongs to anything else, since hooks only see Linear layers."""
-    selected = {n for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D (transformers.pytorch_utils): y = x W + b with W [in, out], a Linear layer transposed."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_hookable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def module_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a Linear or Conv1D layer."""
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.nf)
+    return module.in_features, module.out_features
+
+
+def select_parameters(model: nn.Module, patterns: list[str], module_patterns: list[str] | None = None) -> list[str]:
+    """Parameter names chosen by gradients.params, or by gradients.modules (every weight and bias of the
+    Linear / Conv1D modules whose names match), with an error naming what exists when nothing matches."""
+    if module_patterns:
+        chosen = [name for name, m in model.named_modules()
+                  if is_hookable(m) and any(fnmatch.fnmatchcase(name, pat) for pat in module_patterns)]
+        if not chosen:
+            names = [name for name, m in model.named_modules() if is_hookable(m)]
+            raise GradientError(
+                f"gradients.modules {module_patterns} match no Linear / Conv1D module; the model's are: {names[:12]}"
+                f"{' ...' if len(names) > 12 else ''}"
+            )
+        owned = {f"{name}.weight" for name in chosen} | {f"{name}.bias" for name in chosen}
+        return [n for n, _ in model.named_parameters() if n in owned]
+    selected = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
     if not selected:
         names = [n for n, _ in model.named_parameters()]
-        raise GradientError(f"gradients.params {patterns} match no parameter of the model; its parameters are: {names}")
+        raise GradientError(f"gradients.params {patterns} match no parameter of the model; its parameters are: {names[:12]}"
+                            f"{' ...' if len(names) > 12 else ''}")
+    return selected
+
+
+def linear_modules(model: nn.Module, patterns: list[str], what: str,
+                   module_patterns: list[str] | None = None) -> list[tuple[str, nn.Module, bool]]:
+    """(module name, module, bias selected) for every Linear / Conv1D layer whose weight is selected; an
+    error when a selected parameter belongs to anything else, since hooks only see those layers."""
+    selected = set(select_parameters(model, patterns, module_patterns))
     modules, covered = [], set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and f"{name}.weight" in selected:
+        if is_hookable(module) and f"{name}.weight" in selected:
             with_bias = module.bias is not None and f"{name}.bias" in selected
             modules.append((name, module, with_bias))
             covered |= {f"{name}.weight"} | ({f"{name}.bias"} if with_bias else set())
     if selected - covered:
         raise GradientError(
-            f"{what} handles the weights (and biases) of nn.Linear layers only; these selected parameters are "
-            f"not: {sorted(selected - covered)}. Narrow gradients.params or use projection.kind sparse/gaussian"
+            f"{what} handles the weights (and biases) of Linear / Conv1D layers only; these selected parameters are "
+            f"not: {sorted(selected - covered)[:8]}. Narrow gradients.params (or use gradients.modules), or use "
+            "projection.kind sparse/gaussian"
         )
     return modules
 
@@ -60,10 +97,10 @@ def linear_modules(model: nn.Module, patterns: list[str], what: str) -> list[tup
 class _LinearHookGradients:
     """Shared machinery: capture each selected Linear layer's inputs and output gradients in one pass."""
 
-    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], what: str):
+    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], what: str, module_patterns=None):
         self.model, self.loss_fn = model, loss_fn
-        self.modules = linear_modules(model, patterns, what)
-        self.numel = sum(m.weight.numel() + (m.out_features if b else 0) for _, m, b in self.modules)
+        self.modules = linear_modules(model, patterns, what, module_patterns)
+        self.numel = sum(m.weight.numel() + (module_dims(m)[1] if b else 0) for _, m, b in self.modules)
 
     def param_spec(self) -> dict:
         shapes = {}
@@ -144,16 +181,17 @@ class ExactLinearGradients(_LinearHookGradients):
 class FactoredLinearGradients(_LinearHookGradients):
     """(projected rows [B, K], losses [B], squared full-gradient norms [B]) for the selected Linear layers."""
 
-    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], config: ProjectionConfig):
-        super().__init__(model, loss_fn, patterns, "projection.kind 'factored'")
+    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], config: ProjectionConfig, module_patterns=None):
+        super().__init__(model, loss_fn, patterns, "projection.kind 'factored'", module_patterns)
         self.config = config
-        k_out, k_in = config.factors
         self.p_out, self.p_in, self.dims = [], [], []
         for name, module, with_bias in self.modules:
-            d_in = module.in_features + int(with_bias)
-            self.p_out.append(_side_matrix(config.seed, f"{name}.out", module.out_features, k_out))
+            k_out, k_in = module_factors(config, name)
+            d_in, d_out = module_dims(module)
+            d_in += int(with_bias)
+            self.p_out.append(_side_matrix(config.seed, f"{name}.out", d_out, k_out))
             self.p_in.append(_side_matrix(config.seed, f"{name}.in", d_in, k_in))
-            self.dims.append((min(module.out_features, k_out), min(d_in, k_in)))
+            self.dims.append((min(d_out, k_out), min(d_in, k_in)))
         self.out_dim = sum(o * i for o, i in self.dims)
 
     def spec(self) -> dict:
@@ -186,6 +224,16 @@ class FactoredLinearGradients(_LinearHookGradients):
         right = acts if p_in is None else acts @ p_in  # [B, T, k_in]
         target.copy_(torch.bmm(left.transpose(1, 2), right))  # [B, k_out, k_in]
         return col + k_out * k_in
+
+
+def module_factors(config: ProjectionConfig, name: str) -> tuple[int, int]:
+    """[k_out, k_in] of a module: the first projection.module_factors pattern it matches, else factors."""
+    for pattern, dims in config.module_factors.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            if len(dims) != 2 or min(dims) <= 0:
+                raise GradientError(f"projection.module_factors['{pattern}'] must be two positive sizes [k_out, k_in]")
+            return int(dims[0]), int(dims[1])
+    return int(config.factors[0]), int(config.factors[1])
 
 
 def _project_inputs(acts: torch.Tensor, p_in: torch.Tensor | None, with_bias: bool) -> torch.Tensor:

@@ -98,7 +98,7 @@ class ExactScorer:
 
         def sampled(vectors: torch.Tensor, step: int) -> torch.Tensor:
             rows = torch.randint(0, len(train), (size,), generator=generator).numpy()
-            part = Examples(train.inputs[rows], train.targets[rows], train.ids[rows], train.labels[rows])
+            part = train.take(rows)
             return self.space.gnvp(vectors, part)
 
         return sampled

@@ -9,6 +9,7 @@ float64 from second moments streamed over the store (memory k_l^2, never N):
     lissa_fisher   K = the Neumann series of `fisher` truncated at depth J (closed form in the eigenbasis)
     trak           K = G^+ (lambda ~ 0: pseudo-inverse), TRAK with one model
     datainf        K_l = (1/lambda_l)(I - (1/N) sum_i g_il g_il^T / (lambda_l + |g_il|^2)) per layer block
+    kfac / ekfac   per-module Kronecker factors in the factored space (factored stores; tdastore/precond/kfac.py)
 
 `solve` applies K; `transform` applies diag(sqrt d) Q^T, so transform(a) . transform(b) = a^T K b and an
 inverse-Hessian query becomes a plain inner-product search over transformed rows.
@@ -115,8 +116,13 @@ def column_groups(manifest: dict) -> list[tuple[int, int]]:
     return [(0, manifest["dim"])]
 
 
+KRONECKER = ("kfac", "ekfac")  # fitted from the model's activations and output gradients (tdastore/precond/kfac.py)
+
+
 def operator_params(op: str, config: AttributionConfig) -> dict:
     """The settings an operator depends on (its cache key in the store)."""
+    if op in KRONECKER:
+        return {"damping_factor": config.damping_factor, "kfac_examples": config.kfac_examples}
     if op in ("fisher", "diagonal"):
         return {"damping_factor": config.damping_factor}
     if op == "lissa_fisher":
@@ -204,8 +210,9 @@ def _fit_datainf(store, groups: list[tuple[int, int]]) -> SpectralOperator:
     return SpectralOperator("datainf", store.dim, blocks, {"layer_dampings": lambdas})
 
 
-def fit_or_load(store, op: str, config: AttributionConfig) -> SpectralOperator:
-    """The operator saved in the store for these settings, fitted and registered on first use."""
+def fit_or_load(store, op: str, config: AttributionConfig, ctx=None, progress: bool = False) -> SpectralOperator:
+    """The operator saved in the store for these settings, fitted and registered on first use. Kronecker
+    operators (kfac, ekfac) also need the model and data: `ctx` (a QueryContext) supplies them."""
     key = operator_key(op, config)
     entry = store.manifest.get("preconditioners", {}).get(key)
     if entry:
@@ -213,7 +220,14 @@ def fit_or_load(store, op: str, config: AttributionConfig) -> SpectralOperator:
         if not path.is_file():
             raise StoreError(f"store '{store.root}': preconditioner file {entry['file']} is missing; delete its manifest entry or rebuild")
         return SpectralOperator.load(path, op, entry["info"])
-    operator = fit_operator(store, op, config)
+    if op in KRONECKER:
+        from tdastore.precond.kfac import fit_kronecker
+
+        if ctx is None:
+            raise ConfigError(f"operator '{op}' is fitted with the model: pass a query context")
+        operator = fit_kronecker(store, ctx, op, progress)
+    else:
+        operator = fit_operator(store, op, config)
     if op != "identity" and isinstance(store.root, Path):  # object-store stores: fitted per process, not cached
         folder = store.root / PRECOND_DIR
         folder.mkdir(exist_ok=True)

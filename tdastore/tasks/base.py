@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -28,12 +28,26 @@ class Examples:
     targets: torch.Tensor  # [N] (float32 regression / int64 classification)
     ids: np.ndarray  # [N] int64 example ids (row r of the store holds ids[r])
     labels: np.ndarray  # [N] the label in the user's units (written to the store's metadata)
+    texts: Optional[np.ndarray] = None  # [N] str: the document of each row (text tasks; stored in the metadata)
+    padded: bool = False  # inputs [N, 2, L] (token ids, attention mask) right-padded: slices drop all-pad columns
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
     def slice(self, start: int, stop: int) -> "Examples":
-        return Examples(self.inputs[start:stop], self.targets[start:stop], self.ids[start:stop], self.labels[start:stop])
+        return self.take(slice(start, stop))
+
+    def take(self, rows) -> "Examples":
+        """Rows by slice or index tensor; padded token batches keep only the columns some row uses, so a
+        batch costs its longest member, not the data set's."""
+        inputs, targets = self.inputs[rows], self.targets[rows]
+        if self.padded and len(inputs):
+            width = max(1, int(inputs[:, 1].sum(1).max()))
+            inputs = inputs[..., :width]
+            targets = targets[..., :width] if targets.dim() == 2 else targets
+        texts = None if self.texts is None else self.texts[np.asarray(rows) if not isinstance(rows, slice) else rows]
+        index = rows if isinstance(rows, slice) else np.asarray(rows)
+        return Examples(inputs, targets, self.ids[index], self.labels[index], texts, self.padded)
 
 
 class Task(abc.ABC):

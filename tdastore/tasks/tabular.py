@@ -250,6 +250,11 @@ def _split_and_standardise(raw: _RawTable, cfg: TaskConfig) -> tuple[dict[str, E
     return splits, (mean, std, y_mean, y_std)
 
 
-def make_task(task: TaskConfig, model: Optional[ModelConfig] = None) -> TabularTask:
-    """The task a config names (only tabular tasks for now; text tasks register here later)."""
+def make_task(task: TaskConfig, model: Optional[ModelConfig] = None) -> Task:
+    """The task a config names: a text task (Hugging Face model) for kinds causal_lm / sequence_classification,
+    else a tabular MLP task."""
+    if task.kind in ("causal_lm", "sequence_classification") or (model is not None and model.name_or_path):
+        from tdastore.tasks.text import TextTask
+
+        return TextTask(task, model or ModelConfig())
     return TabularTask(task, model)

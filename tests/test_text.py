@@ -1,0 +1,282 @@
+"""Text tasks on a tiny GPT-2 built from a config and saved locally, with a tokenizer trained here.
+
+Hook-based factored gradients (Conv1D layers) against dense torch.func gradients projected with the same
+matrices; padding and batch invariance; a Ray build, FAISS index and prompt queries end to end by local
+path; K-FAC / EK-FAC in the factored space against independent computations; bad input.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+import tdastore
+from tdastore.config import load_config
+from tdastore.distributed.build import build_store
+from tdastore.errors import ConfigError, DataError, GradientError
+from tdastore.grads.computer import make_gradient_computer
+from tdastore.grads.factored import FactoredLinearGradients, is_conv1d, module_dims
+from tdastore.tasks.tabular import make_task
+
+MODULES = ["*.c_attn", "*.c_proj", "*.c_fc"]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from tdastore.demo_text import make_tiny_lm
+
+    root = tmp_path_factory.mktemp("tiny_lm")
+    make_tiny_lm(root, n_layer=2, n_embd=64, n_head=4, vocab_size=384, n_positions=64, train_steps=30, documents=300)
+    return root
+
+
+def text_config(root, tmp_path=None, **sections):
+    raw = {
+        "task": {"dataset": str(root / "corpus.jsonl"), "kind": "causal_lm", "max_length": 48, "id_column": "id"},
+        "model": {"name_or_path": str(root / "model")},
+        "gradients": {"modules": MODULES, "batch_size": 16},
+        "projection": {"kind": "factored", "factors": [8, 8], "module_factors": {"*.mlp.c_fc": [12, 6]}},
+        "store": {"chunk_rows": 32, "shard_rows": 64},
+        "build": {"workers": 2, "max_retries": 0},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return load_config(raw)
+
+
+def dense_projected(task, model, computer, examples) -> torch.Tensor:
+    """Per-example gradients by torch.func (one example at a time, no padding), each module's [out, in+1]
+    block projected with the computer's own P_out, P_in: [B, K]."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p, x, y):
+        return task.per_example_loss(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0)).squeeze(0)
+
+    rows = []
+    for i in range(len(examples)):
+        one = examples.slice(i, i + 1)  # trimmed to its own length
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, one.inputs, one.targets)
+        parts = []
+        for (name, module, with_bias), p_out, p_in in zip(computer.modules, computer.p_out, computer.p_in):
+            weight = g[f"{name}.weight"][0].double()
+            weight = weight.T if is_conv1d(module) else weight  # [out, in]
+            full = torch.cat([weight, g[f"{name}.bias"][0].double()[:, None]], 1) if with_bias else weight
+            left = full if p_out is None else p_out.double().T @ full
+            parts.append((left if p_in is None else left @ p_in.double()).reshape(-1))
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def test_hook_factored_gradients_equal_dense_projected(tiny_lm):
+    config = text_config(tiny_lm)
+    task = make_task(config.task, config.model)
+    model = task.make_model()
+    computer = make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection)
+    assert isinstance(computer, FactoredLinearGradients)
+    assert sum(is_conv1d(m) for _, m, _ in computer.modules) == 8  # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    assert computer.dims[2] == (12, 6) and computer.dims[0] == (8, 8)  # per-module dims from module_factors
+    examples = task.examples("train").slice(0, 10)
+    lengths = examples.inputs[:, 1].sum(1)
+    assert lengths.min() < lengths.max()  # the batch really is padded
+    rows, losses, sq_norms = computer(examples.inputs, examples.targets)
+    expected = dense_projected(task, model, computer, examples)
+    rel = float((rows.double() - expected).norm(dim=1).max() / expected.norm(dim=1).min())
+    assert rel <= 1e-4, rel
+    # the full-gradient norms the store records, from the same dense gradients
+    params = {n: p for n, p in model.named_parameters()}
+    one = examples.slice(3, 4)
+    model.zero_grad()
+    task.per_example_loss(model(one.inputs), one.targets).sum().backward()
+    selected = [p.grad for n, p in params.items() if any(n == f"{name}.{w}" for name, _, _ in computer.modules for w in ("weight", "bias"))]
+    assert abs(float(sum(g.pow(2).sum() for g in selected)) - float(sq_norms[3])) <= 1e-4 * float(sq_norms[3])
+
+
+def test_padding_and_batch_composition_do_not_change_rows(tiny_lm):
+    config = text_config(tiny_lm)
+    task = make_task(config.task, config.model)
+    computer = make_gradient_computer(task.make_model(), task.per_example_loss, config.gradients, config.projection)
+    train = task.examples("train")
+    alone = torch.cat([computer(*_io(train.slice(i, i + 1)))[0] for i in range(8)])
+    batched = computer(*_io(train.slice(0, 8)))[0]
+    reordered = computer(*_io(train.take(torch.tensor([7, 3, 0, 5, 1, 6, 2, 4]))))[0]
+    padded_wide = train.take(torch.arange(8))
+    wide_inputs = torch.nn.functional.pad(padded_wide.inputs, (0, 9))  # 9 more pad columns (mask 0)
+    wide_targets = torch.nn.functional.pad(padded_wide.targets, (0, 9), value=-100)
+    wide = computer(wide_inputs, wide_targets)[0]
+    scale = float(alone.abs().max())
+    assert float((batched - alone).abs().max()) <= 1e-5 * scale
+    assert float((reordered - alone[[7, 3, 0, 5, 1, 6, 2, 4]]).abs().max()) <= 1e-5 * scale
+    assert float((wide - alone).abs().max()) <= 1e-5 * scale
+
+
+def _io(examples):
+    return examples.inputs, examples.targets
+
+
+def test_encoding_masks_packing_and_completion_only(tiny_lm, tmp_path):
+    records = [{"id": 10 + i, "prompt": f"Question {i}:", "text": " the answer is to return a value"} for i in range(6)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    config = text_config(tiny_lm, task={"dataset": str(path), "prompt_column": "prompt", "completion_only": True,
+                                        "test_fraction": 0.34})
+    task = make_task(config.task, config.model)
+    tok = task.tokenizer
+    train = task.examples("train")
+    prompt_len = len(tok("Question 0:")["input_ids"])
+    assert (train.targets[:, :prompt_len] == -100).all()
+    n_tokens = int(train.inputs[0, 1].sum())
+    assert (train.targets[0, prompt_len:n_tokens] == train.inputs[0, 0, prompt_len:n_tokens]).all()
+    assert set(train.ids.tolist()) | set(task.examples("test").ids.tolist()) == {10, 11, 12, 13, 14, 15}
+
+    packed = make_task(*_sections(text_config(tiny_lm, task={"packing": True, "max_length": 32})))
+    blocks = packed.examples("train")
+    assert (blocks.inputs[:, 1].sum(1)[:-1] == 32).sum() >= len(blocks) - 2  # full blocks, but the split's last
+    assert tok.eos_token_id in blocks.inputs[:, 0].reshape(-1).tolist()
+
+
+def _sections(config):
+    return config.task, config.model
+
+
+def test_end_to_end_build_index_query_by_local_path(ray_cluster, tiny_lm, tmp_path):
+    config = text_config(tiny_lm)
+    store = build_store(config, tmp_path / "store", progress=False)
+    task = make_task(config.task, config.model)
+    train = task.examples("train")
+    assert store.n_rows == len(train) and store.dim == 6 * 64 + 2 * 72
+    meta = store.meta
+    assert meta.column("text").to_pylist()[:3] == [str(t) for t in train.texts[:3]]
+    # a training document queried against the store: its own row comes first
+    docs = tmp_path / "docs.jsonl"
+    picks = [0, 5, 17, 42, 99]
+    docs.write_text("\n".join(json.dumps({"id": i, "text": str(train.texts[i])}) for i in picks))
+    for method, kind in (("grad_cos", "flat"), ("grad_cos", None)):
+        table = store.query(method, inputs=str(docs), top_k=3, kind=kind)
+        top = table.filter(table.column("rank").to_numpy() == 1)
+        assert top.column("train_row").to_pylist() == picks
+        assert top.column("train_text").to_pylist() == [str(train.texts[i]) for i in picks]
+    # a prompt (the start of a document) through the CLI, results with text in Parquet
+    prompt = tmp_path / "prompts.jsonl"
+    prompt.write_text(json.dumps({"text": " ".join(str(train.texts[42]).split()[:10])}))
+    out = tmp_path / "top.parquet"
+    from tdastore.cli import main
+
+    assert main(["query", str(store.root), "--method", "ekfac", "--inputs", str(prompt), "--top-k", "5", "--out", str(out)]) == 0
+    import pyarrow.parquet as pq
+
+    result = pq.read_table(out)
+    assert result.num_rows == 5 and "train_text" in result.column_names and "test_text" in result.column_names
+    assert (store.root / "precond").is_dir()  # the EK-FAC operator was fitted once and saved with the store
+
+
+def test_kfac_operator_against_numpy(tiny_lm):
+    """Factors from independent hooks (numpy, token by token) and (S (x) A + lambda I)^-1 solved densely."""
+    from tdastore.precond.kfac import factored_covariances
+
+    config = text_config(tiny_lm)
+    task = make_task(config.task, config.model)
+    model = task.make_model()
+    computer = FactoredLinearGradients(model, task.per_example_loss, config.gradients.params, config.projection,
+                                       config.gradients.modules)
+    train = task.examples("train").slice(0, 24)
+    covs = factored_covariances(computer, task, train, batch_size=7)
+    index = 2  # layer 0's mlp.c_fc: a Conv1D with bias, both sides projected (12 x 6)
+    name, module, _ = computer.modules[index]
+    acts, outs = [], []
+
+    def keep(_, args, output):
+        acts.append(args[0].detach())
+        outs.append(output)
+
+    handle = module.register_forward_hook(keep)
+    a_sum, s_sum, tokens = np.zeros((6, 6)), np.zeros((12, 12)), 0
+    p_in, p_out = computer.p_in[index].double().numpy(), computer.p_out[index].double().numpy()
+    for i in range(len(train)):
+        one = train.slice(i, i + 1)
+        acts.clear(), outs.clear()
+        loss = task.per_example_loss(model(one.inputs), one.targets).sum()
+        (d,) = torch.autograd.grad(loss, outs[0])
+        a = np.concatenate([acts[0][0].double().numpy(), np.ones((acts[0].shape[1], 1))], 1)  # [T, in + 1]
+        for t in range(a.shape[0]):
+            at, dt = a[t] @ p_in, d[0, t].double().numpy() @ p_out
+            a_sum += np.outer(at, at)
+            s_sum += np.outer(dt, dt)
+            tokens += 1
+    handle.remove()
+    np.testing.assert_allclose(covs[index][0], a_sum / tokens, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(covs[index][1], s_sum / len(train), rtol=1e-6, atol=1e-14)
+
+
+def test_factored_ekfac_equals_exact_ekfac_on_an_mlp(ray_cluster, tmp_path):
+    """With projections no narrower than the layers the factored space is the full gradient space (T = 1), so
+    the projected EK-FAC must score exactly like the exact path's EK-FAC (tested against hand-built factors)."""
+    from conftest import small_config
+    from tdastore.precond.exact_methods import ExactScorer
+    from tdastore.precond.kfac import fit_kronecker
+    from tdastore.query import QueryContext
+
+    config = small_config(tmp_path, model={"hidden": [8]}, projection={"kind": "factored", "factors": [64, 64]})
+    tdastore.train(config, progress=False)
+    store = build_store(config, tmp_path / "store", progress=False)
+    ctx = QueryContext(store, "ekfac", {"attribution": {"damping_factor": 0.5}})
+    operator = fit_kronecker(store, ctx, "ekfac")
+    test = ctx.task.examples("test").slice(0, 6)
+    projected = operator.solve(ctx.test_rows(test)) @ store.read_rows().T / store.n_rows  # [6, N]
+    exact = ExactScorer(ctx.model, ctx.task, ctx.config).scores(ctx.method, test).numpy()
+    assert np.abs(projected - exact).max() <= 1e-4 * np.abs(exact).max()
+    kfac = fit_kronecker(store, ctx, "kfac")
+    assert kfac.info["damping"] != operator.info["damping"]  # uncorrected eigenvalues: another operator
+
+
+def test_bad_input_is_a_clear_error(tiny_lm, tmp_path):
+    config = text_config(tiny_lm, gradients={"modules": ["*.attention_nowhere"]})
+    task = make_task(config.task, config.model)
+    with pytest.raises(GradientError, match=r"gradients.modules \['\*.attention_nowhere'\] match no Linear / Conv1D"):
+        make_gradient_computer(task.make_model(), task.per_example_loss, config.gradients, config.projection)
+    # a tokenizer whose vocabulary the model cannot embed
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    small = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    small.save_pretrained(tmp_path / "small")
+    with pytest.raises(DataError, match="tokenizer has 384 tokens but the model's vocabulary has 100"):
+        make_task(*_sections(text_config(tiny_lm, model={"name_or_path": str(tmp_path / "small"),
+                                                         "tokenizer": str(tiny_lm / "model")})))
+    # documents longer than max_length without truncation
+    with pytest.raises(DataError, match=r"exceed task.max_length=8 tokens .* set task.truncation: true"):
+        make_task(*_sections(text_config(tiny_lm, task={"max_length": 8, "truncation": False})))
+    with pytest.raises(ConfigError, match="exceeds the model's context of 64 tokens"):
+        make_task(*_sections(text_config(tiny_lm, task={"max_length": 65})))
+    with pytest.raises(DataError, match="has no column 'body'"):
+        make_task(*_sections(text_config(tiny_lm, task={"text_column": "body"})))
+    with pytest.raises(ConfigError, match="nothing to train"):
+        tdastore.train(text_config(tiny_lm, train={"output_dir": str(tmp_path / "m")}), progress=False)
+    assert module_dims(task.make_model().model.transformer.h[0].mlp.c_fc) == (64, 256)
+
+
+def test_sequence_classification_gradients(tiny_lm, tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm / "model")
+    torch.manual_seed(0)
+    head = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1,
+                                                    n_head=2, num_labels=2, pad_token_id=tokenizer.eos_token_id))
+    head.save_pretrained(tmp_path / "cls")
+    tokenizer.save_pretrained(tmp_path / "cls")
+    docs = [json.loads(line) for line in (tiny_lm / "corpus.jsonl").read_text().splitlines()][:60]
+    path = tmp_path / "labelled.jsonl"
+    path.write_text("\n".join(json.dumps({"text": d["text"], "label": "returns" if "return" in d["text"] else "other"})
+                              for d in docs))
+    config = text_config(tiny_lm, task={"dataset": str(path), "kind": "sequence_classification", "id_column": None},
+                         model={"name_or_path": str(tmp_path / "cls")}, gradients={"modules": ["*.c_attn", "score"]})
+    task = make_task(config.task, config.model)
+    assert task.classes == ["other", "returns"]
+    model = task.make_model()
+    computer = make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection)
+    examples = task.examples("train").slice(0, 6)
+    rows = computer(examples.inputs, examples.targets)[0]
+    expected = dense_projected(task, model, computer, examples)
+    assert float((rows.double() - expected).norm(dim=1).max() / expected.norm(dim=1).min()) <= 1e-4
+    with pytest.raises(DataError, match=r"labels \['maybe'\] were not seen in training"):
+        task.encode([{"text": "a new document", "label": "maybe"}])
