@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 from tdastore.errors import ConfigError, TdaStoreError
@@ -119,6 +120,14 @@ def _cmd_metagrad(args: argparse.Namespace) -> None:
         config = tdastore.load_config(as_dict | {"metagrad": as_dict["metagrad"] | settings})
     root = run_metagrad(config, args.ground_truth, address=args.address, progress=not args.quiet)
     print(f"metagradient scores written to {root}/scores.zarr")
+
+
+def _cmd_demo_lm(args: argparse.Namespace) -> None:
+    from tdastore.demo_text import make_tiny_lm
+
+    out = make_tiny_lm(Path(args.out), n_layer=args.layers, n_embd=args.width, n_head=args.heads, vocab_size=args.vocab,
+                       n_positions=args.context, train_steps=args.steps, progress=not args.quiet)
+    print(f"model and tokenizer: {out / 'model'}; corpus: {out / 'corpus.jsonl'}; prompts: {out / 'prompts.jsonl'}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -260,6 +269,20 @@ def make_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kind", choices=["flat", "ivf", "hnsw", "sq8", "pq"], default="flat", help="FAISS index kind")
     srv.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     srv.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser("demo-lm", help="write an offline demo LM: a GPT-2 and tokenizer trained on Python's docstrings",
+                          description="Trains a BPE tokenizer (tokenizers) and a small GPT-2 on paragraphs of the standard "
+                                      "library's docstrings and saves them as a transformers directory, with corpus.jsonl "
+                                      "and prompts.jsonl: what configs/tiny_gpt2.yaml points at. No network needed.")
+    demo.add_argument("--out", default="runs/tiny-gpt2", help="output directory")
+    demo.add_argument("--layers", type=int, default=2)
+    demo.add_argument("--width", type=int, default=64)
+    demo.add_argument("--heads", type=int, default=4)
+    demo.add_argument("--vocab", type=int, default=512)
+    demo.add_argument("--context", type=int, default=128)
+    demo.add_argument("--steps", type=int, default=100, help="AdamW training steps on the corpus")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_cmd_demo_lm)
 
     methods = sub.add_parser("methods", help="list the methods of the unified view",
                              description="The method table: each method's operator on the projected and exact paths.")

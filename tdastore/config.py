@@ -72,6 +72,7 @@ class GradientConfig:
     params: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on parameter names
     modules: Optional[list[str]] = None  # or: fnmatch patterns on Linear / Conv1D module names (weights + biases)
     batch_size: int = 256
+    full_norms: bool = True  # factored: record |full per-example gradient| (false: the stored row's norm; faster on long sequences)
 
 
 @dataclass

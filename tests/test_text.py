@@ -280,3 +280,16 @@ def test_sequence_classification_gradients(tiny_lm, tmp_path):
     assert float((rows.double() - expected).norm(dim=1).max() / expected.norm(dim=1).min()) <= 1e-4
     with pytest.raises(DataError, match=r"labels \['maybe'\] were not seen in training"):
         task.encode([{"text": "a new document", "label": "maybe"}])
+
+
+def test_full_norms_off_records_the_stored_rows_norm(tiny_lm):
+    on = text_config(tiny_lm)
+    off = text_config(tiny_lm, gradients={"full_norms": False})
+    task = make_task(on.task, on.model)
+    model = task.make_model()
+    part = task.examples("train").slice(0, 5)
+    rows_on, _, norms_on = make_gradient_computer(model, task.per_example_loss, on.gradients, on.projection)(*_io(part))
+    rows_off, _, norms_off = make_gradient_computer(model, task.per_example_loss, off.gradients, off.projection)(*_io(part))
+    torch.testing.assert_close(rows_off, rows_on)
+    torch.testing.assert_close(norms_off, rows_off.pow(2).sum(1))
+    assert bool((norms_on > norms_off).all())  # the full gradient is longer than its 8 x 8 sketch here

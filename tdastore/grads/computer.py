@@ -62,10 +62,10 @@ def make_gradient_computer(
     model: nn.Module, loss_fn: LossFn, gradients: GradientConfig, projection: ProjectionConfig
 ) -> GradientComputer:
     if projection.kind == "factored":
-        return FactoredLinearGradients(model, loss_fn, gradients.params, projection, gradients.modules)
+        return FactoredLinearGradients(model, loss_fn, gradients.params, projection, gradients.modules, gradients.full_norms)
     if gradients.modules:  # module patterns name the parameters for the other computers too
         gradients = GradientConfig(params=select_parameters(model, gradients.params, gradients.modules),
-                                   batch_size=gradients.batch_size)
+                                   batch_size=gradients.batch_size, full_norms=gradients.full_norms)
     if projection.kind == "none" and only_linear_parameters(model, gradients.params):
         return ExactLinearGradients(model, loss_fn, gradients.params, projection)  # same rows, ~3x faster
     return VmapProjectedGradients(model, loss_fn, gradients.params, projection)

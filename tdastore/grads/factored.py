@@ -141,6 +141,8 @@ class _LinearHookGradients:
         col = 0
         for index, (acts, grads) in enumerate(captured):
             col = self._write_module(index, acts, grads, rows, col, sq_norms)
+        if not getattr(self, "full_norms", True):  # the stored row's own norm (gradients.full_norms: false)
+            sq_norms = rows.pow(2).sum(1)
         return rows, losses, sq_norms
 
 
@@ -181,9 +183,11 @@ class ExactLinearGradients(_LinearHookGradients):
 class FactoredLinearGradients(_LinearHookGradients):
     """(projected rows [B, K], losses [B], squared full-gradient norms [B]) for the selected Linear layers."""
 
-    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], config: ProjectionConfig, module_patterns=None):
+    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], config: ProjectionConfig, module_patterns=None,
+                 full_norms: bool = True):
         super().__init__(model, loss_fn, patterns, "projection.kind 'factored'", module_patterns)
         self.config = config
+        self.full_norms = full_norms  # |full per-example gradient|^2 per row: B T^2 (d_in + d_out) extra work
         self.p_out, self.p_in, self.dims = [], [], []
         for name, module, with_bias in self.modules:
             k_out, k_in = module_factors(config, name)
@@ -210,7 +214,8 @@ class FactoredLinearGradients(_LinearHookGradients):
         batch = rows.shape[0]
         target = rows[:, col : col + k_out * k_in].view(batch, k_out, k_in)
         if acts.dim() == 2:  # one position per example: a plain outer product
-            sq_norms += grads.pow(2).sum(1) * (acts.pow(2).sum(1) + float(with_bias))
+            if self.full_norms:
+                sq_norms += grads.pow(2).sum(1) * (acts.pow(2).sum(1) + float(with_bias))
             left = grads if p_out is None else grads @ p_out  # [B, k_out]
             right = _project_inputs(acts, p_in, with_bias)  # [B, k_in]
             torch.mul(left.unsqueeze(2), right.unsqueeze(1), out=target)
@@ -219,7 +224,8 @@ class FactoredLinearGradients(_LinearHookGradients):
         grads = grads.reshape(batch, -1, grads.shape[-1]).float()  # [B, T, out]
         if with_bias:
             acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1)], dim=2)  # [B, T, in+1]
-        sq_norms += _squared_norm_of_sum_of_outer_products(grads, acts)
+        if self.full_norms:
+            sq_norms += _squared_norm_of_sum_of_outer_products(grads, acts)
         left = grads if p_out is None else grads @ p_out  # [B, T, k_out]
         right = acts if p_in is None else acts @ p_in  # [B, T, k_in]
         target.copy_(torch.bmm(left.transpose(1, 2), right))  # [B, k_out, k_in]
