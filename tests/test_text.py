@@ -292,4 +292,4 @@ def test_full_norms_off_records_the_stored_rows_norm(tiny_lm):
     rows_off, _, norms_off = make_gradient_computer(model, task.per_example_loss, off.gradients, off.projection)(*_io(part))
     torch.testing.assert_close(rows_off, rows_on)
     torch.testing.assert_close(norms_off, rows_off.pow(2).sum(1))
-    assert bool((norms_on > norms_off).all())  # the full gradient is longer than its 8 x 8 sketch here
+    assert not torch.allclose(norms_on, norms_off, rtol=1e-3)  # the full gradient's norm is another number

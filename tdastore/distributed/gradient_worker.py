@@ -47,7 +47,8 @@ class ShardComputer:
         self.dtype = getattr(torch, config.store.dtype)
         self.unprojected = self.gradients.spec()["kind"] == "none"
         self._buffer: Optional[torch.Tensor] = None
-        self.gradients(self.data.inputs[:2], self.data.targets[:2])  # warm up (torch.func imports) and fail fast
+        warm = self.data.slice(0, 2)
+        self.gradients(warm.inputs, warm.targets)  # warm up (torch.func imports) and fail fast
 
     def compute(self, shard: Shard) -> tuple[np.ndarray, pa.Table]:
         """Rows [shard.rows, k] in the store dtype (a view valid until the next call) and their metadata;

@@ -11,6 +11,7 @@ too with completion_only), so padding and batch composition never change an exam
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -150,12 +151,12 @@ class TextTask(Task):
         return inputs[:, 1]
 
     # -- data -----------------------------------------------------------------------------------------
-    def examples(self, split: Split) -> Examples:
+    def examples(self, split: Split) -> "TokenExamples":
         if split not in self._splits:
             raise DataError(f"unknown split '{split}': use 'train' or 'test'")
         return self._splits[split]
 
-    def encode(self, inputs: Union[str, Path, list, "object"]) -> Examples:
+    def encode(self, inputs: Union[str, Path, list, "object"]) -> "TokenExamples":
         """Query inputs: a jsonl / json / parquet / csv / txt file, a `datasets.Dataset`, or a list of strings
         (or of {text_column: ..., prompt_column: ...} records), tokenised exactly as the training data."""
         import datasets
@@ -170,73 +171,96 @@ class TextTask(Task):
                else np.arange(len(records), dtype=np.int64))
         return self._encode_records(records, ids, "the query inputs", packing=False)
 
-    def _encode_records(self, records, ids: np.ndarray, where: str, packing: Optional[bool] = None) -> Examples:
+    def _encode_records(self, records, ids: np.ndarray, where: str, packing: Optional[bool] = None) -> "TokenExamples":
+        """Tokenise with `datasets.map` into an Arrow table (cached on disk for file data sets, memory-mapped),
+        then check it: lengths, vocabulary, empty documents, documents without target tokens."""
+        import pyarrow.compute as pc
+
         cfg, tok = self.task_config, self.tokenizer
-        texts = [str(t) for t in records[cfg.text_column]]
-        prompts = [str(p) for p in records[cfg.prompt_column]] if cfg.prompt_column and cfg.prompt_column in records.column_names else None
-        encoded = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        prompt_lengths = [0] * len(texts)
-        if prompts is not None:
-            prompt_ids = tok(prompts, add_special_tokens=True, truncation=False)["input_ids"]
-            encoded = [p + t for p, t in zip(prompt_ids, tok(texts, add_special_tokens=False)["input_ids"])]
-            prompt_lengths = [len(p) for p in prompt_ids]
         packing = cfg.packing if packing is None else packing
-        if packing:
-            encoded, texts, ids = self._pack(encoded)
-            prompt_lengths = [0] * len(encoded)
-        too_long = [i for i, e in enumerate(encoded) if len(e) > cfg.max_length]
-        if too_long and not cfg.truncation:
+        prompt = cfg.prompt_column if cfg.prompt_column and cfg.prompt_column in records.column_names else None
+        index = {c: i for i, c in enumerate(self.classes or [])}
+        records = records.add_column("__tdastore_id", [int(i) for i in ids])
+        fingerprint = hashlib.sha256(repr((getattr(records, "_fingerprint", None), sorted(self.description().items()),
+                                           packing, self.model_config.tokenizer, len(tok))).encode()).hexdigest()[:16]
+
+        def encode(batch):
+            texts = [str(t) for t in batch[cfg.text_column]]
+            if prompt:
+                heads = tok([str(p) for p in batch[prompt]], add_special_tokens=True)["input_ids"]
+                bodies = tok(texts, add_special_tokens=False)["input_ids"]
+                full = [h + b for h, b in zip(heads, bodies)]
+                n_prompt = [len(h) for h in heads]
+                texts = [f"{p}{t}" for p, t in zip(batch[prompt], texts)]
+            else:
+                full = tok(texts, add_special_tokens=True)["input_ids"]
+                n_prompt = [0] * len(full)
+            out_ids = batch["__tdastore_id"]
+            if packing:
+                eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+                stream = [t for e in full for t in e + eos]
+                full = [stream[i : i + cfg.max_length] for i in range(0, len(stream), cfg.max_length)]
+                texts = [tok.decode(b) for b in full]
+                n_prompt, out_ids = [0] * len(full), [-1] * len(full)
+            out = {"id": out_ids, "text": texts, "raw_length": [len(e) for e in full],
+                   "max_id": [max(e) if e else -1 for e in full], "input_ids": [e[: cfg.max_length] for e in full],
+                   "n_prompt": n_prompt}
+            out["n_targets"] = [max(0, len(e) - 1 - (max(0, min(p, len(e)) - 1) if cfg.completion_only else 0))
+                                for e, p in zip(out["input_ids"], n_prompt)]
+            if self.kind == "sequence_classification":
+                raw = batch.get(cfg.label_column)
+                if raw is None:
+                    raise DataError(f"{where} has no label column '{cfg.label_column}': sequence classification needs labels")
+                out["label"] = [str(r) for r in raw]
+                out["target"] = [index.get(r, -1) for r in raw]
+            return out
+
+        tokenised = records.map(encode, batched=True, batch_size=1000, remove_columns=records.column_names,
+                                new_fingerprint=fingerprint)
+        table = tokenised.data.table
+        if packing:  # blocks are numbered in order
+            tokenised = tokenised.remove_columns("id").add_column("id", list(range(len(tokenised))))
+            table = tokenised.data.table
+        row_ids = table.column("id").to_numpy()
+        raw_length = table.column("raw_length").to_numpy()
+        too_long = np.nonzero(raw_length > cfg.max_length)[0]
+        if len(too_long) and not cfg.truncation:
             raise DataError(
                 f"{where}: {len(too_long)} document(s) exceed task.max_length={cfg.max_length} tokens (the first, id "
-                f"{int(ids[too_long[0]])}, has {len(encoded[too_long[0]])}); set task.truncation: true, raise "
+                f"{int(row_ids[too_long[0]])}, has {int(raw_length[too_long[0]])}); set task.truncation: true, raise "
                 f"task.max_length (the model's context is {self.context}) or use task.packing: true"
             )
         vocab = self._vocab or len(tok)
-        highest = max((max(e) for e in encoded if e), default=0)
+        highest = int(pc.max(table.column("max_id")).as_py())
         if highest >= vocab:
             raise DataError(f"{where}: token id {highest} is outside the model's vocabulary of {vocab}: the tokenizer "
                             "does not belong to this model")
-        encoded = [e[: cfg.max_length] for e in encoded]
-        empty = [i for i, e in enumerate(encoded) if len(e) == 0]
-        if empty:
-            raise DataError(f"{where}: document id {int(ids[empty[0]])} has no tokens: drop empty documents")
-        width = max(len(e) for e in encoded)
-        n = len(encoded)
-        token_ids = torch.full((n, width), int(tok.pad_token_id), dtype=torch.long)
-        mask = torch.zeros(n, width, dtype=torch.long)
-        for i, e in enumerate(encoded):
-            token_ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
-            mask[i, : len(e)] = 1
-        inputs = torch.stack([token_ids, mask], dim=1)  # [N, 2, L]
+        empty = np.nonzero(raw_length == 0)[0]
+        if len(empty):
+            raise DataError(f"{where}: document id {int(row_ids[empty[0]])} has no tokens: drop empty documents")
         if self.kind == "sequence_classification":
-            index = {c: i for i, c in enumerate(self.classes)}
-            raw = records[cfg.label_column] if cfg.label_column in records.column_names else None
-            if raw is None:
-                raise DataError(f"{where} has no label column '{cfg.label_column}': sequence classification needs labels")
-            unknown = sorted({r for r in raw if r not in index}, key=str)
-            if unknown:
-                raise DataError(f"{where}: labels {unknown[:5]} were not seen in training (classes {self.classes[:10]})")
-            targets = torch.tensor([index[r] for r in raw], dtype=torch.long)
-            return Examples(inputs, targets, ids, np.asarray(raw), np.asarray(texts, dtype=object), padded=True)
-        targets = torch.where(mask.bool(), token_ids, torch.full_like(token_ids, IGNORE))  # [N, L]
-        if cfg.completion_only:
-            for i, length in enumerate(prompt_lengths):
-                targets[i, : min(length, width)] = IGNORE
-        scored = (targets[:, 1:] != IGNORE).sum(1)
-        if bool((scored == 0).any()):
-            first = int(torch.nonzero(scored == 0)[0, 0])
-            raise DataError(f"{where}: document id {int(ids[first])} has no target tokens (a single token, or a prompt "
-                            "filling max_length with completion_only): drop it or raise task.max_length")
-        return Examples(inputs, targets, ids, scored.numpy(), np.asarray(texts, dtype=object), padded=True)
+            unknown = np.nonzero(table.column("target").to_numpy() < 0)[0]
+            if len(unknown):
+                labels = sorted({table.column("label")[int(i)].as_py() for i in unknown[:50]})
+                raise DataError(f"{where}: labels {labels[:5]} were not seen in training (classes {self.classes[:10]})")
+        else:
+            none = np.nonzero(table.column("n_targets").to_numpy() == 0)[0]
+            if len(none):
+                raise DataError(f"{where}: document id {int(row_ids[none[0]])} has no target tokens (a single token, or "
+                                "a prompt filling max_length with completion_only): drop it or raise task.max_length")
+        return TokenExamples(tokenised, self.kind, int(tok.pad_token_id), cfg.completion_only)
 
-    def _pack(self, encoded: list[list[int]]):
-        """Concatenate documents with EOS between and cut into max_length blocks (the last, shorter, kept)."""
-        eos = self.tokenizer.eos_token_id
-        stream = [t for e in encoded for t in (e + ([eos] if eos is not None else []))]
-        size = self.task_config.max_length
-        blocks = [stream[i : i + size] for i in range(0, len(stream), size)]
-        texts = [self.tokenizer.decode(b) for b in blocks]
-        return blocks, texts, np.arange(len(blocks), dtype=np.int64)
+    def fingerprint(self) -> str:
+        """The description and both splits' token ids and example ids, streamed from the Arrow tables."""
+        digest = hashlib.sha256(repr(sorted(self.description().items())).encode())
+        for split in ("train", "test"):
+            table = self._splits[split].dataset.data.table.select(["id", "input_ids", "n_prompt"])
+            for batch in table.to_batches(max_chunksize=65536):
+                for column in batch.columns:
+                    for buffer in column.buffers():
+                        if buffer is not None:
+                            digest.update(buffer)
+        return digest.hexdigest()[:16]
 
     def description(self) -> dict:
         cfg = self.task_config
@@ -275,3 +299,68 @@ def _instantiate(name_or_path: str, kind: str, n_classes: int, pad_id: int) -> n
 
 def _load_model(name_or_path: str, kind: str, n_classes: int, pad_id: int) -> nn.Module:
     return HFModel(_instantiate(name_or_path, kind, n_classes, pad_id)).eval()
+
+
+class TokenExamples:
+    """A split as an Arrow table of token ids (a `datasets.Dataset`, memory-mapped when it came from a file):
+    `slice` / `take` turn only the requested rows into right-padded tensors [b, 2, L_b] (ids, attention mask)
+    and targets, so memory follows the batch, not the corpus. `inputs` / `targets` materialise everything
+    (for code that needs the whole split at once, e.g. the exact path on small models)."""
+
+    padded = True
+
+    def __init__(self, dataset, kind: str, pad_id: int, completion_only: bool):
+        self.dataset, self.kind, self.pad_id, self.completion_only = dataset, kind, pad_id, completion_only
+        table = dataset.data.table
+        self.ids = table.column("id").to_numpy().astype(np.int64)  # [N]
+        labels = "label" if kind == "sequence_classification" else "n_targets"
+        self.labels = np.asarray(table.column(labels).to_numpy(zero_copy_only=False))  # [N]
+        self._whole: Optional[Examples] = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def texts(self) -> np.ndarray:
+        return np.asarray(self.dataset.data.table.column("text").to_pylist(), dtype=object)
+
+    def slice(self, start: int, stop: int) -> Examples:
+        return self.take(np.arange(start, min(stop, len(self))))
+
+    def take(self, rows) -> Examples:
+        index = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows).reshape(-1)
+        if len(index) and np.all(np.diff(index) == 1):
+            batch = self.dataset[int(index[0]) : int(index[-1]) + 1]
+        else:
+            batch = self.dataset[[int(i) for i in index]]
+        tokens = batch["input_ids"]
+        width = max([len(t) for t in tokens] + [1])
+        n = len(tokens)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(n, width, dtype=torch.long)
+        for i, t in enumerate(tokens):
+            ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[i, : len(t)] = 1
+        inputs = torch.stack([ids, mask], dim=1)  # [b, 2, L_b]
+        if self.kind == "sequence_classification":
+            targets = torch.tensor(batch["target"], dtype=torch.long)  # [b]
+        else:
+            targets = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE))  # [b, L_b]
+            if self.completion_only:
+                for i, p in enumerate(batch["n_prompt"]):
+                    targets[i, : min(p, width)] = IGNORE
+        return Examples(inputs, targets, self.ids[index], self.labels[index],
+                        np.asarray(batch["text"], dtype=object), padded=True)
+
+    def _all(self) -> Examples:
+        if self._whole is None:
+            self._whole = self.take(np.arange(len(self)))
+        return self._whole
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self._all().inputs
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self._all().targets
