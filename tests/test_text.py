@@ -99,6 +99,7 @@ def test_padding_and_batch_composition_do_not_change_rows(tiny_lm):
     computer = make_gradient_computer(task.make_model(), task.per_example_loss, config.gradients, config.projection)
     train = task.examples("train")
     alone = torch.cat([computer(*_io(train.slice(i, i + 1)))[0] for i in range(8)])
+    assert train._whole is None  # batches come from the Arrow table; the split is never padded as a whole
     batched = computer(*_io(train.slice(0, 8)))[0]
     reordered = computer(*_io(train.take(torch.tensor([7, 3, 0, 5, 1, 6, 2, 4]))))[0]
     padded_wide = train.take(torch.arange(8))

@@ -72,14 +72,13 @@ def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] 
             if progress:
                 print(f"  {name:<13} skipped: {err}")
             continue
-        chosen_scores = scores
-        stats = agreement(gold, chosen_scores)
+        stats = agreement(gold, scores)
         results["methods"][name] = {
             **info,
             "cosine": stats["cosine"].tolist(),
             "stderr": stats["stderr"].tolist(),
             "spearman": stats["spearman"].tolist(),
-            "seed_curve": {str(k): v for k, v in seed_curve(loo, full, chosen_scores).items()},
+            "seed_curve": {str(k): v for k, v in seed_curve(loo, full, scores).items()},
         }
         if progress:
             c = stats["cosine"]
@@ -91,7 +90,6 @@ def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] 
         write_plots(results, out)
         write_report(results, out)
     return results
-
 
 
 def metagrad_scores(store, gt_root: Path, manifest: dict, overrides: Optional[dict], progress: bool) -> tuple[np.ndarray, dict]:
