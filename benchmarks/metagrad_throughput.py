@@ -40,7 +40,7 @@ def main() -> None:
         model = load_model(config, task)
         train, test = task.examples("train"), task.examples("test").slice(0, 8)
         rows = list(range(len(train)))
-        for label, schedule in (("50 evaluation points", {"epochs": 50, "eval_every": 2}),
+        for label, schedule in (("25 evaluation points", {"epochs": 50, "eval_every": 2}),
                                 ("final point only", {"epochs": 50, "eval_every": 50})):
             spec = dataclasses.replace(config.groundtruth, coupling="subtract", **schedule)
             began = time.perf_counter()
