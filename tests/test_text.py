@@ -249,6 +249,8 @@ def test_bad_input_is_a_clear_error(tiny_lm, tmp_path):
         make_task(*_sections(text_config(tiny_lm, task={"max_length": 8, "truncation": False})))
     with pytest.raises(ConfigError, match="exceeds the model's context of 64 tokens"):
         make_task(*_sections(text_config(tiny_lm, task={"max_length": 65})))
+    with pytest.raises(DataError, match="no id column 'doc_id'"):
+        make_task(*_sections(text_config(tiny_lm, task={"id_column": "doc_id"})))
     with pytest.raises(DataError, match="has no column 'body'"):
         make_task(*_sections(text_config(tiny_lm, task={"text_column": "body"})))
     with pytest.raises(ConfigError, match="nothing to train"):

@@ -113,6 +113,9 @@ class TextTask(Task):
             if task.label_column not in records.column_names:
                 raise DataError(f"task.dataset has no label column '{task.label_column}': set task.label_column")
             self.classes = sorted(set(train_records[task.label_column]))
+        if task.id_column and task.id_column not in records.column_names:
+            raise DataError(f"task.dataset has no id column '{task.id_column}' (it has {records.column_names}): "
+                            "set task.id_column, or leave it unset for row numbers")
         self._splits = {}
         for split, part in (("train", train_records), ("test", test_records)):
             check_not_empty(len(part), f"the {split} split of task.dataset")
