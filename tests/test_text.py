@@ -296,3 +296,24 @@ def test_full_norms_off_records_the_stored_rows_norm(tiny_lm):
     torch.testing.assert_close(rows_off, rows_on)
     torch.testing.assert_close(norms_off, rows_off.pow(2).sum(1))
     assert not torch.allclose(norms_on, norms_off, rtol=1e-3)  # the full gradient's norm is another number
+
+
+def test_text_and_parquet_files_and_dataset_objects(tiny_lm, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tdastore.tasks.text import TextTask
+
+    docs = [json.loads(line)["text"] for line in (tiny_lm / "corpus.jsonl").read_text().splitlines()][:40]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")  # one paragraph per document
+    pq.write_table(pa.table({"text": docs}), tmp_path / "corpus.parquet")
+    texts = []
+    for name in ("corpus.txt", "corpus.parquet"):
+        config = text_config(tiny_lm, task={"dataset": str(tmp_path / name), "id_column": None, "test_fraction": 0.25})
+        task = make_task(config.task, config.model)
+        assert len(task.examples("train")) + len(task.examples("test")) == 40
+        texts.append(sorted(str(t) for t in task.examples("train").texts))
+    assert texts[0] == texts[1]
+    from_object = TextTask(config.task, config.model, dataset=datasets.Dataset.from_dict({"text": docs}))
+    assert sorted(str(t) for t in from_object.examples("train").texts) == texts[1]

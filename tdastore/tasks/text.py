@@ -67,6 +67,9 @@ def load_records(source, text_column: str, where: str):
         loader = FILE_LOADERS[path.suffix]
         extra = {"sample_by": "paragraph"} if loader == "text" else {}
         records = datasets.load_dataset(loader, data_files=str(path), split="train", **extra)
+        if loader == "text":  # paragraphs keep their line breaks: one document each, trimmed, blank ones dropped
+            records = records.map(lambda b: {"text": [t.strip() for t in b["text"]]}, batched=True)
+            records = records.filter(lambda b: [bool(t) for t in b["text"]], batched=True)
     elif path.is_dir():
         records = datasets.load_from_disk(str(path))
     else:
