@@ -58,12 +58,17 @@ def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] 
                "n_test": len(test), "n_left_out": len(left), "n_seeds": len(manifest["seeds"]), "methods": {}}
     for name in methods or DEFAULT_METHODS:
         get_method(name)  # unknown names fail before any work
+    scorer = None  # one exact-path scorer for every method: lambda_0 and the Hessian's lowest eigenvalue once
     for name in methods or DEFAULT_METHODS:
         chosen = choose_path(store, name, path)
         settings = {"attribution": {**((overrides or {}).get("attribution", {})), "path": chosen}}
         try:
             if get_method(name).further_training:
                 scores, info = metagrad_scores(store, gt_root, manifest, overrides, progress)  # [E, T, L]
+            elif chosen == "exact":
+                scorer = scorer or _shared_scorer(store, name, settings)
+                scores, info = _exact_scores(scorer, name, test)
+                scores = scores[:, left]  # [T, L]
             else:
                 scores, info = method_scores(store, name, test, settings)
                 scores = scores[:, left]  # [T, L]
@@ -90,6 +95,20 @@ def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] 
         write_plots(results, out)
         write_report(results, out)
     return results
+
+
+def _shared_scorer(store, method: str, settings: dict):
+    from tdastore.precond.exact_methods import ExactScorer
+
+    ctx = QueryContext(store, method, settings)
+    return ExactScorer(ctx.model, ctx.task, ctx.config)
+
+
+def _exact_scores(scorer, method: str, test) -> tuple[np.ndarray, dict]:
+    """One method's [T, N] scores on the shared scorer, with only this method's settings in its info."""
+    scorer.info = {k: v for k, v in scorer.info.items() if k in ("path", "params")}
+    scores = scorer.scores(get_method(method), test).numpy()
+    return scores, {k: v for k, v in scorer.info.items() if isinstance(v, (int, float, str))}
 
 
 def metagrad_scores(store, gt_root: Path, manifest: dict, overrides: Optional[dict], progress: bool) -> tuple[np.ndarray, dict]:

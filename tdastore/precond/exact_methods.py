@@ -38,6 +38,7 @@ class ExactScorer:
             task.examples("train"), config.attribution,
         )
         self.info: dict = {"path": "exact", "params": self.space.p}
+        self._lowest = None
 
     def test_gradients(self, test: Examples) -> torch.Tensor:
         """grad g(z) for each test input: [m, p]."""
@@ -85,9 +86,10 @@ class ExactScorer:
         attribution.hessian_auto_damping, lambda is raised to 1.5 x |lowest eigenvalue| when that is larger."""
         if not self.config.attribution.hessian_auto_damping:
             return damping
-        if "hessian_lowest_eigenvalue" not in self.info:
-            self.info["hessian_lowest_eigenvalue"] = lowest_eigenvalue(self.space.hvp, self.space.p)
-        return max(damping, -1.5 * self.info["hessian_lowest_eigenvalue"])
+        if self._lowest is None:  # one Lanczos run per scorer, shared by if_h and if_gen
+            self._lowest = lowest_eigenvalue(self.space.hvp, self.space.p)
+        self.info["hessian_lowest_eigenvalue"] = self._lowest
+        return max(damping, -1.5 * self._lowest)
 
     def _minibatch_gnvp(self):
         size = self.config.attribution.lissa_batch_size
