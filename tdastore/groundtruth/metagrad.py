@@ -92,9 +92,9 @@ class MetaGradient:
         in the batch (the derivative of the weighted batch mean), 0 for the rest."""
         per_example = vmap(grad(lambda th, x, y: self.task.per_example_loss(
             self._outputs(th, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(0)), in_dims=(None, 0, 0))
-        jac = torch.zeros(len(self.rows), theta.numel(), dtype=theta.dtype)
         if self.cfg.coupling == "subtract":
             return per_example(theta, self.train.inputs[self.rows], self.train.targets[self.rows]) / self.n
+        jac = torch.zeros(len(self.rows), theta.numel(), dtype=theta.dtype)  # [R, p]
         slot = self.slot[batch]
         inside = batch[slot >= 0]
         if len(inside):

@@ -11,7 +11,6 @@ so its scores line up with loo.zarr entry by entry; a unit's region is exactly o
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from tdastore.config import Config, config_to_dict, load_config
 from tdastore.distributed.ray_session import ray_session
 from tdastore.errors import StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
-from tdastore.groundtruth.pool import drive_units, read_groundtruth_manifest
+from tdastore.groundtruth.pool import done_units, drive_units, read_groundtruth_manifest, read_job_manifest
 from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
 from tdastore.tasks.tabular import make_task
 from tdastore.training import load_model
@@ -91,13 +90,7 @@ def prepare_metagrad(config: Config, groundtruth: Union[str, Path]) -> tuple[Pat
 
 
 def read_metagrad_manifest(root: Path) -> dict:
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise StoreError(f"'{root}' is not a metagradient store (no manifest.json): run `tdastore metagrad` first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("kind") != METAGRAD_KIND:
-        raise StoreError(f"'{root}' is not a metagradient store (it is a {manifest.get('kind', 'gradient')} store)")
-    return manifest
+    return read_job_manifest(root, METAGRAD_KIND, "metagradient", "tdastore metagrad")
 
 
 def run_metagrad_unit(config: Config, gt_config: Config, root: Path, unit: MetagradUnit, manifest: dict) -> float:
@@ -130,10 +123,6 @@ def _metagrad_task(config_dict: dict, gt_config_dict: dict, root: str, unit: Met
     return run_metagrad_unit(load_config(config_dict), load_config(gt_config_dict), Path(root), unit, manifest)
 
 
-def _done(root: Path) -> set[str]:
-    return {p.name[: -len(".done")] for p in (root / "units").glob("*.done")}
-
-
 def run_metagrad(config: Config, groundtruth: Union[str, Path, None] = None, address: Optional[str] = None,
                  progress: bool = True) -> Path:
     """Run (or resume) the metagradient job for a finished ground truth on Ray; returns its store's path."""
@@ -143,14 +132,14 @@ def run_metagrad(config: Config, groundtruth: Union[str, Path, None] = None, add
         raise StoreError(f"ground truth '{groundtruth}' is incomplete: finish `tdastore ground-truth` first")
     root, manifest, gt_config = prepare_metagrad(config, groundtruth)
     units = _plan(len(manifest["seeds"]), len(manifest["test_rows"]), config.metagrad.seed_block, config.metagrad.test_block)
-    pending = [u for u in units if u.name not in _done(root)]
+    pending = [u for u in units if u.name not in done_units(root)]
     if pending:
         with ray_session(address or config.build.address, num_cpus=max(2, config.metagrad.workers)):
             remote = _metagrad_task.options(num_cpus=1, max_retries=config.build.max_retries)
             args = (config_to_dict(config), config_to_dict(gt_config), str(root))
             drive_units(lambda unit: remote.remote(*args, unit, manifest), pending, len(units),
                         config.metagrad.workers, "metagrad", progress)
-    if _done(root) >= {u.name for u in units}:
+    if done_units(root) >= {u.name for u in units}:
         manifest = read_metagrad_manifest(root)
         manifest["status"] = "complete"
         write_json_atomic(root / "manifest.json", manifest)

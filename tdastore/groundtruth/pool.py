@@ -127,12 +127,17 @@ def prepare_groundtruth(config: Config) -> tuple[Path, dict]:
 
 
 def read_groundtruth_manifest(root: Path) -> dict:
+    return read_job_manifest(root, GT_KIND, "ground-truth", "tdastore ground-truth")
+
+
+def read_job_manifest(root: Path, kind: str, what: str, command: str) -> dict:
+    """The manifest of a job store of `kind`, or an error naming what the directory is and what makes one."""
     path = Path(root) / "manifest.json"
     if not path.is_file():
-        raise StoreError(f"'{root}' is not a ground-truth store (no manifest.json): run `tdastore ground-truth` first")
+        raise StoreError(f"'{root}' is not a {what} store (no manifest.json): run `{command}` first")
     manifest = json.loads(path.read_text())
-    if manifest.get("kind") != GT_KIND:
-        raise StoreError(f"'{root}' is not a ground-truth store (it is a {manifest.get('kind', 'gradient')} store)")
+    if manifest.get("kind") != kind:
+        raise StoreError(f"'{root}' is not a {what} store (it is a {manifest.get('kind', 'gradient')} store)")
     return manifest
 
 
