@@ -206,7 +206,8 @@ def make_parser() -> argparse.ArgumentParser:
     query.add_argument("store", help="store directory")
     query.add_argument("--method", default="grad_dot", help="a method of `tdastore methods` (default grad_dot)")
     source = query.add_mutually_exclusive_group()
-    source.add_argument("--inputs", default=None, help=".csv/.parquet with the task's feature and target columns")
+    source.add_argument("--inputs", default=None, help=".csv/.parquet with the task's feature and target columns; "
+                        "text stores: .jsonl/.json/.parquet/.csv/.txt documents (prompts)")
     source.add_argument("--split", choices=["test", "train"], default=None, help="a split of the store's task")
     query.add_argument("--top-k", type=int, default=10, help="training rows per test input")
     query.add_argument("--kind", choices=["flat", "ivf", "hnsw", "sq8", "pq"], default=None,

@@ -26,6 +26,7 @@ from tdastore.precond.exact_methods import ExactScorer
 from tdastore.precond.projected import fit_or_load, operator_key
 from tdastore.tasks.base import Examples, model_fingerprint
 from tdastore.tasks.tabular import make_task
+from tdastore.tasks.text import TokenExamples
 from tdastore.training import load_model
 
 
@@ -67,7 +68,7 @@ class QueryContext:
     def test_examples(self, split: Optional[str], inputs) -> Examples:
         if inputs is None:
             return self.task.examples(split or "test")
-        if isinstance(inputs, Examples):
+        if isinstance(inputs, (Examples, TokenExamples)):
             if hasattr(self.task, "n_features") and tuple(inputs.inputs.shape[1:]) != (self.task.n_features,):
                 raise DataError(
                     f"test inputs have {tuple(inputs.inputs.shape[1:])} features per row, the task has {self.task.n_features}"

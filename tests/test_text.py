@@ -158,6 +158,11 @@ def test_end_to_end_build_index_query_by_local_path(ray_cluster, tiny_lm, tmp_pa
         top = table.filter(table.column("rank").to_numpy() == 1)
         assert top.column("train_row").to_pylist() == picks
         assert top.column("train_text").to_pylist() == [str(train.texts[i]) for i in picks]
+    # the task's own split object works as inputs too (Arrow-backed, not re-tokenised)
+    table = store.query("grad_cos", inputs=task.examples("train").take(np.array(picks)), top_k=1)
+    assert table.column("train_row").to_pylist() == picks
+    split_rows = store.query("grad_cos", inputs=task.examples("test"), top_k=1)
+    assert split_rows.num_rows == len(task.examples("test"))
     # a prompt (the start of a document) through the CLI, results with text in Parquet
     prompt = tmp_path / "prompts.jsonl"
     prompt.write_text(json.dumps({"text": " ".join(str(train.texts[42]).split()[:10])}))
