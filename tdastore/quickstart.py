@@ -85,14 +85,14 @@ def run_quickstart(output: str = "runs/quickstart", datasets: Optional[list[str]
                 tdastore.train(config, progress=progress)
             store = build_store(config, root / "store", progress=progress)
             gt_root = run_groundtruth(config, progress=progress)
-            results = evaluate(store, gt_root, out=root / "evaluation", progress=True)
+            results = evaluate(store, gt_root, out=root / "evaluation", progress=progress)
             summaries[name] = results
             print(_table(results))
             print(f"report: {root / 'evaluation' / 'report.md'}")
             if name == "diabetes":
                 print(f"\n== {name}: subtract-coupling gold standard (the metagradient's exact setting) ==")
                 sub_root = run_groundtruth(subtract_config(config, root), progress=progress)
-                results = evaluate(store, sub_root, out=root / "evaluation-subtract", progress=True)
+                results = evaluate(store, sub_root, out=root / "evaluation-subtract", progress=progress)
                 summaries[f"{name}-subtract"] = results
                 print(_table(results))
                 print(f"report: {root / 'evaluation-subtract' / 'report.md'}")
