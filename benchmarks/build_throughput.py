@@ -46,15 +46,17 @@ def make_config(work: Path, rows: int, features: int, hidden: list[int], project
     data = work / f"data_{rows}_{features}.parquet"
     if not data.exists():
         write_synthetic_regression(data, rows, features)
-    config = load_config({
-        "task": {"dataset": str(data), "kind": "regression", "target": "y", "test_fraction": 0.01},
-        "model": {"hidden": hidden},
-        "train": {"output_dir": str(work / f"model_{features}_{'_'.join(map(str, hidden))}")},
-        "gradients": {"batch_size": BATCH},
-        "projection": projection,
-        "store": {"dtype": dtype, "chunk_rows": 512, "shard_rows": 2048},
-        "build": {"workers": 2, "cpus_per_worker": 1},
-    })
+    config = load_config(
+        {
+            "task": {"dataset": str(data), "kind": "regression", "target": "y", "test_fraction": 0.01},
+            "model": {"hidden": hidden},
+            "train": {"output_dir": str(work / f"model_{features}_{'_'.join(map(str, hidden))}")},
+            "gradients": {"batch_size": BATCH},
+            "projection": projection,
+            "store": {"dtype": dtype, "chunk_rows": 512, "shard_rows": 2048},
+            "build": {"workers": 2, "cpus_per_worker": 1},
+        }
+    )
     task = make_task(config.task, config.model)
     save_model(task.make_model(), config, Path(config.train.output_dir))
     return config
@@ -145,8 +147,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        print(f"dense gaussian projection (B={BATCH}, p=18,049 -> k=1024) / raw torch.mm of the same shapes: "
-              f"{dense_projection_vs_mm():.2f}")
+        print(
+            f"dense gaussian projection (B={BATCH}, p=18,049 -> k=1024) / raw torch.mm of the same shapes: "
+            f"{dense_projection_vs_mm():.2f}"
+        )
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         for model_name, (features, hidden) in MODELS.items():
             step_rate = training_step_rate(features, hidden, threads=1)
@@ -154,18 +158,26 @@ def main() -> None:
                 n = rows if proj_name != "none" or features < 100 else min(rows, 4096)  # unprojected 106k: 1.7 GB
                 config = make_config(work, n, features, hidden, projection, "float16")
                 per_worker, gradients_only, end_to_end = build_rates(config, work, f"{model_name}_{proj_name}")
-                print(f"build/train-step {model_name} {proj_name}: {per_worker / step_rate:.3f} "
-                      f"(build {per_worker:,.0f} ex/s per worker thread, train step {step_rate:,.0f} ex/s on one thread; "
-                      f"end to end with 2 workers incl. start-up {end_to_end:,.0f} ex/s over {n:,} rows)")
-                print(f"gradients-only/train-step {model_name} {proj_name}: {gradients_only / step_rate:.3f} "
-                      f"(the build without its store writes: {gradients_only:,.0f} ex/s per worker thread)")
+                print(
+                    f"build/train-step {model_name} {proj_name}: {per_worker / step_rate:.3f} "
+                    f"(build {per_worker:,.0f} ex/s per worker thread, train step {step_rate:,.0f} ex/s on one thread; "
+                    f"end to end with 2 workers incl. start-up {end_to_end:,.0f} ex/s over {n:,} rows)"
+                )
+                print(
+                    f"gradients-only/train-step {model_name} {proj_name}: {gradients_only / step_rate:.3f} "
+                    f"(the build without its store writes: {gradients_only:,.0f} ex/s per worker thread)"
+                )
         ray.shutdown()
         if not args.quick:
             small, large = peak_memory(work, 10_000), peak_memory(work, 100_000)
-            print(f"peak memory 100k/10k rows, worker: {large['worker_mb'] / small['worker_mb']:.3f} "
-                  f"({small['worker_mb']:.0f} -> {large['worker_mb']:.0f} MB)")
-            print(f"peak memory 100k/10k rows, driver: {large['driver_mb'] / small['driver_mb']:.3f} "
-                  f"({small['driver_mb']:.0f} -> {large['driver_mb']:.0f} MB)")
+            print(
+                f"peak memory 100k/10k rows, worker: {large['worker_mb'] / small['worker_mb']:.3f} "
+                f"({small['worker_mb']:.0f} -> {large['worker_mb']:.0f} MB)"
+            )
+            print(
+                f"peak memory 100k/10k rows, driver: {large['driver_mb'] / small['driver_mb']:.3f} "
+                f"({small['driver_mb']:.0f} -> {large['driver_mb']:.0f} MB)"
+            )
 
 
 if __name__ == "__main__":

@@ -76,13 +76,24 @@ def mm_flops(seconds_budget: float = 1.0) -> float:
 def pool_seconds(work: Path, workers: int, threads: int, name: str) -> float:
     from tdastore.groundtruth.pool import run_groundtruth
 
-    config = tdastore.load_config({
-        "task": {"dataset": "diabetes"}, "model": {"hidden": [128, 128]},
-        "train": {"epochs": 50, "output_dir": str(work / "model")},
-        "groundtruth": {"epochs": 20, "lr": 0.003, "seeds": 8, "seed_block": 2, "left_out_count": 50,
-                        "left_out_block": 50, "workers": workers, "threads_per_worker": threads,
-                        "output": str(work / name)},
-    })
+    config = tdastore.load_config(
+        {
+            "task": {"dataset": "diabetes"},
+            "model": {"hidden": [128, 128]},
+            "train": {"epochs": 50, "output_dir": str(work / "model")},
+            "groundtruth": {
+                "epochs": 20,
+                "lr": 0.003,
+                "seeds": 8,
+                "seed_block": 2,
+                "left_out_count": 50,
+                "left_out_block": 50,
+                "workers": workers,
+                "threads_per_worker": threads,
+                "output": str(work / name),
+            },
+        }
+    )
     if not (work / "model").exists():
         tdastore.train(config, progress=False)
     began = time.perf_counter()
@@ -111,10 +122,14 @@ def main() -> None:
     sequential_seconds = sequential(task, model, train, test, cfg, replicas)
     params = sum(p.numel() for p in model.parameters())
     engine_flops = 6 * params * cfg.batch_size * steps / vectorised
-    print(f"vectorised / sequential replica-steps per s ({len(replicas)} replicas, {cfg.epochs} epochs, 1 thread): "
-          f"{sequential_seconds / vectorised:.1f} ({steps / vectorised:,.0f} vs {steps / sequential_seconds:,.0f})")
-    print(f"engine FLOP rate / raw torch.mm FLOP rate (1 thread): {engine_flops / mm_flops():.2f} "
-          f"({engine_flops / 1e9:.1f} GFLOP/s counted as 6 x {params:,} params x {cfg.batch_size} per replica-step)")
+    print(
+        f"vectorised / sequential replica-steps per s ({len(replicas)} replicas, {cfg.epochs} epochs, 1 thread): "
+        f"{sequential_seconds / vectorised:.1f} ({steps / vectorised:,.0f} vs {steps / sequential_seconds:,.0f})"
+    )
+    print(
+        f"engine FLOP rate / raw torch.mm FLOP rate (1 thread): {engine_flops / mm_flops():.2f} "
+        f"({engine_flops / 1e9:.1f} GFLOP/s counted as 6 x {params:,} params x {cfg.batch_size} per replica-step)"
+    )
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")

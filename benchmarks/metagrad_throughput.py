@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -40,8 +39,10 @@ def main() -> None:
         model = load_model(config, task)
         train, test = task.examples("train"), task.examples("test").slice(0, 8)
         rows = list(range(len(train)))
-        for label, schedule in (("25 evaluation points", {"epochs": 50, "eval_every": 2}),
-                                ("final point only", {"epochs": 50, "eval_every": 50})):
+        for label, schedule in (
+            ("25 evaluation points", {"epochs": 50, "eval_every": 2}),
+            ("final point only", {"epochs": 50, "eval_every": 50}),
+        ):
             spec = dataclasses.replace(config.groundtruth, coupling="subtract", **schedule)
             began = time.perf_counter()
             values = ReplicaTrainer(model, task, spec, train, test).run([0], rows).numpy()[:, :, 0]  # [E, T, 1 + N]
@@ -53,9 +54,11 @@ def main() -> None:
                 scores = -meta.gradients(0, mode).numpy()  # [E, T, N]
                 t_meta = time.perf_counter() - began
                 cos = cosine_rows(effects, scores).mean(1)
-                print(f"metagrad {mode} / N+1 runs, {label}: {t_meta / t_runs:.3f} ({t_meta:.1f} s vs {t_runs:.1f} s for "
-                      f"{len(rows) + 1} runs; auto picks {meta.choose_mode()}); cosine to the runs first {cos[0]:.3f}, "
-                      f"last {cos[-1]:.3f}")
+                print(
+                    f"metagrad {mode} / N+1 runs, {label}: {t_meta / t_runs:.3f} ({t_meta:.1f} s vs {t_runs:.1f} s for "
+                    f"{len(rows) + 1} runs; auto picks {meta.choose_mode()}); cosine to the runs first {cos[0]:.3f}, "
+                    f"last {cos[-1]:.3f}"
+                )
 
 
 if __name__ == "__main__":

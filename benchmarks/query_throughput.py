@@ -45,10 +45,19 @@ def synthetic_store(root: Path, rows: int, dim: int, shard_rows: int = 65536) ->
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(32, dim)).astype(np.float32)
     for shard in plan_shards(rows, shard_rows):
-        block = rng.normal(size=(shard.rows, 32)).astype(np.float32) @ basis + 0.3 * rng.normal(size=(shard.rows, dim)).astype(np.float32)
-        meta = pa.table({"example_id": np.arange(shard.start, shard.stop), "row": np.arange(shard.start, shard.stop),
-                         "label": np.zeros(shard.rows), "loss": np.zeros(shard.rows, np.float32),
-                         "grad_norm": np.zeros(shard.rows, np.float32), "shard": np.full(shard.rows, shard.index, np.int32)})
+        block = rng.normal(size=(shard.rows, 32)).astype(np.float32) @ basis + 0.3 * rng.normal(
+            size=(shard.rows, dim)
+        ).astype(np.float32)
+        meta = pa.table(
+            {
+                "example_id": np.arange(shard.start, shard.stop),
+                "row": np.arange(shard.start, shard.stop),
+                "label": np.zeros(shard.rows),
+                "loss": np.zeros(shard.rows, np.float32),
+                "grad_norm": np.zeros(shard.rows, np.float32),
+                "shard": np.full(shard.rows, shard.index, np.int32),
+            }
+        )
         write_shard(root, shard, block.astype(np.float16), meta)
     finalize_store(root, manifest, {})
     return GradientStore(root)
@@ -80,14 +89,16 @@ def faiss_side_by_side(work: Path) -> list[str]:
     from tdastore.tasks.synthetic import write_synthetic_regression
 
     write_synthetic_regression(work / "data.parquet", 101_000, 20)
-    config = tdastore.load_config({
-        "task": {"dataset": str(work / "data.parquet"), "kind": "regression", "target": "y", "test_fraction": 0.01},
-        "model": {"hidden": [64, 64]},
-        "train": {"epochs": 2, "lr": 0.01, "batch_size": 256, "output_dir": str(work / "model")},
-        "gradients": {"batch_size": 1024},
-        "projection": {"kind": "factored", "factors": [8, 8]},
-        "store": {"chunk_rows": 4096, "shard_rows": 16384},
-    })
+    config = tdastore.load_config(
+        {
+            "task": {"dataset": str(work / "data.parquet"), "kind": "regression", "target": "y", "test_fraction": 0.01},
+            "model": {"hidden": [64, 64]},
+            "train": {"epochs": 2, "lr": 0.01, "batch_size": 256, "output_dir": str(work / "model")},
+            "gradients": {"batch_size": 1024},
+            "projection": {"kind": "factored", "factors": [8, 8]},
+            "store": {"chunk_rows": 4096, "shard_rows": 16384},
+        }
+    )
     tdastore.train(config, progress=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     store = build_store(config, work / "store", progress=False)
@@ -106,8 +117,10 @@ def faiss_side_by_side(work: Path) -> list[str]:
             seconds = time.perf_counter() - began
             found = result.column("train_row").to_numpy().reshape(-1, 10)
             recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(reference, found)])
-            lines.append(f"faiss {method} {kind} vs flat ({store.n_rows:,} x {store.dim}, {len(reference)} queries): "
-                         f"speed-up {flat_seconds / seconds:.2f}, recall@10 {recall:.3f}")
+            lines.append(
+                f"faiss {method} {kind} vs flat ({store.n_rows:,} x {store.dim}, {len(reference)} queries): "
+                f"speed-up {flat_seconds / seconds:.2f}, recall@10 {recall:.3f}"
+            )
     return lines
 
 
@@ -123,8 +136,10 @@ def main() -> None:
         store = synthetic_store(work / "scores", args.rows, args.dim)
         queries = np.random.default_rng(1).normal(size=(args.queries, args.dim)).astype(np.float32)
         ratio, streamed, raw = score_matrix_ratio(store, queries)
-        print(f"full score matrix {args.queries:,} x {args.rows:,} (k={args.dim}, float16 zstd on disk) / raw torch.mm "
-              f"in memory: {ratio:.2f} (streamed {streamed:.1f} s, raw mm {raw:.1f} s)")
+        print(
+            f"full score matrix {args.queries:,} x {args.rows:,} (k={args.dim}, float16 zstd on disk) / raw torch.mm "
+            f"in memory: {ratio:.2f} (streamed {streamed:.1f} s, raw mm {raw:.1f} s)"
+        )
         if not args.skip_faiss:
             for line in faiss_side_by_side(work):
                 print(line)

@@ -40,9 +40,14 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        config = tdastore.load_config({"task": {"dataset": "diabetes"}, "train": {"epochs": 100, "lr": 0.01, "batch_size": 32,
-                                       "output_dir": str(work / "model")}, "projection": {"kind": "gaussian", "dim": 256},
-                                       "store": {"chunk_rows": 64, "shard_rows": 64}})
+        config = tdastore.load_config(
+            {
+                "task": {"dataset": "diabetes"},
+                "train": {"epochs": 100, "lr": 0.01, "batch_size": 32, "output_dir": str(work / "model")},
+                "projection": {"kind": "gaussian", "dim": 256},
+                "store": {"chunk_rows": 64, "shard_rows": 64},
+            }
+        )
         tdastore.train(config, progress=False)
         store = build_store(config, work / "store", progress=False)
         actors, meta = start_replicas(str(store.root), args.replicas, "flat")
@@ -50,13 +55,23 @@ def main() -> None:
         task = QueryContext(store, args.method).task
         ids = task.examples("test").ids
         bunch = load_diabetes()
-        bodies = [json.dumps({"method": args.method, "inputs": [bunch.data[i].tolist()], "targets": [float(bunch.target[i])],
-                              "top_k": 10}).encode() for i in ids]
+        bodies = [
+            json.dumps(
+                {
+                    "method": args.method,
+                    "inputs": [bunch.data[i].tolist()],
+                    "targets": [float(bunch.target[i])],
+                    "top_k": 10,
+                }
+            ).encode()
+            for i in ids
+        ]
 
         def one(i: int) -> tuple[int, float]:
             began = time.perf_counter()
-            request = urllib.request.Request(server.url + "/query", data=bodies[i % len(bodies)],
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                server.url + "/query", data=bodies[i % len(bodies)], headers={"Content-Type": "application/json"}
+            )
             try:
                 with urllib.request.urlopen(request, timeout=60) as response:
                     response.read()
@@ -81,7 +96,10 @@ def main() -> None:
         api_ms = (time.perf_counter() - began) / 20 * 1000
         server.stop()
     ray.shutdown()
-    print(f"serve {args.requests} requests, {args.clients} clients, {args.replicas} replicas: {args.requests / wall:.0f} requests/s, errors {errors}")
+    print(
+        f"serve {args.requests} requests, {args.clients} clients, {args.replicas} replicas: "
+        f"{args.requests / wall:.0f} requests/s, errors {errors}"
+    )
     print(f"serve latency p50: {np.percentile(latencies, 50):.1f} ms")
     print(f"serve latency p99: {np.percentile(latencies, 99):.1f} ms")
     print(f"python api store.query (opens model and index per call) for comparison: {api_ms:.1f} ms")

@@ -57,8 +57,17 @@ def make_model(work: Path) -> Path:
 
     tokenizer = train_tokenizer(stdlib_documents(), 4096)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=256, n_embd=256, n_layer=4, n_head=4,
-                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=4096,
+            n_positions=256,
+            n_embd=256,
+            n_layer=4,
+            n_head=4,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+        )
+    )
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     return work / "model"
@@ -67,14 +76,22 @@ def make_model(work: Path) -> Path:
 def config_for(work: Path, corpus: Path, name: str, full_norms: bool = False):
     from tdastore.config import load_config
 
-    return load_config({
-        "task": {"dataset": str(corpus), "kind": "causal_lm", "max_length": LENGTH, "id_column": "id", "test_fraction": 0.01},
-        "model": {"name_or_path": str(work / "model")},
-        "gradients": {"modules": ["*.c_attn", "*.c_proj", "*.c_fc"], "batch_size": BATCH, "full_norms": full_norms},
-        "projection": {"kind": "factored", "factors": [16, 16]},
-        "store": {"chunk_rows": 128, "shard_rows": 256, "dtype": "float32", "path": str(work / name)},
-        "build": {"workers": 2},
-    })
+    return load_config(
+        {
+            "task": {
+                "dataset": str(corpus),
+                "kind": "causal_lm",
+                "max_length": LENGTH,
+                "id_column": "id",
+                "test_fraction": 0.01,
+            },
+            "model": {"name_or_path": str(work / "model")},
+            "gradients": {"modules": ["*.c_attn", "*.c_proj", "*.c_fc"], "batch_size": BATCH, "full_norms": full_norms},
+            "projection": {"kind": "factored", "factors": [16, 16]},
+            "store": {"chunk_rows": 128, "shard_rows": 256, "dtype": "float32", "path": str(work / name)},
+            "build": {"workers": 2},
+        }
+    )
 
 
 def build_vs_training_step(config) -> tuple[float, float, float]:
@@ -171,25 +188,37 @@ def main() -> None:
         config = config_for(work, corpus, "store")
         for full_norms in (False, True):
             ratio, build_rate, train_rate = build_vs_training_step(config_for(work, corpus, "store", full_norms))
-            print(f"build/train-step tokens/s (GPT-2 4x256, vocab 4096, 16 x 128 tokens, one thread, full_norms="
-                  f"{full_norms}): {ratio:.3f} (build {build_rate:,.0f} tokens/s, training step {train_rate:,.0f} tokens/s)")
+            print(
+                f"build/train-step tokens/s (GPT-2 4x256, vocab 4096, 16 x 128 tokens, one thread, full_norms="
+                f"{full_norms}): {ratio:.3f} (build {build_rate:,.0f} tokens/s, "
+                f"training step {train_rate:,.0f} tokens/s)"
+            )
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         began = time.perf_counter()
         store = build_store(config, config.store.path, progress=False)
         seconds = time.perf_counter() - began
         tokens = store.n_rows * LENGTH
-        print(f"Ray build, 2 workers, end to end incl. start-up: {tokens / seconds:,.0f} tokens/s "
-              f"({store.n_rows:,} documents in {seconds:.1f} s)")
+        print(
+            f"Ray build, 2 workers, end to end incl. start-up: {tokens / seconds:,.0f} tokens/s "
+            f"({store.n_rows:,} documents in {seconds:.1f} s)"
+        )
         ray.shutdown()
         for method, (r, tq, tp) in query_vs_forward_backward(store, config).items():
-            print(f"query 100 prompts / their forward+backward, {method}: {r:.3f} ({tq * 1e3:.0f} ms vs {tp * 1e3:.0f} ms, "
-                  f"{store.n_rows:,}-document store)")
+            print(
+                f"query 100 prompts / their forward+backward, {method}: {r:.3f} "
+                f"({tq * 1e3:.0f} ms vs {tp * 1e3:.0f} ms, "
+                f"{store.n_rows:,}-document store)"
+            )
         if not args.quick:
             small, large = peak_memory(work, 1000), peak_memory(work, 10000)
-            print(f"peak memory 10k/1k documents, worker: {large['worker_mb'] / small['worker_mb']:.3f} "
-                  f"({small['worker_mb']:.0f} -> {large['worker_mb']:.0f} MB)")
-            print(f"peak memory 10k/1k documents, driver: {large['driver_mb'] / small['driver_mb']:.3f} "
-                  f"({small['driver_mb']:.0f} -> {large['driver_mb']:.0f} MB)")
+            print(
+                f"peak memory 10k/1k documents, worker: {large['worker_mb'] / small['worker_mb']:.3f} "
+                f"({small['worker_mb']:.0f} -> {large['worker_mb']:.0f} MB)"
+            )
+            print(
+                f"peak memory 10k/1k documents, driver: {large['driver_mb'] / small['driver_mb']:.3f} "
+                f"({small['driver_mb']:.0f} -> {large['driver_mb']:.0f} MB)"
+            )
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ from _job import parse, require
 
 def main() -> None:
     config, args = parse(__doc__)
+    from pathlib import Path
+
     import tdastore
     from tdastore.distributed.build import build_store
     from tdastore.training import WEIGHTS_FILE
-    from pathlib import Path
 
     output = require(config.store.path, "store.path")
     if not (Path(config.train.output_dir) / WEIGHTS_FILE).is_file():

@@ -5,8 +5,9 @@ from _job import parse, require
 
 def main() -> None:
     config, args = parse(__doc__, lambda p: p.add_argument("--out", default=None, help="report directory"))
-    import tdastore
     from pathlib import Path
+
+    import tdastore
     from tdastore.evaluate.run import evaluate
 
     store = tdastore.open_store(require(config.store.path, "store.path"))

@@ -5,8 +5,9 @@ from _job import parse
 
 def main() -> None:
     config, args = parse(__doc__)
-    import tdastore
     from pathlib import Path
+
+    import tdastore
     from tdastore.groundtruth.pool import run_groundtruth
     from tdastore.training import WEIGHTS_FILE
 

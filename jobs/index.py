@@ -12,15 +12,25 @@ def main() -> None:
 
     store = tdastore.open_store(require(config.store.path, "store.path"))
     for method in config.attribution.methods:
-        ctx = QueryContext(store, method, {"attribution": {**config.attribution.__dict__, "path": "projected"},
-                                           "index": config.index.__dict__})
+        ctx = QueryContext(
+            store,
+            method,
+            {"attribution": {**config.attribution.__dict__, "path": "projected"}, "index": config.index.__dict__},
+        )
         if ctx.method.projected is None:
             print(f"{method}: no projected path, nothing to index")
             continue
         op = ctx.method.operator("projected")
         operator = fit_or_load(store, op, ctx.config.attribution, ctx)
-        handle = build_index(store, ctx.method, operator, operator_key(op, ctx.config.attribution), config.index.kind,
-                             ctx.config.index, progress=False)
+        handle = build_index(
+            store,
+            ctx.method,
+            operator,
+            operator_key(op, ctx.config.attribution),
+            config.index.kind,
+            ctx.config.index,
+            progress=False,
+        )
         print(f"{method}: {handle.directory} ({len(handle.shards)} shard(s))")
 
 

@@ -10,8 +10,15 @@ def main() -> None:
     store = tdastore.open_store(require(config.store.path, "store.path"))
     q = config.query
     overrides = {"attribution": config.attribution.__dict__, "index": config.index.__dict__}
-    table = store.query(q.method, split=None if q.inputs else q.split, inputs=q.inputs, top_k=q.top_k, kind=q.kind,
-                        out=q.out, overrides=overrides)
+    table = store.query(
+        q.method,
+        split=None if q.inputs else q.split,
+        inputs=q.inputs,
+        top_k=q.top_k,
+        kind=q.kind,
+        out=q.out,
+        overrides=overrides,
+    )
     print(f"{table.num_rows} rows written to {q.out}")
 
 

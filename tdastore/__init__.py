@@ -23,7 +23,9 @@ def train(config: Config, progress: bool = True):
     return train_final_model(config, make_task(config.task, config.model), progress=progress)
 
 
-def build(config: Config, output, split: str = "train", address=None, workers=None, progress: bool = True) -> GradientStore:
+def build(
+    config: Config, output, split: str = "train", address=None, workers=None, progress: bool = True
+) -> GradientStore:
     """Build (or resume) the gradient store of `split` at `output` with Ray actors."""
     from tdastore.distributed.build import build_store
 

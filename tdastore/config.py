@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -23,18 +23,21 @@ from tdastore.errors import ConfigError
 class TaskConfig:
     """Which data set and which kind of prediction problem."""
 
-    dataset: str = "diabetes"  # a scikit-learn bundled name, a .csv / .parquet file; text: .jsonl/.json/.parquet/.txt or a hub name
-    kind: Optional[Literal["regression", "classification", "causal_lm", "sequence_classification"]] = None  # None: inferred for bundled sets
-    target: Optional[str] = None  # target column for a file data set
-    features: Optional[list[str]] = None  # feature columns for a file data set (None: all but target)
-    id_column: Optional[str] = None  # column holding example ids (None: row numbers)
+    # a scikit-learn bundled name, a .csv / .parquet file; text: .jsonl/.json/.parquet/.txt or a hub name
+    dataset: str = "diabetes"
+    kind: Literal["regression", "classification", "causal_lm", "sequence_classification"] | None = (
+        None  # None: inferred for bundled sets
+    )
+    target: str | None = None  # target column for a file data set
+    features: list[str] | None = None  # feature columns for a file data set (None: all but target)
+    id_column: str | None = None  # column holding example ids (None: row numbers)
     test_fraction: float = 0.2
     split_seed: int = 0
     standardize_target: bool = True  # regression targets are z-scored with training statistics
     # text tasks (kind causal_lm / sequence_classification, with model.name_or_path)
-    test_dataset: Optional[str] = None  # a separate test file (None: test_fraction of `dataset`)
+    test_dataset: str | None = None  # a separate test file (None: test_fraction of `dataset`)
     text_column: str = "text"
-    prompt_column: Optional[str] = None  # causal_lm: a prompt before the text (masked with completion_only)
+    prompt_column: str | None = None  # causal_lm: a prompt before the text (masked with completion_only)
     label_column: str = "label"  # sequence_classification: the class column
     max_length: int = 128  # tokens per example
     truncation: bool = True  # cut longer documents at max_length (false: longer documents are an error)
@@ -48,8 +51,8 @@ class ModelConfig:
 
     hidden: list[int] = field(default_factory=lambda: [128, 128])
     seed: int = 0
-    name_or_path: Optional[str] = None  # text tasks: a transformers model (hub name or local directory)
-    tokenizer: Optional[str] = None  # None: the model's own
+    name_or_path: str | None = None  # text tasks: a transformers model (hub name or local directory)
+    tokenizer: str | None = None  # None: the model's own
 
 
 @dataclass
@@ -70,9 +73,11 @@ class GradientConfig:
     """Which parameters' per-example gradients are taken, and in what batches."""
 
     params: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on parameter names
-    modules: Optional[list[str]] = None  # or: fnmatch patterns on Linear / Conv1D module names (weights + biases)
+    modules: list[str] | None = None  # or: fnmatch patterns on Linear / Conv1D module names (weights + biases)
     batch_size: int = 256
-    full_norms: bool = True  # factored: record |full per-example gradient| (false: the stored row's norm; faster on long sequences)
+    full_norms: bool = (
+        True  # factored: record |full per-example gradient| (false: the stored row's norm; faster on long sequences)
+    )
 
 
 @dataclass
@@ -97,7 +102,7 @@ class StoreConfig:
     chunk_rows: int = 256  # Zarr chunk height; shards are whole chunks so writers never share one
     shard_rows: int = 1024  # rows per unit of work (a multiple of chunk_rows)
     compressor: Literal["zstd", "lz4", "none"] = "zstd"
-    path: Optional[str] = None  # where the store lives (jobs read it; `tdastore build --output` overrides)
+    path: str | None = None  # where the store lives (jobs read it; `tdastore build --output` overrides)
 
 
 @dataclass
@@ -107,7 +112,7 @@ class BuildConfig:
     workers: int = 2
     cpus_per_worker: float = 1.0
     max_retries: int = 2  # a shard whose worker died is retried on a fresh worker this many times
-    address: Optional[str] = None  # None: RAY_ADDRESS, else a local Ray cluster
+    address: str | None = None  # None: RAY_ADDRESS, else a local Ray cluster
 
 
 @dataclass
@@ -118,13 +123,13 @@ class AttributionConfig:
     damping_factor: float = 10.0  # lambda = factor x lambda_0, lambda_0 = mean squared gradient entry
     hessian_auto_damping: bool = True  # if_h / if_gen: raise lambda to 1.5 x |lowest Hessian eigenvalue| if larger
     lissa_depth: int = 1000
-    lissa_scale: Optional[float] = None  # None: 1.1 x the largest eigenvalue of the damped matrix (converges)
-    lissa_batch_size: Optional[int] = None  # exact path: None = full-batch products (deterministic)
+    lissa_scale: float | None = None  # None: 1.1 x the largest eigenvalue of the damped matrix (converges)
+    lissa_batch_size: int | None = None  # exact path: None = full-batch products (deterministic)
     cg_tol: float = 1e-8  # relative residual
     cg_max_iter: int = 1000
     max_exact_params: int = 200_000  # the exact path is refused above this many parameters
     max_dense_dim: int = 8192  # projected preconditioners are k x k: refused above this k
-    kfac_examples: Optional[int] = None  # projected kfac / ekfac: training examples for the factors (None: all)
+    kfac_examples: int | None = None  # projected kfac / ekfac: training examples for the factors (None: all)
     batch_size: int = 256  # train examples per block when scoring
     methods: list[str] = field(default_factory=lambda: ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf"])
 
@@ -135,11 +140,11 @@ class IndexConfig:
 
     kind: Literal["flat", "ivf", "hnsw", "sq8", "pq"] = "flat"
     shard_rows: int = 262_144  # rows per index shard (whole store shards); searched with a top-k merge
-    nlist: Optional[int] = None  # ivf / pq: None = 4 x sqrt(rows)
+    nlist: int | None = None  # ivf / pq: None = 4 x sqrt(rows)
     nprobe: int = 64
     hnsw_m: int = 32
     ef_search: int = 256
-    pq_m: Optional[int] = None  # pq: sub-quantizers (None: dim / 4, a divisor of dim)
+    pq_m: int | None = None  # pq: sub-quantizers (None: dim / 4, a divisor of dim)
     refine: int = 4  # pq: re-rank refine x top_k candidates exactly
 
 
@@ -148,10 +153,10 @@ class QueryConfig:
     """What the query job attributes (jobs/query.py; the CLI takes the same as flags)."""
 
     method: str = "grad_dot"
-    inputs: Optional[str] = None  # .csv / .parquet with the task's columns; None: the task's split
+    inputs: str | None = None  # .csv / .parquet with the task's columns; None: the task's split
     split: Literal["test", "train"] = "test"
     top_k: int = 10
-    kind: Optional[Literal["flat", "ivf", "hnsw", "sq8", "pq"]] = None
+    kind: Literal["flat", "ivf", "hnsw", "sq8", "pq"] | None = None
     out: str = "runs/query.parquet"
 
 
@@ -164,15 +169,15 @@ class GroundTruthConfig:
     lr: float = 0.003  # about 10x below the original training rate
     batch_size: int = 128
     weight_decay: float = 0.0
-    clip_norm: Optional[float] = None
-    epochs: Optional[int] = 50  # amount of further training in epochs ...
-    steps: Optional[int] = None  # ... or in optimizer steps (then epochs must be null)
+    clip_norm: float | None = None
+    epochs: int | None = 50  # amount of further training in epochs ...
+    steps: int | None = None  # ... or in optimizer steps (then epochs must be null)
     eval_every: int = 1  # evaluation schedule, in epochs (or in steps when `steps` is set)
-    left_out_indices: Optional[list[int]] = None  # training rows to leave out, or:
-    left_out_every: Optional[int] = None  # every m-th training row, or:
-    left_out_count: Optional[int] = 50  # this many random rows (seeded by left_out_seed)
+    left_out_indices: list[int] | None = None  # training rows to leave out, or:
+    left_out_every: int | None = None  # every m-th training row, or:
+    left_out_count: int | None = 50  # this many random rows (seeded by left_out_seed)
     left_out_seed: int = 0
-    test_points: Optional[int] = None  # the first n test rows (None: all)
+    test_points: int | None = None  # the first n test rows (None: all)
     seeds: int = 20  # seeds 0 .. seeds-1 (batch orders)
     seed_block: int = 10  # a unit of work: seed_block seeds x left_out_block rows
     left_out_block: int = 50
@@ -188,12 +193,12 @@ class MetagradConfig:
     training with respect to per-row weights."""
 
     mode: Literal["auto", "forward", "reverse"] = "auto"  # auto: fewer vectors (rows vs evals x test points)
-    coupling: Optional[Literal["delete", "subtract"]] = None  # None: the ground truth's coupling
+    coupling: Literal["delete", "subtract"] | None = None  # None: the ground truth's coupling
     rows: Literal["left_out", "all"] = "left_out"  # which training rows get scores
-    seeds: Optional[int] = 5  # the first n of the ground truth's seeds (None: all of them)
+    seeds: int | None = 5  # the first n of the ground truth's seeds (None: all of them)
     seed_block: int = 1  # a unit of work: seed_block seeds x test_block test points
-    test_block: Optional[int] = None  # None: all test points in one block (forward mode's cost ignores them)
-    checkpoint_every: Optional[int] = None  # reverse mode's trajectory checkpoints; None: from memory_mb
+    test_block: int | None = None  # None: all test points in one block (forward mode's cost ignores them)
+    checkpoint_every: int | None = None  # reverse mode's trajectory checkpoints; None: from memory_mb
     memory_mb: float = 512.0  # budget for the stored trajectory states (reverse mode)
     workers: int = 2
 
@@ -213,7 +218,7 @@ class Config:
     query: QueryConfig = field(default_factory=QueryConfig)
     metagrad: MetagradConfig = field(default_factory=MetagradConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Cross-field checks that a type alone cannot express."""
         _require(0.0 < self.task.test_fraction < 1.0, "task.test_fraction", "must lie in (0, 1)")
         _require(all(h > 0 for h in self.model.hidden), "model.hidden", "sizes must be positive")
@@ -245,7 +250,9 @@ class Config:
         _require(self.build.workers > 0, "build.workers", "must be positive")
         _require(self.metagrad.seeds is None or self.metagrad.seeds > 0, "metagrad.seeds", "must be positive")
         _require(self.metagrad.seed_block > 0, "metagrad.seed_block", "must be positive")
-        _require(self.metagrad.test_block is None or self.metagrad.test_block > 0, "metagrad.test_block", "must be positive")
+        _require(
+            self.metagrad.test_block is None or self.metagrad.test_block > 0, "metagrad.test_block", "must be positive"
+        )
         _require(self.metagrad.memory_mb > 0, "metagrad.memory_mb", "must be positive")
         _require(self.metagrad.workers > 0, "metagrad.workers", "must be positive")
         _require(self.build.max_retries >= 0, "build.max_retries", "must be >= 0")
@@ -257,19 +264,31 @@ class Config:
         _require(a.batch_size > 0, "attribution.batch_size", "must be positive")
         _require(self.index.shard_rows > 0, "index.shard_rows", "must be positive")
         gt = self.groundtruth
-        _require((gt.epochs is None) != (gt.steps is None), "groundtruth.epochs",
-                 "or groundtruth.steps must be set, not both (set the other to null)")
+        _require(
+            (gt.epochs is None) != (gt.steps is None),
+            "groundtruth.epochs",
+            "or groundtruth.steps must be set, not both (set the other to null)",
+        )
         amount = gt.epochs if gt.epochs is not None else gt.steps
         _require(amount > 0, "groundtruth.epochs/steps", "must be positive")
-        _require(0 < gt.eval_every <= amount, "groundtruth.eval_every",
-                 f"must lie in 1..{amount} (the amount of further training): the schedule would pass its end")
+        _require(
+            0 < gt.eval_every <= amount,
+            "groundtruth.eval_every",
+            f"must lie in 1..{amount} (the amount of further training): the schedule would pass its end",
+        )
         chosen = [gt.left_out_indices is not None, gt.left_out_every is not None, gt.left_out_count is not None]
-        _require(sum(chosen) == 1, "groundtruth.left_out_indices",
-                 "/ left_out_every / left_out_count: set exactly one (the others null)")
+        _require(
+            sum(chosen) == 1,
+            "groundtruth.left_out_indices",
+            "/ left_out_every / left_out_count: set exactly one (the others null)",
+        )
         _require(gt.seeds > 0, "groundtruth.seeds", "must be positive (zero seeds give no gold standard)")
         _require(gt.lr > 0 and gt.batch_size > 0, "groundtruth.lr", "and batch_size must be positive")
-        _require(gt.seed_block > 0 and gt.left_out_block > 0 and gt.max_replicas > 0 and gt.workers > 0,
-                 "groundtruth.seed_block", "left_out_block, max_replicas and workers must be positive")
+        _require(
+            gt.seed_block > 0 and gt.left_out_block > 0 and gt.max_replicas > 0 and gt.workers > 0,
+            "groundtruth.seed_block",
+            "left_out_block, max_replicas and workers must be positive",
+        )
         _require(gt.clip_norm is None or gt.clip_norm > 0, "groundtruth.clip_norm", "must be positive")
         _require(self.index.nprobe > 0 and self.index.ef_search > 0, "index.nprobe", "and ef_search must be positive")
         return self
@@ -280,7 +299,7 @@ def _require(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(f"config key '{key}' {problem}")
 
 
-def load_config(source: Union[str, Path, dict, None] = None, overrides: Optional[dict] = None) -> Config:
+def load_config(source: str | Path | dict | None = None, overrides: dict | None = None) -> Config:
     """Build a validated Config from a YAML path, a dict, or nothing (all defaults)."""
     if source is None:
         raw: dict = {}
@@ -302,7 +321,7 @@ def config_to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
-def save_config(config: Config, path: Union[str, Path]) -> None:
+def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
@@ -324,9 +343,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
-        raise ConfigError(
-            f"unknown config key(s) {unknown} in {where}; allowed keys: {sorted(names)}"
-        )
+        raise ConfigError(f"unknown config key(s) {unknown} in {where}; allowed keys: {sorted(names)}")
     values = {}
     for name in names & set(raw):
         key = f"{prefix}.{name}" if prefix else name

@@ -12,23 +12,79 @@ import importlib
 import inspect
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 STDLIB_MODULES = [
-    "abc", "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv",
-    "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions", "functools", "glob", "gzip", "hashlib",
-    "heapq", "hmac", "html", "http.client", "inspect", "io", "ipaddress", "itertools", "json", "logging", "math",
-    "mimetypes", "operator", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "sched", "secrets",
-    "shlex", "shutil", "socket", "sqlite3", "statistics", "string", "struct", "subprocess", "tarfile", "tempfile",
-    "textwrap", "threading", "timeit", "tokenize", "typing", "unittest", "urllib.parse", "uuid", "warnings",
-    "weakref", "zipfile", "zlib",
+    "abc",
+    "argparse",
+    "asyncio",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "enum",
+    "fractions",
+    "functools",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "http.client",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "math",
+    "mimetypes",
+    "operator",
+    "os",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "sched",
+    "secrets",
+    "shlex",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "uuid",
+    "warnings",
+    "weakref",
+    "zipfile",
+    "zlib",
 ]
 EOS = "<|endoftext|>"
 
 
-def stdlib_documents(limit: Optional[int] = None, min_chars: int = 60) -> list[str]:
+def stdlib_documents(limit: int | None = None, min_chars: int = 60) -> list[str]:
     """Paragraphs of the docstrings of standard-library modules and their public members, deduplicated,
     in a fixed order (text that ships with every Python)."""
     seen, docs = set(), []
@@ -58,25 +114,45 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 
 
-def make_tiny_lm(out: Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, vocab_size: int = 512,
-                 n_positions: int = 128, train_steps: int = 100, documents: Optional[int] = None, seed: int = 0,
-                 batch_size: int = 16, max_length: int = 64, progress: bool = False) -> Path:
-    """Write OUT/model (a GPT-2 trained `train_steps` AdamW steps on the corpus), OUT/corpus.jsonl, OUT/prompts.jsonl."""
+def make_tiny_lm(
+    out: Path,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    vocab_size: int = 512,
+    n_positions: int = 128,
+    train_steps: int = 100,
+    documents: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_length: int = 64,
+    progress: bool = False,
+) -> Path:
+    """Write OUT/model (a GPT-2 trained `train_steps` AdamW steps on the corpus), OUT/corpus.jsonl and
+    OUT/prompts.jsonl."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     out = Path(out)
     docs = stdlib_documents(documents)
     tokenizer = train_tokenizer(docs, vocab_size)
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
     model = GPT2LMHeadModel(config)
     if train_steps:
         _train(model, tokenizer, docs, train_steps, batch_size, max_length, seed, progress)

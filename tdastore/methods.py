@@ -23,7 +23,6 @@ in `tdastore evaluate`, not in single queries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from tdastore.errors import ConfigError
 
@@ -31,8 +30,8 @@ from tdastore.errors import ConfigError
 @dataclass(frozen=True)
 class Method:
     name: str
-    projected: Optional[str]  # operator on the projected path (None: not available there)
-    exact: Optional[str]  # operator on the exact path (None: not available there)
+    projected: str | None  # operator on the projected path (None: not available there)
+    exact: str | None  # operator on the exact path (None: not available there)
     normalise: bool = False  # unit-normalise train and test gradients (cosine)
     learning_rate: bool = False  # multiply by the training learning rate (TracIn)
     further_training: bool = False  # scores a ground truth's further-training run, not a single query
@@ -53,18 +52,52 @@ METHODS: dict[str, Method] = {
     for m in [
         Method("grad_dot", "identity", "identity", summary="first order: drop the Hessian"),
         Method("grad_cos", "identity", "identity", normalise=True, summary="Grad-Dot of unit-normalised gradients"),
-        Method("tracin_final", "identity", "identity", learning_rate=True, summary="TracIn at the last checkpoint: lr x Grad-Dot"),
-        Method("if_gn", "fisher", "gauss_newton", summary="damped Gauss-Newton influence (projected: empirical Fisher)"),
+        Method(
+            "tracin_final",
+            "identity",
+            "identity",
+            learning_rate=True,
+            summary="TracIn at the last checkpoint: lr x Grad-Dot",
+        ),
+        Method(
+            "if_gn", "fisher", "gauss_newton", summary="damped Gauss-Newton influence (projected: empirical Fisher)"
+        ),
         Method("if_diag", "diagonal", None, summary="influence with a damped diagonal empirical Fisher"),
-        Method("if_h", None, "hessian", summary="damped true-Hessian influence; needs Hessian-vector products on the model"),
-        Method("lissa", "lissa_fisher", "lissa_gauss_newton", summary="Neumann-series solve of the damped Gauss-Newton system"),
-        Method("if_gen", None, "generalised", summary="Proposition 1: influence with the non-stationarity correction Hess L_i dTheta(D)"),
+        Method(
+            "if_h", None, "hessian", summary="damped true-Hessian influence; needs Hessian-vector products on the model"
+        ),
+        Method(
+            "lissa",
+            "lissa_fisher",
+            "lissa_gauss_newton",
+            summary="Neumann-series solve of the damped Gauss-Newton system",
+        ),
+        Method(
+            "if_gen",
+            None,
+            "generalised",
+            summary="Proposition 1: influence with the non-stationarity correction Hess L_i dTheta(D)",
+        ),
         Method("trak1", "trak", None, summary="TRAK with one model: Gauss-Newton in the random projection, lambda ~ 0"),
-        Method("datainf", "datainf", "datainf", summary="per-layer Sherman-Morrison, lambda_l = mean squared gradient / 10"),
-        Method("kfac", "kfac", None, summary="per-module Kronecker factors A (x) S in the factored space (factored stores)"),
-        Method("ekfac", "ekfac", "ekfac", summary="Kronecker factors with eigenvalue correction (projected: factored stores)"),
-        Method("metagrad", None, "metagrad", further_training=True,
-               summary="-dg/dw_i through the further-training steps themselves (reverse or forward mode)"),
+        Method(
+            "datainf", "datainf", "datainf", summary="per-layer Sherman-Morrison, lambda_l = mean squared gradient / 10"
+        ),
+        Method(
+            "kfac", "kfac", None, summary="per-module Kronecker factors A (x) S in the factored space (factored stores)"
+        ),
+        Method(
+            "ekfac",
+            "ekfac",
+            "ekfac",
+            summary="Kronecker factors with eigenvalue correction (projected: factored stores)",
+        ),
+        Method(
+            "metagrad",
+            None,
+            "metagrad",
+            further_training=True,
+            summary="-dg/dw_i through the further-training steps themselves (reverse or forward mode)",
+        ),
     ]
 }
 

@@ -7,8 +7,8 @@ and seed), then the method's operator; the train side is either a FAISS index ov
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,7 @@ from tdastore.tasks.text import TokenExamples
 from tdastore.training import load_model
 
 
-def store_config(store, overrides: Union[None, dict, Config] = None) -> Config:
+def store_config(store, overrides: None | dict | Config = None) -> Config:
     """The store's own config (it built the rows), with query-time sections (attribution, index) overridden."""
     config = load_config(store.manifest["config"])
     if isinstance(overrides, Config):
@@ -65,7 +65,7 @@ class QueryContext:
         self.scale = 1.0 / store.n_rows * (self.config.train.lr if self.method.learning_rate else 1.0)
         self._computer = None
 
-    def test_examples(self, split: Optional[str], inputs) -> Examples:
+    def test_examples(self, split: str | None, inputs) -> Examples:
         if inputs is None:
             return self.task.examples(split or "test")
         if isinstance(inputs, (Examples, TokenExamples)):
@@ -79,8 +79,9 @@ class QueryContext:
     def test_rows(self, test: Examples) -> np.ndarray:
         """Test-function gradients [m, k] in the store's space (same gradient computer, projection, seed)."""
         if self._computer is None:  # built once: a projector caches its generated matrix blocks
-            self._computer = make_gradient_computer(self.model, self.task.test_function, self.config.gradients,
-                                                    self.config.projection)
+            self._computer = make_gradient_computer(
+                self.model, self.task.test_function, self.config.gradients, self.config.projection
+            )
             if self._computer.spec() != self.store.manifest["projection"]:
                 raise StoreError("this query's projection differs from the store's; the store's config was edited")
         computer = self._computer
@@ -99,13 +100,13 @@ def query_store(
     store,
     method: str = "grad_dot",
     *,
-    split: Optional[str] = None,
+    split: str | None = None,
     inputs=None,
     top_k: int = 10,
-    kind: Optional[str] = None,
-    out: Optional[Union[str, Path]] = None,
-    scores_out: Optional[Union[str, Path]] = None,
-    overrides: Union[None, dict, Config] = None,
+    kind: str | None = None,
+    out: str | Path | None = None,
+    scores_out: str | Path | None = None,
+    overrides: None | dict | Config = None,
     progress: bool = False,
 ) -> pa.Table:
     """Top-k training rows per test input as a table (test_id, rank, train_id, score, train_row).
@@ -121,7 +122,9 @@ def query_store(
     info = {"method": ctx.method.name, "path": ctx.path}
     if ctx.path == "exact":
         if kind is not None:
-            raise ConfigError("the exact path scores in full parameter space: FAISS indexes belong to attribution.path: projected")
+            raise ConfigError(
+                "the exact path scores in full parameter space: FAISS indexes belong to attribution.path: projected"
+            )
         scorer = ExactScorer(ctx.model, ctx.task, ctx.config)
         blocks = scorer.score_blocks(ctx.method, test)
         scores, rows = stream_top_k(blocks, len(test), top_k, store.n_rows, scores_out, progress)
@@ -140,7 +143,7 @@ class ProjectedSearcher:
     """The projected path of one method: the operator is fitted (or loaded) once and the index opened once;
     each call only computes the test side. Used by queries and by the query service's replicas."""
 
-    def __init__(self, ctx: QueryContext, kind: Optional[str] = None, progress: bool = False):
+    def __init__(self, ctx: QueryContext, kind: str | None = None, progress: bool = False):
         self.ctx, self.kind = ctx, kind
         op = ctx.method.operator("projected")
         self.operator = fit_or_load(ctx.store, op, ctx.config.attribution, ctx, progress)
@@ -155,7 +158,9 @@ class ProjectedSearcher:
             rows = normalise_rows(rows)
         return self.operator.transform(rows) * np.float32(self.ctx.scale)
 
-    def top_k(self, test: Examples, top_k: int, scores_out=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def top_k(
+        self, test: Examples, top_k: int, scores_out=None, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         queries = self.queries(test)
         store, m = self.ctx.store, len(test)
         if self.handle is None:
@@ -164,8 +169,14 @@ class ProjectedSearcher:
         scale = np.float32(self.ctx.scale)
         scores, rows = self.handle.search(queries / scale, top_k)  # unscaled: float32 headroom
         if scores_out is not None:
-            stream_top_k(projected_score_blocks(store, self.operator, self.ctx.method, queries), m, top_k,
-                         store.n_rows, scores_out, progress)
+            stream_top_k(
+                projected_score_blocks(store, self.operator, self.ctx.method, queries),
+                m,
+                top_k,
+                store.n_rows,
+                scores_out,
+                progress,
+            )
         return scores * scale, rows
 
 
@@ -178,11 +189,15 @@ def _index_for(store, ctx: QueryContext, operator, key: str, kind: str, progress
             f"`tdastore index {store.root} --method {ctx.method.name} --kind {kind}`"
         )
     if handle is not None and handle.description.get("projection") != store.manifest["projection"]:
-        raise StoreError(f"the {ctx.method.name}/{kind} index was built for another projection: rebuild it with `tdastore index`")
+        raise StoreError(
+            f"the {ctx.method.name}/{kind} index was built for another projection: rebuild it with `tdastore index`"
+        )
     return build_index(store, ctx.method, operator, key, kind, ctx.config.index, progress=progress)
 
 
-def projected_score_blocks(store, operator, method: Method, queries: np.ndarray, block_rows: int = 8192) -> Iterator[tuple[int, torch.Tensor]]:
+def projected_score_blocks(
+    store, operator, method: Method, queries: np.ndarray, block_rows: int = 8192
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Score blocks [m, b] = queries . transformed store rows, streamed over the store. Each block is a view
     of one reused buffer (fresh 30 MB results would page-fault on every block): use it before the next."""
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
@@ -227,13 +242,15 @@ def _create_scores_array(path, m: int, n: int):
 def _result_table(store, test: Examples, scores: np.ndarray, rows: np.ndarray, info: dict) -> pa.Table:
     m, k = scores.shape
     train_ids = store.meta.column("example_id").to_numpy()
-    table = pa.table({
-        "test_id": np.repeat(test.ids, k),
-        "rank": np.tile(np.arange(1, k + 1), m),
-        "train_id": train_ids[rows.reshape(-1)],
-        "score": scores.reshape(-1).astype(np.float32),
-        "train_row": rows.reshape(-1),
-    })
+    table = pa.table(
+        {
+            "test_id": np.repeat(test.ids, k),
+            "rank": np.tile(np.arange(1, k + 1), m),
+            "train_id": train_ids[rows.reshape(-1)],
+            "score": scores.reshape(-1).astype(np.float32),
+            "train_row": rows.reshape(-1),
+        }
+    )
     if "text" in store.meta.column_names:  # text stores: the documents themselves, beside their scores
         train_text = store.meta.column("text").to_numpy(zero_copy_only=False)
         table = table.append_column("train_text", pa.array(train_text[rows.reshape(-1)], pa.string()))

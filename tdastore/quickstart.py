@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -36,34 +35,51 @@ QUICKSTART = {
 def quickstart_config(name: str, output: Path) -> Config:
     spec = QUICKSTART[name]
     root = output / name
-    return load_config({
-        "task": spec["task"],
-        "model": {"hidden": [128, 128]},
-        "train": {**spec["train"], "output_dir": str(root / "model")},
-        "gradients": {"batch_size": 128},
-        "projection": {"kind": "gaussian", "dim": 256, "seed": 0},  # the projected space trak1 needs (k < N)
-        "store": {"chunk_rows": 64, "shard_rows": 64},
-        "build": {"workers": 2},
-        "attribution": {"lissa_depth": 300, "lissa_batch_size": 128},
-        "groundtruth": {
-            **spec["groundtruth"], "batch_size": 128, "coupling": "delete", "optimizer": "sgd",
-            "seeds": 20, "seed_block": 5, "left_out_count": 50, "left_out_block": 50,
-            "workers": 2, "output": str(root / "groundtruth"),
-        },
-        "metagrad": {"seeds": 4, "seed_block": 1, "workers": 2},
-    })
+    return load_config(
+        {
+            "task": spec["task"],
+            "model": {"hidden": [128, 128]},
+            "train": {**spec["train"], "output_dir": str(root / "model")},
+            "gradients": {"batch_size": 128},
+            "projection": {"kind": "gaussian", "dim": 256, "seed": 0},  # the projected space trak1 needs (k < N)
+            "store": {"chunk_rows": 64, "shard_rows": 64},
+            "build": {"workers": 2},
+            "attribution": {"lissa_depth": 300, "lissa_batch_size": 128},
+            "groundtruth": {
+                **spec["groundtruth"],
+                "batch_size": 128,
+                "coupling": "delete",
+                "optimizer": "sgd",
+                "seeds": 20,
+                "seed_block": 5,
+                "left_out_count": 50,
+                "left_out_block": 50,
+                "workers": 2,
+                "output": str(root / "groundtruth"),
+            },
+            "metagrad": {"seeds": 4, "seed_block": 1, "workers": 2},
+        }
+    )
 
 
 def subtract_config(config: Config, root: Path) -> Config:
     """The subtract-coupling gold standard (shared batches, minus L(z_i)/N): the metagradient's exact setting."""
     as_dict = config_to_dict(config)
-    as_dict["groundtruth"] |= {"coupling": "subtract", "seeds": 4, "seed_block": 2,
-                               "output": str(root / "groundtruth-subtract")}
+    as_dict["groundtruth"] |= {
+        "coupling": "subtract",
+        "seeds": 4,
+        "seed_block": 2,
+        "output": str(root / "groundtruth-subtract"),
+    }
     return load_config(as_dict)
 
 
-def run_quickstart(output: str = "runs/quickstart", datasets: Optional[list[str]] = None,
-                   address: Optional[str] = None, progress: bool = True) -> dict:
+def run_quickstart(
+    output: str = "runs/quickstart",
+    datasets: list[str] | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> dict:
     import tdastore
     from tdastore.distributed.build import build_store
     from tdastore.distributed.ray_session import ray_session

@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import json
 import threading
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +33,7 @@ MAX_TOP_K = 1000
 class QueryReplica:
     """Holds one store's model, operators and FAISS indexes; answers batches of raw test inputs."""
 
-    def __init__(self, store_path: str, kind: Optional[str], overrides: Optional[dict]):
+    def __init__(self, store_path: str, kind: str | None, overrides: dict | None):
         import tdastore
 
         self.store = tdastore.open_store(store_path)
@@ -46,16 +45,24 @@ class QueryReplica:
 
         ctx = QueryContext(self.store, "grad_dot", self.overrides)
         task = ctx.task
-        return {"features": list(task.columns), "target": task.task_config.target or "target", "kind": task.kind,
-                "classes": [c.item() if hasattr(c, "item") else c for c in task.classes], "rows": self.store.n_rows,
-                "methods": [m.name for m in METHODS.values() if m.projected is not None]}
+        return {
+            "features": list(task.columns),
+            "target": task.task_config.target or "target",
+            "kind": task.kind,
+            "classes": [c.item() if hasattr(c, "item") else c for c in task.classes],
+            "rows": self.store.n_rows,
+            "methods": [m.name for m in METHODS.values() if m.projected is not None],
+        }
 
     def query(self, method: str, inputs: list, targets: list, top_k: int) -> dict:
         from tdastore.query import ProjectedSearcher, QueryContext
 
         if method not in self.searchers:
-            ctx = QueryContext(self.store, method, {**self.overrides, "attribution": {
-                **self.overrides.get("attribution", {}), "path": "projected"}})
+            ctx = QueryContext(
+                self.store,
+                method,
+                {**self.overrides, "attribution": {**self.overrides.get("attribution", {}), "path": "projected"}},
+            )
             self.searchers[method] = ProjectedSearcher(ctx, self.kind)
         searcher = self.searchers[method]
         task = searcher.ctx.task
@@ -65,10 +72,18 @@ class QueryReplica:
         scores, rows = searcher.top_k(examples, top_k)
         ids = self.store.meta.column("example_id").to_numpy()
         return {
-            "method": method, "path": "projected", **searcher.info,
-            "results": [{"top": [{"train_id": int(ids[r]), "train_row": int(r), "score": float(s)}
-                                 for r, s in zip(row_ids, row_scores)]}
-                        for row_ids, row_scores in zip(rows, scores)],
+            "method": method,
+            "path": "projected",
+            **searcher.info,
+            "results": [
+                {
+                    "top": [
+                        {"train_id": int(ids[r]), "train_row": int(r), "score": float(s)}
+                        for r, s in zip(row_ids, row_scores)
+                    ]
+                }
+                for row_ids, row_scores in zip(rows, scores)
+            ],
         }
 
 
@@ -112,30 +127,77 @@ def validate(body, meta: dict) -> tuple[str, list, list, int]:
 
 
 def openapi(meta: dict) -> dict:
-    row = {"type": "array", "items": {"type": "number"}, "minItems": len(meta["features"]), "maxItems": len(meta["features"])}
-    hit = {"type": "object", "properties": {"train_id": {"type": "integer"}, "train_row": {"type": "integer"},
-                                            "score": {"type": "number"}}}
+    row = {
+        "type": "array",
+        "items": {"type": "number"},
+        "minItems": len(meta["features"]),
+        "maxItems": len(meta["features"]),
+    }
+    hit = {
+        "type": "object",
+        "properties": {"train_id": {"type": "integer"}, "train_row": {"type": "integer"}, "score": {"type": "number"}},
+    }
     return {
         "openapi": "3.0.3",
-        "info": {"title": "tdastore query service", "version": "1",
-                 "description": "Top-k training examples by attribution score for new test inputs."},
+        "info": {
+            "title": "tdastore query service",
+            "version": "1",
+            "description": "Top-k training examples by attribution score for new test inputs.",
+        },
         "paths": {
-            "/query": {"post": {
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["inputs", "targets"], "additionalProperties": False,
-                    "properties": {
-                        "method": {"type": "string", "enum": meta["methods"], "default": "grad_dot"},
-                        "inputs": {"type": "array", "items": row, "minItems": 1, "maxItems": MAX_BATCH},
-                        "targets": {"type": "array", "items": {} if meta["kind"] == "classification" else {"type": "number"}},
-                        "top_k": {"type": "integer", "minimum": 1, "maximum": min(MAX_TOP_K, meta["rows"]), "default": 10},
-                    }}}}},
-                "responses": {
-                    "200": {"description": "one top-k list per input", "content": {"application/json": {"schema": {
-                        "type": "object", "properties": {"results": {"type": "array", "items": {
-                            "type": "object", "properties": {"top": {"type": "array", "items": hit}}}}}}}}},
-                    "400": {"description": "malformed request, with a message"},
-                    "413": {"description": "request body too large"}},
-            }},
+            "/query": {
+                "post": {
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["inputs", "targets"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "method": {"type": "string", "enum": meta["methods"], "default": "grad_dot"},
+                                        "inputs": {"type": "array", "items": row, "minItems": 1, "maxItems": MAX_BATCH},
+                                        "targets": {
+                                            "type": "array",
+                                            "items": {} if meta["kind"] == "classification" else {"type": "number"},
+                                        },
+                                        "top_k": {
+                                            "type": "integer",
+                                            "minimum": 1,
+                                            "maximum": min(MAX_TOP_K, meta["rows"]),
+                                            "default": 10,
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "one top-k list per input",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "results": {
+                                                "type": "array",
+                                                "items": {
+                                                    "type": "object",
+                                                    "properties": {"top": {"type": "array", "items": hit}},
+                                                },
+                                            }
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "400": {"description": "malformed request, with a message"},
+                        "413": {"description": "request body too large"},
+                    },
+                }
+            },
             "/methods": {"get": {"responses": {"200": {"description": "the methods and the task's features"}}}},
             "/health": {"get": {"responses": {"200": {"description": "ok"}}}},
             "/openapi.json": {"get": {"responses": {"200": {"description": "this document"}}}},
@@ -179,12 +241,18 @@ def make_app(replicas: list, meta: dict) -> web.Application:
         return web.json_response(openapi(meta))
 
     app = web.Application(client_max_size=MAX_BODY)
-    app.add_routes([web.post("/query", query), web.get("/methods", methods), web.get("/health", health),
-                    web.get("/openapi.json", spec)])
+    app.add_routes(
+        [
+            web.post("/query", query),
+            web.get("/methods", methods),
+            web.get("/health", health),
+            web.get("/openapi.json", spec),
+        ]
+    )
     return app
 
 
-def start_replicas(store_path: str, replicas: int = 1, kind: Optional[str] = "flat", overrides=None) -> tuple[list, dict]:
+def start_replicas(store_path: str, replicas: int = 1, kind: str | None = "flat", overrides=None) -> tuple[list, dict]:
     actors = [QueryReplica.options(num_cpus=0).remote(store_path, kind, overrides) for _ in range(replicas)]
     return actors, ray.get(actors[0].describe.remote())
 
@@ -217,13 +285,21 @@ class BackgroundServer:
         self.thread.join(30)
 
 
-def serve(store_path: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, kind: str = "flat",
-          address: Optional[str] = None) -> None:
+def serve(
+    store_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    kind: str = "flat",
+    address: str | None = None,
+) -> None:
     """Run the service until interrupted (the CLI's `tdastore serve`)."""
     from tdastore.distributed.ray_session import ray_session
 
     with ray_session(address, num_cpus=2):
         actors, meta = start_replicas(store_path, replicas, kind)
-        print(f"serving {store_path} on http://{host}:{port} ({replicas} replica(s), {kind} index); "
-              f"OpenAPI at /openapi.json")
+        print(
+            f"serving {store_path} on http://{host}:{port} ({replicas} replica(s), {kind} index); "
+            f"OpenAPI at /openapi.json"
+        )
         web.run_app(make_app(actors, meta), host=host, port=port, print=None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,8 +20,10 @@ WEIGHTS_FILE = "model.safetensors"
 def train_final_model(config: Config, task: Task, progress: bool = True) -> nn.Module:
     """SGD over seeded shuffles; returns the trained model and writes it to train.output_dir."""
     if getattr(task, "pretrained", False):
-        raise ConfigError(f"the final model of a text task is model.name_or_path ({config.model.name_or_path}) itself: "
-                          "there is nothing to train here; fine-tune it with your trainer and point name_or_path at it")
+        raise ConfigError(
+            f"the final model of a text task is model.name_or_path ({config.model.name_or_path}) itself: "
+            "there is nothing to train here; fine-tune it with your trainer and point name_or_path at it"
+        )
     cfg = config.train
     model = task.make_model()
     data = task.examples("train")
@@ -50,7 +51,7 @@ def evaluate_loss(model: nn.Module, task: Task, split: str = "test") -> float:
     return float(task.per_example_loss(model(data.inputs), data.targets).mean())
 
 
-def save_model(model: nn.Module, config: Config, out_dir: Path, log: Optional[dict] = None) -> Path:
+def save_model(model: nn.Module, config: Config, out_dir: Path, log: dict | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / WEIGHTS_FILE
     tmp = path.with_suffix(".part")

@@ -6,19 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import small_config
+from test_factored import reference_rows
 
 import tdastore
 from tdastore.cli import main as cli_main
 from tdastore.distributed.build import build_store
-from tdastore.errors import StoreError, GradientError
+from tdastore.errors import GradientError, StoreError
 from tdastore.grads.factored import FactoredLinearGradients
 from tdastore.grads.per_example import PerExampleGradients
 from tdastore.grads.projection import make_projector
 from tdastore.tasks import TabularTask
 from tdastore.training import load_model
-
-from conftest import small_config
-from test_factored import reference_rows
 
 
 def direct_rows(config, split="train"):
@@ -45,9 +44,14 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize("projection, dtype, tol", [({"kind": "none"}, "float32", 1e-5),
-                                                    ({"kind": "sparse", "dim": 256, "nonzeros": 4}, "float16", 2e-3),
-                                                    ({"kind": "factored", "factors": [8, 8]}, "float32", 1e-5)])
+@pytest.mark.parametrize(
+    "projection, dtype, tol",
+    [
+        ({"kind": "none"}, "float32", 1e-5),
+        ({"kind": "sparse", "dim": 256, "nonzeros": 4}, "float16", 2e-3),
+        ({"kind": "factored", "factors": [8, 8]}, "float32", 1e-5),
+    ],
+)
 def test_store_round_trip(ray_cluster, tmp_path, trained_config, projection, dtype, tol):
     config = small_config(tmp_path, projection=projection, store={"dtype": dtype})
     store = build_store(config, tmp_path / "store", progress=False)

@@ -78,5 +78,7 @@ def test_every_job_has_help(job):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "--config" in result.stdout

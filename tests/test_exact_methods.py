@@ -5,14 +5,13 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import small_config
 
 import tdastore
 from tdastore.methods import METHODS, get_method
 from tdastore.precond.exact_methods import ExactScorer
 from tdastore.tasks import TabularTask
 from tdastore.training import load_model
-
-from conftest import small_config
 
 REL = 1e-4
 
@@ -38,7 +37,10 @@ class Reference:
         return torch.nn.utils.parameters_to_vector(self.params).detach().clone()
 
     def loss(self, data, reduction="mean"):
-        losses = self.task.per_example_loss(self.model(data.inputs.double()), data.targets if data.targets.dtype == torch.int64 else data.targets.double())
+        losses = self.task.per_example_loss(
+            self.model(data.inputs.double()),
+            data.targets if data.targets.dtype == torch.int64 else data.targets.double(),
+        )
         return losses.mean() if reduction == "mean" else losses
 
     def grads(self, data):
@@ -84,8 +86,13 @@ class Reference:
 @pytest.fixture(scope="module", params=["diabetes", "wine"])
 def setup(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
-    config = small_config(tmp, dataset=request.param, model={"hidden": [24, 16]}, train={"epochs": 40},
-                          attribution={"path": "exact", "cg_tol": 1e-12, "cg_max_iter": 3000, "batch_size": 128})
+    config = small_config(
+        tmp,
+        dataset=request.param,
+        model={"hidden": [24, 16]},
+        train={"epochs": 40},
+        attribution={"path": "exact", "cg_tol": 1e-12, "cg_max_iter": 3000, "batch_size": 128},
+    )
     tdastore.train(config, progress=False)
     task = TabularTask(config.task, config.model)
     model = load_model(config, task)
@@ -109,7 +116,9 @@ def test_first_order_methods(setup):
     dot = g_test @ g_train.T / ref.n
     assert rel_err(scorer.scores(get_method("grad_dot"), ref.test), dot) <= REL
     assert rel_err(scorer.scores(get_method("tracin_final"), ref.test), config.train.lr * dot) <= REL
-    cos = (g_test / np.linalg.norm(g_test, axis=1, keepdims=True)) @ (g_train / np.linalg.norm(g_train, axis=1, keepdims=True)).T
+    cos = (g_test / np.linalg.norm(g_test, axis=1, keepdims=True)) @ (
+        g_train / np.linalg.norm(g_train, axis=1, keepdims=True)
+    ).T
     assert rel_err(scorer.scores(get_method("grad_cos"), ref.test), cos / ref.n) <= REL
 
 
@@ -157,8 +166,10 @@ def test_lissa_converges_to_the_exact_solve(setup):
     gn = ref.gauss_newton()
     lam = 10 * lambda_0
     exact = np.linalg.solve(gn + lam * np.eye(len(gn)), g_test.T).T @ g_train.T / ref.n
-    errors = [rel_err(scorer_for(setup, lissa_depth=depth).scores(get_method("lissa"), ref.test), exact)
-              for depth in (10, 100, 3000)]
+    errors = [
+        rel_err(scorer_for(setup, lissa_depth=depth).scores(get_method("lissa"), ref.test), exact)
+        for depth in (10, 100, 3000)
+    ]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] <= 1e-3
 
@@ -230,7 +241,15 @@ def test_methods_without_an_exact_path_say_so(setup):
         scorer_for(setup).scores(get_method("trak1"), setup[3].test)
     with pytest.raises(ConfigError, match="unknown method 'tracin'"):
         get_method("tracin")
-    assert {m.name for m in METHODS.values() if m.exact} >= {"grad_dot", "if_gn", "if_h", "lissa", "if_gen", "datainf", "ekfac"}
+    assert {m.name for m in METHODS.values() if m.exact} >= {
+        "grad_dot",
+        "if_gn",
+        "if_h",
+        "lissa",
+        "if_gen",
+        "datainf",
+        "ekfac",
+    }
 
 
 def test_exact_path_refuses_large_models(setup):

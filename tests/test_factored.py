@@ -18,7 +18,7 @@ def reference_rows(model, loss_fn, inputs, targets, fac):
     pe = PerExampleGradients(model, loss_fn)
     grads, _ = pe(inputs, targets)
     blocks, norms = [], torch.zeros(inputs.shape[0])
-    for (name, module, with_bias), p_out, p_in in zip(fac.modules, fac.p_out, fac.p_in):
+    for (name, _module, with_bias), p_out, p_in in zip(fac.modules, fac.p_out, fac.p_in):
         g = grads[f"{name}.weight"]  # [B, out, in]
         if with_bias:
             g = torch.cat([g, grads[f"{name}.bias"].unsqueeze(2)], dim=2)  # [B, out, in+1]
@@ -34,7 +34,9 @@ def test_factored_equals_projected_dense_gradient(dataset, factors):
     task = TabularTask(TaskConfig(dataset=dataset), ModelConfig(hidden=[64, 48]))
     model = task.make_model()
     data = task.examples("train").slice(0, 30)
-    fac = FactoredLinearGradients(model, task.per_example_loss, ["*"], ProjectionConfig(kind="factored", factors=factors, seed=4))
+    fac = FactoredLinearGradients(
+        model, task.per_example_loss, ["*"], ProjectionConfig(kind="factored", factors=factors, seed=4)
+    )
     rows, losses, sq_norms = fac(data.inputs, data.targets)
     expected, norms = reference_rows(model, task.per_example_loss, data.inputs, data.targets, fac)
     assert rows.shape == expected.shape == (30, fac.out_dim)
@@ -67,7 +69,9 @@ def test_factored_inner_products_are_unbiased():
     exact = float(full[0] @ full[1])
     estimates = []
     for seed in range(200):
-        rows, _, _ = FactoredLinearGradients(model, loss_fn, ["*"], ProjectionConfig(kind="factored", factors=[16, 16], seed=seed))(x, y)
+        rows, _, _ = FactoredLinearGradients(
+            model, loss_fn, ["*"], ProjectionConfig(kind="factored", factors=[16, 16], seed=seed)
+        )(x, y)
         estimates.append(float(rows[0] @ rows[1]))
     estimates = torch.tensor(estimates)
     assert abs(float(estimates.mean()) - exact) < 4 * float(estimates.std()) / math.sqrt(200)
@@ -91,7 +95,9 @@ def test_exact_hook_gradients_equal_vmap_layout(sequence):
     from tdastore.grads.computer import ExactLinearGradients, VmapProjectedGradients, make_gradient_computer
 
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(9, 20), nn.ReLU(), nn.Linear(20, 20, bias=False), nn.ReLU(), nn.Linear(20, 3)).eval()
+    model = nn.Sequential(
+        nn.Linear(9, 20), nn.ReLU(), nn.Linear(20, 20, bias=False), nn.ReLU(), nn.Linear(20, 3)
+    ).eval()
     inputs = torch.randn(7, 5, 9) if sequence else torch.randn(7, 9)
     targets = torch.randn(7, 5, 3) if sequence else torch.randn(7, 3)
     loss_fn = lambda out, y: (out - y).pow(2).reshape(out.shape[0], -1).mean(1)  # noqa: E731

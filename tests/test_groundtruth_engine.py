@@ -30,7 +30,9 @@ def reference_run(model, task, cfg: GroundTruthConfig, train, test, seed: int, l
             if len(batch) > 0:
                 loss = task.per_example_loss(model(train.inputs[batch]), train.targets[batch]).mean()
                 if cfg.coupling == "subtract" and left_out >= 0:
-                    loss = loss - task.per_example_loss(model(train.inputs[left_out : left_out + 1]), train.targets[left_out : left_out + 1]).sum() / len(train)
+                    loss = loss - task.per_example_loss(
+                        model(train.inputs[left_out : left_out + 1]), train.targets[left_out : left_out + 1]
+                    ).sum() / len(train)
                 optimizer.zero_grad()
                 loss.backward()
                 if cfg.clip_norm:
@@ -45,7 +47,9 @@ def reference_run(model, task, cfg: GroundTruthConfig, train, test, seed: int, l
 CASES = [
     dict(coupling="delete", optimizer="sgd", lr=0.05, batch_size=32, epochs=3, eval_every=1),
     dict(coupling="subtract", optimizer="sgd", lr=0.05, batch_size=32, epochs=2, eval_every=1, weight_decay=0.01),
-    dict(coupling="delete", optimizer="adam", lr=0.003, batch_size=41, epochs=None, steps=17, eval_every=4, clip_norm=0.5),
+    dict(
+        coupling="delete", optimizer="adam", lr=0.003, batch_size=41, epochs=None, steps=17, eval_every=4, clip_norm=0.5
+    ),
     dict(coupling="subtract", optimizer="adamw", lr=0.003, batch_size=50, epochs=2, eval_every=1, weight_decay=0.1),
 ]
 
@@ -72,13 +76,17 @@ def test_one_replica_at_a_time_equals_all_at_once():
     model, train, test = task.make_model(), task.examples("train"), task.examples("test").slice(0, 5)
     cfg = GroundTruthConfig(epochs=2, batch_size=64, lr=0.05)
     together = ReplicaTrainer(model, task, cfg, train, test).run([0, 1], [4, 9])
-    alone = ReplicaTrainer(model, task, GroundTruthConfig(epochs=2, batch_size=64, lr=0.05, max_replicas=1), train, test).run([0, 1], [4, 9])
+    alone = ReplicaTrainer(
+        model, task, GroundTruthConfig(epochs=2, batch_size=64, lr=0.05, max_replicas=1), train, test
+    ).run([0, 1], [4, 9])
     torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)
 
 
 def test_delete_order_is_the_full_permutation_without_i():
     task = TabularTask(TaskConfig(dataset="diabetes"), ModelConfig(hidden=[8]))
-    trainer = ReplicaTrainer(task.make_model(), task, GroundTruthConfig(), task.examples("train"), task.examples("test"))
+    trainer = ReplicaTrainer(
+        task.make_model(), task, GroundTruthConfig(), task.examples("train"), task.examples("test")
+    )
     perm = torch.randperm(trainer.n, generator=torch.Generator().manual_seed(5))
     perms = perm.repeat(4, 1)
     order = trainer._visit_order(perms, torch.tensor([-1, int(perm[0]), int(perm[100]), int(perm[-1])]))

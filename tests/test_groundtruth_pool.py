@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import zarr
+from conftest import small_config
 
 import tdastore
 from tdastore.config import load_config
@@ -14,12 +15,21 @@ from tdastore.groundtruth.pool import run_groundtruth
 from tdastore.tasks import TabularTask
 from tdastore.training import load_model
 
-from conftest import small_config
-
 
 def gt_config(tmp_path, name="gt", **gt):
-    settings = {"output": str(tmp_path / name), "epochs": 3, "eval_every": 1, "lr": 0.01, "batch_size": 64,
-                "seeds": 4, "seed_block": 2, "left_out_count": 6, "left_out_block": 3, "test_points": 5, **gt}
+    settings = {
+        "output": str(tmp_path / name),
+        "epochs": 3,
+        "eval_every": 1,
+        "lr": 0.01,
+        "batch_size": 64,
+        "seeds": 4,
+        "seed_block": 2,
+        "left_out_count": 6,
+        "left_out_block": 3,
+        "test_points": 5,
+        **gt,
+    }
     return small_config(tmp_path, model={"hidden": [16]}, groundtruth=settings)
 
 
@@ -41,8 +51,9 @@ def test_store_holds_each_replica(ray_cluster, tmp_path, trained):
     assert manifest["status"] == "complete" and loo.shape == (3, 5, 6, 4) and full.shape == (3, 5, 4)
     assert manifest["evals"]["labels"] == [1, 2, 3] and len(manifest["left_out"]) == 6
     task = TabularTask(trained.task, trained.model)
-    trainer = ReplicaTrainer(load_model(trained, task), task, trained.groundtruth, task.examples("train"),
-                             task.examples("test").slice(0, 5))
+    trainer = ReplicaTrainer(
+        load_model(trained, task), task, trained.groundtruth, task.examples("train"), task.examples("test").slice(0, 5)
+    )
     direct = trainer.run([3], manifest["left_out"][4:6]).numpy()  # seed 3, left-out rows 4 and 5
     np.testing.assert_allclose(full[:, :, 3], direct[:, :, 0, 0], rtol=1e-6)
     np.testing.assert_allclose(loo[:, :, 4:6, 3], direct[:, :, 0, 1:], rtol=1e-6)
@@ -50,8 +61,12 @@ def test_store_holds_each_replica(ray_cluster, tmp_path, trained):
 
 def test_killed_worker_then_rerun_resumes_to_the_same_result(ray_cluster, tmp_path, trained):
     reference = arrays(run_groundtruth(trained, progress=False))
-    config = load_config({**tdastore.config.config_to_dict(trained), "groundtruth": {
-        **tdastore.config.config_to_dict(trained)["groundtruth"], "output": str(tmp_path / "gt2")}})
+    config = load_config(
+        {
+            **tdastore.config.config_to_dict(trained),
+            "groundtruth": {**tdastore.config.config_to_dict(trained)["groundtruth"], "output": str(tmp_path / "gt2")},
+        }
+    )
     with pytest.raises(StoreError, match="rerun the same command to resume"):
         run_groundtruth(config, progress=False, fault={"unit": "0001-0000"}, max_retries=0)
     root = tmp_path / "gt2"
@@ -63,11 +78,14 @@ def test_killed_worker_then_rerun_resumes_to_the_same_result(ray_cluster, tmp_pa
     np.testing.assert_array_equal(resumed[1], reference[1])
 
 
-@pytest.mark.parametrize("gt, words", [
-    ({"left_out_count": None, "left_out_indices": [0, 5, 400]}, ["out of range 0..352"]),
-    ({"left_out_count": None, "left_out_indices": [3, 7, 3]}, ["duplicates [3]"]),
-    ({"left_out_count": 1000}, ["left_out_count must lie in 1..353"]),
-])
+@pytest.mark.parametrize(
+    "gt, words",
+    [
+        ({"left_out_count": None, "left_out_indices": [0, 5, 400]}, ["out of range 0..352"]),
+        ({"left_out_count": None, "left_out_indices": [3, 7, 3]}, ["duplicates [3]"]),
+        ({"left_out_count": 1000}, ["left_out_count must lie in 1..353"]),
+    ],
+)
 def test_bad_left_out_sets(ray_cluster, tmp_path, trained, gt, words):
     config = gt_config(tmp_path, "bad", **gt)
     with pytest.raises(ConfigError) as err:
@@ -76,12 +94,15 @@ def test_bad_left_out_sets(ray_cluster, tmp_path, trained, gt, words):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("gt, words", [
-    ({"seeds": 0}, ["groundtruth.seeds", "zero seeds"]),
-    ({"eval_every": 5}, ["groundtruth.eval_every", "1..3"]),
-    ({"steps": 10}, ["not both"]),
-    ({"left_out_every": 3}, ["set exactly one"]),
-])
+@pytest.mark.parametrize(
+    "gt, words",
+    [
+        ({"seeds": 0}, ["groundtruth.seeds", "zero seeds"]),
+        ({"eval_every": 5}, ["groundtruth.eval_every", "1..3"]),
+        ({"steps": 10}, ["not both"]),
+        ({"left_out_every": 3}, ["set exactly one"]),
+    ],
+)
 def test_bad_groundtruth_config(tmp_path, gt, words):
     with pytest.raises(ConfigError) as err:
         gt_config(tmp_path, **gt)

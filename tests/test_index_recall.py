@@ -14,14 +14,16 @@ ROWS = 101_000
 def large_store(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recall")
     write_synthetic_regression(tmp / "data.parquet", ROWS, 20)
-    config = tdastore.load_config({
-        "task": {"dataset": str(tmp / "data.parquet"), "kind": "regression", "target": "y", "test_fraction": 0.01},
-        "model": {"hidden": [64, 64]},
-        "train": {"epochs": 2, "lr": 0.01, "batch_size": 256, "output_dir": str(tmp / "model")},
-        "gradients": {"batch_size": 1024},
-        "projection": {"kind": "factored", "factors": [8, 8]},
-        "store": {"chunk_rows": 4096, "shard_rows": 16384},
-    })
+    config = tdastore.load_config(
+        {
+            "task": {"dataset": str(tmp / "data.parquet"), "kind": "regression", "target": "y", "test_fraction": 0.01},
+            "model": {"hidden": [64, 64]},
+            "train": {"epochs": 2, "lr": 0.01, "batch_size": 256, "output_dir": str(tmp / "model")},
+            "gradients": {"batch_size": 1024},
+            "projection": {"kind": "factored", "factors": [8, 8]},
+            "store": {"chunk_rows": 4096, "shard_rows": 16384},
+        }
+    )
     tdastore.train(config, progress=False)
     return build_store(config, tmp / "store", progress=False)
 

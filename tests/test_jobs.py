@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import small_config
 
 import tdastore
 from tdastore.config import save_config
 from tdastore.distributed.build import build_store
-
-from conftest import small_config
 
 ROOT = Path(__file__).parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -52,11 +51,28 @@ def ray_head(tmp_path):
     temp_dir = f"/tmp/tdastore-head-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     port, dashboard, agent, grpc, metrics, client = free_ports(6)  # the session's own cluster holds the defaults
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
-                    f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
-                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--ray-client-server-port={client}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     try:
         yield f"http://127.0.0.1:{dashboard}"
     finally:
@@ -77,8 +93,11 @@ def test_build_job_submitted_to_a_ray_head(ray_head, ray_cluster, tmp_path):
         try:
             job = client.submit_job(
                 entrypoint=f"{sys.executable} jobs/build_index.py --config {config_path}",
-                runtime_env={"working_dir": str(ROOT), "env_vars": {"TQDM_DISABLE": "1"},
-                             "excludes": [".venv", ".git", "runs", "*.egg-info", "__pycache__", ".pytest_cache"]},
+                runtime_env={
+                    "working_dir": str(ROOT),
+                    "env_vars": {"TQDM_DISABLE": "1"},
+                    "excludes": [".venv", ".git", "runs", "*.egg-info", "__pycache__", ".pytest_cache"],
+                },
             )
             break
         except RuntimeError as err:

@@ -16,8 +16,9 @@ def setup(optimizer: str, steps: int = 6, checkpoint_every=None, coupling="subtr
     for data in (train, test):
         data.inputs, data.targets = data.inputs.double(), data.targets.double()
     lr = 0.05 if optimizer == "sgd" else 0.01
-    cfg = GroundTruthConfig(coupling=coupling, optimizer=optimizer, lr=lr, batch_size=16, epochs=None,
-                            steps=steps, eval_every=3, **spec)
+    cfg = GroundTruthConfig(
+        coupling=coupling, optimizer=optimizer, lr=lr, batch_size=16, epochs=None, steps=steps, eval_every=3, **spec
+    )
     return MetaGradient(model, task, cfg, train, test, rows=rows, checkpoint_every=checkpoint_every)
 
 
@@ -46,12 +47,15 @@ def test_metagradient_equals_central_differences(optimizer):
         assert min(errors) <= 1e-3, (i, errors)
 
 
-@pytest.mark.parametrize("optimizer,coupling,spec", [
-    ("sgd", "delete", {"clip_norm": 0.5}),
-    ("sgd", "subtract", {"weight_decay": 0.01}),
-    ("adamw", "subtract", {"weight_decay": 0.1}),
-    ("adam", "delete", {"weight_decay": 0.01}),
-])
+@pytest.mark.parametrize(
+    "optimizer,coupling,spec",
+    [
+        ("sgd", "delete", {"clip_norm": 0.5}),
+        ("sgd", "subtract", {"weight_decay": 0.01}),
+        ("adamw", "subtract", {"weight_decay": 0.1}),
+        ("adam", "delete", {"weight_decay": 0.01}),
+    ],
+)
 def test_every_optimizer_and_coupling_equals_central_differences(optimizer, coupling, spec):
     """The derivative the steps use (batch Hessian + a weight Jacobian at w = 1) against differences of the
     weighted runs themselves (any w), for clipping, weight decay, AdamW and the delete weighting."""
@@ -83,8 +87,9 @@ def test_weight_zero_is_the_gold_standards_subtract_replica():
         w = torch.ones(2, dtype=torch.float64)
         w[k] = 0.0
         torch.testing.assert_close(meta.test_values(w, 7), values[:, :, 0, 1 + k], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(meta.test_values(torch.ones(2, dtype=torch.float64), 7), values[:, :, 0, 0],
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        meta.test_values(torch.ones(2, dtype=torch.float64), 7), values[:, :, 0, 0], rtol=1e-9, atol=1e-12
+    )
 
 
 def test_checkpoint_interval_from_memory_budget():

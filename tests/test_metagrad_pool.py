@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import zarr
+from conftest import small_config
 
 import tdastore
 from tdastore.config import config_to_dict, load_config
@@ -18,17 +19,26 @@ from tdastore.groundtruth.pool import run_groundtruth
 from tdastore.tasks import TabularTask
 from tdastore.training import load_model
 
-from conftest import small_config
-
 
 @pytest.fixture(scope="module")
 def finished(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("metagrad")
     config = small_config(
-        tmp, model={"hidden": [16]},
-        groundtruth={"output": str(tmp / "gt"), "coupling": "subtract", "epochs": 4, "eval_every": 2, "lr": 0.01,
-                     "batch_size": 64, "seeds": 3, "seed_block": 3, "left_out_count": 6, "left_out_block": 6,
-                     "test_points": 5},
+        tmp,
+        model={"hidden": [16]},
+        groundtruth={
+            "output": str(tmp / "gt"),
+            "coupling": "subtract",
+            "epochs": 4,
+            "eval_every": 2,
+            "lr": 0.01,
+            "batch_size": 64,
+            "seeds": 3,
+            "seed_block": 3,
+            "left_out_count": 6,
+            "left_out_block": 6,
+            "test_points": 5,
+        },
         metagrad={"seeds": 2, "seed_block": 1, "test_block": 3},
     )
     tdastore.train(config, progress=False)
@@ -47,8 +57,14 @@ def test_stored_scores_are_the_engines(finished):
     stored = zarr.open_array(str(root / "scores.zarr"))[:]  # [E, T, R, S]
     assert stored.shape == (2, 5, 6, 2) and np.isfinite(stored).all()
     task = TabularTask(config.task, config.model)
-    meta = MetaGradient(load_model(config, task), task, config.groundtruth, task.examples("train"),
-                        task.examples("test").slice(0, 5), rows=manifest["rows"])
+    meta = MetaGradient(
+        load_model(config, task),
+        task,
+        config.groundtruth,
+        task.examples("train"),
+        task.examples("test").slice(0, 5),
+        rows=manifest["rows"],
+    )
     for s in (0, 1):
         np.testing.assert_allclose(stored[..., s], -meta.gradients(s).numpy(), rtol=1e-4, atol=1e-7)
 

@@ -19,14 +19,25 @@ from tdastore.groundtruth.pool import run_groundtruth
 @pytest.fixture(scope="module")
 def results(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shape")
-    config = tdastore.load_config({
-        "task": {"dataset": "diabetes"},
-        "model": {"hidden": [128, 128]},
-        "train": {"lr": 0.01, "batch_size": 32, "epochs": 300, "output_dir": str(tmp / "model")},
-        "store": {"chunk_rows": 64, "shard_rows": 64},
-        "groundtruth": {"lr": 0.003, "batch_size": 128, "epochs": 100, "eval_every": 2, "seeds": 10,
-                        "seed_block": 5, "left_out_count": 50, "left_out_block": 50, "output": str(tmp / "gt")},
-    })
+    config = tdastore.load_config(
+        {
+            "task": {"dataset": "diabetes"},
+            "model": {"hidden": [128, 128]},
+            "train": {"lr": 0.01, "batch_size": 32, "epochs": 300, "output_dir": str(tmp / "model")},
+            "store": {"chunk_rows": 64, "shard_rows": 64},
+            "groundtruth": {
+                "lr": 0.003,
+                "batch_size": 128,
+                "epochs": 100,
+                "eval_every": 2,
+                "seeds": 10,
+                "seed_block": 5,
+                "left_out_count": 50,
+                "left_out_block": 50,
+                "output": str(tmp / "gt"),
+            },
+        }
+    )
     tdastore.train(config, progress=False)
     store = build_store(config, tmp / "store", progress=False)
     root = run_groundtruth(config, progress=False)

@@ -55,7 +55,11 @@ def test_blockwise_equals_dense_matrix_product(kind):
     if kind != "sparse":
         full = proj.matrix("layer.weight")  # [2100, 48]
         gen = torch.Generator().manual_seed(derive_seed(3, "layer.weight", 4))
-        block = torch.randn(100, 48, generator=gen) if kind == "gaussian" else torch.randint(0, 2, (100, 48), generator=gen).float() * 2 - 1
+        block = (
+            torch.randn(100, 48, generator=gen)
+            if kind == "gaussian"
+            else torch.randint(0, 2, (100, 48), generator=gen).float() * 2 - 1
+        )
         torch.testing.assert_close(full[400:500], block / math.sqrt(48))
     else:
         full = proj.matrix("layer.weight")

@@ -3,11 +3,13 @@
 import json
 
 import numpy as np
-import pyarrow.csv as pacsv
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import small_config
+from test_exact_methods import rel_err
 
 import tdastore
 from tdastore.cli import main as cli_main
@@ -16,9 +18,6 @@ from tdastore.errors import ConfigError, DataError, StoreError
 from tdastore.grads.projection import make_projector
 from tdastore.tasks import TabularTask
 from tdastore.training import load_model
-
-from conftest import small_config
-from test_exact_methods import rel_err
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +78,9 @@ def expected_scores(method, t, g, config):
     raise KeyError(method)
 
 
-@pytest.mark.parametrize("method", ["grad_dot", "grad_cos", "tracin_final", "if_gn", "if_diag", "trak1", "datainf", "lissa"])
+@pytest.mark.parametrize(
+    "method", ["grad_dot", "grad_cos", "tracin_final", "if_gn", "if_diag", "trak1", "datainf", "lissa"]
+)
 def test_projected_methods_equal_numpy(built, method, tmp_path):
     config, store, task, test, t, g, _ = built
     expected = expected_scores(method, t, g, config)
@@ -99,9 +100,17 @@ def test_projected_methods_equal_numpy(built, method, tmp_path):
 def test_lissa_closed_form_converges_to_the_solve(built):
     config, store, task, test, t, g, _ = built
     exact = expected_scores("if_gn", t, g, config)
-    errors = [rel_err(store.query("lissa", inputs=test, top_k=1, scores_out=None,
-                                  overrides={"attribution": {"lissa_depth": depth}}).column("score").to_numpy(),
-                      exact.max(1)) for depth in (3, 30, 3000)]
+    errors = [
+        rel_err(
+            store.query(
+                "lissa", inputs=test, top_k=1, scores_out=None, overrides={"attribution": {"lissa_depth": depth}}
+            )
+            .column("score")
+            .to_numpy(),
+            exact.max(1),
+        )
+        for depth in (3, 30, 3000)
+    ]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4
 
 
@@ -136,8 +145,15 @@ def test_sharded_index_merges_top_k(built):
     from tdastore.methods import get_method
     from tdastore.precond.projected import SpectralOperator
 
-    handle = build_index(store, get_method("grad_dot"), SpectralOperator("identity", store.dim), "identity-x", "flat",
-                         config.index.__class__(shard_rows=100), progress=False)
+    handle = build_index(
+        store,
+        get_method("grad_dot"),
+        SpectralOperator("identity", store.dim),
+        "identity-x",
+        "flat",
+        config.index.__class__(shard_rows=100),
+        progress=False,
+    )
     # store shards of 64 rows; two never fit in 100, the last two (64 + 33) do
     assert [s[:2] for s in handle.shards] == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 353)]
     scores, rows = handle.search((t / len(g)).astype(np.float32), 7)
@@ -214,8 +230,26 @@ def test_cli_index_and_query(built, tmp_path, capsys):
     config, store, task, test, t, g, _ = built
     assert cli_main(["index", str(store.root), "--method", "if_gn", "--kind", "hnsw", "--quiet"]) == 0
     out = tmp_path / "top.parquet"
-    assert cli_main(["query", str(store.root), "--method", "if_gn", "--split", "test", "--top-k", "4",
-                     "--kind", "hnsw", "--out", str(out), "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "query",
+                str(store.root),
+                "--method",
+                "if_gn",
+                "--split",
+                "test",
+                "--top-k",
+                "4",
+                "--kind",
+                "hnsw",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     table = pq.read_table(out)
     assert table.column_names[:4] == ["test_id", "rank", "train_id", "score"]
     assert table.num_rows == 4 * len(task.examples("test"))

@@ -3,6 +3,7 @@
 import fsspec
 import numpy as np
 import pytest
+from conftest import small_config
 
 import tdastore
 from tdastore.distributed.build import build_store, store_identity
@@ -10,8 +11,6 @@ from tdastore.distributed.gradient_worker import ShardComputer
 from tdastore.errors import StoreError
 from tdastore.store.location import RemotePath, store_path
 from tdastore.store.writer import finalize_store, plan_shards, prepare_store, write_shard
-
-from conftest import small_config
 
 
 @pytest.fixture
@@ -35,8 +34,14 @@ def write_in_process(config, uri: str):
     root = store_path(uri)
     identity = store_identity(config, "train")
     n_rows = identity.pop("_n_rows")
-    manifest = prepare_store(root, identity, n_rows, identity["projection"]["out_dim"], config.store.dtype,
-                             {"config": tdastore.config.config_to_dict(config)})
+    manifest = prepare_store(
+        root,
+        identity,
+        n_rows,
+        identity["projection"]["out_dim"],
+        config.store.dtype,
+        {"config": tdastore.config.config_to_dict(config)},
+    )
     computer = ShardComputer(config, "train")
     for shard in plan_shards(n_rows, config.store.shard_rows):
         rows, meta = computer.compute(shard)

@@ -8,14 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import small_config
 from sklearn.datasets import load_diabetes
 
 import tdastore
-from tdastore.query import QueryContext
 from tdastore.distributed.build import build_store
+from tdastore.query import QueryContext
 from tdastore.serve import BackgroundServer, make_app, start_replicas
-
-from conftest import small_config
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +60,24 @@ def test_answers_equal_the_python_api(service):
         np.testing.assert_allclose(got_scores, expected.column("score").to_numpy(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("body, status, words", [
-    (b"{not json", 400, "not valid JSON"),
-    ([1, 2], 400, "JSON object"),
-    ({"method": "influence", "inputs": [[0.0] * 10], "targets": [1.0]}, 400, "unknown method 'influence'"),
-    ({"method": "if_h", "inputs": [[0.0] * 10], "targets": [1.0]}, 400, "unknown method 'if_h'"),
-    ({"inputs": [[0.0] * 9], "targets": [1.0]}, 400, "inputs[0] must be a list of 10 numbers"),
-    ({"inputs": [[0.0] * 10, "x"], "targets": [1.0, 2.0]}, 400, "inputs[1]"),
-    ({"inputs": [[0.0] * 10], "targets": [1.0, 2.0]}, 400, "one value per input"),
-    (json.dumps({"inputs": [[float("nan")] + [0.0] * 9], "targets": [1.0]}).encode(), 400, "not a finite number"),
-    ({"inputs": [], "targets": []}, 400, "non-empty"),
-    ({"inputs": [[0.0] * 10] * 300, "targets": [1.0] * 300}, 400, "at most 256"),
-    ({"inputs": [[0.0] * 10], "targets": [1.0], "top_k": 0}, 400, "top_k"),
-    ({"inputs": [[0.0] * 10], "targets": [1.0], "top_k": 10_000}, 400, "top_k"),
-    ({"inputs": [[0.0] * 10], "targets": [1.0], "k": 3}, 400, "unknown field"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ([1, 2], 400, "JSON object"),
+        ({"method": "influence", "inputs": [[0.0] * 10], "targets": [1.0]}, 400, "unknown method 'influence'"),
+        ({"method": "if_h", "inputs": [[0.0] * 10], "targets": [1.0]}, 400, "unknown method 'if_h'"),
+        ({"inputs": [[0.0] * 9], "targets": [1.0]}, 400, "inputs[0] must be a list of 10 numbers"),
+        ({"inputs": [[0.0] * 10, "x"], "targets": [1.0, 2.0]}, 400, "inputs[1]"),
+        ({"inputs": [[0.0] * 10], "targets": [1.0, 2.0]}, 400, "one value per input"),
+        (json.dumps({"inputs": [[float("nan")] + [0.0] * 9], "targets": [1.0]}).encode(), 400, "not a finite number"),
+        ({"inputs": [], "targets": []}, 400, "non-empty"),
+        ({"inputs": [[0.0] * 10] * 300, "targets": [1.0] * 300}, 400, "at most 256"),
+        ({"inputs": [[0.0] * 10], "targets": [1.0], "top_k": 0}, 400, "top_k"),
+        ({"inputs": [[0.0] * 10], "targets": [1.0], "top_k": 10_000}, 400, "top_k"),
+        ({"inputs": [[0.0] * 10], "targets": [1.0], "k": 3}, 400, "unknown field"),
+    ],
+)
 def test_malformed_requests_get_4xx(service, body, status, words):
     url, _ = service
     code, answer = post(url, body, raw=isinstance(body, bytes))
@@ -93,7 +95,12 @@ def test_openapi_and_health(service):
     with urllib.request.urlopen(url + "/openapi.json") as response:
         spec = json.loads(response.read())
     assert spec["openapi"].startswith("3.") and "/query" in spec["paths"]
-    assert "if_gn" in spec["paths"]["/query"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["method"]["enum"]
+    assert (
+        "if_gn"
+        in spec["paths"]["/query"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"][
+            "method"
+        ]["enum"]
+    )
     with urllib.request.urlopen(url + "/health") as response:
         assert json.loads(response.read())["status"] == "ok"
 
@@ -104,7 +111,9 @@ def test_load_1000_requests_from_16_clients(service):
 
     def one(i):
         began = time.perf_counter()
-        code, body = post(url, {"method": "if_gn", "inputs": [inputs[i % 16]], "targets": [targets[i % 16]], "top_k": 5})
+        code, body = post(
+            url, {"method": "if_gn", "inputs": [inputs[i % 16]], "targets": [targets[i % 16]], "top_k": 5}
+        )
         return code, time.perf_counter() - began
 
     began = time.perf_counter()

@@ -3,6 +3,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import small_config
 
 import tdastore
 from tdastore.config import ModelConfig, TaskConfig
@@ -10,11 +11,16 @@ from tdastore.errors import DataError, StoreError
 from tdastore.tasks import TabularTask
 from tdastore.training import load_model
 
-from conftest import small_config
 
-
-@pytest.mark.parametrize("name, kind, n, d", [("diabetes", "regression", 442, 10), ("breast_cancer", "classification", 569, 30),
-                                             ("digits", "classification", 1797, 64), ("wine", "classification", 178, 13)])
+@pytest.mark.parametrize(
+    "name, kind, n, d",
+    [
+        ("diabetes", "regression", 442, 10),
+        ("breast_cancer", "classification", 569, 30),
+        ("digits", "classification", 1797, 64),
+        ("wine", "classification", 178, 13),
+    ],
+)
 def test_bundled_sets_split_and_standardise(name, kind, n, d):
     task = TabularTask(TaskConfig(dataset=name))
     train, test = task.examples("train"), task.examples("test")
@@ -52,9 +58,15 @@ def test_csv_and_parquet_tasks(tmp_path):
 
     pacsv.write_csv(pa.table(cols), tmp_path / "d.csv")
     for path in ("d.parquet", "d.csv"):
-        reg = TabularTask(TaskConfig(dataset=str(tmp_path / path), kind="regression", target="y", features=["x1", "x2"], id_column="uid"))
+        reg = TabularTask(
+            TaskConfig(
+                dataset=str(tmp_path / path), kind="regression", target="y", features=["x1", "x2"], id_column="uid"
+            )
+        )
         assert reg.n_features == 2 and reg.examples("train").ids.min() >= 100
-        cls = TabularTask(TaskConfig(dataset=str(tmp_path / path), kind="classification", target="cls", features=["x1", "x2"]))
+        cls = TabularTask(
+            TaskConfig(dataset=str(tmp_path / path), kind="classification", target="cls", features=["x1", "x2"])
+        )
         assert cls.n_outputs == 2 and set(cls.examples("train").targets.tolist()) == {0, 1}
 
 
@@ -73,7 +85,13 @@ def test_bad_data_is_a_clear_error(tmp_path, mutate, cfg, words):
     cols = _frame()
     mutate(cols)
     pq.write_table(pa.table(cols), tmp_path / "bad.parquet")
-    settings = {"dataset": str(tmp_path / "bad.parquet"), "kind": "regression", "target": "y", "features": ["x1", "x2"], **cfg}
+    settings = {
+        "dataset": str(tmp_path / "bad.parquet"),
+        "kind": "regression",
+        "target": "y",
+        "features": ["x1", "x2"],
+        **cfg,
+    }
     with pytest.raises(DataError) as err:
         TabularTask(TaskConfig(**settings))
     for word in words:

@@ -89,7 +89,11 @@ def test_hook_factored_gradients_equal_dense_projected(tiny_lm):
     one = examples.slice(3, 4)
     model.zero_grad()
     task.per_example_loss(model(one.inputs), one.targets).sum().backward()
-    selected = [p.grad for n, p in params.items() if any(n == f"{name}.{w}" for name, _, _ in computer.modules for w in ("weight", "bias"))]
+    selected = [
+        p.grad
+        for n, p in params.items()
+        if any(n == f"{name}.{w}" for name, _, _ in computer.modules for w in ("weight", "bias"))
+    ]
     assert abs(float(sum(g.pow(2).sum() for g in selected)) - float(sq_norms[3])) <= 1e-4 * float(sq_norms[3])
 
 
@@ -120,8 +124,9 @@ def test_encoding_masks_packing_and_completion_only(tiny_lm, tmp_path):
     records = [{"id": 10 + i, "prompt": f"Question {i}:", "text": " the answer is to return a value"} for i in range(6)]
     path = tmp_path / "qa.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records))
-    config = text_config(tiny_lm, task={"dataset": str(path), "prompt_column": "prompt", "completion_only": True,
-                                        "test_fraction": 0.34})
+    config = text_config(
+        tiny_lm, task={"dataset": str(path), "prompt_column": "prompt", "completion_only": True, "test_fraction": 0.34}
+    )
     task = make_task(config.task, config.model)
     tok = task.tokenizer
     train = task.examples("train")
@@ -169,7 +174,12 @@ def test_end_to_end_build_index_query_by_local_path(ray_cluster, tiny_lm, tmp_pa
     out = tmp_path / "top.parquet"
     from tdastore.cli import main
 
-    assert main(["query", str(store.root), "--method", "ekfac", "--inputs", str(prompt), "--top-k", "5", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["query", str(store.root), "--method", "ekfac", "--inputs", str(prompt), "--top-k", "5", "--out", str(out)]
+        )
+        == 0
+    )
     import pyarrow.parquet as pq
 
     result = pq.read_table(out)
@@ -184,8 +194,9 @@ def test_kfac_operator_against_numpy(tiny_lm):
     config = text_config(tiny_lm)
     task = make_task(config.task, config.model)
     model = task.make_model()
-    computer = FactoredLinearGradients(model, task.per_example_loss, config.gradients.params, config.projection,
-                                       config.gradients.modules)
+    computer = FactoredLinearGradients(
+        model, task.per_example_loss, config.gradients.params, config.projection, config.gradients.modules
+    )
     train = task.examples("train").slice(0, 24)
     covs = factored_covariances(computer, task, train, batch_size=7)
     index = 2  # layer 0's mlp.c_fc: a Conv1D with bias, both sides projected (12 x 6)
@@ -219,6 +230,7 @@ def test_factored_ekfac_equals_exact_ekfac_on_an_mlp(ray_cluster, tmp_path):
     """With projections no narrower than the layers the factored space is the full gradient space (T = 1), so
     the projected EK-FAC must score exactly like the exact path's EK-FAC (tested against hand-built factors)."""
     from conftest import small_config
+
     from tdastore.precond.exact_methods import ExactScorer
     from tdastore.precond.kfac import fit_kronecker
     from tdastore.query import QueryContext
@@ -247,8 +259,13 @@ def test_bad_input_is_a_clear_error(tiny_lm, tmp_path):
     small = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=1, n_head=2))
     small.save_pretrained(tmp_path / "small")
     with pytest.raises(DataError, match="tokenizer has 384 tokens but the model's vocabulary has 100"):
-        make_task(*_sections(text_config(tiny_lm, model={"name_or_path": str(tmp_path / "small"),
-                                                         "tokenizer": str(tiny_lm / "model")})))
+        make_task(
+            *_sections(
+                text_config(
+                    tiny_lm, model={"name_or_path": str(tmp_path / "small"), "tokenizer": str(tiny_lm / "model")}
+                )
+            )
+        )
     # documents longer than max_length without truncation
     with pytest.raises(DataError, match=r"exceed task.max_length=8 tokens .* set task.truncation: true"):
         make_task(*_sections(text_config(tiny_lm, task={"max_length": 8, "truncation": False})))
@@ -268,16 +285,32 @@ def test_sequence_classification_gradients(tiny_lm, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm / "model")
     torch.manual_seed(0)
-    head = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1,
-                                                    n_head=2, num_labels=2, pad_token_id=tokenizer.eos_token_id))
+    head = GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=64,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            num_labels=2,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    )
     head.save_pretrained(tmp_path / "cls")
     tokenizer.save_pretrained(tmp_path / "cls")
     docs = [json.loads(line) for line in (tiny_lm / "corpus.jsonl").read_text().splitlines()][:60]
     path = tmp_path / "labelled.jsonl"
-    path.write_text("\n".join(json.dumps({"text": d["text"], "label": "returns" if "return" in d["text"] else "other"})
-                              for d in docs))
-    config = text_config(tiny_lm, task={"dataset": str(path), "kind": "sequence_classification", "id_column": None},
-                         model={"name_or_path": str(tmp_path / "cls")}, gradients={"modules": ["*.c_attn", "score"]})
+    path.write_text(
+        "\n".join(
+            json.dumps({"text": d["text"], "label": "returns" if "return" in d["text"] else "other"}) for d in docs
+        )
+    )
+    config = text_config(
+        tiny_lm,
+        task={"dataset": str(path), "kind": "sequence_classification", "id_column": None},
+        model={"name_or_path": str(tmp_path / "cls")},
+        gradients={"modules": ["*.c_attn", "score"]},
+    )
     task = make_task(config.task, config.model)
     assert task.classes == ["other", "returns"]
     model = task.make_model()
@@ -297,7 +330,9 @@ def test_full_norms_off_records_the_stored_rows_norm(tiny_lm):
     model = task.make_model()
     part = task.examples("train").slice(0, 5)
     rows_on, _, norms_on = make_gradient_computer(model, task.per_example_loss, on.gradients, on.projection)(*_io(part))
-    rows_off, _, norms_off = make_gradient_computer(model, task.per_example_loss, off.gradients, off.projection)(*_io(part))
+    rows_off, _, norms_off = make_gradient_computer(model, task.per_example_loss, off.gradients, off.projection)(
+        *_io(part)
+    )
     torch.testing.assert_close(rows_off, rows_on)
     torch.testing.assert_close(norms_off, rows_off.pow(2).sum(1))
     assert not torch.allclose(norms_on, norms_off, rtol=1e-3)  # the full gradient's norm is another number

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from pathlib import Path
-from typing import Optional, Union
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -13,10 +12,10 @@ from tqdm import tqdm
 
 import tdastore
 from tdastore.config import Config, config_to_dict
-from tdastore.errors import StoreError, TdaStoreError
-from tdastore.grads.computer import make_gradient_computer
 from tdastore.distributed.gradient_worker import GradientWorker
 from tdastore.distributed.ray_session import ray_session
+from tdastore.errors import StoreError, TdaStoreError
+from tdastore.grads.computer import make_gradient_computer
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.location import store_path
 from tdastore.store.writer import done_shards, finalize_store, plan_shards, prepare_store, update_shard_table
@@ -34,7 +33,12 @@ def store_identity(config: Config, split: str) -> dict:
     description = task.description()
     return {
         "split": split,
-        "task": {"name": task.name, "kind": description.get("kind"), "fingerprint": task.fingerprint(), "description": description},
+        "task": {
+            "name": task.name,
+            "kind": description.get("kind"),
+            "fingerprint": task.fingerprint(),
+            "description": description,
+        },
         "model": {"fingerprint": model_fingerprint(model)},
         "gradients": {**computer.param_spec(), "function": "loss" if split == "train" else "test_function"},
         "projection": computer.spec(),
@@ -50,12 +54,12 @@ def store_identity(config: Config, split: str) -> dict:
 
 def build_store(
     config: Config,
-    output: Union[str, Path],
+    output: str | Path,
     split: str = "train",
-    address: Optional[str] = None,
-    workers: Optional[int] = None,
+    address: str | None = None,
+    workers: int | None = None,
     progress: bool = True,
-    fault: Optional[dict] = None,
+    fault: dict | None = None,
 ) -> GradientStore:
     """Compute every row of `split` into the store at `output`; done shards of an earlier run are kept.
 
@@ -77,8 +81,19 @@ def build_store(
     n_workers = min(workers or config.build.workers, len(pending)) if pending else 0
     if pending:
         with ray_session(address or config.build.address, num_cpus=max(2, n_workers)):
-            reports = _run_pool(config, root, split, identity["model"]["fingerprint"], pending, n_workers, progress, fault,
-                                initial_rows=sum(s.rows for s in shards if s.index in done), total_rows=n_rows, manifest=manifest)
+            reports = _run_pool(
+                config,
+                root,
+                split,
+                identity["model"]["fingerprint"],
+                pending,
+                n_workers,
+                progress,
+                fault,
+                initial_rows=sum(s.rows for s in shards if s.index in done),
+                total_rows=n_rows,
+                manifest=manifest,
+            )
     seconds = time.perf_counter() - began
     computed = sum(r["rows"] for r in reports)
     summary = {
@@ -94,7 +109,9 @@ def build_store(
     return GradientStore(root)
 
 
-def _run_pool(config, root, split, model_fp, pending, n_workers, progress, fault, initial_rows, total_rows, manifest) -> list[dict]:
+def _run_pool(
+    config, root, split, model_fp, pending, n_workers, progress, fault, initial_rows, total_rows, manifest
+) -> list[dict]:
     """Keep `n_workers` actors busy with one shard each; a dead worker is replaced and its shard retried."""
     threads = max(1, int(config.build.cpus_per_worker))
     config_dict = config_to_dict(config)

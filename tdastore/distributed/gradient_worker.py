@@ -11,7 +11,6 @@ import resource
 import signal
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -22,13 +21,12 @@ from tdastore.config import Config, load_config
 from tdastore.errors import GradientError, StoreError
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.per_example import all_finite, check_finite
-from tdastore.store.manifest import GRADS_DIR
 from tdastore.store.location import store_path, zarr_store
+from tdastore.store.manifest import GRADS_DIR
 from tdastore.store.writer import Shard, write_shard
 from tdastore.tasks.base import model_fingerprint
 from tdastore.tasks.tabular import make_task
 from tdastore.training import load_model
-
 
 FLOAT16_MAX = 65504.0
 
@@ -46,7 +44,7 @@ class ShardComputer:
         self.data = self.task.examples(split)
         self.dtype = getattr(torch, config.store.dtype)
         self.unprojected = self.gradients.spec()["kind"] == "none"
-        self._buffer: Optional[torch.Tensor] = None
+        self._buffer: torch.Tensor | None = None
         warm = self.data.slice(0, 2)
         self.gradients(warm.inputs, warm.targets)  # warm up (torch.func imports) and fail fast
 
@@ -80,7 +78,6 @@ class ShardComputer:
         meta = pa.table(columns)
         return rows.numpy(), meta
 
-
     def _rows_buffer(self, n_rows: int) -> torch.Tensor:
         """One output buffer reused across shards: fresh pages would cost a page fault per 4 KB written."""
         if self._buffer is None or self._buffer.shape[0] < n_rows:
@@ -102,7 +99,9 @@ class ShardComputer:
 class GradientWorker:
     """A Ray actor computing and writing whole shards; returns a small report per shard."""
 
-    def __init__(self, config_dict: dict, root: str, split: str, model_fp: str, threads: int, fault: Optional[dict] = None):
+    def __init__(
+        self, config_dict: dict, root: str, split: str, model_fp: str, threads: int, fault: dict | None = None
+    ):
         torch.set_num_threads(max(1, threads))
         self.root = store_path(root)
         self.computer = ShardComputer(load_config(config_dict), split)

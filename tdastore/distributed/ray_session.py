@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import ray
 
@@ -13,7 +13,7 @@ import tdastore
 
 
 @contextlib.contextmanager
-def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None) -> Iterator[None]:
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Reuse a running Ray session, join `address` (or RAY_ADDRESS), or start a local cluster.
 
     Only a cluster started here is shut down on exit. A local cluster stays on loopback.

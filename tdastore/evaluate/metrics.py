@@ -65,6 +65,9 @@ def seed_curve(loo: np.ndarray, full: np.ndarray, scores: np.ndarray) -> dict[in
         for start in range(0, n_seeds - k + 1, k):
             cos = cosine_rows(gold_vectors(loo, full, slice(start, start + k)), scores).mean(1)  # [E]
             bests.append(cos.max())
-        curve[k] = {"cosine": float(np.mean(bests)), "groups": len(bests),
-                    "stderr": float(np.std(bests, ddof=1) / np.sqrt(len(bests))) if len(bests) > 1 else 0.0}
+        curve[k] = {
+            "cosine": float(np.mean(bests)),
+            "groups": len(bests),
+            "stderr": float(np.std(bests, ddof=1) / np.sqrt(len(bests))) if len(bests) > 1 else 0.0,
+        }
     return curve

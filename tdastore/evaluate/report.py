@@ -21,7 +21,11 @@ def cosine_table(results: dict) -> str:
     lines = [head, "|" + "---|" * (len(points) + 3)]
     for name, entry in results["methods"].items():
         if "error" in entry:
-            lines.append(f"| {name} | {entry['path']} | " + " | ".join("-" for _ in points) + f" | skipped: {entry['error'][:60]} |")
+            lines.append(
+                f"| {name} | {entry['path']} | "
+                + " | ".join("-" for _ in points)
+                + f" | skipped: {entry['error'][:60]} |"
+            )
             continue
         cos, err = np.asarray(entry["cosine"]), np.asarray(entry["stderr"])
         cells = " | ".join(f"{cos[i]:.3f} ± {err[i]:.3f}" for i in points)
@@ -31,16 +35,20 @@ def cosine_table(results: dict) -> str:
 
 def write_report(results: dict, out: Path) -> None:
     seeds = sorted({int(k) for e in results["methods"].values() for k in e.get("seed_curve", {})})
-    seed_lines = ["| method | " + " | ".join(f"{k} seed{'s' if k > 1 else ''}" for k in seeds) + " |",
-                  "|" + "---|" * (len(seeds) + 1)]
+    seed_lines = [
+        "| method | " + " | ".join(f"{k} seed{'s' if k > 1 else ''}" for k in seeds) + " |",
+        "|" + "---|" * (len(seeds) + 1),
+    ]
     for name, entry in results["methods"].items():
         if "seed_curve" in entry:
-            seed_lines.append(f"| {name} | " + " | ".join(f"{entry['seed_curve'][str(k)]['cosine']:.3f}" for k in seeds) + " |")
+            seed_lines.append(
+                f"| {name} | " + " | ".join(f"{entry['seed_curve'][str(k)]['cosine']:.3f}" for k in seeds) + " |"
+            )
     text = f"""# Agreement with the further-training gold standard
 
-Ground truth: `{results['groundtruth']}` ({results['n_seeds']} seeds, {results['n_left_out']} left-out rows,
-{results['n_test']} test points, {len(results['evals']['labels'])} evaluation points).
-Store: `{results['store']}`.
+Ground truth: `{results["groundtruth"]}` ({results["n_seeds"]} seeds, {results["n_left_out"]} left-out rows,
+{results["n_test"]} test points, {len(results["evals"]["labels"])} evaluation points).
+Store: `{results["store"]}`.
 
 Mean cosine (± standard error over test points) between each method's scores and the gold vector
 (leave-one-out minus full run, mean-centred over the left-out rows, averaged over seeds):
@@ -91,8 +99,16 @@ def write_plots(results: dict, out: Path) -> None:
         if not curve:
             continue
         ks = sorted(int(k) for k in curve)
-        ax.errorbar(ks, [curve[str(k)]["cosine"] for k in ks], yerr=[curve[str(k)]["stderr"] for k in ks],
-                    marker="o", ms=3, lw=1.4, capsize=2, label=name)
+        ax.errorbar(
+            ks,
+            [curve[str(k)]["cosine"] for k in ks],
+            yerr=[curve[str(k)]["stderr"] for k in ks],
+            marker="o",
+            ms=3,
+            lw=1.4,
+            capsize=2,
+            label=name,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("seeds averaged")
     ax.set_ylabel("best cosine over further training")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import zarr
@@ -16,11 +15,22 @@ from tdastore.groundtruth.pool import read_groundtruth_manifest
 from tdastore.methods import get_method
 from tdastore.query import QueryContext, method_scores, store_config
 
-DEFAULT_METHODS = ["grad_dot", "grad_cos", "tracin_final", "if_gn", "lissa", "trak1", "datainf", "ekfac", "if_gen", "if_h",
-                   "metagrad"]
+DEFAULT_METHODS = [
+    "grad_dot",
+    "grad_cos",
+    "tracin_final",
+    "if_gn",
+    "lissa",
+    "trak1",
+    "datainf",
+    "ekfac",
+    "if_gen",
+    "if_h",
+    "metagrad",
+]
 
 
-def choose_path(store, method_name: str, requested: Optional[str]) -> str:
+def choose_path(store, method_name: str, requested: str | None) -> str:
     """The exact path where the method has one and the model is small enough (as the paper ran them)."""
     method = get_method(method_name)
     if method.further_training:
@@ -35,8 +45,15 @@ def choose_path(store, method_name: str, requested: Optional[str]) -> str:
     return "exact" if store.manifest["gradients"]["numel"] <= limit else "projected"
 
 
-def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] = None, out: Union[str, Path, None] = None,
-             path: Optional[str] = None, overrides: Optional[dict] = None, progress: bool = True) -> dict:
+def evaluate(
+    store,
+    groundtruth: str | Path,
+    methods: list[str] | None = None,
+    out: str | Path | None = None,
+    path: str | None = None,
+    overrides: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """Cosine / Spearman of each method against the gold standard at every evaluation point, and seed curves."""
     gt_root = Path(groundtruth)
     manifest = read_groundtruth_manifest(gt_root)
@@ -44,7 +61,8 @@ def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] 
         if manifest[key]["fingerprint"] != store.manifest[key]["fingerprint"]:
             raise StoreError(
                 f"ground truth '{gt_root}' was computed for another {key} ({manifest[key]['fingerprint']}) than store "
-                f"'{store.root}' ({store.manifest[key]['fingerprint']}): evaluate a store and ground truth of the same run"
+                f"'{store.root}' ({store.manifest[key]['fingerprint']}): "
+                "evaluate a store and ground truth of the same run"
             )
     if manifest.get("status") != "complete":
         raise StoreError(f"ground truth '{gt_root}' is incomplete: rerun `tdastore ground-truth` to finish it")
@@ -54,8 +72,15 @@ def evaluate(store, groundtruth: Union[str, Path], methods: Optional[list[str]] 
     left = np.asarray(manifest["left_out"])
     ctx = QueryContext(store, "grad_dot")
     test = ctx.task.examples("test").slice(0, len(manifest["test_rows"]))
-    results = {"groundtruth": str(gt_root), "store": str(store.root), "evals": manifest["evals"],
-               "n_test": len(test), "n_left_out": len(left), "n_seeds": len(manifest["seeds"]), "methods": {}}
+    results = {
+        "groundtruth": str(gt_root),
+        "store": str(store.root),
+        "evals": manifest["evals"],
+        "n_test": len(test),
+        "n_left_out": len(left),
+        "n_seeds": len(manifest["seeds"]),
+        "methods": {},
+    }
     for name in methods or DEFAULT_METHODS:
         get_method(name)  # unknown names fail before any work
     scorer = None  # one exact-path scorer for every method: lambda_0 and the Hessian's lowest eigenvalue once
@@ -111,10 +136,17 @@ def _exact_scores(scorer, method: str, test) -> tuple[np.ndarray, dict]:
     return scores, {k: v for k, v in scorer.info.items() if isinstance(v, (int, float, str))}
 
 
-def metagrad_scores(store, gt_root: Path, manifest: dict, overrides: Optional[dict], progress: bool) -> tuple[np.ndarray, dict]:
+def metagrad_scores(
+    store, gt_root: Path, manifest: dict, overrides: dict | None, progress: bool
+) -> tuple[np.ndarray, dict]:
     """The metagradient scores of the ground truth's left-out rows, [E, T, L]: read from GT/metagrad-<coupling>
     when finished, else computed there by the metagradient job (Ray)."""
-    from tdastore.groundtruth.metagrad_pool import metagrad_root, read_metagrad_manifest, read_metagrad_scores, run_metagrad
+    from tdastore.groundtruth.metagrad_pool import (
+        metagrad_root,
+        read_metagrad_manifest,
+        read_metagrad_scores,
+        run_metagrad,
+    )
 
     config = store_config(store, overrides)
     coupling = config.metagrad.coupling or manifest["groundtruth"]["coupling"]
@@ -125,6 +157,11 @@ def metagrad_scores(store, gt_root: Path, manifest: dict, overrides: Optional[di
     scores, mg_manifest = read_metagrad_scores(root)  # [E, T, R]
     position = {row: k for k, row in enumerate(mg_manifest["rows"])}
     columns = [position[row] for row in manifest["left_out"]]
-    info = {"path": "exact", "operator": "metagrad", "coupling": coupling, "seeds": len(mg_manifest["seeds"]),
-            "store": str(root)}
+    info = {
+        "path": "exact",
+        "operator": "metagrad",
+        "coupling": coupling,
+        "seeds": len(mg_manifest["seeds"]),
+        "store": str(root),
+    }
     return scores[:, :, columns], info

@@ -10,13 +10,18 @@
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from tdastore.config import GradientConfig, ProjectionConfig
-from tdastore.grads.factored import ExactLinearGradients, FactoredLinearGradients, only_linear_parameters, select_parameters
+from tdastore.grads.factored import (
+    ExactLinearGradients,
+    FactoredLinearGradients,
+    only_linear_parameters,
+    select_parameters,
+)
 from tdastore.grads.per_example import LossFn, PerExampleGradients, squared_norms
 from tdastore.grads.projection import make_projector
 
@@ -31,7 +36,7 @@ class GradientComputer(Protocol):
         """The selected parameters and their shapes."""
 
     def __call__(
-        self, inputs: torch.Tensor, targets: torch.Tensor, out: Optional[torch.Tensor] = None
+        self, inputs: torch.Tensor, targets: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (rows [B, out_dim], written into `out` if given; losses [B]; squared full-gradient norms [B])."""
 
@@ -52,7 +57,7 @@ class VmapProjectedGradients:
         return self.gradients.spec()
 
     def __call__(
-        self, inputs: torch.Tensor, targets: torch.Tensor, out: Optional[torch.Tensor] = None
+        self, inputs: torch.Tensor, targets: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grads, losses = self.gradients(inputs, targets)  # {name: [B, ...]}, [B]
         return self.projector.project(grads, out), losses, squared_norms(grads)
@@ -62,11 +67,15 @@ def make_gradient_computer(
     model: nn.Module, loss_fn: LossFn, gradients: GradientConfig, projection: ProjectionConfig
 ) -> GradientComputer:
     if projection.kind == "factored":
-        return FactoredLinearGradients(model, loss_fn, gradients.params, projection, gradients.modules, gradients.full_norms)
+        return FactoredLinearGradients(
+            model, loss_fn, gradients.params, projection, gradients.modules, gradients.full_norms
+        )
     if gradients.modules:  # module patterns name the parameters for the other computers too
-        gradients = GradientConfig(params=select_parameters(model, gradients.params, gradients.modules),
-                                   batch_size=gradients.batch_size, full_norms=gradients.full_norms)
+        gradients = GradientConfig(
+            params=select_parameters(model, gradients.params, gradients.modules),
+            batch_size=gradients.batch_size,
+            full_norms=gradients.full_norms,
+        )
     if projection.kind == "none" and only_linear_parameters(model, gradients.params):
         return ExactLinearGradients(model, loss_fn, gradients.params, projection)  # same rows, ~3x faster
     return VmapProjectedGradients(model, loss_fn, gradients.params, projection)
-

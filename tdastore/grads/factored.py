@@ -30,7 +30,9 @@ def _side_matrix(seed: int, name: str, dim: int, k: int) -> torch.Tensor | None:
 
 def only_linear_parameters(model: nn.Module, patterns: list[str]) -> bool:
     """Whether every selected parameter is a weight or bias of an nn.Linear (hooks can then replace vmap)."""
-    owners = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, nn.Linear) for p in ("weight", "bias")}
+    owners = {
+        f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, nn.Linear) for p in ("weight", "bias")
+    }
     selected = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
     weights = {n for n in selected if n.endswith(".weight")}
     return bool(selected) and all(n in owners and n.rsplit(".", 1)[0] + ".weight" in weights for n in selected)
@@ -56,8 +58,11 @@ def select_parameters(model: nn.Module, patterns: list[str], module_patterns: li
     """Parameter names chosen by gradients.params, or by gradients.modules (every weight and bias of the
     Linear / Conv1D modules whose names match), with an error naming what exists when nothing matches."""
     if module_patterns:
-        chosen = [name for name, m in model.named_modules()
-                  if is_hookable(m) and any(fnmatch.fnmatchcase(name, pat) for pat in module_patterns)]
+        chosen = [
+            name
+            for name, m in model.named_modules()
+            if is_hookable(m) and any(fnmatch.fnmatchcase(name, pat) for pat in module_patterns)
+        ]
         if not chosen:
             names = [name for name, m in model.named_modules() if is_hookable(m)]
             raise GradientError(
@@ -69,13 +74,16 @@ def select_parameters(model: nn.Module, patterns: list[str], module_patterns: li
     selected = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
     if not selected:
         names = [n for n, _ in model.named_parameters()]
-        raise GradientError(f"gradients.params {patterns} match no parameter of the model; its parameters are: {names[:12]}"
-                            f"{' ...' if len(names) > 12 else ''}")
+        raise GradientError(
+            f"gradients.params {patterns} match no parameter of the model; its parameters are: {names[:12]}"
+            f"{' ...' if len(names) > 12 else ''}"
+        )
     return selected
 
 
-def linear_modules(model: nn.Module, patterns: list[str], what: str,
-                   module_patterns: list[str] | None = None) -> list[tuple[str, nn.Module, bool]]:
+def linear_modules(
+    model: nn.Module, patterns: list[str], what: str, module_patterns: list[str] | None = None
+) -> list[tuple[str, nn.Module, bool]]:
     """(module name, module, bias selected) for every Linear / Conv1D layer whose weight is selected; an
     error when a selected parameter belongs to anything else, since hooks only see those layers."""
     selected = set(select_parameters(model, patterns, module_patterns))
@@ -183,8 +191,15 @@ class ExactLinearGradients(_LinearHookGradients):
 class FactoredLinearGradients(_LinearHookGradients):
     """(projected rows [B, K], losses [B], squared full-gradient norms [B]) for the selected Linear layers."""
 
-    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], config: ProjectionConfig, module_patterns=None,
-                 full_norms: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn,
+        patterns: list[str],
+        config: ProjectionConfig,
+        module_patterns=None,
+        full_norms: bool = True,
+    ):
         super().__init__(model, loss_fn, patterns, "projection.kind 'factored'", module_patterns)
         self.config = config
         self.full_norms = full_norms  # |full per-example gradient|^2 per row: B T^2 (d_in + d_out) extra work

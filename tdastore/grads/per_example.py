@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,9 +19,7 @@ def select_parameters(model: nn.Module, patterns: list[str]) -> list[str]:
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     chosen = [name for name in names if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)]
     if not chosen:
-        raise GradientError(
-            f"gradients.params {patterns} match no parameter of the model; its parameters are: {names}"
-        )
+        raise GradientError(f"gradients.params {patterns} match no parameter of the model; its parameters are: {names}")
     return chosen
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -42,7 +42,7 @@ class Projector:
         """What must match for two stores (or a store and a query) to share a projection."""
         return {"kind": self.kind, "in_dim": self.in_dim, "out_dim": self.out_dim}
 
-    def project(self, grads: dict[str, torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def project(self, grads: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """{name: [B, *shape]} -> [B, out_dim], written into `out` (any float dtype) when given."""
         batch = next(iter(grads.values())).shape[0]
         out = torch.empty(batch, self.out_dim) if out is None else out  # [B, p]
@@ -94,7 +94,7 @@ class _BlockProjector(Projector):
     def _generate(self, generator: torch.Generator, n_rows: int) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def project(self, grads: dict[str, torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def project(self, grads: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         batch = next(iter(grads.values())).shape[0]
         total = torch.zeros(batch, self.out_dim)  # [B, k] accumulated in float32
         for name in self.names:

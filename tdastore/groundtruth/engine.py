@@ -31,7 +31,7 @@ class Schedule:
     eval_labels: list[int]  # the schedule's own unit (epochs or steps) at each evaluation
 
     @classmethod
-    def from_config(cls, cfg: GroundTruthConfig, n_train: int) -> "Schedule":
+    def from_config(cls, cfg: GroundTruthConfig, n_train: int) -> Schedule:
         per_epoch = math.ceil(n_train / cfg.batch_size)
         if cfg.epochs is not None:
             labels = list(range(cfg.eval_every, cfg.epochs + 1, cfg.eval_every))
@@ -102,7 +102,9 @@ class ReplicaTrainer:
         if self.cfg.coupling == "subtract":
             return perms
         n = perms.shape[1]
-        position = torch.where(left_out >= 0, (perms == left_out[:, None]).int().argmax(1), torch.full_like(left_out, n))
+        position = torch.where(
+            left_out >= 0, (perms == left_out[:, None]).int().argmax(1), torch.full_like(left_out, n)
+        )
         cols = torch.arange(n)[None, :]
         shifted = torch.where(cols >= position[:, None], cols + 1, cols).clamp(max=n - 1)
         order = perms.gather(1, shifted)
@@ -116,8 +118,11 @@ class ReplicaTrainer:
 
     def _test_values(self, params) -> torch.Tensor:
         """g(z) of every test point under every replica: [R, n_test]."""
+
         def one(p):
-            return self.task.test_function(functional_call(self.model, {**p, **self.buffers}, (self.test.inputs,)), self.test.targets)
+            return self.task.test_function(
+                functional_call(self.model, {**p, **self.buffers}, (self.test.inputs,)), self.test.targets
+            )
 
         with torch.no_grad():
             return vmap(one)(params)

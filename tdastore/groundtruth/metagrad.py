@@ -19,7 +19,7 @@ The leave-one-out effect is, to first order, a_i ~ -d g(z, theta_T) / d w_i at w
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -44,9 +44,17 @@ class MetaGradient:
     """Weighted further training (SGD / Adam / AdamW, subtract or delete coupling) as a pure function of
     flat parameters and row weights, and its derivative with respect to the weights."""
 
-    def __init__(self, model: nn.Module, task: Task, cfg: GroundTruthConfig, train: Examples, test: Examples,
-                 rows: Optional[Sequence[int]] = None, checkpoint_every: Optional[int] = None,
-                 memory_budget_mb: float = 512.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        cfg: GroundTruthConfig,
+        train: Examples,
+        test: Examples,
+        rows: Sequence[int] | None = None,
+        checkpoint_every: int | None = None,
+        memory_budget_mb: float = 512.0,
+    ):
         self.model, self.task, self.cfg, self.train, self.test = model, task, cfg, train, test
         self.names = [n for n, _ in model.named_parameters()]
         self.shapes = [p.shape for _, p in model.named_parameters()]
@@ -62,7 +70,8 @@ class MetaGradient:
         self.schedule = Schedule.from_config(cfg, self.n)
         state_bytes = 3 * self.theta0.numel() * self.theta0.element_size()
         self.checkpoint_every = checkpoint_every or checkpoint_interval(
-            self.schedule.total_steps, state_bytes, memory_budget_mb * 2**20)
+            self.schedule.total_steps, state_bytes, memory_budget_mb * 2**20
+        )
         self.stored_states_peak = 0  # the most parameter states held at once (memory, measured in states)
 
     # -- the model and one optimizer step as pure functions of flat tensors --------------------------
@@ -71,7 +80,9 @@ class MetaGradient:
         return functional_call(self.model, {**params, **self.buffers}, (inputs,))
 
     def _losses(self, theta, rows):
-        return self.task.per_example_loss(self._outputs(theta, self.train.inputs[rows]), self.train.targets[rows])  # [b]
+        return self.task.per_example_loss(
+            self._outputs(theta, self.train.inputs[rows]), self.train.targets[rows]
+        )  # [b]
 
     def _loss(self, theta, w, batch):
         """The weighted further-training loss (used for the forward values; the derivatives below are its own)."""
@@ -90,8 +101,14 @@ class MetaGradient:
         only through this matrix (computed once per step, shared by every tangent or adjoint).
         subtract: grad L_i / N for every scored row; delete: (grad L_i - g_batch) / |batch| for scored rows
         in the batch (the derivative of the weighted batch mean), 0 for the rest."""
-        per_example = vmap(grad(lambda th, x, y: self.task.per_example_loss(
-            self._outputs(th, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(0)), in_dims=(None, 0, 0))
+        per_example = vmap(
+            grad(
+                lambda th, x, y: self.task.per_example_loss(self._outputs(th, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(
+                    0
+                )
+            ),
+            in_dims=(None, 0, 0),
+        )
         if self.cfg.coupling == "subtract":
             return per_example(theta, self.train.inputs[self.rows], self.train.targets[self.rows]) / self.n
         jac = torch.zeros(len(self.rows), theta.numel(), dtype=theta.dtype)  # [R, p]
@@ -247,6 +264,7 @@ class MetaGradient:
 
     def _test_gradients(self, theta: torch.Tensor) -> torch.Tensor:
         """grad_theta g(z_t, theta) for every test point: [n_test, p]."""
+
         def one(x, y):
             g = lambda th: self.task.test_function(self._outputs(th, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(0)  # noqa: E731
             return grad(g)(theta)

@@ -19,7 +19,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import ray
@@ -30,8 +29,8 @@ from tqdm import tqdm
 
 import tdastore
 from tdastore.config import Config, config_to_dict, load_config
-from tdastore.errors import ConfigError, StoreError, TdaStoreError
 from tdastore.distributed.ray_session import ray_session
+from tdastore.errors import ConfigError, StoreError, TdaStoreError
 from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
 from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
 from tdastore.tasks.base import model_fingerprint
@@ -94,34 +93,56 @@ def prepare_groundtruth(config: Config) -> tuple[Path, dict]:
         "kind": GT_KIND,
         "task": {"name": task.name, "fingerprint": task.fingerprint()},
         "model": {"fingerprint": model_fingerprint(model)},
-        "groundtruth": config_to_dict(config)["groundtruth"] | {"output": None, "workers": None, "threads_per_worker": None},
+        "groundtruth": config_to_dict(config)["groundtruth"]
+        | {"output": None, "workers": None, "threads_per_worker": None},
         "left_out": left,
         "test_rows": list(range(n_test)),
         "test_ids": [int(i) for i in test.ids[:n_test]],
         "seeds": list(range(gt.seeds)),
-        "evals": {"unit": "epoch" if gt.epochs is not None else "step", "labels": schedule.eval_labels,
-                  "steps": schedule.eval_steps},
+        "evals": {
+            "unit": "epoch" if gt.epochs is not None else "step",
+            "labels": schedule.eval_labels,
+            "steps": schedule.eval_steps,
+        },
     }
     if (root / "manifest.json").exists():
         manifest = read_groundtruth_manifest(root)
         different = [k for k in identity if manifest.get(k) != identity[k]]
         if different:
-            raise StoreError(f"ground-truth store '{root}' holds another job (differs in {different}) and was left "
-                             "unchanged: choose a new groundtruth.output")
+            raise StoreError(
+                f"ground-truth store '{root}' holds another job (differs in {different}) and was left "
+                "unchanged: choose a new groundtruth.output"
+            )
         return root, manifest
     if root.exists() and any(root.iterdir()):
-        raise StoreError(f"'{root}' exists, is not empty and is not a ground-truth store: choose a new groundtruth.output")
+        raise StoreError(
+            f"'{root}' exists, is not empty and is not a ground-truth store: choose a new groundtruth.output"
+        )
     root.mkdir(parents=True, exist_ok=True)
     (root / "units").mkdir()
     evals, seeds = len(schedule.eval_steps), gt.seeds
-    zarr.create_array(store=str(root / "loo.zarr"), shape=(evals, n_test, len(left), seeds),
-                      chunks=(evals, n_test, min(gt.left_out_block, len(left)), min(gt.seed_block, seeds)),
-                      dtype="float32", fill_value=np.nan)
-    zarr.create_array(store=str(root / "full.zarr"), shape=(evals, n_test, seeds),
-                      chunks=(evals, n_test, min(gt.seed_block, seeds)), dtype="float32", fill_value=np.nan)
-    manifest = {"schema_version": SCHEMA_VERSION, "status": "running", **identity,
-                "config": config_to_dict(config), "tdastore_version": tdastore.__version__,
-                "units": [u.name for u in plan_units(seeds, len(left), gt.seed_block, gt.left_out_block)]}
+    zarr.create_array(
+        store=str(root / "loo.zarr"),
+        shape=(evals, n_test, len(left), seeds),
+        chunks=(evals, n_test, min(gt.left_out_block, len(left)), min(gt.seed_block, seeds)),
+        dtype="float32",
+        fill_value=np.nan,
+    )
+    zarr.create_array(
+        store=str(root / "full.zarr"),
+        shape=(evals, n_test, seeds),
+        chunks=(evals, n_test, min(gt.seed_block, seeds)),
+        dtype="float32",
+        fill_value=np.nan,
+    )
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "status": "running",
+        **identity,
+        "config": config_to_dict(config),
+        "tdastore_version": tdastore.__version__,
+        "units": [u.name for u in plan_units(seeds, len(left), gt.seed_block, gt.left_out_block)],
+    }
     write_json_atomic(root / "manifest.json", manifest)
     return root, manifest
 
@@ -164,7 +185,7 @@ def run_unit(config: Config, root: Path, unit: Unit, manifest: dict) -> float:
 
 
 @ray.remote
-def _run_unit_task(config_dict: dict, root: str, unit: Unit, manifest: dict, threads: int, fault: Optional[dict]) -> float:
+def _run_unit_task(config_dict: dict, root: str, unit: Unit, manifest: dict, threads: int, fault: dict | None) -> float:
     torch.set_num_threads(threads)
     if fault and fault.get("unit") == unit.name and not (Path(root) / ".fault-fired").exists():
         (Path(root) / ".fault-fired").touch()
@@ -176,8 +197,13 @@ def done_units(root: Path) -> set[str]:
     return {p.name[: -len(".done")] for p in (root / "units").glob("*.done")}
 
 
-def run_groundtruth(config: Config, address: Optional[str] = None, progress: bool = True,
-                    fault: Optional[dict] = None, max_retries: Optional[int] = None) -> Path:
+def run_groundtruth(
+    config: Config,
+    address: str | None = None,
+    progress: bool = True,
+    fault: dict | None = None,
+    max_retries: int | None = None,
+) -> Path:
     """Run (or resume) the ground-truth job on Ray; returns the store's path."""
     root, manifest = prepare_groundtruth(config)
     gt = config.groundtruth
@@ -188,8 +214,14 @@ def run_groundtruth(config: Config, address: Optional[str] = None, progress: boo
         with ray_session(address or config.build.address, num_cpus=max(2, gt.workers * gt.threads_per_worker)):
             remote = _run_unit_task.options(num_cpus=gt.threads_per_worker, max_retries=retries)
             config_dict = config_to_dict(config)
-            drive_units(lambda unit: remote.remote(config_dict, str(root), unit, manifest, gt.threads_per_worker, fault),
-                        pending, len(units), gt.workers, "ground truth", progress)
+            drive_units(
+                lambda unit: remote.remote(config_dict, str(root), unit, manifest, gt.threads_per_worker, fault),
+                pending,
+                len(units),
+                gt.workers,
+                "ground truth",
+                progress,
+            )
     if done_units(root) >= {u.name for u in units}:
         manifest = read_groundtruth_manifest(root)
         manifest["status"] = "complete"
@@ -213,8 +245,10 @@ def drive_units(submit, pending: list, total: int, workers: int, desc: str, prog
             try:
                 ray.get(ready[0])
             except (RayActorError, WorkerCrashedError) as err:
-                raise StoreError(f"{desc} unit {unit.name} failed: its worker died ({type(err).__name__}); "
-                                 "finished units are kept: rerun the same command to resume") from err
+                raise StoreError(
+                    f"{desc} unit {unit.name} failed: its worker died ({type(err).__name__}); "
+                    "finished units are kept: rerun the same command to resume"
+                ) from err
             except RayTaskError as err:
                 if isinstance(getattr(err, "cause", None), TdaStoreError):
                     raise err.cause from None

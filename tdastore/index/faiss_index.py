@@ -12,7 +12,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import faiss
 import numpy as np
@@ -76,7 +75,9 @@ def make_faiss_index(kind: str, dim: int, rows: int, config: IndexConfig) -> fai
     if kind == "sq8":
         return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip)
     if kind == "pq":
-        base = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, _nlist(config, rows), _pq_m(config, dim), 8, faiss.METRIC_L2)
+        base = faiss.IndexIVFPQ(
+            faiss.IndexFlatL2(dim), dim, _nlist(config, rows), _pq_m(config, dim), 8, faiss.METRIC_L2
+        )
         base.nprobe = config.nprobe
         index = faiss.IndexRefineFlat(base)
         index.k_factor = float(config.refine)
@@ -133,7 +134,9 @@ def index_shards(store, shard_rows: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def build_index(store, method, operator, operator_key: str, kind: str, config: IndexConfig, progress: bool = True) -> IndexHandle:
+def build_index(
+    store, method, operator, operator_key: str, kind: str, config: IndexConfig, progress: bool = True
+) -> IndexHandle:
     """Transform every row with the operator (and normalise for cosine), add them to FAISS, shard by shard."""
     if not isinstance(store.root, Path):
         raise StoreError(
@@ -178,7 +181,11 @@ def build_index(store, method, operator, operator_key: str, kind: str, config: I
     description["shards"] = shards
     description["build_seconds"] = time.perf_counter() - began
     write_json_atomic(directory / "index.json", description)
-    store.register("indexes", f"{method.name}-{kind}", {"directory": str(directory.relative_to(store.root)), "operator": operator_key})
+    store.register(
+        "indexes",
+        f"{method.name}-{kind}",
+        {"directory": str(directory.relative_to(store.root)), "operator": operator_key},
+    )
     return IndexHandle(directory, _without_build_facts(description), shards)
 
 
@@ -207,7 +214,7 @@ def _without_build_facts(description: dict) -> dict:
     return {k: v for k, v in description.items() if k not in ("shards", "build_seconds")}
 
 
-def load_index(store, method_name: str, kind: str) -> Optional[IndexHandle]:
+def load_index(store, method_name: str, kind: str) -> IndexHandle | None:
     if not isinstance(store.root, Path):
         return None
     directory = store.root / INDEX_DIR / f"{method_name}-{kind}"

@@ -9,7 +9,7 @@ Applying (F + lambda I)^-1 to a gradient G: Q_S [ (Q_S^T G Q_A) / (Lambda + lamb
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -22,7 +22,9 @@ from tdastore.tasks.base import Examples
 class EkfacOperator(_LinearHookGradients):
     """Fitted on the training data; `apply` maps flat gradients [m, p] (weight then bias per layer)."""
 
-    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], train: Examples, batch_size: int, damping_factor: float):
+    def __init__(
+        self, model: nn.Module, loss_fn, patterns: list[str], train: Examples, batch_size: int, damping_factor: float
+    ):
         super().__init__(model, loss_fn, patterns, "ekfac")
         self.out_dim = self.numel
         n = len(train)
@@ -38,7 +40,9 @@ class EkfacOperator(_LinearHookGradients):
         for a_cov, s_cov in covs:
             self.q_a.append(torch.linalg.eigh(a_cov / n)[1])
             self.q_s.append(torch.linalg.eigh(s_cov / n)[1])
-        self.eigenvalues = [torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64) for q_a, q_s in zip(self.q_a, self.q_s)]
+        self.eigenvalues = [
+            torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64) for q_a, q_s in zip(self.q_a, self.q_s)
+        ]
         for part in batches:
             for index, (acts, grads) in enumerate(self._layer_tensors(part)):
                 rotated = torch.bmm((grads @ self.q_s[index]).transpose(1, 2), acts @ self.q_a[index])  # [B, out, in+1]

@@ -8,9 +8,9 @@ never by forming a p x p matrix, as the paper ran them on 18k-120k-parameter MLP
 
 from __future__ import annotations
 
-import numpy as np
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
@@ -26,7 +26,9 @@ MatVec = Callable[[torch.Tensor], torch.Tensor]  # [m, p] -> [m, p]
 class FullSpace:
     """theta -> losses of a task's model on its data, with the products second-order methods need."""
 
-    def __init__(self, model: nn.Module, loss_fn, test_fn, patterns: list[str], train: Examples, config: AttributionConfig):
+    def __init__(
+        self, model: nn.Module, loss_fn, test_fn, patterns: list[str], train: Examples, config: AttributionConfig
+    ):
         self.model, self.loss_fn, self.test_fn, self.train, self.config = model, loss_fn, test_fn, train, config
         self.names = select_parameters(model, patterns)
         params = dict(model.named_parameters())
@@ -43,7 +45,7 @@ class FullSpace:
         self.frozen = {n: t.detach() for n, t in params.items() if n not in self.names}
         self.frozen.update(dict(model.named_buffers()))
         self.n = len(train)
-        self._lambda_0: Optional[float] = None
+        self._lambda_0: float | None = None
 
     # -- the model as a function of theta -------------------------------------------------------
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -52,7 +54,7 @@ class FullSpace:
     def outputs(self, theta: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, {**self.unflatten(theta), **self.frozen}, (inputs,))
 
-    def batches(self, data: Examples, size: Optional[int] = None) -> Iterator[Examples]:
+    def batches(self, data: Examples, size: int | None = None) -> Iterator[Examples]:
         size = size or self.config.batch_size
         for start in range(0, len(data), size):
             yield data.slice(start, min(start + size, len(data)))
@@ -86,22 +88,24 @@ class FullSpace:
         return self.config.damping_factor * self._lambda_0, self._lambda_0
 
     # -- curvature products ---------------------------------------------------------------------
-    def hvp(self, vectors: torch.Tensor, data: Optional[Examples] = None) -> torch.Tensor:
+    def hvp(self, vectors: torch.Tensor, data: Examples | None = None) -> torch.Tensor:
         """Hessian of the mean loss over `data` (default: all training rows) times vectors [m, p]."""
         data = data or self.train
         out = torch.zeros_like(vectors)
         for part in self.batches(data):
+
             def batch_loss(theta, part=part):
                 return self.loss_fn(self.outputs(theta, part.inputs), part.targets).sum()
 
             out += vmap(lambda v: jvp(grad(batch_loss), (self.theta,), (v,))[1])(vectors)
         return out / len(data)
 
-    def gnvp(self, vectors: torch.Tensor, data: Optional[Examples] = None) -> torch.Tensor:
+    def gnvp(self, vectors: torch.Tensor, data: Examples | None = None) -> torch.Tensor:
         """Gauss-Newton matrix (1/n) sum_i J_i^T H_out,i J_i times vectors [m, p]."""
         data = data or self.train
         out = torch.zeros_like(vectors)
         for part in self.batches(data):
+
             def f(theta, part=part):
                 return self.outputs(theta, part.inputs)  # [b, out]
 
@@ -174,8 +178,12 @@ def lowest_eigenvalue(matvec: MatVec, p: int, tol: float = 1e-3) -> float:
 
 
 def lissa(
-    matvec: MatVec, rhs: torch.Tensor, damping: float, scale: float, depth: int,
-    sampled: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+    matvec: MatVec,
+    rhs: torch.Tensor,
+    damping: float,
+    scale: float,
+    depth: int,
+    sampled: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Truncated Neumann series: x_{j+1} = b + (I - (A + damping I)/scale) x_j, returned as x_J / scale.
 
@@ -216,7 +224,9 @@ def layer_groups(names: list[str], sizes: list[int]) -> list[tuple[int, int]]:
     return groups
 
 
-def datainf_apply(make_blocks: Callable[[], Iterator[torch.Tensor]], vectors: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
+def datainf_apply(
+    make_blocks: Callable[[], Iterator[torch.Tensor]], vectors: torch.Tensor, groups: list[tuple[int, int]]
+) -> torch.Tensor:
     """DataInf on vectors [m, p]: per layer l,
         (G_l + lambda_l I)^-1 v ~ (1/lambda_l) (v - (1/n) sum_i (v . g_il) / (lambda_l + |g_il|^2) g_il),
     lambda_l = mean_i mean(g_il^2) / 10. `make_blocks()` yields training rows [b, p]; two passes, memory

@@ -7,9 +7,10 @@ score[t, i] = eps * x_t . r_i, where x_t is the method's operator applied to the
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
+from torch.func import grad, jvp, vmap
 
 from tdastore.config import Config
 from tdastore.methods import Method
@@ -25,7 +26,6 @@ from tdastore.precond.exact import (
     lowest_eigenvalue,
 )
 from tdastore.tasks.base import Examples, Task
-from torch.func import grad, jvp, vmap
 
 
 class ExactScorer:
@@ -34,8 +34,12 @@ class ExactScorer:
     def __init__(self, model: torch.nn.Module, task: Task, config: Config):
         self.task, self.config = task, config
         self.space = FullSpace(
-            model, task.per_example_loss, task.test_function, config.gradients.params,
-            task.examples("train"), config.attribution,
+            model,
+            task.per_example_loss,
+            task.test_function,
+            config.gradients.params,
+            task.examples("train"),
+            config.attribution,
         )
         self.info: dict = {"path": "exact", "params": self.space.p}
         self._lowest = None
@@ -61,10 +65,13 @@ class ExactScorer:
         if op == "identity":
             return g
         if op == "datainf":
-            return datainf_apply(lambda: (b for _, b in space.example_grads(space.train)), g,
-                                 layer_groups(space.names, space.sizes))
+            return datainf_apply(
+                lambda: (b for _, b in space.example_grads(space.train)), g, layer_groups(space.names, space.sizes)
+            )
         if op == "ekfac":
-            ekfac = EkfacOperator(space.model, space.loss_fn, space.names, space.train, cfg.batch_size, cfg.damping_factor)
+            ekfac = EkfacOperator(
+                space.model, space.loss_fn, space.names, space.train, cfg.batch_size, cfg.damping_factor
+            )
             self.info.update(damping=ekfac.damping, lambda_0=ekfac.lambda_0)
             return ekfac.apply(g)
         damping, lambda_0 = space.damping()

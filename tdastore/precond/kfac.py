@@ -24,8 +24,9 @@ from tdastore.grads.factored import FactoredLinearGradients
 from tdastore.precond.projected import Block, SpectralOperator, column_groups
 
 
-def factored_covariances(computer: FactoredLinearGradients, task, examples, batch_size: int, limit=None,
-                         progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+def factored_covariances(
+    computer: FactoredLinearGradients, task, examples, batch_size: int, limit=None, progress: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per module (A [k_in, k_in], S [k_out, k_out]) in float64, from the first `limit` examples."""
     n = len(examples) if limit is None else min(limit, len(examples))
     sums = [[np.zeros((k_in, k_in)), np.zeros((k_out, k_out))] for k_out, k_in in computer.dims]
@@ -59,16 +60,18 @@ def fit_kronecker(store, ctx, op: str, progress: bool = False) -> SpectralOperat
             f"factored (this one is {store.manifest['projection']['kind']}); use attribution.path: exact for ekfac on small models"
         )
     config = ctx.config
-    computer = FactoredLinearGradients(ctx.model, ctx.task.per_example_loss, config.gradients.params, config.projection,
-                                       config.gradients.modules)
+    computer = FactoredLinearGradients(
+        ctx.model, ctx.task.per_example_loss, config.gradients.params, config.projection, config.gradients.modules
+    )
     if computer.spec() != store.manifest["projection"]:
         raise StoreError("the model's factored projection differs from the store's: the store's config was edited")
     train = ctx.task.examples("train")
-    covariances = factored_covariances(computer, ctx.task, train, config.gradients.batch_size,
-                                       config.attribution.kfac_examples, progress)
+    covariances = factored_covariances(
+        computer, ctx.task, train, config.gradients.batch_size, config.attribution.kfac_examples, progress
+    )
     groups = column_groups(store.manifest)
     bases, eigenvalues = [], []
-    for (a_cov, s_cov) in covariances:
+    for a_cov, s_cov in covariances:
         l_a, q_a = np.linalg.eigh(a_cov)
         l_s, q_s = np.linalg.eigh(s_cov)
         bases.append(np.kron(q_s, q_a))  # [(o, i), (a, b)] = Q_S[o, a] Q_A[i, b]: row-major [k_out, k_in]
@@ -81,7 +84,13 @@ def fit_kronecker(store, ctx, op: str, progress: bool = False) -> SpectralOperat
         eigenvalues = [acc / store.n_rows for acc in corrected]
     lambda_0 = float(sum(v.sum() for v in eigenvalues) / store.dim)
     damping = config.attribution.damping_factor * lambda_0
-    blocks = [Block(lo, hi, 1.0 / (values + damping), basis) for (lo, hi), values, basis in zip(groups, eigenvalues, bases)]
-    info = {"lambda_0": lambda_0, "damping": damping, "modules": len(blocks),
-            "examples": min(len(train), config.attribution.kfac_examples or len(train))}
+    blocks = [
+        Block(lo, hi, 1.0 / (values + damping), basis) for (lo, hi), values, basis in zip(groups, eigenvalues, bases)
+    ]
+    info = {
+        "lambda_0": lambda_0,
+        "damping": damping,
+        "modules": len(blocks),
+        "examples": min(len(train), config.attribution.kfac_examples or len(train)),
+    }
     return SpectralOperator(op, store.dim, blocks, info)

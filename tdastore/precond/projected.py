@@ -21,7 +21,6 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -36,7 +35,7 @@ class Block:
     start: int
     stop: int
     values: np.ndarray  # d [k_b] float64
-    basis: Optional[np.ndarray] = None  # Q [k_b, k_b] float64; None: the standard basis (diagonal)
+    basis: np.ndarray | None = None  # Q [k_b, k_b] float64; None: the standard basis (diagonal)
 
 
 @dataclass
@@ -82,7 +81,7 @@ class SpectralOperator:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, name: str, info: dict) -> "SpectralOperator":
+    def load(cls, path: Path, name: str, info: dict) -> SpectralOperator:
         with np.load(path) as data:
             blocks, i = [], 0
             while f"range_{i}" in data:
@@ -177,7 +176,7 @@ def fit_operator(store, op: str, config: AttributionConfig) -> SpectralOperator:
                 f"LiSSA diverges: attribution.lissa_scale={scale:.4g} is below half the largest damped eigenvalue "
                 f"{sigma[-1] + lam:.4g}; raise it (or leave it unset for 1.1 x that eigenvalue)"
             )
-        values = (1.0 - ratio ** config.lissa_depth) / (sigma + lam)
+        values = (1.0 - ratio**config.lissa_depth) / (sigma + lam)
         info.update(damping=lam, scale=scale, depth=config.lissa_depth)
     elif op == "trak":
         if n <= k:
@@ -218,7 +217,9 @@ def fit_or_load(store, op: str, config: AttributionConfig, ctx=None, progress: b
     if entry:
         path = store.root / entry["file"]
         if not path.is_file():
-            raise StoreError(f"store '{store.root}': preconditioner file {entry['file']} is missing; delete its manifest entry or rebuild")
+            raise StoreError(
+                f"store '{store.root}': preconditioner file {entry['file']} is missing; delete its manifest entry or rebuild"
+            )
         return SpectralOperator.load(path, op, entry["info"])
     if op in KRONECKER:
         from tdastore.precond.kfac import fit_kronecker
@@ -232,10 +233,16 @@ def fit_or_load(store, op: str, config: AttributionConfig, ctx=None, progress: b
         folder = store.root / PRECOND_DIR
         folder.mkdir(exist_ok=True)
         operator.save(folder / f"{key}.npz")
-        store.register("preconditioners", key, {
-            "operator": op, "file": f"{PRECOND_DIR}/{key}.npz", "params": operator_params(op, config),
-            "info": _jsonable(operator.info),
-        })
+        store.register(
+            "preconditioners",
+            key,
+            {
+                "operator": op,
+                "file": f"{PRECOND_DIR}/{key}.npz",
+                "params": operator_params(op, config),
+                "info": _jsonable(operator.info),
+            },
+        )
     return operator
 
 

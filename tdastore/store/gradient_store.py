@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +13,7 @@ import torch
 import zarr
 
 from tdastore.errors import StoreError
+from tdastore.store.location import read_parquet, store_path, zarr_store
 from tdastore.store.manifest import (
     GRADS_DIR,
     MANIFEST_FILE,
@@ -21,14 +22,13 @@ from tdastore.store.manifest import (
     read_manifest,
     write_json_atomic,
 )
-from tdastore.store.location import read_parquet, store_path, zarr_store
 from tdastore.store.writer import done_shards
 
 
 class GradientStore:
     """A directory of per-example gradients: row r of `grads` is example `meta['example_id'][r]`."""
 
-    def __init__(self, root: Union[str, Path], allow_incomplete: bool = False):
+    def __init__(self, root: str | Path, allow_incomplete: bool = False):
         self.root = store_path(root)  # a Path, or a RemotePath for fsspec URIs (memory://, s3://, ...)
         self.manifest = read_manifest(self.root)
         if self.manifest.get("kind") == "groundtruth":
@@ -46,10 +46,14 @@ class GradientStore:
         try:
             self.grads = zarr.open_array(store=zarr_store(self.root / GRADS_DIR, read_only=True), mode="r")
         except Exception as err:  # zarr raises several kinds for missing/corrupt metadata
-            raise StoreError(f"store '{self.root}': gradient array is missing or corrupt ({err}); rebuild the store") from err
+            raise StoreError(
+                f"store '{self.root}': gradient array is missing or corrupt ({err}); rebuild the store"
+            ) from err
         expected = (self.manifest["n_rows"], self.manifest["dim"])
         if tuple(self.grads.shape) != expected:
-            raise StoreError(f"store '{self.root}': gradient array has shape {self.grads.shape}, manifest says {expected}")
+            raise StoreError(
+                f"store '{self.root}': gradient array has shape {self.grads.shape}, manifest says {expected}"
+            )
 
     @property
     def n_rows(self) -> int:
@@ -66,7 +70,7 @@ class GradientStore:
             raise StoreError(f"store '{self.root}' has no {META_FILE}: it is incomplete; rerun the build to finish it")
         return read_parquet(path)
 
-    def read_rows(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+    def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) as float32 [n, k]."""
         raw = self.grads[start : self.n_rows if stop is None else stop]
         if raw.dtype == np.float16:  # torch's vectorised half -> float is ~3x numpy's astype
@@ -120,7 +124,8 @@ class GradientStore:
         lines = [
             f"store        {self.root}",
             f"status       {m['status']} ({done}/{len(m['shards'])} shards)",
-            f"task         {m['task']['name']} ({m['task'].get('kind', '?')}), split={m['split']}, fingerprint {m['task']['fingerprint']}",
+            f"task         {m['task']['name']} ({m['task'].get('kind', '?')}), split={m['split']}, "
+            f"fingerprint {m['task']['fingerprint']}",
             f"model        fingerprint {m['model']['fingerprint']}, {m['gradients']['numel']:,} gradient entries "
             f"over {len(m['gradients']['params'])} parameter tensors",
             f"projection   {proj['kind']} -> {proj['out_dim']}" + (f" (seed {proj['seed']})" if "seed" in proj else ""),
@@ -128,7 +133,10 @@ class GradientStore:
         ]
         if "summary" in m:
             s = m["summary"]
-            lines.append(f"build        {s.get('seconds', 0):.1f} s, {s.get('examples_per_s', 0):,.0f} examples/s, {s.get('workers')} workers")
+            lines.append(
+                f"build        {s.get('seconds', 0):.1f} s, {s.get('examples_per_s', 0):,.0f} examples/s, "
+                f"{s.get('workers')} workers"
+            )
         if self.manifest["status"] == "complete":
             loss = np.asarray(self.meta.column("loss"))
             norm = np.asarray(self.meta.column("grad_norm"))
@@ -137,6 +145,6 @@ class GradientStore:
         return "\n".join(lines)
 
 
-def open_store(path: Union[str, Path], allow_incomplete: bool = False) -> GradientStore:
+def open_store(path: str | Path, allow_incomplete: bool = False) -> GradientStore:
     """Open a gradient store written by `tdastore build`."""
     return GradientStore(path, allow_incomplete=allow_incomplete)

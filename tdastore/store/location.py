@@ -9,8 +9,8 @@ single object put is atomic, which is what the shard markers and the manifest re
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
 
 import fsspec
 
@@ -21,11 +21,15 @@ class RemotePath:
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, protocol: str):
         self.fs, self.path, self.protocol = fs, path.rstrip("/"), protocol
 
-    def __truediv__(self, part: str) -> "RemotePath":
+    def __truediv__(self, part: str) -> RemotePath:
         return RemotePath(self.fs, f"{self.path}/{part}", self.protocol)
 
     def __str__(self) -> str:
-        return f"{self.protocol}://{self.path.lstrip('/')}" if self.protocol == "memory" else f"{self.protocol}://{self.path}"
+        return (
+            f"{self.protocol}://{self.path.lstrip('/')}"
+            if self.protocol == "memory"
+            else f"{self.protocol}://{self.path}"
+        )
 
     def __repr__(self) -> str:
         return f"RemotePath({str(self)!r})"
@@ -40,7 +44,7 @@ class RemotePath:
     def name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
 
-    def with_name(self, name: str) -> "RemotePath":
+    def with_name(self, name: str) -> RemotePath:
         return RemotePath(self.fs, f"{self.path.rsplit('/', 1)[0]}/{name}", self.protocol)
 
     def exists(self) -> bool:
@@ -52,11 +56,11 @@ class RemotePath:
     def is_file(self) -> bool:
         return self.fs.isfile(self.path)
 
-    def iterdir(self) -> Iterator["RemotePath"]:
+    def iterdir(self) -> Iterator[RemotePath]:
         for entry in self.fs.ls(self.path, detail=False):
             yield RemotePath(self.fs, entry, self.protocol)
 
-    def glob(self, pattern: str) -> Iterator["RemotePath"]:
+    def glob(self, pattern: str) -> Iterator[RemotePath]:
         return (p for p in self.iterdir() if fnmatch.fnmatch(p.name, pattern)) if self.is_dir() else iter(())
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
@@ -74,7 +78,7 @@ class RemotePath:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
 
-    def replace(self, target: "RemotePath") -> None:
+    def replace(self, target: RemotePath) -> None:
         self.fs.mv(self.path, target.path)
 
     def touch(self) -> None:
@@ -84,10 +88,10 @@ class RemotePath:
         self.fs.rm(self.path)
 
 
-StorePath = Union[Path, RemotePath]
+StorePath = Path | RemotePath
 
 
-def store_path(location: Union[str, Path, RemotePath]) -> StorePath:
+def store_path(location: str | Path | RemotePath) -> StorePath:
     """A local Path (plain paths and file:// URIs) or a RemotePath (any other fsspec protocol)."""
     if isinstance(location, (Path, RemotePath)):
         return location
@@ -96,7 +100,7 @@ def store_path(location: Union[str, Path, RemotePath]) -> StorePath:
         return Path(text)
     protocol = text.split("://", 1)[0]
     if protocol == "file":
-        return Path(text[len("file://"):])
+        return Path(text[len("file://") :])
     fs, path = fsspec.core.url_to_fs(text)
     return RemotePath(fs, path, protocol)
 

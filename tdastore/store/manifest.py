@@ -46,7 +46,9 @@ def read_manifest(root) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StoreError(f"the manifest of store '{root}' is corrupt ({err}); rebuild the store into a new directory") from err
+        raise StoreError(
+            f"the manifest of store '{root}' is corrupt ({err}); rebuild the store into a new directory"
+        ) from err
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
         raise StoreError(f"the manifest of store '{root}' has no schema_version: it was not written by tdastore")
     if manifest["schema_version"] != SCHEMA_VERSION:

@@ -64,9 +64,7 @@ def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype:
             )
         return manifest
     if root.exists() and any(root.iterdir()):
-        raise StoreError(
-            f"'{root}' exists, is not empty and is not a tdastore store: choose a new --output directory"
-        )
+        raise StoreError(f"'{root}' exists, is not empty and is not a tdastore store: choose a new --output directory")
     root.mkdir(parents=True, exist_ok=True)
     (root / SHARDS_DIR).mkdir(exist_ok=True)
     layout = identity["layout"]
@@ -182,4 +180,3 @@ def finalize_store(root: StorePath, manifest: dict, summary: dict) -> dict:
     manifest["summary"] = summary
     write_json_atomic(root / MANIFEST_FILE, manifest)
     return manifest
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,16 +28,16 @@ class Examples:
     targets: torch.Tensor  # [N] (float32 regression / int64 classification)
     ids: np.ndarray  # [N] int64 example ids (row r of the store holds ids[r])
     labels: np.ndarray  # [N] the label in the user's units (written to the store's metadata)
-    texts: Optional[np.ndarray] = None  # [N] str: the document of each row (text tasks; stored in the metadata)
+    texts: np.ndarray | None = None  # [N] str: the document of each row (text tasks; stored in the metadata)
     padded: bool = False  # inputs [N, 2, L] (token ids, attention mask) right-padded: slices drop all-pad columns
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
-    def slice(self, start: int, stop: int) -> "Examples":
+    def slice(self, start: int, stop: int) -> Examples:
         return self.take(slice(start, stop))
 
-    def take(self, rows) -> "Examples":
+    def take(self, rows) -> Examples:
         """Rows by slice or index tensor; padded token batches keep only the columns some row uses, so a
         batch costs its longest member, not the data set's."""
         inputs, targets = self.inputs[rows], self.targets[rows]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ class MLP(nn.Sequential):
 class TabularTask(Task):
     """Regression (squared error) or classification (cross-entropy) with an MLP."""
 
-    def __init__(self, task: TaskConfig, model: Optional[ModelConfig] = None):
+    def __init__(self, task: TaskConfig, model: ModelConfig | None = None):
         self.task_config = task
         self.model_config = model or ModelConfig()
         self.name = Path(task.dataset).stem if _is_file(task.dataset) else task.dataset
@@ -90,22 +89,31 @@ class TabularTask(Task):
         if target not in table.column_names:
             raise DataError(f"test inputs need the target column '{target}' (the test function is the loss)")
         check_not_empty(table.num_rows, "the test inputs")
-        x = np.stack([np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in self.columns], 1)
+        x = np.stack(
+            [np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in self.columns], 1
+        )
         check_finite_features(x, self.columns, "test inputs")
         y_raw = table.column(target).to_numpy(zero_copy_only=False)
         if self.kind == "classification":
             position = np.searchsorted(self.classes, y_raw)
-            unknown = (position >= len(self.classes)) | (self.classes[np.minimum(position, len(self.classes) - 1)] != y_raw)
+            unknown = (position >= len(self.classes)) | (
+                self.classes[np.minimum(position, len(self.classes) - 1)] != y_raw
+            )
             if unknown.any():
-                raise DataError(f"test inputs hold label(s) {sorted(set(y_raw[unknown].tolist()))[:5]} unseen in training")
+                raise DataError(
+                    f"test inputs hold label(s) {sorted(set(y_raw[unknown].tolist()))[:5]} unseen in training"
+                )
             targets, labels = torch.tensor(position, dtype=torch.int64), position
         else:
             labels = np.asarray(y_raw, dtype=np.float64)
             targets = torch.tensor((labels - self._scaling[2]) / self._scaling[3], dtype=torch.float32)
         inputs = torch.tensor((x - self._scaling[0]) / self._scaling[1], dtype=torch.float32)
         id_column = self.task_config.id_column or "id"
-        ids = (table.column(id_column).to_numpy(zero_copy_only=False).astype(np.int64)
-               if id_column in table.column_names else np.arange(table.num_rows, dtype=np.int64))
+        ids = (
+            table.column(id_column).to_numpy(zero_copy_only=False).astype(np.int64)
+            if id_column in table.column_names
+            else np.arange(table.num_rows, dtype=np.int64)
+        )
         return Examples(inputs, targets, ids, labels)
 
     def description(self) -> dict:
@@ -124,7 +132,9 @@ class TabularTask(Task):
 
 
 class _RawTable:
-    def __init__(self, x: np.ndarray, y: np.ndarray, ids: np.ndarray, columns: list[str], kind: str, classes: np.ndarray):
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray, ids: np.ndarray, columns: list[str], kind: str, classes: np.ndarray
+    ):
         self.x, self.y, self.ids, self.columns, self.kind, self.classes = x, y, ids, columns, kind, classes
         self.n_classes = len(classes)
 
@@ -238,7 +248,9 @@ def _split_and_standardise(raw: _RawTable, cfg: TaskConfig) -> tuple[dict[str, E
     std[std == 0] = 1.0
     x = (raw.x - mean) / std
     if raw.kind == "regression":
-        y_mean, y_std = (raw.y[train_idx].mean(), raw.y[train_idx].std() or 1.0) if cfg.standardize_target else (0.0, 1.0)
+        y_mean, y_std = (
+            (raw.y[train_idx].mean(), raw.y[train_idx].std() or 1.0) if cfg.standardize_target else (0.0, 1.0)
+        )
         targets = torch.tensor((raw.y - y_mean) / y_std, dtype=torch.float32)
     else:
         y_mean, y_std = 0.0, 1.0
@@ -246,11 +258,13 @@ def _split_and_standardise(raw: _RawTable, cfg: TaskConfig) -> tuple[dict[str, E
     inputs = torch.tensor(x, dtype=torch.float32)
     splits = {}
     for split, idx in (("train", train_idx), ("test", test_idx)):
-        splits[split] = Examples(inputs[idx].contiguous(), targets[idx].contiguous(), raw.ids[idx], np.asarray(raw.y)[idx])
+        splits[split] = Examples(
+            inputs[idx].contiguous(), targets[idx].contiguous(), raw.ids[idx], np.asarray(raw.y)[idx]
+        )
     return splits, (mean, std, y_mean, y_std)
 
 
-def make_task(task: TaskConfig, model: Optional[ModelConfig] = None) -> Task:
+def make_task(task: TaskConfig, model: ModelConfig | None = None) -> Task:
     """The task a config names: a text task (Hugging Face model) for kinds causal_lm / sequence_classification,
     else a tabular MLP task."""
     if task.kind in ("causal_lm", "sequence_classification") or (model is not None and model.name_or_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -75,8 +74,9 @@ def load_records(source, text_column: str, where: str):
     else:
         records = datasets.load_dataset(str(source), split="train")  # a hub data set (needs the network)
     if text_column not in records.column_names:
-        raise DataError(f"{where} '{source}' has no column '{text_column}' (it has {records.column_names}): "
-                        "set task.text_column")
+        raise DataError(
+            f"{where} '{source}' has no column '{text_column}' (it has {records.column_names}): set task.text_column"
+        )
     return records
 
 
@@ -96,20 +96,26 @@ class TextTask(Task):
         self.tokenizer = _load_tokenizer(model)
         self.context = self._model_config_context()
         if task.max_length > self.context:
-            raise ConfigError(f"task.max_length={task.max_length} exceeds the model's context of {self.context} tokens: "
-                              f"lower it to <= {self.context}")
+            raise ConfigError(
+                f"task.max_length={task.max_length} exceeds the model's context of {self.context} tokens: "
+                f"lower it to <= {self.context}"
+            )
         if task.packing and (task.kind != "causal_lm" or task.prompt_column):
             raise ConfigError("task.packing applies to causal_lm documents without a prompt_column")
         records = load_records(dataset if dataset is not None else task.dataset, task.text_column, "task.dataset")
         if test_dataset is not None or task.test_dataset:
             train_records = records
-            test_records = load_records(test_dataset if test_dataset is not None else task.test_dataset,
-                                        task.text_column, "task.test_dataset")
+            test_records = load_records(
+                test_dataset if test_dataset is not None else task.test_dataset, task.text_column, "task.test_dataset"
+            )
             split_ids = {"train": np.arange(len(train_records)), "test": np.arange(len(test_records))}
         else:
             order = np.random.default_rng(task.split_seed).permutation(len(records))
             n_test = max(1, int(round(task.test_fraction * len(records))))
-            train_records, test_records = records.select(np.sort(order[n_test:])), records.select(np.sort(order[:n_test]))
+            train_records, test_records = (
+                records.select(np.sort(order[n_test:])),
+                records.select(np.sort(order[:n_test])),
+            )
             split_ids = {"train": np.sort(order[n_test:]), "test": np.sort(order[:n_test])}
         self.classes = None
         if self.kind == "sequence_classification":
@@ -117,12 +123,18 @@ class TextTask(Task):
                 raise DataError(f"task.dataset has no label column '{task.label_column}': set task.label_column")
             self.classes = sorted(set(train_records[task.label_column]))
         if task.id_column and task.id_column not in records.column_names:
-            raise DataError(f"task.dataset has no id column '{task.id_column}' (it has {records.column_names}): "
-                            "set task.id_column, or leave it unset for row numbers")
+            raise DataError(
+                f"task.dataset has no id column '{task.id_column}' (it has {records.column_names}): "
+                "set task.id_column, or leave it unset for row numbers"
+            )
         self._splits = {}
         for split, part in (("train", train_records), ("test", test_records)):
             check_not_empty(len(part), f"the {split} split of task.dataset")
-            ids = np.asarray(part[task.id_column], dtype=np.int64) if task.id_column else split_ids[split].astype(np.int64)
+            ids = (
+                np.asarray(part[task.id_column], dtype=np.int64)
+                if task.id_column
+                else split_ids[split].astype(np.int64)
+            )
             self._splits[split] = self._encode_records(part, ids, f"the {split} split")
 
     # -- the model ----------------------------------------------------------------------------------
@@ -140,15 +152,17 @@ class TextTask(Task):
         return int(context or 10**9)
 
     def make_model(self) -> nn.Module:
-        return _load_model(self.model_config.name_or_path, self.kind, len(self.classes or []),
-                           self.tokenizer.pad_token_id)
+        return _load_model(
+            self.model_config.name_or_path, self.kind, len(self.classes or []), self.tokenizer.pad_token_id
+        )
 
     def per_example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.kind == "sequence_classification":
             return F.cross_entropy(outputs.float(), targets, reduction="none")  # [B]
         logits, labels = outputs[:, :-1].float(), targets[:, 1:]  # position t predicts token t + 1
-        tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                                 reduction="none").view(labels.shape)  # [B, L - 1]
+        tokens = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+        ).view(labels.shape)  # [B, L - 1]
         counted = (labels != IGNORE).sum(1).clamp(min=1)
         return tokens.sum(1) / counted  # [B]
 
@@ -157,12 +171,12 @@ class TextTask(Task):
         return inputs[:, 1]
 
     # -- data -----------------------------------------------------------------------------------------
-    def examples(self, split: Split) -> "TokenExamples":
+    def examples(self, split: Split) -> TokenExamples:
         if split not in self._splits:
             raise DataError(f"unknown split '{split}': use 'train' or 'test'")
         return self._splits[split]
 
-    def encode(self, inputs: Union[str, Path, list, "object"]) -> "TokenExamples":
+    def encode(self, inputs: str | Path | list | object) -> TokenExamples:
         """Query inputs: a jsonl / json / parquet / csv / txt file, a `datasets.Dataset`, or a list of strings
         (or of {text_column: ..., prompt_column: ...} records), tokenised exactly as the training data."""
         import datasets
@@ -173,11 +187,14 @@ class TextTask(Task):
         else:
             records = load_records(inputs, self.task_config.text_column, "--inputs")
         check_not_empty(len(records), "the query inputs")
-        ids = (np.asarray(records["id"], dtype=np.int64) if "id" in records.column_names
-               else np.arange(len(records), dtype=np.int64))
+        ids = (
+            np.asarray(records["id"], dtype=np.int64)
+            if "id" in records.column_names
+            else np.arange(len(records), dtype=np.int64)
+        )
         return self._encode_records(records, ids, "the query inputs", packing=False)
 
-    def _encode_records(self, records, ids: np.ndarray, where: str, packing: Optional[bool] = None) -> "TokenExamples":
+    def _encode_records(self, records, ids: np.ndarray, where: str, packing: bool | None = None) -> TokenExamples:
         """Tokenise with `datasets.map` into an Arrow table (cached on disk for file data sets, memory-mapped),
         then check it: lengths, vocabulary, empty documents, documents without target tokens."""
         import pyarrow.compute as pc
@@ -187,8 +204,17 @@ class TextTask(Task):
         prompt = cfg.prompt_column if cfg.prompt_column and cfg.prompt_column in records.column_names else None
         index = {c: i for i, c in enumerate(self.classes or [])}
         records = records.add_column("__tdastore_id", [int(i) for i in ids])
-        fingerprint = hashlib.sha256(repr((getattr(records, "_fingerprint", None), sorted(self.description().items()),
-                                           packing, self.model_config.tokenizer, len(tok))).encode()).hexdigest()[:16]
+        fingerprint = hashlib.sha256(
+            repr(
+                (
+                    getattr(records, "_fingerprint", None),
+                    sorted(self.description().items()),
+                    packing,
+                    self.model_config.tokenizer,
+                    len(tok),
+                )
+            ).encode()
+        ).hexdigest()[:16]
 
         def encode(batch):
             texts = [str(t) for t in batch[cfg.text_column]]
@@ -208,21 +234,31 @@ class TextTask(Task):
                 full = [stream[i : i + cfg.max_length] for i in range(0, len(stream), cfg.max_length)]
                 texts = [tok.decode(b) for b in full]
                 n_prompt, out_ids = [0] * len(full), [-1] * len(full)
-            out = {"id": out_ids, "text": texts, "raw_length": [len(e) for e in full],
-                   "max_id": [max(e) if e else -1 for e in full], "input_ids": [e[: cfg.max_length] for e in full],
-                   "n_prompt": n_prompt}
-            out["n_targets"] = [max(0, len(e) - 1 - (max(0, min(p, len(e)) - 1) if cfg.completion_only else 0))
-                                for e, p in zip(out["input_ids"], n_prompt)]
+            out = {
+                "id": out_ids,
+                "text": texts,
+                "raw_length": [len(e) for e in full],
+                "max_id": [max(e) if e else -1 for e in full],
+                "input_ids": [e[: cfg.max_length] for e in full],
+                "n_prompt": n_prompt,
+            }
+            out["n_targets"] = [
+                max(0, len(e) - 1 - (max(0, min(p, len(e)) - 1) if cfg.completion_only else 0))
+                for e, p in zip(out["input_ids"], n_prompt)
+            ]
             if self.kind == "sequence_classification":
                 raw = batch.get(cfg.label_column)
                 if raw is None:
-                    raise DataError(f"{where} has no label column '{cfg.label_column}': sequence classification needs labels")
+                    raise DataError(
+                        f"{where} has no label column '{cfg.label_column}': sequence classification needs labels"
+                    )
                 out["label"] = [str(r) for r in raw]
                 out["target"] = [index.get(r, -1) for r in raw]
             return out
 
-        tokenised = records.map(encode, batched=True, batch_size=1000, remove_columns=records.column_names,
-                                new_fingerprint=fingerprint)
+        tokenised = records.map(
+            encode, batched=True, batch_size=1000, remove_columns=records.column_names, new_fingerprint=fingerprint
+        )
         table = tokenised.data.table
         if packing:  # blocks are numbered in order
             tokenised = tokenised.remove_columns("id").add_column("id", list(range(len(tokenised))))
@@ -239,8 +275,10 @@ class TextTask(Task):
         vocab = self._vocab or len(tok)
         highest = int(pc.max(table.column("max_id")).as_py())
         if highest >= vocab:
-            raise DataError(f"{where}: token id {highest} is outside the model's vocabulary of {vocab}: the tokenizer "
-                            "does not belong to this model")
+            raise DataError(
+                f"{where}: token id {highest} is outside the model's vocabulary of {vocab}: the tokenizer "
+                "does not belong to this model"
+            )
         empty = np.nonzero(raw_length == 0)[0]
         if len(empty):
             raise DataError(f"{where}: document id {int(row_ids[empty[0]])} has no tokens: drop empty documents")
@@ -252,8 +290,10 @@ class TextTask(Task):
         else:
             none = np.nonzero(table.column("n_targets").to_numpy() == 0)[0]
             if len(none):
-                raise DataError(f"{where}: document id {int(row_ids[none[0]])} has no target tokens (a single token, or "
-                                "a prompt filling max_length with completion_only): drop it or raise task.max_length")
+                raise DataError(
+                    f"{where}: document id {int(row_ids[none[0]])} has no target tokens (a single token, or "
+                    "a prompt filling max_length with completion_only): drop it or raise task.max_length"
+                )
         return TokenExamples(tokenised, self.kind, int(tok.pad_token_id), cfg.completion_only)
 
     def fingerprint(self) -> str:
@@ -270,8 +310,15 @@ class TextTask(Task):
 
     def description(self) -> dict:
         cfg = self.task_config
-        return {"name": self.name, "kind": self.kind, "dataset": str(cfg.dataset), "model": self.model_config.name_or_path,
-                "max_length": cfg.max_length, "packing": cfg.packing, "completion_only": cfg.completion_only}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "dataset": str(cfg.dataset),
+            "model": self.model_config.name_or_path,
+            "max_length": cfg.max_length,
+            "packing": cfg.packing,
+            "completion_only": cfg.completion_only,
+        }
 
 
 def _load_tokenizer(model: ModelConfig):
@@ -296,8 +343,10 @@ def _instantiate(name_or_path: str, kind: str, n_classes: int, pad_id: int) -> n
     else:
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **common)
         if model.config.num_labels != n_classes:
-            raise DataError(f"the model at '{name_or_path}' has {model.config.num_labels} labels, the data {n_classes} "
-                            "classes: use a classifier head of that size")
+            raise DataError(
+                f"the model at '{name_or_path}' has {model.config.num_labels} labels, the data {n_classes} "
+                "classes: use a classifier head of that size"
+            )
         model.config.pad_token_id = pad_id  # the last non-pad token is the one classified
     model.eval()
     return model
@@ -321,7 +370,7 @@ class TokenExamples:
         self.ids = table.column("id").to_numpy().astype(np.int64)  # [N]
         labels = "label" if kind == "sequence_classification" else "n_targets"
         self.labels = np.asarray(table.column(labels).to_numpy(zero_copy_only=False))  # [N]
-        self._whole: Optional[Examples] = None
+        self._whole: Examples | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -355,8 +404,9 @@ class TokenExamples:
             if self.completion_only:
                 for i, p in enumerate(batch["n_prompt"]):
                     targets[i, : min(p, width)] = IGNORE
-        return Examples(inputs, targets, self.ids[index], self.labels[index],
-                        np.asarray(batch["text"], dtype=object), padded=True)
+        return Examples(
+            inputs, targets, self.ids[index], self.labels[index], np.asarray(batch["text"], dtype=object), padded=True
+        )
 
     def _all(self) -> Examples:
         if self._whole is None:
