@@ -40,7 +40,7 @@ PROJECTIONS = {
 def make_config(work: Path, rows: int, features: int, hidden: list[int], projection: dict, dtype: str = "float32"):
     """A config on synthetic data with a randomly initialised model saved as the 'final' weights."""
     from tdastore.config import load_config
-    from tdastore.tasks.tabular import make_task
+    from tdastore.tasks import make_task
     from tdastore.training import save_model
 
     data = work / f"data_{rows}_{features}.parquet"

@@ -28,7 +28,7 @@ def main() -> None:
     from tdastore.groundtruth.engine import ReplicaTrainer
     from tdastore.groundtruth.metagrad import MetaGradient
     from tdastore.quickstart import quickstart_config
-    from tdastore.tasks.tabular import make_task
+    from tdastore.tasks import make_task
     from tdastore.training import load_model
 
     torch.set_num_threads(1)

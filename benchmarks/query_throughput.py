@@ -24,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+import tdastore
 from tdastore.methods import get_method
-from tdastore.precond.projected import SpectralOperator
+from tdastore.precond.projected.spectral import SpectralOperator
 from tdastore.query import projected_score_blocks, stream_top_k
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.writer import finalize_store, plan_shards, prepare_store, write_shard
@@ -105,15 +106,15 @@ def faiss_side_by_side(work: Path) -> list[str]:
     ray.shutdown()
     lines = []
     for method in ("grad_dot", "if_gn"):
-        store.query(method, split="test", top_k=10, kind="flat")  # build (and fit) once, outside the timing
+        tdastore.query(store, method, split="test", top_k=10, kind="flat")  # build (and fit) once, outside the timing
         began = time.perf_counter()
-        flat = store.query(method, split="test", top_k=10, kind="flat")
+        flat = tdastore.query(store, method, split="test", top_k=10, kind="flat")
         flat_seconds = time.perf_counter() - began
         reference = flat.column("train_row").to_numpy().reshape(-1, 10)
         for kind in ("ivf", "hnsw", "sq8", "pq"):
-            store.query(method, split="test", top_k=10, kind=kind)
+            tdastore.query(store, method, split="test", top_k=10, kind=kind)
             began = time.perf_counter()
-            result = store.query(method, split="test", top_k=10, kind=kind)
+            result = tdastore.query(store, method, split="test", top_k=10, kind=kind)
             seconds = time.perf_counter() - began
             found = result.column("train_row").to_numpy().reshape(-1, 10)
             recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(reference, found)])

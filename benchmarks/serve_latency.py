@@ -89,10 +89,10 @@ def main() -> None:
         latencies = np.array([t for _, t in results]) * 1000
         errors = sum(code != 200 for code, _ in results)
         test = task.examples("test").slice(0, 1)
-        store.query(args.method, inputs=test, top_k=10, kind="flat")
+        tdastore.query(store, args.method, inputs=test, top_k=10, kind="flat")
         began = time.perf_counter()
         for _ in range(20):
-            store.query(args.method, inputs=test, top_k=10, kind="flat")
+            tdastore.query(store, args.method, inputs=test, top_k=10, kind="flat")
         api_ms = (time.perf_counter() - began) / 20 * 1000
         server.stop()
     ray.shutdown()

@@ -96,7 +96,7 @@ def config_for(work: Path, corpus: Path, name: str, full_norms: bool = False):
 
 def build_vs_training_step(config) -> tuple[float, float, float]:
     from tdastore.grads.computer import make_gradient_computer
-    from tdastore.tasks.tabular import make_task
+    from tdastore.tasks import make_task
 
     torch.set_num_threads(1)
     task = make_task(config.task, config.model)

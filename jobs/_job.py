@@ -1,14 +1,14 @@
-"""Shared by the job entry points: parse --config, make the package importable, report what was done.
+"""Job entry points are thin wrappers over `tdastore` commands: each runs its commands with the job's arguments.
 
 Run on a cluster with
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/<name>.py --config configs/<x>.yaml
+or, equally, `ray job submit ... -- tdastore <command> --config configs/<x>.yaml` where tdastore is installed.
 The working directory (this repository) is uploaded; `tdastore` is imported from it, and every Ray worker
 receives the package through the job's runtime_env (see tdastore.distributed.ray_session).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,19 +17,12 @@ if str(ROOT) not in sys.path:  # the uploaded working directory holds the packag
     sys.path.insert(0, str(ROOT))
 
 
-def parse(description: str, extra=None):
-    import tdastore
+def run(*commands: list[str]) -> None:
+    """Run each `tdastore` command with this job's own arguments (--config CFG and any config flags) appended;
+    stop at the first that fails, with its exit status."""
+    from tdastore.cli import main
 
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, set by `ray job submit`)")
-    if extra:
-        extra(parser)
-    args = parser.parse_args()
-    return tdastore.load_config(args.config), args
-
-
-def require(value, what: str):
-    if value is None:
-        raise SystemExit(f"error: the config must set {what} for this job")
-    return value
+    for command in commands:
+        status = main([*command, *sys.argv[1:]])
+        if status:
+            raise SystemExit(status)

@@ -5,19 +5,23 @@ Python API (notebooks):
     tdastore.train(config)
     store = tdastore.build(config, "runs/diabetes/store")
     store = tdastore.open_store("runs/diabetes/store"); store.grads, store.meta, store.manifest
-    top = store.query("if_gn", split="test", top_k=10)        # a pyarrow Table: test_id, rank, train_id, score
+    attributor = tdastore.Attributor(store, "if_gn")           # task, model, fitted operator (and index) held once
+    top = attributor.top_k(split="test", k=10)                 # a pyarrow Table: test_id, rank, train_id, score
+    opponents = attributor.bottom_k(split="test", k=10)        # the most negative scores
+    for first_row, block in attributor.scores(split="test"): ...   # full score rows [m, b], streamed
+    tdastore.query(store, "if_gn", split="test", top_k=10)     # the same top-k in one call
     from tdastore.evaluate.run import evaluate                 # methods vs the further-training gold standard
 """
 
-__version__ = "0.1.0"
-
+from tdastore.attribution import Attributor
 from tdastore.config import Config, load_config
 from tdastore.store.gradient_store import GradientStore, open_store
+from tdastore.version import __version__
 
 
 def train(config: Config, progress: bool = True):
     """Train the final model of `config` and save it to config.train.output_dir."""
-    from tdastore.tasks.tabular import make_task
+    from tdastore.tasks import make_task
     from tdastore.training import train_final_model
 
     return train_final_model(config, make_task(config.task, config.model), progress=progress)
@@ -32,4 +36,33 @@ def build(
     return build_store(config, output, split=split, address=address, workers=workers, progress=progress)
 
 
-__all__ = ["Config", "load_config", "GradientStore", "open_store", "train", "build", "__version__"]
+def query(
+    store,
+    method: str = "grad_dot",
+    *,
+    split: str | None = None,
+    inputs=None,
+    top_k: int = 10,
+    kind: str | None = None,
+    out=None,
+    scores_out=None,
+    overrides=None,
+    progress: bool = False,
+):
+    """Top-k training rows per test input as a table (test_id, rank, train_id, score, train_row); see
+    `Attributor` for the arguments. inputs None: the task's `split` (default test)."""
+    attributor = Attributor(store, method, overrides, kind=kind, progress=progress)
+    return attributor.top_k(inputs, top_k, split=split, out=out, scores_out=scores_out)
+
+
+__all__ = [
+    "Attributor",
+    "Config",
+    "load_config",
+    "GradientStore",
+    "open_store",
+    "train",
+    "build",
+    "query",
+    "__version__",
+]

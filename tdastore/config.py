@@ -8,6 +8,8 @@ output so a run can be replayed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,7 +159,7 @@ class QueryConfig:
     split: Literal["test", "train"] = "test"
     top_k: int = 10
     kind: Literal["flat", "ivf", "hnsw", "sq8", "pq"] | None = None
-    out: str = "runs/query.parquet"
+    out: str | None = None  # write the table as Parquet (None: print only)
 
 
 @dataclass
@@ -343,7 +345,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
-        raise ConfigError(f"unknown config key(s) {unknown} in {where}; allowed keys: {sorted(names)}")
+        hints_text = "".join(
+            f"; '{k}': did you mean '{close[0]}'?"
+            for k in unknown
+            if (close := difflib.get_close_matches(str(k), sorted(names), n=1, cutoff=0.6))
+        )
+        raise ConfigError(f"unknown config key(s) {unknown} in {where}{hints_text}; allowed keys: {sorted(names)}")
     values = {}
     for name in names & set(raw):
         key = f"{prefix}.{name}" if prefix else name
@@ -385,6 +392,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float:
+        value = _number_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
@@ -401,3 +409,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint} for '{key}'")
+
+
+def _number_text(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads 1e-6 as a string: a string that is a finite number is that number."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value

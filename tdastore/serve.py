@@ -1,6 +1,7 @@
 """`tdastore serve`: an HTTP JSON API over a store, its replicas Ray actors that hold the FAISS indexes.
 
 POST /query   {"method": "if_gn", "inputs": [[...features...], ...], "targets": [...], "top_k": 10}
+              text stores: {"inputs": ["a prompt", ...]} (+ "targets": labels for sequence classification)
               -> {"method", "path", "operator", "index", "results": [{"top": [{"train_id", "train_row", "score"}]}]}
 GET  /methods, /health, /openapi.json
 
@@ -17,7 +18,6 @@ import json
 import threading
 
 import numpy as np
-import pyarrow as pa
 import ray
 from aiohttp import web
 
@@ -31,59 +31,38 @@ MAX_TOP_K = 1000
 
 @ray.remote
 class QueryReplica:
-    """Holds one store's model, operators and FAISS indexes; answers batches of raw test inputs."""
+    """Holds one store's model, operators and FAISS indexes (one Attributor per method); answers batches of
+    raw test inputs (feature rows, or texts for text stores)."""
 
     def __init__(self, store_path: str, kind: str | None, overrides: dict | None):
         import tdastore
 
         self.store = tdastore.open_store(store_path)
         self.kind, self.overrides = kind, overrides or {}
-        self.searchers: dict = {}
+        projected = {**self.overrides.get("attribution", {}), "path": "projected"}
+        self.overrides = {**self.overrides, "attribution": projected}
+        self.base = tdastore.Attributor(self.store, "grad_dot", self.overrides)  # task and model, loaded once
+        self.attributors: dict = {}
 
     def describe(self) -> dict:
-        from tdastore.query import QueryContext
-
-        ctx = QueryContext(self.store, "grad_dot", self.overrides)
-        task = ctx.task
         return {
-            "features": list(task.columns),
-            "target": task.task_config.target or "target",
-            "kind": task.kind,
-            "classes": [c.item() if hasattr(c, "item") else c for c in task.classes],
+            **self.base.task.describe_inputs(),
             "rows": self.store.n_rows,
             "methods": [m.name for m in METHODS.values() if m.projected is not None],
         }
 
-    def query(self, method: str, inputs: list, targets: list, top_k: int) -> dict:
-        from tdastore.query import ProjectedSearcher, QueryContext
+    def query(self, method: str, inputs: list, targets: list | None, top_k: int) -> dict:
+        from tdastore.attribution import Attributor
 
-        if method not in self.searchers:
-            ctx = QueryContext(
-                self.store,
-                method,
-                {**self.overrides, "attribution": {**self.overrides.get("attribution", {}), "path": "projected"}},
-            )
-            self.searchers[method] = ProjectedSearcher(ctx, self.kind)
-        searcher = self.searchers[method]
-        task = searcher.ctx.task
-        columns = {name: np.asarray(inputs, dtype=np.float64)[:, i] for i, name in enumerate(task.columns)}
-        columns[task.task_config.target or "target"] = np.asarray(targets)
-        examples = task.encode(pa.table(columns))
-        scores, rows = searcher.top_k(examples, top_k)
-        ids = self.store.meta.column("example_id").to_numpy()
+        if method not in self.attributors:
+            self.attributors[method] = Attributor(self.store, method, self.overrides, kind=self.kind, share=self.base)
+        attributor = self.attributors[method]
+        table = attributor.top_k(attributor.task.encode_request(inputs, targets), top_k)
+        columns = ["train_id", "train_row", "score"] + (["train_text"] if "train_text" in table.column_names else [])
+        hits = table.select(columns).to_pylist()
         return {
-            "method": method,
-            "path": "projected",
-            **searcher.info,
-            "results": [
-                {
-                    "top": [
-                        {"train_id": int(ids[r]), "train_row": int(r), "score": float(s)}
-                        for r, s in zip(row_ids, row_scores)
-                    ]
-                }
-                for row_ids, row_scores in zip(rows, scores)
-            ],
+            **{k: v for k, v in attributor.info.items()},
+            "results": [{"top": hits[i * top_k : (i + 1) * top_k]} for i in range(len(inputs))],
         }
 
 
@@ -106,6 +85,31 @@ def validate(body, meta: dict) -> tuple[str, list, list, int]:
         raise RequestError("inputs must be a non-empty list of rows (one list of feature values per test input)")
     if len(inputs) > MAX_BATCH:
         raise RequestError(f"{len(inputs)} inputs in one request: at most {MAX_BATCH}")
+    if meta.get("text"):
+        _check_texts(inputs, targets, meta)
+    else:
+        _check_rows(inputs, targets, meta)
+    top_k = body.get("top_k", 10)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= min(MAX_TOP_K, meta["rows"]):
+        raise RequestError(f"top_k must be an integer in 1..{min(MAX_TOP_K, meta['rows'])}")
+    return method, inputs, targets, top_k
+
+
+def _check_texts(inputs: list, targets, meta: dict) -> None:
+    for i, text in enumerate(inputs):
+        if not isinstance(text, str) or not text.strip():
+            raise RequestError(f"inputs[{i}] must be a non-empty text (this store holds documents)")
+    if meta["kind"] == "sequence_classification":
+        if not isinstance(targets, list) or len(targets) != len(inputs):
+            raise RequestError(f"targets must be a list with one label per input ({len(inputs)})")
+        bad = [t for t in targets if t not in meta["classes"]]
+        if bad:
+            raise RequestError(f"targets {bad[:5]} are not classes of this task {meta['classes'][:20]}")
+    elif targets is not None:
+        raise RequestError("a causal LM scores the texts themselves: send no targets")
+
+
+def _check_rows(inputs: list, targets, meta: dict) -> None:
     width = len(meta["features"])
     for i, row in enumerate(inputs):
         if not isinstance(row, list) or len(row) != width:
@@ -120,19 +124,18 @@ def validate(body, meta: dict) -> tuple[str, list, list, int]:
             raise RequestError(f"targets {bad[:5]} are not classes of this task {meta['classes']}")
     elif not all(isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) for t in targets):
         raise RequestError("targets must be finite numbers (the regression target)")
-    top_k = body.get("top_k", 10)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= min(MAX_TOP_K, meta["rows"]):
-        raise RequestError(f"top_k must be an integer in 1..{min(MAX_TOP_K, meta['rows'])}")
-    return method, inputs, targets, top_k
 
 
 def openapi(meta: dict) -> dict:
-    row = {
-        "type": "array",
-        "items": {"type": "number"},
-        "minItems": len(meta["features"]),
-        "maxItems": len(meta["features"]),
-    }
+    if meta.get("text"):
+        row = {"type": "string", "minLength": 1}
+    else:
+        row = {
+            "type": "array",
+            "items": {"type": "number"},
+            "minItems": len(meta["features"]),
+            "maxItems": len(meta["features"]),
+        }
     hit = {
         "type": "object",
         "properties": {"train_id": {"type": "integer"}, "train_row": {"type": "integer"}, "score": {"type": "number"}},
@@ -153,14 +156,14 @@ def openapi(meta: dict) -> dict:
                             "application/json": {
                                 "schema": {
                                     "type": "object",
-                                    "required": ["inputs", "targets"],
+                                    "required": ["inputs"] if meta["kind"] == "causal_lm" else ["inputs", "targets"],
                                     "additionalProperties": False,
                                     "properties": {
                                         "method": {"type": "string", "enum": meta["methods"], "default": "grad_dot"},
                                         "inputs": {"type": "array", "items": row, "minItems": 1, "maxItems": MAX_BATCH},
                                         "targets": {
                                             "type": "array",
-                                            "items": {} if meta["kind"] == "classification" else {"type": "number"},
+                                            "items": {} if meta.get("classes") else {"type": "number"},
                                         },
                                         "top_k": {
                                             "type": "integer",

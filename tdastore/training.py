@@ -19,7 +19,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 def train_final_model(config: Config, task: Task, progress: bool = True) -> nn.Module:
     """SGD over seeded shuffles; returns the trained model and writes it to train.output_dir."""
-    if getattr(task, "pretrained", False):
+    if task.pretrained:
         raise ConfigError(
             f"the final model of a text task is model.name_or_path ({config.model.name_or_path}) itself: "
             "there is nothing to train here; fine-tune it with your trainer and point name_or_path at it"
@@ -66,7 +66,7 @@ def save_model(model: nn.Module, config: Config, out_dir: Path, log: dict | None
 def load_model(config: Config, task: Task) -> nn.Module:
     """The final model: the task's architecture with the weights of train.output_dir (text tasks: the
     pretrained model itself)."""
-    if getattr(task, "pretrained", False):
+    if task.pretrained:
         return task.make_model().eval()
     path = Path(config.train.output_dir) / WEIGHTS_FILE
     if not path.is_file():

@@ -9,7 +9,7 @@ from conftest import small_config
 
 import tdastore
 from tdastore.methods import METHODS, get_method
-from tdastore.precond.exact_methods import ExactScorer
+from tdastore.precond.exact.scorer import ExactScorer
 from tdastore.tasks import TabularTask
 from tdastore.training import load_model
 

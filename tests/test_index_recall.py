@@ -39,8 +39,8 @@ def test_each_kind_reaches_recall_095(large_store, method):
     """Stated configuration (IndexConfig defaults): ivf and pq nlist = 4 sqrt(N), nprobe 64 (pq: IVF-PQ with
     dim/4 sub-quantizers, exact re-ranking of 4 x top-k); hnsw M 32, efSearch 256; sq8 8-bit scalar."""
     assert large_store.n_rows > 99_000
-    flat = large_store.query(method, split="test", top_k=10, kind="flat")
+    flat = tdastore.query(large_store, method, split="test", top_k=10, kind="flat")
     assert flat.num_rows == 10 * 1010
     for kind in ("ivf", "hnsw", "sq8", "pq"):
-        recall = recall_at_10(flat, large_store.query(method, split="test", top_k=10, kind=kind))
+        recall = recall_at_10(flat, tdastore.query(large_store, method, split="test", top_k=10, kind=kind))
         assert recall >= 0.95, (kind, recall)

@@ -89,7 +89,7 @@ def test_evaluate_scores_metagrad_against_the_gold_vectors(finished):
 def test_bad_input(finished, tmp_path):
     config, store, gt_root = finished
     with pytest.raises(ConfigError, match="tdastore metagrad"):
-        store.query("metagrad", split="test", top_k=3)
+        tdastore.query(store, "metagrad", split="test", top_k=3)
     other = load_config(config_to_dict(config) | {"metagrad": config_to_dict(config)["metagrad"] | {"seeds": 1}})
     with pytest.raises(StoreError, match="holds another job"):
         run_metagrad(other, gt_root, progress=False)  # the finished store is kept

@@ -84,7 +84,7 @@ def expected_scores(method, t, g, config):
 def test_projected_methods_equal_numpy(built, method, tmp_path):
     config, store, task, test, t, g, _ = built
     expected = expected_scores(method, t, g, config)
-    table = store.query(method, inputs=test, top_k=store.n_rows, scores_out=tmp_path / "s.zarr")
+    table = tdastore.query(store, method, inputs=test, top_k=store.n_rows, scores_out=tmp_path / "s.zarr")
     import zarr
 
     full = zarr.open_array(str(tmp_path / "s.zarr"), mode="r")[:]
@@ -102,8 +102,8 @@ def test_lissa_closed_form_converges_to_the_solve(built):
     exact = expected_scores("if_gn", t, g, config)
     errors = [
         rel_err(
-            store.query(
-                "lissa", inputs=test, top_k=1, scores_out=None, overrides={"attribution": {"lissa_depth": depth}}
+            tdastore.query(
+                store, "lissa", inputs=test, top_k=1, scores_out=None, overrides={"attribution": {"lissa_depth": depth}}
             )
             .column("score")
             .to_numpy(),
@@ -118,7 +118,7 @@ def test_flat_index_equals_brute_force(built):
     config, store, task, test, t, g, _ = built
     for method in ("if_gn", "grad_cos", "grad_dot"):
         expected = expected_scores(method, t, g, config)
-        table = store.query(method, inputs=test, top_k=10, kind="flat")
+        table = tdastore.query(store, method, inputs=test, top_k=10, kind="flat")
         ids = table.column("train_row").to_numpy().reshape(len(test), 10)
         brute = np.argsort(-expected, axis=1, kind="stable")[:, :10]
         np.testing.assert_array_equal(ids, brute)
@@ -131,10 +131,10 @@ def test_flat_index_equals_brute_force(built):
 
 def test_index_is_not_rebuilt_when_up_to_date(built):
     config, store, task, test, t, g, _ = built
-    store.query("grad_dot", inputs=test, top_k=3, kind="flat")
+    tdastore.query(store, "grad_dot", inputs=test, top_k=3, kind="flat")
     shard = store.root / "indexes" / "grad_dot-flat" / "shard-0000.faiss"
     before = shard.stat().st_mtime_ns
-    store.query("grad_dot", inputs=test, top_k=3, kind="flat")
+    tdastore.query(store, "grad_dot", inputs=test, top_k=3, kind="flat")
     assert shard.stat().st_mtime_ns == before
 
 
@@ -143,7 +143,7 @@ def test_sharded_index_merges_top_k(built):
     expected = expected_scores("grad_dot", t, g, config)
     from tdastore.index.faiss_index import build_index
     from tdastore.methods import get_method
-    from tdastore.precond.projected import SpectralOperator
+    from tdastore.precond.projected.spectral import SpectralOperator
 
     handle = build_index(
         store,
@@ -171,8 +171,8 @@ def test_query_from_a_file_equals_the_split(built, tmp_path):
     columns["id"] = test.ids
     path = tmp_path / "inputs.csv"
     pacsv.write_csv(pa.table(columns), path)
-    from_file = store.query("if_gn", inputs=str(path), top_k=5)
-    from_split = store.query("if_gn", inputs=test, top_k=5)
+    from_file = tdastore.query(store, "if_gn", inputs=str(path), top_k=5)
+    from_split = tdastore.query(store, "if_gn", inputs=test, top_k=5)
     np.testing.assert_array_equal(from_file.column("train_id").to_numpy(), from_split.column("train_id").to_numpy())
     np.testing.assert_allclose(from_file.column("score").to_numpy(), from_split.column("score").to_numpy(), rtol=1e-4)
     np.testing.assert_array_equal(from_file.column("test_id").to_numpy()[::5], test.ids)
@@ -181,24 +181,26 @@ def test_query_from_a_file_equals_the_split(built, tmp_path):
 def test_bad_queries_are_clear_errors(built, tmp_path):
     config, store, task, test, t, g, _ = built
     with pytest.raises(ConfigError, match="unknown method 'influence'"):
-        store.query("influence", inputs=test)
+        tdastore.query(store, "influence", inputs=test)
     with pytest.raises(ConfigError, match="top-k 1000 must lie in 1..353"):
-        store.query("grad_dot", inputs=test, top_k=1000)
+        tdastore.query(store, "grad_dot", inputs=test, top_k=1000)
     narrow = pa.table({"age": [0.1], "target": [100.0]})
     with pytest.raises(DataError, match="lack 9 of the task's 10 feature columns"):
-        store.query("grad_dot", inputs=narrow)
+        tdastore.query(store, "grad_dot", inputs=narrow)
     from tdastore.tasks.base import Examples
 
     wrong = Examples(torch.zeros(2, 7), torch.zeros(2), np.arange(2), np.zeros(2))
     with pytest.raises(DataError, match=r"\(7,\) features per row, the task has 10"):
-        store.query("grad_dot", inputs=wrong)
+        tdastore.query(store, "grad_dot", inputs=wrong)
     with pytest.raises(ConfigError, match="if_h' has no projected path"):
-        store.query("if_h", inputs=test)
+        tdastore.query(store, "if_h", inputs=test)
     with pytest.raises(ConfigError, match="operator 'ekfac' on the projected path needs .* projection.kind: factored"):
-        store.query("ekfac", inputs=test)
-    store.query("if_gn", inputs=test, top_k=3, kind="flat")
+        tdastore.query(store, "ekfac", inputs=test)
+    tdastore.query(store, "if_gn", inputs=test, top_k=3, kind="flat")
     with pytest.raises(StoreError, match="built for operator fisher-.*rebuild it"):
-        store.query("if_gn", inputs=test, top_k=3, kind="flat", overrides={"attribution": {"damping_factor": 100.0}})
+        tdastore.query(
+            store, "if_gn", inputs=test, top_k=3, kind="flat", overrides={"attribution": {"damping_factor": 100.0}}
+        )
     description = store.root / "indexes" / "if_gn-flat" / "index.json"
     original = description.read_text()
     edited = json.loads(original)
@@ -206,24 +208,26 @@ def test_bad_queries_are_clear_errors(built, tmp_path):
     description.write_text(json.dumps(edited))
     try:
         with pytest.raises(StoreError, match="another projection"):
-            store.query("if_gn", inputs=test, top_k=3, kind="flat")
+            tdastore.query(store, "if_gn", inputs=test, top_k=3, kind="flat")
     finally:
         description.write_text(original)
     with pytest.raises(ConfigError, match="max_dense_dim"):  # fitting a new 128 x 128 operator is refused
-        store.query("if_gn", inputs=test, overrides={"attribution": {"max_dense_dim": 64, "damping_factor": 3.0}})
+        tdastore.query(
+            store, "if_gn", inputs=test, overrides={"attribution": {"max_dense_dim": 64, "damping_factor": 3.0}}
+        )
 
 
 def test_exact_path_on_a_query_matches_the_projected_grad_dot_of_an_unprojected_store(ray_cluster, tmp_path):
     config = small_config(tmp_path, train={"epochs": 5})
     tdastore.train(config, progress=False)
     store = build_store(config, tmp_path / "store", progress=False)
-    projected = store.query("grad_dot", split="test", top_k=5)
-    exact = store.query("grad_dot", split="test", top_k=5, overrides={"attribution": {"path": "exact"}})
+    projected = tdastore.query(store, "grad_dot", split="test", top_k=5)
+    exact = tdastore.query(store, "grad_dot", split="test", top_k=5, overrides={"attribution": {"path": "exact"}})
     np.testing.assert_array_equal(projected.column("train_id").to_numpy(), exact.column("train_id").to_numpy())
     np.testing.assert_allclose(projected.column("score").to_numpy(), exact.column("score").to_numpy(), rtol=1e-4)
     assert exact.schema.metadata[b"tdastore.path"] == b"exact"
     with pytest.raises(ConfigError, match="max_dense_dim"):  # 1,441 columns: a dense fisher is refused here
-        store.query("if_gn", split="test", overrides={"attribution": {"max_dense_dim": 1000}})
+        tdastore.query(store, "if_gn", split="test", overrides={"attribution": {"max_dense_dim": 1000}})
 
 
 def test_cli_index_and_query(built, tmp_path, capsys):

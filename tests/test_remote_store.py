@@ -62,12 +62,12 @@ def test_memory_uri_store_reads_back_equal(ray_cluster, tmp_path, config):
         np.testing.assert_array_equal(remote.read_rows(), local.read_rows())
         assert remote.meta.equals(local.meta)
         # queries stream from the remote store (operators are fitted per process there)
-        a = remote.query("if_gn", split="test", top_k=5)
-        b = local.query("if_gn", split="test", top_k=5)
+        a = tdastore.query(remote, "if_gn", split="test", top_k=5)
+        b = tdastore.query(local, "if_gn", split="test", top_k=5)
         np.testing.assert_array_equal(a.column("train_id").to_numpy(), b.column("train_id").to_numpy())
         np.testing.assert_allclose(a.column("score").to_numpy(), b.column("score").to_numpy(), rtol=1e-5)
         with pytest.raises(StoreError, match="indexes are written beside local stores only"):
-            remote.query("grad_dot", split="test", kind="flat")
+            tdastore.query(remote, "grad_dot", split="test", kind="flat")
         with pytest.raises(StoreError, match="built with a different setup"):
             write_in_process(small_config(tmp_path, projection={"kind": "gaussian", "dim": 16}), uri)
     finally:

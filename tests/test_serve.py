@@ -13,7 +13,7 @@ from sklearn.datasets import load_diabetes
 
 import tdastore
 from tdastore.distributed.build import build_store
-from tdastore.query import QueryContext
+from tdastore.attribution import Attributor
 from tdastore.serve import BackgroundServer, make_app, start_replicas
 
 
@@ -40,7 +40,7 @@ def post(url, body, raw=False):
 
 
 def raw_test_rows(store, count=5):
-    task = QueryContext(store, "grad_dot").task
+    task = Attributor(store, "grad_dot").task
     ids = task.examples("test").ids[:count]
     bunch = load_diabetes()
     return bunch.data[ids].tolist(), bunch.target[ids].tolist(), ids
@@ -52,8 +52,8 @@ def test_answers_equal_the_python_api(service):
     for method in ("grad_dot", "if_gn", "grad_cos"):
         status, body = post(url, {"method": method, "inputs": inputs, "targets": targets, "top_k": 4})
         assert status == 200, body
-        test = QueryContext(store, method).task.examples("test").slice(0, 5)
-        expected = store.query(method, inputs=test, top_k=4, kind="flat")
+        test = Attributor(store, method).task.examples("test").slice(0, 5)
+        expected = tdastore.query(store, method, inputs=test, top_k=4, kind="flat")
         got_ids = [hit["train_id"] for result in body["results"] for hit in result["top"]]
         got_scores = [hit["score"] for result in body["results"] for hit in result["top"]]
         np.testing.assert_array_equal(got_ids, expected.column("train_id").to_numpy())

@@ -18,7 +18,7 @@ from tdastore.distributed.build import build_store
 from tdastore.errors import ConfigError, DataError, GradientError
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.factored import FactoredLinearGradients, is_conv1d, module_dims
-from tdastore.tasks.tabular import make_task
+from tdastore.tasks import make_task
 
 MODULES = ["*.c_attn", "*.c_proj", "*.c_fc"]
 
@@ -159,14 +159,14 @@ def test_end_to_end_build_index_query_by_local_path(ray_cluster, tiny_lm, tmp_pa
     picks = [0, 5, 17, 42, 99]
     docs.write_text("\n".join(json.dumps({"id": i, "text": str(train.texts[i])}) for i in picks))
     for method, kind in (("grad_cos", "flat"), ("grad_cos", None)):
-        table = store.query(method, inputs=str(docs), top_k=3, kind=kind)
+        table = tdastore.query(store, method, inputs=str(docs), top_k=3, kind=kind)
         top = table.filter(table.column("rank").to_numpy() == 1)
         assert top.column("train_row").to_pylist() == picks
         assert top.column("train_text").to_pylist() == [str(train.texts[i]) for i in picks]
     # the task's own split object works as inputs too (Arrow-backed, not re-tokenised)
-    table = store.query("grad_cos", inputs=task.examples("train").take(np.array(picks)), top_k=1)
+    table = tdastore.query(store, "grad_cos", inputs=task.examples("train").take(np.array(picks)), top_k=1)
     assert table.column("train_row").to_pylist() == picks
-    split_rows = store.query("grad_cos", inputs=task.examples("test"), top_k=1)
+    split_rows = tdastore.query(store, "grad_cos", inputs=task.examples("test"), top_k=1)
     assert split_rows.num_rows == len(task.examples("test"))
     # a prompt (the start of a document) through the CLI, results with text in Parquet
     prompt = tmp_path / "prompts.jsonl"
@@ -189,7 +189,7 @@ def test_end_to_end_build_index_query_by_local_path(ray_cluster, tiny_lm, tmp_pa
 
 def test_kfac_operator_against_numpy(tiny_lm):
     """Factors from independent hooks (numpy, token by token) and (S (x) A + lambda I)^-1 solved densely."""
-    from tdastore.precond.kfac import factored_covariances
+    from tdastore.precond.projected.kronecker import factored_covariances
 
     config = text_config(tiny_lm)
     task = make_task(config.task, config.model)
@@ -231,20 +231,22 @@ def test_factored_ekfac_equals_exact_ekfac_on_an_mlp(ray_cluster, tmp_path):
     the projected EK-FAC must score exactly like the exact path's EK-FAC (tested against hand-built factors)."""
     from conftest import small_config
 
-    from tdastore.precond.exact_methods import ExactScorer
-    from tdastore.precond.kfac import fit_kronecker
-    from tdastore.query import QueryContext
+    from tdastore.attribution import Attributor
+    from tdastore.methods import get_method
+    from tdastore.precond.exact.scorer import ExactScorer
+    from tdastore.precond.registry import FitInputs, operator_class
 
     config = small_config(tmp_path, model={"hidden": [8]}, projection={"kind": "factored", "factors": [64, 64]})
     tdastore.train(config, progress=False)
     store = build_store(config, tmp_path / "store", progress=False)
-    ctx = QueryContext(store, "ekfac", {"attribution": {"damping_factor": 0.5}})
-    operator = fit_kronecker(store, ctx, "ekfac")
+    ctx = Attributor(store, "grad_dot", {"attribution": {"damping_factor": 0.5}})
+    inputs = FitInputs(store, ctx.config, ctx.model, ctx.task)
+    operator = operator_class("projected", "ekfac")().fit(inputs)
     test = ctx.task.examples("test").slice(0, 6)
     projected = operator.solve(ctx.test_rows(test)) @ store.read_rows().T / store.n_rows  # [6, N]
-    exact = ExactScorer(ctx.model, ctx.task, ctx.config).scores(ctx.method, test).numpy()
+    exact = ExactScorer(ctx.model, ctx.task, ctx.config).scores(get_method("ekfac"), test).numpy()
     assert np.abs(projected - exact).max() <= 1e-4 * np.abs(exact).max()
-    kfac = fit_kronecker(store, ctx, "kfac")
+    kfac = operator_class("projected", "kfac")().fit(inputs)
     assert kfac.info["damping"] != operator.info["damping"]  # uncorrected eigenvalues: another operator
 
 

@@ -10,7 +10,6 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
-import tdastore
 from tdastore.config import Config, config_to_dict
 from tdastore.distributed.gradient_worker import GradientWorker
 from tdastore.distributed.ray_session import ray_session
@@ -19,9 +18,10 @@ from tdastore.grads.computer import make_gradient_computer
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.location import store_path
 from tdastore.store.writer import done_shards, finalize_store, plan_shards, prepare_store, update_shard_table
+from tdastore.tasks import make_task
 from tdastore.tasks.base import check_not_empty, model_fingerprint
-from tdastore.tasks.tabular import make_task
 from tdastore.training import load_model
+from tdastore.version import __version__
 
 
 def store_identity(config: Config, split: str) -> dict:
@@ -71,7 +71,7 @@ def build_store(
     identity = store_identity(config, split)
     n_rows = identity.pop("_n_rows")
     check_not_empty(n_rows, f"the {split} split of '{config.task.dataset}'")
-    extra = {"config": config_to_dict(config), "tdastore_version": tdastore.__version__, "created": time.time()}
+    extra = {"config": config_to_dict(config), "tdastore_version": __version__, "created": time.time()}
     manifest = prepare_store(root, identity, n_rows, identity["projection"]["out_dim"], config.store.dtype, extra)
     shards = plan_shards(n_rows, config.store.shard_rows)
     done = done_shards(root)

@@ -24,8 +24,8 @@ from tdastore.grads.per_example import all_finite, check_finite
 from tdastore.store.location import store_path, zarr_store
 from tdastore.store.manifest import GRADS_DIR
 from tdastore.store.writer import Shard, write_shard
+from tdastore.tasks import make_task
 from tdastore.tasks.base import model_fingerprint
-from tdastore.tasks.tabular import make_task
 from tdastore.training import load_model
 
 FLOAT16_MAX = 65504.0

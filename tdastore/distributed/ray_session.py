@@ -9,8 +9,6 @@ from pathlib import Path
 
 import ray
 
-import tdastore
-
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
@@ -24,7 +22,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # workers on other nodes receive the package itself (merged with a submitted job's working_dir)
-        package = str(Path(tdastore.__file__).parent)
+        package = str(Path(__file__).resolve().parents[1])  # the tdastore package directory
         ray.init(address=address, log_to_driver=False, runtime_env={"py_modules": [package]})
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # node IP 127.0.0.1: traffic on loopback

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from tdastore.attribution import Attributor, store_config
 from tdastore.errors import StoreError, TdaStoreError
 from tdastore.evaluate.metrics import agreement, gold_vectors, seed_curve
 from tdastore.evaluate.report import write_plots, write_report
 from tdastore.groundtruth.pool import read_groundtruth_manifest
 from tdastore.methods import get_method
-from tdastore.query import QueryContext, method_scores, store_config
 
 DEFAULT_METHODS = [
     "grad_dot",
@@ -45,16 +46,20 @@ def choose_path(store, method_name: str, requested: str | None) -> str:
     return "exact" if store.manifest["gradients"]["numel"] <= limit else "projected"
 
 
-def evaluate(
-    store,
-    groundtruth: str | Path,
-    methods: list[str] | None = None,
-    out: str | Path | None = None,
-    path: str | None = None,
-    overrides: dict | None = None,
-    progress: bool = True,
-) -> dict:
-    """Cosine / Spearman of each method against the gold standard at every evaluation point, and seed curves."""
+@dataclass
+class GoldStandard:
+    """A finished ground truth: its manifest, raw losses and the gold vectors of PAPER.md."""
+
+    root: Path
+    manifest: dict
+    loo: np.ndarray  # [E, T, L, S] g after further training without row i
+    full: np.ndarray  # [E, T, S] g after further training on all rows
+    vectors: np.ndarray  # [E, T, L] adjusted, seed-averaged, mean-centred
+    left: np.ndarray  # [L] the left-out training rows
+
+
+def load_gold(store, groundtruth: str | Path) -> GoldStandard:
+    """Read a complete ground truth of the same task and model as `store`."""
     gt_root = Path(groundtruth)
     manifest = read_groundtruth_manifest(gt_root)
     for key in ("task", "model"):
@@ -68,72 +73,81 @@ def evaluate(
         raise StoreError(f"ground truth '{gt_root}' is incomplete: rerun `tdastore ground-truth` to finish it")
     loo = zarr.open_array(str(gt_root / "loo.zarr"), mode="r")[:]
     full = zarr.open_array(str(gt_root / "full.zarr"), mode="r")[:]
-    gold = gold_vectors(loo, full)  # [E, T, L]
-    left = np.asarray(manifest["left_out"])
-    ctx = QueryContext(store, "grad_dot")
-    test = ctx.task.examples("test").slice(0, len(manifest["test_rows"]))
+    return GoldStandard(gt_root, manifest, loo, full, gold_vectors(loo, full), np.asarray(manifest["left_out"]))
+
+
+def evaluate(
+    store,
+    groundtruth: str | Path,
+    methods: list[str] | None = None,
+    out: str | Path | None = None,
+    path: str | None = None,
+    overrides: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Cosine / Spearman of each method against the gold standard at every evaluation point, and seed curves."""
+    gold = load_gold(store, groundtruth)
+    results = score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress)
+    if out is not None:
+        write_results(results, Path(out))
+    return results
+
+
+def score_methods(
+    store, gold: GoldStandard, methods: list[str], path: str | None, overrides: dict | None, progress: bool
+) -> dict:
+    """Every method's [T, L] scores through the attribution façade, compared with the gold vectors."""
+    for name in methods:
+        get_method(name)  # unknown names fail before any work
+    base = Attributor(store, "grad_dot", {"attribution": {"path": "projected"}})  # task and model, loaded once
+    test = base.task.examples("test").slice(0, len(gold.manifest["test_rows"]))
     results = {
-        "groundtruth": str(gt_root),
+        "groundtruth": str(gold.root),
         "store": str(store.root),
-        "evals": manifest["evals"],
+        "evals": gold.manifest["evals"],
         "n_test": len(test),
-        "n_left_out": len(left),
-        "n_seeds": len(manifest["seeds"]),
+        "n_left_out": len(gold.left),
+        "n_seeds": len(gold.manifest["seeds"]),
         "methods": {},
     }
-    for name in methods or DEFAULT_METHODS:
-        get_method(name)  # unknown names fail before any work
-    scorer = None  # one exact-path scorer for every method: lambda_0 and the Hessian's lowest eigenvalue once
-    for name in methods or DEFAULT_METHODS:
+    shared = base  # the first exact-path attributor: lambda_0 and the Hessian's lowest eigenvalue once
+    for name in methods:
         chosen = choose_path(store, name, path)
         settings = {"attribution": {**((overrides or {}).get("attribution", {})), "path": chosen}}
         try:
             if get_method(name).further_training:
-                scores, info = metagrad_scores(store, gt_root, manifest, overrides, progress)  # [E, T, L]
-            elif chosen == "exact":
-                scorer = scorer or _shared_scorer(store, name, settings)
-                scores, info = _exact_scores(scorer, name, test)
-                scores = scores[:, left]  # [T, L]
+                scores, info = metagrad_scores(store, gold.root, gold.manifest, overrides, progress)  # [E, T, L]
             else:
-                scores, info = method_scores(store, name, test, settings)
-                scores = scores[:, left]  # [T, L]
+                attributor = Attributor(store, name, settings, share=shared)
+                if chosen == "exact" and shared.exact is None:
+                    shared = attributor
+                scores = attributor.score_matrix(test)[:, gold.left]  # [T, L]
+                info = {k: v for k, v in attributor.info.items() if k != "method"}
         except TdaStoreError as err:
             results["methods"][name] = {"path": chosen, "error": str(err)}
             if progress:
                 print(f"  {name:<13} skipped: {err}")
             continue
-        stats = agreement(gold, scores)
+        stats = agreement(gold.vectors, scores)
         results["methods"][name] = {
             **info,
             "cosine": stats["cosine"].tolist(),
             "stderr": stats["stderr"].tolist(),
             "spearman": stats["spearman"].tolist(),
-            "seed_curve": {str(k): v for k, v in seed_curve(loo, full, scores).items()},
+            "seed_curve": {str(k): v for k, v in seed_curve(gold.loo, gold.full, scores).items()},
         }
         if progress:
             c = stats["cosine"]
             print(f"  {name:<13} {info['path']:<9} cosine first {c[0]:+.3f}  best {c.max():+.3f}  last {c[-1]:+.3f}")
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        write_plots(results, out)
-        write_report(results, out)
     return results
 
 
-def _shared_scorer(store, method: str, settings: dict):
-    from tdastore.precond.exact_methods import ExactScorer
-
-    ctx = QueryContext(store, method, settings)
-    return ExactScorer(ctx.model, ctx.task, ctx.config)
-
-
-def _exact_scores(scorer, method: str, test) -> tuple[np.ndarray, dict]:
-    """One method's [T, N] scores on the shared scorer, with only this method's settings in its info."""
-    scorer.info = {k: v for k, v in scorer.info.items() if k in ("path", "params")}
-    scores = scorer.scores(get_method(method), test).numpy()
-    return scores, {k: v for k, v in scorer.info.items() if isinstance(v, (int, float, str))}
+def write_results(results: dict, out: Path) -> None:
+    """results.json, the PNG plots and report.md in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_plots(results, out)
+    write_report(results, out)
 
 
 def metagrad_scores(

@@ -102,7 +102,7 @@ def linear_modules(
     return modules
 
 
-class _LinearHookGradients:
+class LinearHookGradients:
     """Shared machinery: capture each selected Linear layer's inputs and output gradients in one pass."""
 
     def __init__(self, model: nn.Module, loss_fn, patterns: list[str], what: str, module_patterns=None):
@@ -118,7 +118,7 @@ class _LinearHookGradients:
                 shapes[f"{name}.bias"] = list(module.bias.shape)
         return {"params": shapes, "numel": self.numel}
 
-    def _capture(self, inputs: torch.Tensor, targets: torch.Tensor):
+    def capture(self, inputs: torch.Tensor, targets: torch.Tensor):
         """-> (losses [B], [(inputs [B, (T,) in], output grads [B, (T,) out]) per module])."""
         captured_inputs: list[torch.Tensor] = []
         captured_outputs: list[torch.Tensor] = []
@@ -142,7 +142,7 @@ class _LinearHookGradients:
     def __call__(
         self, inputs: torch.Tensor, targets: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        losses, captured = self._capture(inputs, targets)
+        losses, captured = self.capture(inputs, targets)
         batch = inputs.shape[0]
         rows = torch.empty(batch, self.out_dim) if out is None else out  # [B, K]
         sq_norms = torch.zeros(batch)  # [B]
@@ -154,7 +154,7 @@ class _LinearHookGradients:
         return rows, losses, sq_norms
 
 
-class ExactLinearGradients(_LinearHookGradients):
+class ExactLinearGradients(LinearHookGradients):
     """Unprojected per-example gradients of Linear layers, written straight into the output rows in the
     layout of PerExampleGradients.flatten (weight [out, in] row-major, then bias): no vmap, one pass."""
 
@@ -188,7 +188,7 @@ class ExactLinearGradients(_LinearHookGradients):
         return col
 
 
-class FactoredLinearGradients(_LinearHookGradients):
+class FactoredLinearGradients(LinearHookGradients):
     """(projected rows [B, K], losses [B], squared full-gradient norms [B]) for the selected Linear layers."""
 
     def __init__(

@@ -20,15 +20,15 @@ import ray
 import torch
 import zarr
 
-import tdastore
 from tdastore.config import Config, config_to_dict, load_config
 from tdastore.distributed.ray_session import ray_session
 from tdastore.errors import StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
 from tdastore.groundtruth.pool import done_units, drive_units, read_groundtruth_manifest, read_job_manifest
 from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
-from tdastore.tasks.tabular import make_task
+from tdastore.tasks import make_task
 from tdastore.training import load_model
+from tdastore.version import __version__
 
 METAGRAD_KIND = "metagrad"
 
@@ -98,7 +98,7 @@ def prepare_metagrad(config: Config, groundtruth: str | Path) -> tuple[Path, dic
         "schema_version": SCHEMA_VERSION,
         "status": "running",
         **identity,
-        "tdastore_version": tdastore.__version__,
+        "tdastore_version": __version__,
         "units": [u.name for u in _plan(len(seeds), n_test, mg.seed_block, mg.test_block)],
     }
     write_json_atomic(root / "manifest.json", manifest)

@@ -27,15 +27,15 @@ import zarr
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from tqdm import tqdm
 
-import tdastore
 from tdastore.config import Config, config_to_dict, load_config
 from tdastore.distributed.ray_session import ray_session
 from tdastore.errors import ConfigError, StoreError, TdaStoreError
 from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
 from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
+from tdastore.tasks import make_task
 from tdastore.tasks.base import model_fingerprint
-from tdastore.tasks.tabular import make_task
 from tdastore.training import load_model
+from tdastore.version import __version__
 
 GT_KIND = "groundtruth"
 
@@ -140,7 +140,7 @@ def prepare_groundtruth(config: Config) -> tuple[Path, dict]:
         "status": "running",
         **identity,
         "config": config_to_dict(config),
-        "tdastore_version": tdastore.__version__,
+        "tdastore_version": __version__,
         "units": [u.name for u in plan_units(seeds, len(left), gt.seed_block, gt.left_out_block)],
     }
     write_json_atomic(root / "manifest.json", manifest)

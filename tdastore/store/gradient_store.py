@@ -111,12 +111,6 @@ class GradientStore:
         write_json_atomic(self.root / MANIFEST_FILE, manifest)
         self.manifest = manifest
 
-    def query(self, method: str = "grad_dot", **kwargs):
-        """Attribution scores for test inputs; see tdastore.query.query_store for the arguments."""
-        from tdastore.query import query_store
-
-        return query_store(self, method, **kwargs)
-
     def summary(self) -> str:
         m = self.manifest
         proj = m["projection"]

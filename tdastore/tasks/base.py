@@ -71,6 +71,37 @@ class Task(abc.ABC):
     def examples(self, split: Split) -> Examples:
         """The training or test split."""
 
+    # -- optional members, with the defaults a plain tensor task needs --------------------------------
+    pretrained: bool = False  # the model's weights come with make_model (no train.output_dir weights)
+
+    def encode(self, inputs) -> Examples:
+        """New test inputs in the user's format (a file path, a table, texts) as Examples."""
+        raise DataError(
+            f"task '{self.name}' does not parse raw inputs ({type(inputs).__name__}): pass its own Examples, "
+            "or implement Task.encode"
+        )
+
+    def describe_inputs(self) -> dict:
+        """What a raw test input of this task looks like (the query service publishes and validates it):
+        {"kind", and "features"/"target"/"classes" for tables, "text": True for documents}."""
+        return {"kind": self.name}
+
+    def encode_request(self, inputs: list, targets: list | None) -> Examples:
+        """Test inputs as sent to the query service (rows of values, or texts) with their targets."""
+        raise DataError(f"task '{self.name}' does not answer raw requests: implement Task.encode_request")
+
+    def is_examples(self, inputs) -> bool:
+        """Whether `inputs` are already this task's examples (not something to encode)."""
+        return isinstance(inputs, Examples)
+
+    def check_examples(self, examples: Examples) -> None:
+        """Refuse examples that cannot be this task's (e.g. a wrong feature count), naming the problem."""
+        return None
+
+    def token_mask(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """[B, T] 1 for positions whose activations count in K-FAC statistics; None: every position counts."""
+        return None
+
     def description(self) -> dict:
         """What identifies this task in a store's manifest (overridden by built-in tasks)."""
         return {"name": self.name}

@@ -58,6 +58,26 @@ class TabularTask(Task):
     def n_outputs(self) -> int:
         return 1 if self.kind == "regression" else self.n_classes
 
+    def describe_inputs(self) -> dict:
+        classes = [c.item() if isinstance(c, np.generic) else c for c in self.classes]
+        target = self.task_config.target or "target"
+        return {"kind": self.kind, "features": list(self.columns), "target": target, "classes": classes}
+
+    def encode_request(self, inputs: list, targets: list | None) -> Examples:
+        """Rows of feature values (in the order of `columns`) and their targets."""
+        import pyarrow as pa
+
+        rows = np.asarray(inputs, dtype=np.float64)  # [m, features]
+        columns = {name: rows[:, i] for i, name in enumerate(self.columns)}
+        columns[self.task_config.target or "target"] = np.asarray(targets)
+        return self.encode(pa.table(columns))
+
+    def check_examples(self, examples: Examples) -> None:
+        if tuple(examples.inputs.shape[1:]) != (self.n_features,):
+            raise DataError(
+                f"test inputs have {tuple(examples.inputs.shape[1:])} features per row, the task has {self.n_features}"
+            )
+
     def make_model(self) -> nn.Module:
         torch.manual_seed(self.model_config.seed)
         return MLP(self.n_features, self.model_config.hidden, self.n_outputs)
@@ -262,13 +282,3 @@ def _split_and_standardise(raw: _RawTable, cfg: TaskConfig) -> tuple[dict[str, E
             inputs[idx].contiguous(), targets[idx].contiguous(), raw.ids[idx], np.asarray(raw.y)[idx]
         )
     return splits, (mean, std, y_mean, y_std)
-
-
-def make_task(task: TaskConfig, model: ModelConfig | None = None) -> Task:
-    """The task a config names: a text task (Hugging Face model) for kinds causal_lm / sequence_classification,
-    else a tabular MLP task."""
-    if task.kind in ("causal_lm", "sequence_classification") or (model is not None and model.name_or_path):
-        from tdastore.tasks.text import TextTask
-
-        return TextTask(task, model or ModelConfig())
-    return TabularTask(task, model)

@@ -166,6 +166,22 @@ class TextTask(Task):
         counted = (labels != IGNORE).sum(1).clamp(min=1)
         return tokens.sum(1) / counted  # [B]
 
+    def describe_inputs(self) -> dict:
+        described = {"kind": self.kind, "text": True, "max_length": self.task_config.max_length}
+        if self.kind == "sequence_classification":
+            described["classes"] = [c.item() if isinstance(c, np.generic) else c for c in self.classes]
+        return described
+
+    def encode_request(self, inputs: list, targets: list | None) -> TokenExamples:
+        """Texts (prompts), with their labels for sequence classification."""
+        cfg = self.task_config
+        if self.kind == "sequence_classification":
+            return self.encode([{cfg.text_column: t, cfg.label_column: y} for t, y in zip(inputs, targets or [])])
+        return self.encode([str(t) for t in inputs])
+
+    def is_examples(self, inputs) -> bool:
+        return isinstance(inputs, (Examples, TokenExamples))
+
     def token_mask(self, inputs: torch.Tensor) -> torch.Tensor:
         """[B, 2, L] -> [B, L] 1 for real tokens (what K-FAC's activation statistics count)."""
         return inputs[:, 1]

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from tdastore.errors import GradientError
-from tdastore.grads.factored import _LinearHookGradients
+from tdastore.grads.factored import LinearHookGradients
 from tdastore.tasks.base import Examples
 
 
-class EkfacOperator(_LinearHookGradients):
+class EkfacFactors(LinearHookGradients):
     """Fitted on the training data; `apply` maps flat gradients [m, p] (weight then bias per layer)."""
 
     def __init__(
@@ -54,7 +54,7 @@ class EkfacOperator(_LinearHookGradients):
 
     def _layer_tensors(self, part: Examples) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer: augmented inputs [B, T, in(+1)] and output gradients [B, T, out], float64."""
-        _, captured = self._capture(part.inputs, part.targets)
+        _, captured = self.capture(part.inputs, part.targets)
         batch = len(part)
         for (_, module, with_bias), (acts, grads) in zip(self.modules, captured):
             acts = acts.reshape(batch, -1, module.in_features).double()

@@ -1,0 +1,232 @@
+"""The one façade for attribution: made once from (store, method, overrides), it holds the task, the final
+model, the fitted operator and the index, and answers top-k, bottom-k and full score rows for test inputs.
+
+The test side goes through exactly what the training rows went through (same model, projection spec and
+seed), then the method's operator; the train side is either a FAISS index over transformed rows (`kind`) or a
+streamed pass over the store (projected path), or the model's full parameter space (exact path). Memory is
+bounded by [m, block] at any time. The CLI, jobs, the query service and `evaluate` all call this class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tdastore.attribution.results import create_scores_array, result_table, stream_top_k
+from tdastore.config import Config, config_to_dict, load_config
+from tdastore.errors import ConfigError, StoreError
+from tdastore.grads.computer import make_gradient_computer
+from tdastore.grads.per_example import check_finite
+from tdastore.index.faiss_index import build_index, load_index, normalise_rows, transform_block
+from tdastore.methods import Method, get_method
+from tdastore.precond.exact.scorer import ExactScorer
+from tdastore.precond.projected.cache import fit_or_load, operator_key
+from tdastore.precond.registry import FitInputs
+from tdastore.tasks import make_task
+from tdastore.tasks.base import Examples, model_fingerprint
+from tdastore.training import load_model
+
+QUERY_SECTIONS = ("attribution", "index")
+
+
+def store_config(store, overrides: None | dict | Config = None) -> Config:
+    """The store's own config (it built the rows), with query-time sections (attribution, index) overridden."""
+    config = load_config(store.manifest["config"])
+    if isinstance(overrides, Config):
+        overrides = {section: getattr(overrides, section).__dict__ for section in QUERY_SECTIONS}
+    for section, values in (overrides or {}).items():
+        if section not in QUERY_SECTIONS:
+            raise ConfigError(f"a query may override the attribution and index sections only, not '{section}'")
+        config = load_config({**config_to_dict(config), section: {**getattr(config, section).__dict__, **values}})
+    return config
+
+
+class Attributor:
+    """Attribution of test inputs to a store's training rows by one method of the unified view.
+
+    store: an open GradientStore. method: a row of `tdastore methods`. overrides: {"attribution": {...},
+    "index": {...}} on top of the store's config. kind: answer top-k from a FAISS index of this kind (built on
+    first use); None scores exactly by streaming the store. share: another Attributor of the same store whose
+    task, model and (same settings) exact-path scorer are reused, so many methods cost one model load.
+    """
+
+    def __init__(
+        self,
+        store,
+        method: str = "grad_dot",
+        overrides: None | dict | Config = None,
+        *,
+        kind: str | None = None,
+        progress: bool = False,
+        share: Attributor | None = None,
+    ):
+        self.store, self.kind, self.progress = store, kind, progress
+        self.method: Method = get_method(method)
+        if self.method.further_training:
+            raise ConfigError(
+                f"method '{method}' differentiates the ground truth's further training, not a single query: run "
+                "`tdastore ground-truth --config CFG`, then `tdastore metagrad --config CFG` (or `tdastore evaluate`)"
+            )
+        self.config = store_config(store, overrides)
+        self.path = self.config.attribution.path
+        if kind is not None and self.path == "exact":
+            raise ConfigError(
+                "the exact path scores in full parameter space: FAISS indexes belong to attribution.path: projected"
+            )
+        if share is not None and share.store is store:
+            self.task, self.model, self._computer = share.task, share.model, share._computer
+        else:
+            self.task = make_task(self.config.task, self.config.model)
+            self.model = load_model(self.config, self.task)
+            self._computer = None
+            if model_fingerprint(self.model) != store.manifest["model"]["fingerprint"]:
+                raise StoreError(
+                    f"the weights at {self.config.train.output_dir} are not the model store '{store.root}' was built "
+                    "from (fingerprints differ): restore them or rebuild the store"
+                )
+        self.scale = 1.0 / store.n_rows * (self.config.train.lr if self.method.learning_rate else 1.0)
+        self.info: dict = {"method": self.method.name, "path": self.path}
+        self.operator = self.index = self.exact = None
+        if self.path == "exact":
+            same = share is not None and share.exact is not None and share.config.attribution == self.config.attribution
+            self.exact = share.exact if same else ExactScorer(self.model, self.task, self.config)
+        else:
+            self._prepare_projected()
+
+    def _prepare_projected(self) -> None:
+        """Fit (or load) the operator once and open (or build) the index once."""
+        name = self.method.operator("projected")
+        inputs = FitInputs(self.store, self.config, self.model, self.task, self.progress)
+        self.operator = fit_or_load(name, inputs)
+        key = operator_key(name, self.config.attribution)
+        self.info.update(operator=key, **({"index": self.kind} if self.kind else {}))
+        if self.kind is not None:
+            self.index = self._open_index(key)
+
+    def _open_index(self, key: str):
+        store, name, kind = self.store, self.method.name, self.kind
+        handle = load_index(store, name, kind)
+        if handle is not None and handle.description.get("operator") != key:
+            raise StoreError(
+                f"the {name}/{kind} index of '{store.root}' was built for operator "
+                f"{handle.description.get('operator')}, this query uses {key} (other damping or LiSSA settings): "
+                f"rebuild it with `tdastore index {store.root} --method {name} --kind {kind}`"
+            )
+        if handle is not None and handle.description.get("projection") != store.manifest["projection"]:
+            raise StoreError(
+                f"the {name}/{kind} index was built for another projection: rebuild it with `tdastore index`"
+            )
+        return build_index(store, self.method, self.operator, key, kind, self.config.index, progress=self.progress)
+
+    # -- the test side ---------------------------------------------------------------------------------
+    def examples(self, inputs=None, split: str | None = None) -> Examples:
+        """Test inputs as the task's examples: None (the task's `split`, default test), the task's own
+        examples, or anything the task's `encode` reads (a file path, a table, texts)."""
+        if inputs is None:
+            return self.task.examples(split or "test")
+        if self.task.is_examples(inputs):
+            self.task.check_examples(inputs)
+            return inputs
+        return self.task.encode(inputs)
+
+    def test_rows(self, test: Examples) -> np.ndarray:
+        """Test-function gradients [m, k] in the store's space (same gradient computer, projection, seed)."""
+        if self._computer is None:  # built once: a projector caches its generated matrix blocks
+            self._computer = make_gradient_computer(
+                self.model, self.task.test_function, self.config.gradients, self.config.projection
+            )
+            if self._computer.spec() != self.store.manifest["projection"]:
+                raise StoreError("this query's projection differs from the store's; the store's config was edited")
+        rows = []
+        batch = self.config.gradients.batch_size
+        for start in range(0, len(test), batch):
+            part = test.slice(start, min(start + batch, len(test)))
+            projected, values, sq_norms = self._computer(part.inputs, part.targets)
+            check_finite(values, part.ids, "the test function")
+            check_finite(sq_norms, part.ids, "the test gradient")
+            rows.append(projected.numpy())
+        return np.concatenate(rows)
+
+    def queries(self, test: Examples) -> np.ndarray:
+        """Projected path: eps * K^(1/2) grad g(z) for each test input, [m, k]."""
+        rows = self.test_rows(test)
+        if self.method.normalise:
+            rows = normalise_rows(rows)
+        return self.operator.transform(rows) * np.float32(self.scale)
+
+    # -- answers -----------------------------------------------------------------------------------------
+    def score_blocks(self, test: Examples) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, scores [m, b]) over the store in order. Projected blocks are views of one reused
+        buffer: use each before taking the next."""
+        if self.exact is not None:
+            self.exact.info = {"path": "exact", "params": self.exact.space.p}  # this method's facts only
+            yield from self.exact.score_blocks(self.method, test)
+            self.info.update({k: v for k, v in self.exact.info.items() if isinstance(v, (int, float, str))})
+        else:
+            yield from projected_score_blocks(self.store, self.operator, self.method, self.queries(test))
+
+    def scores(self, inputs=None, split: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Full score rows, streamed: (first train row, scores [m, b] float32) blocks in store order."""
+        for start, block in self.score_blocks(self.examples(inputs, split)):
+            yield start, torch.as_tensor(block).float().numpy().copy()
+
+    def score_matrix(self, inputs=None, split: str | None = None) -> np.ndarray:
+        """The whole [m, N] score matrix in memory (use `scores` to stream it)."""
+        return np.concatenate([block for _, block in self.scores(inputs, split)], axis=1)
+
+    def top_k(self, inputs=None, k: int = 10, *, split: str | None = None, out=None, scores_out=None) -> pa.Table:
+        """The k most positive training rows per test input (removing them raises the test loss the most):
+        a table test_id, rank, train_id, score, train_row (+ train_text, test_text for text stores).
+        out: also write the table as Parquet; scores_out: also write the full [m, N] matrix (Zarr)."""
+        return self._ranked(inputs, k, split, out, scores_out, sign=1.0)
+
+    def bottom_k(self, inputs=None, k: int = 10, *, split: str | None = None, out=None, scores_out=None) -> pa.Table:
+        """The k most negative training rows per test input ("opponents": removing them lowers the test
+        loss), most negative first, in the table of `top_k`."""
+        return self._ranked(inputs, k, split, out, scores_out, sign=-1.0)
+
+    def _ranked(self, inputs, k: int, split, out, scores_out, sign: float) -> pa.Table:
+        store = self.store
+        if not 1 <= k <= store.n_rows:
+            raise ConfigError(f"top-k {k} must lie in 1..{store.n_rows} (the store's row count)")
+        if out is not None and not Path(out).parent.is_dir():
+            raise ConfigError(f"--out '{out}': its directory does not exist; create it or choose another path")
+        test = self.examples(inputs, split)
+        matrix = create_scores_array(scores_out, len(test), store.n_rows) if scores_out is not None else None
+        if self.index is not None:
+            queries = self.queries(test)
+            scale = np.float32(self.scale)
+            found, rows = self.index.search(sign * queries / scale, k)  # unscaled: float32 headroom
+            scores = sign * found * scale
+            if matrix is not None:
+                blocks = projected_score_blocks(store, self.operator, self.method, queries)
+                stream_top_k(blocks, len(test), k, store.n_rows, matrix, sign, self.progress)
+        else:
+            scores, rows = stream_top_k(
+                self.score_blocks(test), len(test), k, store.n_rows, matrix, sign, self.progress
+            )
+        table = result_table(store, test, scores, rows, self.info)
+        if out is not None:
+            pq.write_table(table, out)
+        return table
+
+
+def projected_score_blocks(
+    store, operator, method: Method, queries: np.ndarray, block_rows: int = 8192
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Score blocks [m, b] = queries . transformed store rows, streamed over the store. Each block is a view
+    of one reused buffer (fresh 30 MB results would page-fault on every block): use it before the next."""
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    buffer = None
+    for start, block in store.iter_blocks(block_rows):
+        rows = torch.from_numpy(transform_block(block, operator, method))  # [b, k]
+        if buffer is None or buffer.shape[1] < rows.shape[0]:
+            buffer = torch.empty(q.shape[0], rows.shape[0])
+        out = buffer[:, : rows.shape[0]]
+        torch.mm(q, rows.T, out=out)
+        yield start, out  # [m, b]

@@ -1,0 +1,74 @@
+"""What an attribution answers with: a running top-k over streamed score blocks, the optional full score
+matrix (Zarr), and the result table (ids, ranks, scores, and the documents' text for text stores)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from tdastore.errors import StoreError
+from tdastore.index.faiss_index import merge_top_k
+from tdastore.tasks.base import Examples
+
+
+def stream_top_k(
+    blocks: Iterable[tuple[int, torch.Tensor]],
+    m: int,
+    k: int,
+    n: int,
+    matrix=None,
+    sign: float = 1.0,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Running top-k of sign x scores over blocks [m, b] (sign -1: the most negative); every block is also
+    written into `matrix` ([m, n] Zarr) when given. Returns (scores [m, k] in the blocks' sign, rows [m, k])."""
+    best_scores = np.full((m, 0), -np.inf, dtype=np.float32)
+    best_rows = np.zeros((m, 0), dtype=np.int64)
+    bar = tqdm(total=n, desc="score", unit="row", disable=not progress)
+    for start, block in blocks:
+        block = torch.as_tensor(block)  # [m, b]
+        if matrix is not None:
+            matrix[:, start : start + block.shape[1]] = block.numpy()
+        values, part = torch.topk(block if sign > 0 else -block, min(k, block.shape[1]), dim=1)
+        best_scores = np.concatenate([best_scores, values.numpy()], 1)
+        best_rows = np.concatenate([best_rows, part.numpy() + start], 1)
+        best_scores, best_rows = merge_top_k(best_scores, best_rows, k)
+        bar.update(block.shape[1])
+    bar.close()
+    return sign * best_scores, best_rows
+
+
+def create_scores_array(path, m: int, n: int):
+    """A new [m, n] float32 Zarr array for the full score matrix; an existing path is never overwritten."""
+    import zarr
+
+    path = Path(path)
+    if path.exists():
+        raise StoreError(f"--scores-out '{path}' exists: choose a new path (nothing was overwritten)")
+    return zarr.create_array(store=str(path), shape=(m, n), chunks=(min(m, 256), min(n, 8192)), dtype="float32")
+
+
+def result_table(store, test: Examples, scores: np.ndarray, rows: np.ndarray, info: dict) -> pa.Table:
+    """One row per (test input, rank): test_id, rank, train_id, score, train_row (+ train_text, test_text)."""
+    m, k = scores.shape
+    train_ids = store.meta.column("example_id").to_numpy()
+    table = pa.table(
+        {
+            "test_id": np.repeat(test.ids, k),
+            "rank": np.tile(np.arange(1, k + 1), m),
+            "train_id": train_ids[rows.reshape(-1)],
+            "score": scores.reshape(-1).astype(np.float32),
+            "train_row": rows.reshape(-1),
+        }
+    )
+    if "text" in store.meta.column_names:  # text stores: the documents themselves, beside their scores
+        train_text = store.meta.column("text").to_numpy(zero_copy_only=False)
+        table = table.append_column("train_text", pa.array(train_text[rows.reshape(-1)], pa.string()))
+        if test.texts is not None:
+            table = table.append_column("test_text", pa.array(np.repeat(test.texts, k).astype(str), pa.string()))
+    return table.replace_schema_metadata({f"tdastore.{key}": str(value) for key, value in info.items()})

@@ -1,0 +1,241 @@
+"""The `tdastore` command line: one subcommand per job, its config flags generated from the typed config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tdastore.cli import commands
+from tdastore.cli.flags import add_config_flags, suggestion
+from tdastore.errors import TdaStoreError
+from tdastore.version import __version__
+
+ALL_SECTIONS = ["task", "model", "train", "gradients", "projection", "store", "build", "attribution", "index",
+                "groundtruth", "query", "metagrad"]  # fmt: skip
+QUERY_ALIASES = {
+    "--path": "attribution.path",
+    "--damping-factor": "attribution.damping_factor",
+    "--lissa-depth": "attribution.lissa_depth",
+    "--index-shard-rows": "index.shard_rows",
+}
+CONFIG_COMMANDS = ("train", "build", "index", "query", "ground-truth", "metagrad", "evaluate")
+KINDS = ["flat", "ivf", "hnsw", "sq8", "pq"]
+
+
+def _config_option(parser: argparse.ArgumentParser, required: bool = False, what: str = "") -> None:
+    parser.add_argument("--config", required=required, default=None, help=f"YAML config (see configs/); optional{what}")
+
+
+def _quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tdastore",
+        description="Training data attribution at scale: per-example gradient stores built with Ray.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"tdastore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+        usage = f"tdastore {name} [options]" + (" [--section.field VALUE ...]" if name in CONFIG_COMMANDS else "")
+        p = sub.add_parser(name, help=help, description=description, allow_abbrev=False, usage=usage)
+        p.set_defaults(func=func)
+        return p
+
+    train = command(
+        "train",
+        commands.cmd_train,
+        "train the final model of a config and save its weights",
+        "Train the final model (SGD) and write model.safetensors + config.yaml to train.output_dir.",
+    )
+    _config_option(train)
+    train.add_argument("--skip-if-trained", action="store_true", help="do nothing if train.output_dir has weights")
+    _quiet(train)
+    add_config_flags(train, ALL_SECTIONS)
+
+    build = command(
+        "build",
+        commands.cmd_build,
+        "compute per-example gradients into a store with Ray actors",
+        "Build (or resume) a gradient store: Zarr rows, Parquet metadata, manifest.",
+    )
+    _config_option(build)
+    build.add_argument(
+        "--output", default=None, help="store directory or URI, created or resumed (default: store.path)"
+    )
+    build.add_argument("--split", choices=["train", "test"], default="train", help="which split's gradients")
+    _quiet(build)
+    add_config_flags(build, ALL_SECTIONS, {"--workers": "build.workers", "--address": "build.address"})
+
+    info = command("info", commands.cmd_info, "print a summary of a store", "Summarise a gradient store.")
+    info.add_argument("store", help="store directory")
+
+    index = command(
+        "index",
+        commands.cmd_index,
+        "build FAISS indexes of methods over a store",
+        "Fit each method's operator (saved in the store) and index K^(1/2)-transformed rows, so a "
+        "preconditioned query is an inner-product search. Up-to-date indexes are reused.",
+    )
+    index.add_argument("store", nargs="?", default=None, help="store directory (default: store.path of --config)")
+    index.add_argument("--method", default=None, help="a method of `tdastore methods` (default: attribution.methods)")
+    _config_option(index, what=": its attribution and index sections apply")
+    _quiet(index)
+    add_config_flags(index, ["attribution", "index"], {**QUERY_ALIASES, "--kind": "index.kind"})
+
+    query = command(
+        "query",
+        commands.cmd_query,
+        "attribute test inputs to training rows",
+        "Top-k (or, with --bottom, the most negative) training rows per test input (test_id, rank, "
+        "train_id, score), and optionally the full score matrix.",
+    )
+    query.add_argument("store", nargs="?", default=None, help="store directory (default: store.path of --config)")
+    query.add_argument("--method", default=None, help="a method of `tdastore methods` (default query.method)")
+    source = query.add_mutually_exclusive_group()
+    source.add_argument(
+        "--inputs",
+        default=None,
+        help=".csv/.parquet with the task's feature and target columns; "
+        "text stores: .jsonl/.json/.parquet/.csv/.txt documents (prompts)",
+    )
+    source.add_argument("--split", choices=["test", "train"], default=None, help="a split of the store's task")
+    query.add_argument("--top-k", type=int, default=None, help="training rows per test input (default 10)")
+    query.add_argument("--bottom", action="store_true", help="the most negative scores (opponents) instead")
+    query.add_argument(
+        "--kind",
+        choices=KINDS,
+        default=None,
+        help="search a FAISS index of this kind (built if missing); default: exact streamed scoring",
+    )
+    query.add_argument("--out", default=None, help="write the table as Parquet")
+    query.add_argument("--scores-out", default=None, help="write the full [n_test, N] score matrix as Zarr")
+    _config_option(query, what=": its query, attribution and index sections apply")
+    _quiet(query)
+    add_config_flags(query, ["attribution", "index"], QUERY_ALIASES)
+
+    gt = command(
+        "ground-truth",
+        commands.cmd_ground_truth,
+        "run the further-training gold standard as a Ray job pool",
+        "Further training from the final model for every seed and left-out row (groundtruth section of the "
+        "config); resumes from finished units.",
+    )
+    _config_option(gt)
+    _address(gt)
+    _quiet(gt)
+    add_config_flags(gt, ALL_SECTIONS)
+
+    mg = command(
+        "metagrad",
+        commands.cmd_metagrad,
+        "differentiate the gold standard's further training",
+        "Scores a_i ~ -dg/dw_i for the ground truth's rows, at every evaluation point, by reverse- or "
+        "forward-mode differentiation through the further-training steps; units of seed blocks x test "
+        "blocks on Ray, written beside the ground truth.",
+    )
+    _config_option(mg, what=" (the config the ground truth was run with)")
+    mg.add_argument("--ground-truth", default=None, help="ground-truth store (default: groundtruth.output)")
+    _address(mg)
+    _quiet(mg)
+    add_config_flags(
+        mg,
+        ALL_SECTIONS,
+        {
+            "--coupling": "metagrad.coupling",
+            "--mode": "metagrad.mode",
+            "--rows": "metagrad.rows",
+            "--seeds": "metagrad.seeds",
+        },
+    )
+
+    ev = command(
+        "evaluate",
+        commands.cmd_evaluate,
+        "compare every method with the gold standard",
+        "Cosine and Spearman of each method against the gold vector at every evaluation point, seed curves; "
+        "writes report.md, results.json and PNG plots.",
+    )
+    ev.add_argument("--store", default=None, help="gradient store of the same model (default: store.path)")
+    ev.add_argument("--ground-truth", default=None, help="ground truth (default: groundtruth.output)")
+    ev.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    ev.add_argument("--out", default=None, help="output directory (default with --config: GT/evaluation)")
+    _config_option(ev, what=": its store, ground truth, attribution and index sections apply")
+    add_config_flags(ev, ["attribution", "index"], QUERY_ALIASES)
+
+    quick = command(
+        "quickstart",
+        commands.cmd_quickstart,
+        "the whole method end to end on embedded data sets",
+        "Train, build a store with Ray, run the gold standard and every method, evaluate, and write "
+        "reports (diabetes and breast_cancer, a few minutes).",
+    )
+    quick.add_argument("--output", default="runs/quickstart", help="output directory")
+    quick.add_argument("--datasets", default=None, help="comma-separated subset of diabetes,breast_cancer")
+    _address(quick)
+    _quiet(quick)
+
+    srv = command(
+        "serve",
+        commands.cmd_serve,
+        "an HTTP JSON API for influence queries over a store",
+        "POST /query with raw test inputs; Ray actors hold the model, operators and FAISS indexes. "
+        "Binds loopback unless --host says otherwise.",
+    )
+    srv.add_argument("store", help="store directory")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=int, default=1, help="Ray actors answering queries")
+    srv.add_argument("--kind", choices=KINDS, default="flat", help="FAISS index kind")
+    _address(srv)
+
+    demo = command(
+        "demo-lm",
+        commands.cmd_demo_lm,
+        "write an offline demo LM: a GPT-2 and tokenizer trained on Python's docstrings",
+        "Trains a BPE tokenizer (tokenizers) and a small GPT-2 on paragraphs of the standard library's "
+        "docstrings and saves them as a transformers directory, with corpus.jsonl and prompts.jsonl: what "
+        "configs/tiny_gpt2.yaml points at. No network needed.",
+    )
+    demo.add_argument("--out", default="runs/tiny-gpt2", help="output directory")
+    demo.add_argument("--layers", type=int, default=2)
+    demo.add_argument("--width", type=int, default=64)
+    demo.add_argument("--heads", type=int, default=4)
+    demo.add_argument("--vocab", type=int, default=512)
+    demo.add_argument("--context", type=int, default=128)
+    demo.add_argument("--steps", type=int, default=100, help="AdamW training steps on the corpus")
+    _quiet(demo)
+
+    command(
+        "methods",
+        commands.cmd_methods,
+        "list the methods of the unified view",
+        "The method table: each method's operator on the projected and exact paths.",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        subparser = parser._subparsers._group_actions[0].choices[args.command]
+        print(f"tdastore {args.command}: error: {suggestion(unknown, subparser)}", file=sys.stderr)
+        return 2
+    try:
+        args.func(args)
+    except TdaStoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

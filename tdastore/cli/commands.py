@@ -1,0 +1,202 @@
+"""What each `tdastore` command does, given its parsed arguments (the parser is in tdastore/cli/__init__.py).
+
+Commands that run a config (train, build, ground-truth, metagrad) take `--config CFG` (optional) and any
+`--section.field` flag on top. Commands over a built store (index, query, evaluate, serve) use the store's own
+config, with the attribution and index sections of `--config` and of the flags on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tdastore.cli.flags import config_overrides
+from tdastore.config import Config, load_config
+from tdastore.errors import ConfigError
+
+QUERY_SECTIONS = ["attribution", "index"]
+
+
+def run_config(args: argparse.Namespace) -> Config:
+    """The config of a command: the YAML file (if any) with the flags given on top."""
+    return load_config(args.config, config_overrides(args))
+
+
+def query_overrides(args: argparse.Namespace) -> dict:
+    """Query-time settings: the attribution/index sections of --config, then the flags."""
+    base = {}
+    if args.config is not None:
+        config = load_config(args.config)
+        base = {section: dict(getattr(config, section).__dict__) for section in QUERY_SECTIONS}
+    for section, values in config_overrides(args, QUERY_SECTIONS).items():
+        base.setdefault(section, {}).update(values)
+    return base
+
+
+def store_argument(args: argparse.Namespace, value: str | None, flag: str = "STORE") -> str:
+    """A store path from the command line, else store.path of --config."""
+    if value is not None:
+        return value
+    path = load_config(args.config).store.path if args.config is not None else None
+    if path is None:
+        raise ConfigError(f"say which store: pass {flag}, or --config with store.path set")
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import time
+
+    import tdastore
+    from tdastore.tasks import make_task
+    from tdastore.training import WEIGHTS_FILE, evaluate_loss
+
+    config = run_config(args)
+    weights = Path(config.train.output_dir) / WEIGHTS_FILE
+    if args.skip_if_trained and weights.is_file():
+        print(f"weights exist at {weights}: nothing to train (--skip-if-trained)")
+        return
+    began = time.perf_counter()
+    model = tdastore.train(config, progress=not args.quiet)
+    task = make_task(config.task, config.model)
+    print(
+        f"trained {task.name} ({task.kind}) in {time.perf_counter() - began:.1f} s: "
+        f"train loss {evaluate_loss(model, task, 'train'):.4f}, test loss {evaluate_loss(model, task, 'test'):.4f}\n"
+        f"weights: {weights}"
+    )
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    import tdastore
+
+    config = run_config(args)
+    output = args.output or config.store.path
+    if output is None:
+        raise ConfigError("say where the store goes: --output STORE, or store.path in the config")
+    store = tdastore.build(config, output, split=args.split, progress=not args.quiet)
+    print(store.summary())
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import tdastore
+
+    print(tdastore.open_store(args.store, allow_incomplete=True).summary())
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    import tdastore
+    from tdastore.methods import get_method
+
+    store = tdastore.open_store(store_argument(args, args.store))
+    overrides = query_overrides(args)
+    if overrides.get("attribution", {}).get("path") == "exact":
+        raise ConfigError("indexes hold projected-space rows: drop --path exact")
+    overrides.setdefault("attribution", {})["path"] = "projected"
+    kind = overrides.get("index", {}).get("kind", "flat")
+    methods = [args.method] if args.method else (overrides["attribution"].get("methods") or ["grad_dot"])
+    for name in methods:
+        if args.method is None and get_method(name).projected is None:
+            print(f"{name}: no projected path, nothing to index")
+            continue
+        attributor = tdastore.Attributor(store, name, overrides, kind=kind, progress=not args.quiet)
+        handle = attributor.index
+        print(
+            f"index {handle.directory} ({len(handle.shards)} shard(s), {store.n_rows:,} rows, "
+            f"operator {handle.description['operator']})"
+        )
+
+
+def cmd_query(args: argparse.Namespace) -> None:
+    import tdastore
+
+    store = tdastore.open_store(store_argument(args, args.store))
+    q = load_config(args.config).query if args.config is not None else None
+    method = args.method or (q.method if q else "grad_dot")
+    inputs = args.inputs if args.inputs is not None else (q.inputs if q else None)
+    split = args.split or (q.split if q and inputs is None else None)
+    top_k = args.top_k or (q.top_k if q else 10)
+    kind = args.kind or (q.kind if q else None)
+    out = args.out or (q.out if q else None)
+    if inputs is None and split is None:
+        raise ConfigError("say what to attribute: --inputs FILE (.csv/.parquet) or --split test")
+    attributor = tdastore.Attributor(store, method, query_overrides(args), kind=kind, progress=not args.quiet)
+    answer = attributor.bottom_k if args.bottom else attributor.top_k
+    table = answer(inputs, top_k, split=split, out=out, scores_out=args.scores_out)
+    meta = {k.decode().split(".", 1)[1]: v.decode() for k, v in (table.schema.metadata or {}).items()}
+    print(
+        f"{table.num_rows:,} rows ({top_k} per test input, {'most negative' if args.bottom else 'most positive'}), "
+        f"method {meta.get('method')}, path {meta.get('path')}" + (f", written to {out}" if out else "")
+    )
+    shown = table.slice(0, min(10, table.num_rows)).to_pydict()
+    print("  ".join(f"{c:>10}" for c in shown))
+    for row in zip(*shown.values()):
+        print("  ".join(f"{v:>10.4g}" if isinstance(v, float) else f"{v:>10}" for v in row))
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from tdastore.methods import METHODS
+
+    print(f"{'method':<14}{'projected':<16}{'exact':<22}summary")
+    for m in METHODS.values():
+        print(f"{m.name:<14}{m.projected or '-':<16}{m.exact or '-':<22}{m.summary}")
+
+
+def cmd_ground_truth(args: argparse.Namespace) -> None:
+    from tdastore.groundtruth.pool import run_groundtruth
+
+    root = run_groundtruth(run_config(args), address=args.address, progress=not args.quiet)
+    print(f"ground truth written to {root}")
+
+
+def cmd_metagrad(args: argparse.Namespace) -> None:
+    from tdastore.groundtruth.metagrad_pool import run_metagrad
+
+    root = run_metagrad(run_config(args), args.ground_truth, address=args.address, progress=not args.quiet)
+    print(f"metagradient scores written to {root}/scores.zarr")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import tdastore
+    from tdastore.evaluate.run import evaluate
+
+    config = load_config(args.config) if args.config is not None else None
+    store = tdastore.open_store(store_argument(args, args.store, "--store"))
+    ground_truth = args.ground_truth or (config.groundtruth.output if config else None)
+    if ground_truth is None:
+        raise ConfigError("say which ground truth: --ground-truth GT, or --config with groundtruth.output")
+    out = args.out or (str(Path(config.groundtruth.output) / "evaluation") if config else None)
+    if out is None:
+        raise ConfigError("say where the report goes: --out DIR (or --config: GT/evaluation)")
+    overrides = query_overrides(args)
+    methods = args.methods.split(",") if args.methods else overrides.get("attribution", {}).get("methods")
+    path = config_overrides(args, ["attribution"]).get("attribution", {}).get("path")
+    evaluate(store, ground_truth, methods=methods, out=out, path=path, overrides=overrides)
+    print(f"report: {out}/report.md, results: {out}/results.json, plots: {out}/cosine.png, seed_curves.png")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from tdastore.quickstart import run_quickstart
+
+    datasets = args.datasets.split(",") if args.datasets else None
+    run_quickstart(args.output, datasets=datasets, address=args.address, progress=not args.quiet)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from tdastore.serve import serve
+
+    serve(args.store, host=args.host, port=args.port, replicas=args.replicas, kind=args.kind, address=args.address)
+
+
+def cmd_demo_lm(args: argparse.Namespace) -> None:
+    from tdastore.demo_text import make_tiny_lm
+
+    out = make_tiny_lm(
+        Path(args.out),
+        n_layer=args.layers,
+        n_embd=args.width,
+        n_head=args.heads,
+        vocab_size=args.vocab,
+        n_positions=args.context,
+        train_steps=args.steps,
+        progress=not args.quiet,
+    )
+    print(f"model and tokenizer: {out / 'model'}; corpus: {out / 'corpus.jsonl'}; prompts: {out / 'prompts.jsonl'}")

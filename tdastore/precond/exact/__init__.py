@@ -1,0 +1,1 @@
+"""The exact path: operators on the model in its full parameter space (CG, LiSSA, DataInf, EK-FAC)."""
