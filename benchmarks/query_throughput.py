@@ -27,7 +27,8 @@ import torch
 import tdastore
 from tdastore.methods import get_method
 from tdastore.precond.projected.spectral import SpectralOperator
-from tdastore.query import projected_score_blocks, stream_top_k
+from tdastore.attribution.attributor import projected_score_blocks
+from tdastore.attribution.results import stream_top_k
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.writer import finalize_store, plan_shards, prepare_store, write_shard
 
@@ -68,7 +69,7 @@ def score_matrix_ratio(store: GradientStore, queries: np.ndarray) -> tuple[float
     torch.set_num_threads(os.cpu_count() or 2)
     method, identity = get_method("grad_dot"), SpectralOperator("identity", store.dim)
     began = time.perf_counter()
-    stream_top_k(projected_score_blocks(store, identity, method, queries), len(queries), 10, store.n_rows, None, False)
+    stream_top_k(projected_score_blocks(store, identity, method, queries), len(queries), 10, store.n_rows)
     streamed = time.perf_counter() - began
     in_memory = torch.from_numpy(store.read_rows())  # [N, k] float32
     q = torch.from_numpy(queries)
@@ -85,7 +86,6 @@ def faiss_side_by_side(work: Path) -> list[str]:
     """Flat vs approximate kinds on 100k factored gradients of a trained MLP (as in tests/test_index_recall.py)."""
     import ray
 
-    import tdastore
     from tdastore.distributed.build import build_store
     from tdastore.tasks.synthetic import write_synthetic_regression
 

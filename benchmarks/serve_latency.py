@@ -25,8 +25,8 @@ import ray
 from sklearn.datasets import load_diabetes
 
 import tdastore
+from tdastore.attribution import Attributor
 from tdastore.distributed.build import build_store
-from tdastore.query import QueryContext
 from tdastore.serve import BackgroundServer, make_app, start_replicas
 
 
@@ -52,7 +52,7 @@ def main() -> None:
         store = build_store(config, work / "store", progress=False)
         actors, meta = start_replicas(str(store.root), args.replicas, "flat")
         server = BackgroundServer(make_app(actors, meta))
-        task = QueryContext(store, args.method).task
+        task = Attributor(store, args.method).task
         ids = task.examples("test").ids
         bunch = load_diabetes()
         bodies = [

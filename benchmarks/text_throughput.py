@@ -121,7 +121,7 @@ def build_vs_training_step(config) -> tuple[float, float, float]:
 
 
 def query_vs_forward_backward(store, config, n_prompts: int = 100) -> dict:
-    from tdastore.query import ProjectedSearcher, QueryContext
+    from tdastore.attribution import Attributor
 
     torch.set_num_threads(1)
     corpus = [json.loads(line)["text"] for line in Path(config.task.dataset).read_text().splitlines()]
@@ -129,10 +129,9 @@ def query_vs_forward_backward(store, config, n_prompts: int = 100) -> dict:
     prompts = [" ".join(rng.choice(corpus).split()[:24]) for _ in range(n_prompts)]
     out = {}
     for method in ("grad_dot", "ekfac"):
-        ctx = QueryContext(store, method)
-        searcher = ProjectedSearcher(ctx)  # operator fitted (or loaded) here, once
+        ctx = Attributor(store, method)  # operator fitted (or loaded) here, once
         test = ctx.task.encode(prompts)
-        searcher.top_k(test, 10)  # warm
+        ctx.top_k(test, 10)  # warm
 
         def plain():
             for start in range(0, len(test), BATCH):
@@ -140,7 +139,7 @@ def query_vs_forward_backward(store, config, n_prompts: int = 100) -> dict:
                 ctx.model.zero_grad(set_to_none=True)
                 ctx.task.per_example_loss(ctx.model(part.inputs), part.targets).sum().backward()
 
-        t_query = best_seconds(lambda: searcher.top_k(test, 10))
+        t_query = best_seconds(lambda: ctx.top_k(test, 10))
         t_plain = best_seconds(plain)
         out[method] = (t_query / t_plain, t_query, t_plain)
     return out

@@ -12,8 +12,8 @@ from conftest import small_config
 from sklearn.datasets import load_diabetes
 
 import tdastore
-from tdastore.distributed.build import build_store
 from tdastore.attribution import Attributor
+from tdastore.distributed.build import build_store
 from tdastore.serve import BackgroundServer, make_app, start_replicas
 
 
