@@ -25,10 +25,10 @@ import pyarrow as pa
 import torch
 
 import tdastore
-from tdastore.methods import get_method
-from tdastore.precond.projected.spectral import SpectralOperator
 from tdastore.attribution.attributor import projected_score_blocks
 from tdastore.attribution.results import stream_top_k
+from tdastore.methods import get_method
+from tdastore.precond.projected.spectral import SpectralOperator
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.writer import finalize_store, plan_shards, prepare_store, write_shard
 
