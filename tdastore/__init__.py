@@ -16,15 +16,8 @@ Python API (notebooks):
 from tdastore.attribution import Attributor
 from tdastore.config import Config, load_config
 from tdastore.store.gradient_store import GradientStore, open_store
+from tdastore.training import train
 from tdastore.version import __version__
-
-
-def train(config: Config, progress: bool = True):
-    """Train the final model of `config` and save it to config.train.output_dir."""
-    from tdastore.tasks import make_task
-    from tdastore.training import train_final_model
-
-    return train_final_model(config, make_task(config.task, config.model), progress=progress)
 
 
 def build(

@@ -80,12 +80,11 @@ def run_quickstart(
     address: str | None = None,
     progress: bool = True,
 ) -> dict:
-    import tdastore
     from tdastore.distributed.build import build_store
     from tdastore.distributed.ray_session import ray_session
     from tdastore.evaluate.run import evaluate
     from tdastore.groundtruth.pool import run_groundtruth
-    from tdastore.training import WEIGHTS_FILE
+    from tdastore.training import WEIGHTS_FILE, train
 
     out = Path(output)
     summaries = {}
@@ -98,7 +97,7 @@ def run_quickstart(
             save_config(config, root / "config.yaml")
             print(f"\n== {name}: final model, gradient store, gold standard, evaluation ==")
             if not (Path(config.train.output_dir) / WEIGHTS_FILE).is_file():
-                tdastore.train(config, progress=progress)
+                train(config, progress=progress)
             store = build_store(config, root / "store", progress=progress)
             gt_root = run_groundtruth(config, progress=progress)
             results = evaluate(store, gt_root, out=root / "evaluation", progress=progress)

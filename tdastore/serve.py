@@ -35,13 +35,14 @@ class QueryReplica:
     raw test inputs (feature rows, or texts for text stores)."""
 
     def __init__(self, store_path: str, kind: str | None, overrides: dict | None):
-        import tdastore
+        from tdastore.attribution import Attributor
+        from tdastore.store.gradient_store import open_store
 
-        self.store = tdastore.open_store(store_path)
+        self.store = open_store(store_path)
         self.kind, self.overrides = kind, overrides or {}
         projected = {**self.overrides.get("attribution", {}), "path": "projected"}
         self.overrides = {**self.overrides, "attribution": projected}
-        self.base = tdastore.Attributor(self.store, "grad_dot", self.overrides)  # task and model, loaded once
+        self.base = Attributor(self.store, "grad_dot", self.overrides)  # task and model, loaded once
         self.attributors: dict = {}
 
     def describe(self) -> dict:

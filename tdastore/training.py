@@ -17,6 +17,13 @@ from tdastore.tasks.base import Task, model_fingerprint
 WEIGHTS_FILE = "model.safetensors"
 
 
+def train(config: Config, progress: bool = True) -> nn.Module:
+    """Train the final model of `config` (its task made from the config) and save it to train.output_dir."""
+    from tdastore.tasks import make_task
+
+    return train_final_model(config, make_task(config.task, config.model), progress=progress)
+
+
 def train_final_model(config: Config, task: Task, progress: bool = True) -> nn.Module:
     """SGD over seeded shuffles; returns the trained model and writes it to train.output_dir."""
     if task.pretrained:

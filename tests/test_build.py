@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import small_config
+from helpers import check_store_matches, flatten
 from test_factored import reference_rows
 
 import tdastore
@@ -33,7 +34,7 @@ def direct_rows(config, split="train"):
         rows = reference_rows(model, fn, data.inputs, data.targets, fac)[0]
     else:
         rows = make_projector(config.projection, pe.shapes).project(grads)
-    return rows.numpy(), losses.numpy(), pe.flatten(grads).norm(dim=1).numpy(), data
+    return rows.numpy(), losses.numpy(), flatten(pe, grads).norm(dim=1).numpy(), data
 
 
 def tree_digest(root: Path) -> str:
@@ -137,7 +138,7 @@ def test_store_with_other_model_or_projection_is_refused_and_intact(ray_cluster,
         build_store(trained_config, root, split="test", progress=False)
     assert tree_digest(root) == before
     with pytest.raises(StoreError, match="model"):
-        tdastore.open_store(root).check_matches({"model": {"fingerprint": "0000"}})
+        check_store_matches(tdastore.open_store(root), {"model": {"fingerprint": "0000"}})
 
 
 def test_directories_that_are_not_stores(tmp_path, trained_config):

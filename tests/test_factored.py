@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import flatten
 from torch import nn
 
 from tdastore.config import ModelConfig, ProjectionConfig, TaskConfig
@@ -65,7 +66,7 @@ def test_factored_inner_products_are_unbiased():
     x, y = torch.randn(2, 60), torch.randn(2, 80)
     loss_fn = lambda out, t: (out - t).pow(2).sum(1)  # noqa: E731
     pe = PerExampleGradients(model, loss_fn)
-    full = pe.flatten(pe(x, y)[0])
+    full = flatten(pe, pe(x, y)[0])
     exact = float(full[0] @ full[1])
     estimates = []
     for seed in range(200):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import flatten
 from torch import nn
 from torch.nn import functional as F
 
@@ -29,7 +30,7 @@ def test_mlp_matches_loop(dataset):
     data = task.examples("train").slice(0, 40)
     pe = PerExampleGradients(model, task.per_example_loss)
     grads, losses = pe(data.inputs, data.targets)
-    fast = pe.flatten(grads)
+    fast = flatten(pe, grads)
     slow = loop_gradients(model, task.per_example_loss, data.inputs, data.targets, pe.names)
     assert fast.shape == (40, pe.numel) == slow.shape
     assert (fast - slow).abs().max() <= 1e-5 * max(1.0, slow.abs().max())
@@ -57,7 +58,7 @@ def test_cnn_matches_loop():
     inputs, targets = torch.randn(12, 1, 8, 8), torch.randint(0, 10, (12,))
     loss_fn = lambda out, y: F.cross_entropy(out, y, reduction="none")  # noqa: E731
     pe = PerExampleGradients(model, loss_fn)
-    fast = pe.flatten(pe(inputs, targets)[0])
+    fast = flatten(pe, pe(inputs, targets)[0])
     slow = loop_gradients(model, loss_fn, inputs, targets, pe.names)
     assert (fast - slow).abs().max() <= 1e-5 * max(1.0, slow.abs().max())
 
@@ -70,7 +71,7 @@ def test_parameter_selection_by_pattern():
     data = task.examples("train").slice(0, 10)
     pe = PerExampleGradients(model, task.per_example_loss, ["4.*", "0.weight"])
     assert pe.names == ["0.weight", "4.weight", "4.bias"] and pe.numel == 16 * 10 + 16 + 1
-    fast = pe.flatten(pe(data.inputs, data.targets)[0])
+    fast = flatten(pe, pe(data.inputs, data.targets)[0])
     slow = loop_gradients(model, task.per_example_loss, data.inputs, data.targets, pe.names)
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
     with pytest.raises(GradientError, match="match no parameter"):
@@ -84,7 +85,7 @@ def test_test_function_gradient():
     data = task.examples("test").slice(0, 5)
     output_fn = lambda out, y: out.squeeze(-1)  # noqa: E731
     pe = PerExampleGradients(model, output_fn, ["2.bias"])
-    torch.testing.assert_close(pe.flatten(pe(data.inputs, data.targets)[0]), torch.ones(5, 1))
+    torch.testing.assert_close(flatten(pe, pe(data.inputs, data.targets)[0]), torch.ones(5, 1))
 
 
 def test_non_finite_gradients_are_refused():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import metagrad_scores
 
 from tdastore.config import GroundTruthConfig, ModelConfig, TaskConfig
 from tdastore.groundtruth.engine import ReplicaTrainer
@@ -114,7 +115,7 @@ def test_checkpointing_agrees_and_bounds_memory():
 def test_scores_are_minus_the_gradient_averaged_over_seeds():
     meta = setup("sgd")
     expected = -(meta.gradients(0) + meta.gradients(1)) / 2
-    torch.testing.assert_close(meta.scores([0, 1]), expected)
+    torch.testing.assert_close(metagrad_scores(meta, [0, 1]), expected)
 
 
 def setup_parts():

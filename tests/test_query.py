@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import small_config
+from helpers import projection_matrix
 from test_exact_methods import rel_err
 
 import tdastore
@@ -32,7 +33,7 @@ def built(ray_cluster, tmp_path_factory):
     # independent test side: a per-example autograd loop, projected with the explicit matrices
     params = dict(model.named_parameters())
     proj = make_projector(config.projection, {n: tuple(p.shape) for n, p in params.items()})
-    matrix = torch.cat([proj.matrix(n) for n in params]).double().numpy()  # [p, k]
+    matrix = torch.cat([projection_matrix(proj, n) for n in params]).double().numpy()  # [p, k]
     rows = []
     for i in range(len(test)):
         loss = task.test_function(model(test.inputs[i : i + 1]), test.targets[i : i + 1]).sum()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tdastore.attribution import Attributor
 from tdastore.cli.flags import config_overrides
 from tdastore.config import Config, load_config
 from tdastore.errors import ConfigError
+from tdastore.store.gradient_store import open_store
 
 QUERY_SECTIONS = ["attribution", "index"]
 
@@ -46,9 +48,8 @@ def store_argument(args: argparse.Namespace, value: str | None, flag: str = "STO
 def cmd_train(args: argparse.Namespace) -> None:
     import time
 
-    import tdastore
     from tdastore.tasks import make_task
-    from tdastore.training import WEIGHTS_FILE, evaluate_loss
+    from tdastore.training import WEIGHTS_FILE, evaluate_loss, train
 
     config = run_config(args)
     weights = Path(config.train.output_dir) / WEIGHTS_FILE
@@ -56,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"weights exist at {weights}: nothing to train (--skip-if-trained)")
         return
     began = time.perf_counter()
-    model = tdastore.train(config, progress=not args.quiet)
+    model = train(config, progress=not args.quiet)
     task = make_task(config.task, config.model)
     print(
         f"trained {task.name} ({task.kind}) in {time.perf_counter() - began:.1f} s: "
@@ -66,27 +67,25 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    import tdastore
+    from tdastore.distributed.build import build_store
 
     config = run_config(args)
     output = args.output or config.store.path
     if output is None:
         raise ConfigError("say where the store goes: --output STORE, or store.path in the config")
-    store = tdastore.build(config, output, split=args.split, progress=not args.quiet)
+    store = build_store(config, output, split=args.split, progress=not args.quiet)
     print(store.summary())
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    import tdastore
 
-    print(tdastore.open_store(args.store, allow_incomplete=True).summary())
+    print(open_store(args.store, allow_incomplete=True).summary())
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    import tdastore
     from tdastore.methods import get_method
 
-    store = tdastore.open_store(store_argument(args, args.store))
+    store = open_store(store_argument(args, args.store))
     overrides = query_overrides(args)
     if overrides.get("attribution", {}).get("path") == "exact":
         raise ConfigError("indexes hold projected-space rows: drop --path exact")
@@ -97,7 +96,7 @@ def cmd_index(args: argparse.Namespace) -> None:
         if args.method is None and get_method(name).projected is None:
             print(f"{name}: no projected path, nothing to index")
             continue
-        attributor = tdastore.Attributor(store, name, overrides, kind=kind, progress=not args.quiet)
+        attributor = Attributor(store, name, overrides, kind=kind, progress=not args.quiet)
         handle = attributor.index
         print(
             f"index {handle.directory} ({len(handle.shards)} shard(s), {store.n_rows:,} rows, "
@@ -106,9 +105,8 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> None:
-    import tdastore
 
-    store = tdastore.open_store(store_argument(args, args.store))
+    store = open_store(store_argument(args, args.store))
     q = load_config(args.config).query if args.config is not None else None
     method = args.method or (q.method if q else "grad_dot")
     inputs = args.inputs if args.inputs is not None else (q.inputs if q else None)
@@ -118,7 +116,7 @@ def cmd_query(args: argparse.Namespace) -> None:
     out = args.out or (q.out if q else None)
     if inputs is None and split is None:
         raise ConfigError("say what to attribute: --inputs FILE (.csv/.parquet) or --split test")
-    attributor = tdastore.Attributor(store, method, query_overrides(args), kind=kind, progress=not args.quiet)
+    attributor = Attributor(store, method, query_overrides(args), kind=kind, progress=not args.quiet)
     answer = attributor.bottom_k if args.bottom else attributor.top_k
     table = answer(inputs, top_k, split=split, out=out, scores_out=args.scores_out)
     meta = {k.decode().split(".", 1)[1]: v.decode() for k, v in (table.schema.metadata or {}).items()}
@@ -155,11 +153,10 @@ def cmd_metagrad(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    import tdastore
     from tdastore.evaluate.run import evaluate
 
     config = load_config(args.config) if args.config is not None else None
-    store = tdastore.open_store(store_argument(args, args.store, "--store"))
+    store = open_store(store_argument(args, args.store, "--store"))
     ground_truth = args.ground_truth or (config.groundtruth.output if config else None)
     if ground_truth is None:
         raise ConfigError("say which ground truth: --ground-truth GT, or --config with groundtruth.output")

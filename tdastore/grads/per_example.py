@@ -51,10 +51,6 @@ class PerExampleGradients:
         grads, losses = self._batched(self.params, inputs, targets)
         return grads, losses.detach()
 
-    def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """{name: [B, *shape]} -> [B, p] in the order of `names`."""
-        return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in self.names], dim=1)
-
     def spec(self) -> dict:
         return {"params": {n: list(s) for n, s in self.shapes.items()}, "numel": self.numel}
 

@@ -106,11 +106,6 @@ class _BlockProjector(Projector):
     def _apply(self, out: torch.Tensor, rows: torch.Tensor, block: tuple[torch.Tensor, ...]) -> None:
         raise NotImplementedError
 
-    def matrix(self, name: str) -> torch.Tensor:
-        """The full [p_name, k] matrix of one parameter (for tests and small models only)."""
-        eye = torch.eye(self.numel[name])  # [p_name, p_name]
-        return self.project({n: (eye if n == name else torch.zeros(eye.shape[0], self.numel[n])) for n in self.names})
-
 
 class DenseProjector(_BlockProjector):
     """Gaussian N(0, 1/k) or Rademacher +-1/sqrt(k) entries: E <Pu, Pv> = <u, v>."""

@@ -179,10 +179,6 @@ class MetaGradient:
         """d g(z_t, theta_{T_e}) / d w_i for every evaluation point e, test point t, scored row i: [E, T, R]."""
         return self._forward(seed) if self.choose_mode(mode) == "forward" else self._reverse(seed)
 
-    def scores(self, seeds: Sequence[int], mode: str = "auto") -> torch.Tensor:
-        """Leave-one-out estimates a_i ~ -dg/dw_i, averaged over seeds: [E, T, R]."""
-        return -torch.stack([self.gradients(s, mode) for s in seeds]).mean(0)
-
     def _hvp(self, theta, batch, vectors: torch.Tensor) -> torch.Tensor:
         """The batch loss's Hessian times each row of `vectors` (forward-over-reverse): [V, p] -> [V, p]."""
         batch_gradient = lambda th: self._batch_gradient(th, batch)  # noqa: E731

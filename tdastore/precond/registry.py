@@ -8,7 +8,8 @@ AttributionConfig, the cache key of a fitted operator) and implements its path's
                 factors); applied as transform (K^1/2, for FAISS) and solve (K)
     exact       apply(scorer, vectors [m, p]) -> K vectors [m, p], on the model in full parameter space
 
-Adding a method is one class (if its operator is new) and one row.
+Adding a method is one class (if its operator is new) and one row. The built-in classes register when
+tdastore.precond is imported (its __init__ imports their modules).
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ def register(cls: type[Operator]) -> type[Operator]:
 
 
 def operator_class(path: str, name: str) -> type[Operator]:
-    _load_builtin_operators()
     if (path, name) not in _REGISTRY:
         known = sorted(n for p, n in _REGISTRY if p == path)
         raise ConfigError(f"no {path} operator '{name}': registered ones are {known}")
@@ -78,12 +78,4 @@ def operator_class(path: str, name: str) -> type[Operator]:
 
 
 def registered(path: str) -> list[str]:
-    _load_builtin_operators()
     return sorted(n for p, n in _REGISTRY if p == path)
-
-
-def _load_builtin_operators() -> None:
-    """Importing the operator modules registers their classes."""
-    import tdastore.precond.exact.operators  # noqa: F401
-    import tdastore.precond.projected.kronecker  # noqa: F401
-    import tdastore.precond.projected.operators  # noqa: F401

@@ -18,7 +18,6 @@ from tdastore.store.manifest import (
     GRADS_DIR,
     MANIFEST_FILE,
     META_FILE,
-    identity_mismatches,
     read_manifest,
     write_json_atomic,
 )
@@ -97,12 +96,6 @@ class GradientStore:
                 if index + 1 < len(starts):
                     pending = pool.submit(read, starts[index + 1])
                 yield start, block
-
-    def check_matches(self, identity: dict) -> None:
-        """Raise if the model, task, gradients or projection asked for differ from the store's."""
-        problems = identity_mismatches(self.manifest, {**self.manifest, **identity})
-        if problems:
-            raise StoreError(f"store '{self.root}' does not match:\n  - " + "\n  - ".join(problems))
 
     def register(self, section: str, key: str, entry: dict) -> None:
         """Name a derived artefact (preconditioner, index) in the manifest, atomically."""

@@ -84,9 +84,6 @@ class RemotePath:
     def touch(self) -> None:
         self.write_bytes(b"")
 
-    def unlink(self) -> None:
-        self.fs.rm(self.path)
-
 
 StorePath = Path | RemotePath
 
