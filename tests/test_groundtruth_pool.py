@@ -1,9 +1,11 @@
 """The ground-truth job: store layout, resume after a killed worker, and bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from conftest import small_config
 
@@ -123,3 +125,47 @@ def test_evaluate_refuses_another_models_ground_truth(ray_cluster, tmp_path, tra
         evaluate(store, tmp_path / "other_store", methods=["grad_dot"], progress=False)
     with pytest.raises(StoreError, match="is a ground-truth store, not a gradient store"):
         tdastore.open_store(root)
+
+
+def test_a_unit_refuses_other_weights_than_the_jobs(trained):
+    from tdastore.groundtruth.pool import check_fingerprint
+    from tdastore.tasks.base import model_fingerprint
+
+    task = TabularTask(trained.task, trained.model)
+    model = load_model(trained, task)
+    job = {"model": {"fingerprint": model_fingerprint(model)}}
+    check_fingerprint(model, job, Path("gt"))
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # another model of the same shape
+    with pytest.raises(StoreError, match="weights changed since job 'gt' began"):
+        check_fingerprint(model, job, Path("gt"))
+
+
+def test_a_creation_stopped_before_its_manifest_is_redone(tmp_path):
+    from tdastore.store.job_store import CREATING, create_or_reopen
+
+    root = tmp_path / "job"
+
+    def create():
+        (root / "data").write_text("x")
+        return {"kind": "demo", "identity": 1}
+
+    def stopped():
+        (root / "half").write_text("written before the driver was killed")
+        raise KeyboardInterrupt
+
+    args = (
+        lambda r: json.loads((r / "manifest.json").read_text()),
+        lambda m: [],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        create_or_reopen(root, *args, stopped, refused=str, not_ours="not ours")
+    assert (root / CREATING).exists() and not (root / "manifest.json").exists()
+    manifest = create_or_reopen(root, *args, create, refused=str, not_ours="not ours")
+    assert manifest["identity"] == 1 and not (root / "half").exists() and not (root / CREATING).exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "file").write_text("someone else's")
+    with pytest.raises(StoreError, match="not ours"):
+        create_or_reopen(foreign, *args, create, refused=str, not_ours="not ours")
+    assert (foreign / "file").read_text() == "someone else's"

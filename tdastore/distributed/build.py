@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections import deque
 from pathlib import Path
-
-import ray
-from ray.exceptions import RayActorError, RayTaskError
-from tqdm import tqdm
 
 from tdastore.config import Config, config_to_dict
 from tdastore.distributed.gradient_worker import GradientWorker
+from tdastore.distributed.pool import run_pool
 from tdastore.distributed.ray_session import ray_session
-from tdastore.errors import StoreError, TdaStoreError
+from tdastore.errors import StoreError
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.location import store_path
@@ -75,7 +71,7 @@ def build_store(
     manifest = prepare_store(root, identity, n_rows, identity["projection"]["out_dim"], config.store.dtype, extra)
     shards = plan_shards(n_rows, config.store.shard_rows)
     done = done_shards(root)
-    pending = deque(s for s in shards if s.index not in done)
+    pending = [s for s in shards if s.index not in done]
     began = time.perf_counter()
     reports: list[dict] = []
     n_workers = min(workers or config.build.workers, len(pending)) if pending else 0
@@ -112,55 +108,22 @@ def build_store(
 def _run_pool(
     config, root, split, model_fp, pending, n_workers, progress, fault, initial_rows, total_rows, manifest
 ) -> list[dict]:
-    """Keep `n_workers` actors busy with one shard each; a dead worker is replaced and its shard retried."""
+    """One GradientWorker actor per worker, one shard at a time (tdastore/distributed/pool.py)."""
     threads = max(1, int(config.build.cpus_per_worker))
     config_dict = config_to_dict(config)
-
-    actors = []
-
-    def new_worker():
-        actors.append(
-            GradientWorker.options(num_cpus=config.build.cpus_per_worker, max_restarts=0).remote(
-                config_dict, str(root), split, model_fp, threads, fault
-            )
-        )
-        return actors[-1]
-
-    attempts: dict[int, int] = {}
-    in_flight: dict = {}  # object ref -> (actor, shard)
-    reports = []
-    bar = tqdm(total=total_rows, initial=initial_rows, desc=f"build {split}", unit="ex", disable=not progress)
-    idle = [new_worker() for _ in range(n_workers)]
-    try:
-        while pending or in_flight:
-            while idle and pending:
-                actor, shard = idle.pop(), pending.popleft()
-                in_flight[actor.run.remote(shard)] = (actor, shard)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            actor, shard = in_flight.pop(ready[0])
-            try:
-                report = ray.get(ready[0])
-            except RayActorError as err:
-                attempts[shard.index] = attempts.get(shard.index, 0) + 1
-                if attempts[shard.index] > config.build.max_retries:
-                    raise StoreError(
-                        f"shard {shard.index} failed {attempts[shard.index]} time(s) because its worker died ({err}); "
-                        "done shards are kept: rerun the same command to resume"
-                    ) from err
-                pending.appendleft(shard)
-                idle.append(new_worker())
-                continue
-            except RayTaskError as err:
-                cause = getattr(err, "cause", None)
-                if isinstance(cause, TdaStoreError):
-                    raise cause from None
-                raise
-            reports.append(report)
-            idle.append(actor)
-            bar.update(report["rows"])
-            update_shard_table(root, manifest)
-    finally:
-        bar.close()
-        for actor in actors:  # also stops shards still in flight after an error
-            ray.kill(actor)
-    return reports
+    return run_pool(
+        pending,
+        lambda: GradientWorker.options(num_cpus=config.build.cpus_per_worker, max_restarts=0).remote(
+            config_dict, str(root), split, model_fp, threads, fault
+        ),
+        workers=n_workers,
+        max_retries=config.build.max_retries,
+        describe=lambda shard: f"shard {shard.index}",
+        desc=f"build {split}",
+        total=total_rows,
+        initial=initial_rows,
+        size=lambda shard: shard.rows,
+        on_result=lambda shard, report: update_shard_table(root, manifest),
+        progress=progress,
+        unit_name="ex",
+    )

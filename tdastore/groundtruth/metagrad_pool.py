@@ -1,4 +1,4 @@
-"""The metagradient job: units of (seed block x test block) as Ray tasks, written beside the ground truth.
+"""The metagradient job: units of (seed block x test block) on Ray actors, written beside the ground truth.
 
 GT/metagrad-<coupling>/
   manifest.json   the ground truth it differentiates (fingerprints), coupling, mode, rows, seeds, units, status
@@ -21,10 +21,12 @@ import torch
 import zarr
 
 from tdastore.config import Config, config_to_dict, load_config
+from tdastore.distributed.pool import run_pool
 from tdastore.distributed.ray_session import ray_session
 from tdastore.errors import StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
-from tdastore.groundtruth.pool import done_units, drive_units, read_groundtruth_manifest, read_job_manifest
+from tdastore.groundtruth.pool import check_fingerprint, done_units, read_groundtruth_manifest
+from tdastore.store.job_store import create_or_reopen, differing_keys, mark_done, read_job_manifest
 from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
 from tdastore.tasks import make_task
 from tdastore.training import load_model
@@ -75,33 +77,35 @@ def prepare_metagrad(config: Config, groundtruth: str | Path) -> tuple[Path, dic
         "metagrad": config_to_dict(config)["metagrad"] | {"workers": None},
     }
     root = metagrad_root(groundtruth, coupling)
-    if (root / "manifest.json").exists():
-        manifest = read_metagrad_manifest(root)
-        different = [k for k in identity if manifest.get(k) != identity[k]]
-        if different:
-            raise StoreError(
-                f"metagradient store '{root}' holds another job (differs in {different}) and was left "
-                f"unchanged: delete it to recompute with these settings"
-            )
-        return root, manifest, gt_config
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "units").mkdir(exist_ok=True)
-    zarr.create_array(
-        store=str(root / "scores.zarr"),
-        shape=(n_eval, n_test, len(rows), len(seeds)),
-        chunks=(n_eval, min(mg.test_block or n_test, n_test), len(rows), min(mg.seed_block, len(seeds))),
-        dtype="float32",
-        fill_value=np.nan,
-        overwrite=True,
+
+    def create() -> dict:
+        (root / "units").mkdir(exist_ok=True)
+        zarr.create_array(
+            store=str(root / "scores.zarr"),
+            shape=(n_eval, n_test, len(rows), len(seeds)),
+            chunks=(n_eval, min(mg.test_block or n_test, n_test), len(rows), min(mg.seed_block, len(seeds))),
+            dtype="float32",
+            fill_value=np.nan,
+        )
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "status": "running",
+            **identity,
+            "tdastore_version": __version__,
+            "units": [u.name for u in _plan(len(seeds), n_test, mg.seed_block, mg.test_block)],
+        }
+
+    manifest = create_or_reopen(
+        root,
+        read_metagrad_manifest,
+        lambda manifest: differing_keys(manifest, identity),
+        create,
+        refused=lambda keys: (
+            f"metagradient store '{root}' holds another job (differs in {keys}) and was left "
+            "unchanged: delete it to recompute with these settings"
+        ),
+        not_ours=f"'{root}' exists, is not empty and is not a metagradient store: move it away to recompute",
     )
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "status": "running",
-        **identity,
-        "tdastore_version": __version__,
-        "units": [u.name for u in _plan(len(seeds), n_test, mg.seed_block, mg.test_block)],
-    }
-    write_json_atomic(root / "manifest.json", manifest)
     return root, manifest, gt_config
 
 
@@ -109,12 +113,12 @@ def read_metagrad_manifest(root: Path) -> dict:
     return read_job_manifest(root, METAGRAD_KIND, "metagradient", "tdastore metagrad")
 
 
-def run_metagrad_unit(config: Config, gt_config: Config, root: Path, unit: MetagradUnit, manifest: dict) -> float:
+def run_metagrad_unit(
+    config: Config, gt_config: Config, model, task, root: Path, unit: MetagradUnit, manifest: dict
+) -> float:
     """Differentiate one unit's seeds for one block of test points and write its chunk of scores.zarr."""
     began = time.perf_counter()
     mg = config.metagrad
-    task = make_task(gt_config.task, gt_config.model)
-    model = load_model(gt_config, task)
     n_test = len(manifest["test_rows"])
     block = mg.test_block or n_test
     test_lo, seed_lo = unit.test_block * block, unit.seed_block * mg.seed_block
@@ -136,17 +140,26 @@ def run_metagrad_unit(config: Config, gt_config: Config, root: Path, unit: Metag
         raise StoreError(f"metagradients are not finite in unit {unit.name}: lower groundtruth.lr")
     out = zarr.open_array(str(root / "scores.zarr"), mode="r+")
     out[:, test_lo : test_lo + len(test), :, seed_lo : seed_lo + len(seeds)] = scores
-    write_json_atomic(
-        root / "units" / f"{unit.name}.done",
-        {"unit": unit.name, "seconds": time.perf_counter() - began, "mode": meta.choose_mode(mg.mode)},
-    )
+    payload = {"unit": unit.name, "seconds": time.perf_counter() - began, "mode": meta.choose_mode(mg.mode)}
+    mark_done(root / "units", unit.name, payload)
     return time.perf_counter() - began
 
 
 @ray.remote
-def _metagrad_task(config_dict: dict, gt_config_dict: dict, root: str, unit: MetagradUnit, manifest: dict) -> float:
-    torch.set_num_threads(1)
-    return run_metagrad_unit(load_config(config_dict), load_config(gt_config_dict), Path(root), unit, manifest)
+class MetagradWorker:
+    """A Ray actor holding the ground truth's task and final model (fingerprint checked); runs units."""
+
+    def __init__(self, config_dict: dict, gt_config_dict: dict, root: str, manifest: dict):
+        torch.set_num_threads(1)
+        self.config, self.gt_config = load_config(config_dict), load_config(gt_config_dict)
+        self.root, self.manifest = Path(root), manifest
+        self.task = make_task(self.gt_config.task, self.gt_config.model)
+        self.model = load_model(self.gt_config, self.task)
+        check_fingerprint(self.model, manifest, self.root)
+
+    def run(self, unit: MetagradUnit) -> float:
+        args = (self.config, self.gt_config, self.model, self.task, self.root, unit, self.manifest)
+        return run_metagrad_unit(*args)
 
 
 def run_metagrad(
@@ -164,15 +177,17 @@ def run_metagrad(
     pending = [u for u in units if u.name not in done_units(root)]
     if pending:
         with ray_session(address or config.build.address, num_cpus=max(2, config.metagrad.workers)):
-            remote = _metagrad_task.options(num_cpus=1, max_retries=config.build.max_retries)
-            args = (config_to_dict(config), config_to_dict(gt_config), str(root))
-            drive_units(
-                lambda unit: remote.remote(*args, unit, manifest),
+            args = (config_to_dict(config), config_to_dict(gt_config), str(root), manifest)
+            run_pool(
                 pending,
-                len(units),
-                config.metagrad.workers,
-                "metagrad",
-                progress,
+                lambda: MetagradWorker.options(num_cpus=1, max_restarts=0).remote(*args),
+                workers=config.metagrad.workers,
+                max_retries=config.build.max_retries,
+                describe=lambda unit: f"metagrad unit {unit.name}",
+                desc="metagrad",
+                total=len(units),
+                initial=len(units) - len(pending),
+                progress=progress,
             )
     if done_units(root) >= {u.name for u in units}:
         manifest = read_metagrad_manifest(root)

@@ -1,4 +1,4 @@
-"""The ground-truth job: units of (seed block x left-out block) as Ray tasks, written to a resumable store.
+"""The ground-truth job: units of (seed block x left-out block) on Ray actors, written to a resumable store.
 
 GT/
   manifest.json   task and model fingerprints, resolved config, left-out rows, test rows, seeds, schedule,
@@ -12,11 +12,9 @@ is marked done only after its chunks are written. Rerunning skips done units.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +22,13 @@ import numpy as np
 import ray
 import torch
 import zarr
-from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
-from tqdm import tqdm
 
 from tdastore.config import Config, config_to_dict, load_config
+from tdastore.distributed.pool import run_pool
 from tdastore.distributed.ray_session import ray_session
-from tdastore.errors import ConfigError, StoreError, TdaStoreError
+from tdastore.errors import ConfigError, StoreError
 from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
+from tdastore.store.job_store import create_or_reopen, differing_keys, done_markers, mark_done, read_job_manifest
 from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
 from tdastore.tasks import make_task
 from tdastore.tasks.base import model_fingerprint
@@ -105,45 +103,44 @@ def prepare_groundtruth(config: Config) -> tuple[Path, dict]:
             "steps": schedule.eval_steps,
         },
     }
-    if (root / "manifest.json").exists():
-        manifest = read_groundtruth_manifest(root)
-        different = [k for k in identity if manifest.get(k) != identity[k]]
-        if different:
-            raise StoreError(
-                f"ground-truth store '{root}' holds another job (differs in {different}) and was left "
-                "unchanged: choose a new groundtruth.output"
-            )
-        return root, manifest
-    if root.exists() and any(root.iterdir()):
-        raise StoreError(
-            f"'{root}' exists, is not empty and is not a ground-truth store: choose a new groundtruth.output"
+
+    def create() -> dict:
+        (root / "units").mkdir()
+        evals, seeds = len(schedule.eval_steps), gt.seeds
+        zarr.create_array(
+            store=str(root / "loo.zarr"),
+            shape=(evals, n_test, len(left), seeds),
+            chunks=(evals, n_test, min(gt.left_out_block, len(left)), min(gt.seed_block, seeds)),
+            dtype="float32",
+            fill_value=np.nan,
         )
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "units").mkdir()
-    evals, seeds = len(schedule.eval_steps), gt.seeds
-    zarr.create_array(
-        store=str(root / "loo.zarr"),
-        shape=(evals, n_test, len(left), seeds),
-        chunks=(evals, n_test, min(gt.left_out_block, len(left)), min(gt.seed_block, seeds)),
-        dtype="float32",
-        fill_value=np.nan,
+        zarr.create_array(
+            store=str(root / "full.zarr"),
+            shape=(evals, n_test, seeds),
+            chunks=(evals, n_test, min(gt.seed_block, seeds)),
+            dtype="float32",
+            fill_value=np.nan,
+        )
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "status": "running",
+            **identity,
+            "config": config_to_dict(config),
+            "tdastore_version": __version__,
+            "units": [u.name for u in plan_units(seeds, len(left), gt.seed_block, gt.left_out_block)],
+        }
+
+    manifest = create_or_reopen(
+        root,
+        read_groundtruth_manifest,
+        lambda manifest: differing_keys(manifest, identity),
+        create,
+        refused=lambda keys: (
+            f"ground-truth store '{root}' holds another job (differs in {keys}) and was left "
+            "unchanged: choose a new groundtruth.output"
+        ),
+        not_ours=f"'{root}' exists, is not empty and is not a ground-truth store: choose a new groundtruth.output",
     )
-    zarr.create_array(
-        store=str(root / "full.zarr"),
-        shape=(evals, n_test, seeds),
-        chunks=(evals, n_test, min(gt.seed_block, seeds)),
-        dtype="float32",
-        fill_value=np.nan,
-    )
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "status": "running",
-        **identity,
-        "config": config_to_dict(config),
-        "tdastore_version": __version__,
-        "units": [u.name for u in plan_units(seeds, len(left), gt.seed_block, gt.left_out_block)],
-    }
-    write_json_atomic(root / "manifest.json", manifest)
     return root, manifest
 
 
@@ -151,25 +148,10 @@ def read_groundtruth_manifest(root: Path) -> dict:
     return read_job_manifest(root, GT_KIND, "ground-truth", "tdastore ground-truth")
 
 
-def read_job_manifest(root: Path, kind: str, what: str, command: str) -> dict:
-    """The manifest of a job store of `kind`, or an error naming what the directory is and what makes one."""
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise StoreError(f"'{root}' is not a {what} store (no manifest.json): run `{command}` first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("kind") != kind:
-        raise StoreError(f"'{root}' is not a {what} store (it is a {manifest.get('kind', 'gradient')} store)")
-    return manifest
-
-
-def run_unit(config: Config, root: Path, unit: Unit, manifest: dict) -> float:
+def run_unit(config: Config, trainer: ReplicaTrainer, root: Path, unit: Unit, manifest: dict) -> float:
     """Train one unit's replicas and write its chunk of loo.zarr (and of full.zarr for left block 0)."""
     began = time.perf_counter()
     gt = config.groundtruth
-    task = make_task(config.task, config.model)
-    model = load_model(config, task)
-    test = task.examples("test").slice(0, len(manifest["test_rows"]))
-    trainer = ReplicaTrainer(model, task, gt, task.examples("train"), test)
     seed_lo, left_lo = unit.seed_block * gt.seed_block, unit.left_block * gt.left_out_block
     seeds = manifest["seeds"][seed_lo : seed_lo + gt.seed_block]
     left = manifest["left_out"][left_lo : left_lo + gt.left_out_block]
@@ -180,21 +162,43 @@ def run_unit(config: Config, root: Path, unit: Unit, manifest: dict) -> float:
     loo[:, :, left_lo : left_lo + len(left), seed_lo : seed_lo + len(seeds)] = values[:, :, :, 1:].transpose(0, 1, 3, 2)
     if unit.left_block == 0:
         zarr.open_array(str(root / "full.zarr"), mode="r+")[:, :, seed_lo : seed_lo + len(seeds)] = values[:, :, :, 0]
-    write_json_atomic(root / "units" / f"{unit.name}.done", {"unit": unit.name, "seconds": time.perf_counter() - began})
+    mark_done(root / "units", unit.name, {"unit": unit.name, "seconds": time.perf_counter() - began})
     return time.perf_counter() - began
 
 
 @ray.remote
-def _run_unit_task(config_dict: dict, root: str, unit: Unit, manifest: dict, threads: int, fault: dict | None) -> float:
-    torch.set_num_threads(threads)
-    if fault and fault.get("unit") == unit.name and not (Path(root) / ".fault-fired").exists():
-        (Path(root) / ".fault-fired").touch()
-        os.kill(os.getpid(), signal.SIGKILL)  # testing hook: this worker dies part way through the job
-    return run_unit(load_config(config_dict), Path(root), unit, manifest)
+class UnitWorker:
+    """A Ray actor holding the task, the final model (checked against the job's fingerprint) and a replica
+    trainer; runs ground-truth units one at a time."""
+
+    def __init__(self, config_dict: dict, root: str, manifest: dict, threads: int, fault: dict | None):
+        torch.set_num_threads(threads)
+        self.config, self.root, self.manifest, self.fault = load_config(config_dict), Path(root), manifest, fault
+        task = make_task(self.config.task, self.config.model)
+        model = load_model(self.config, task)
+        check_fingerprint(model, manifest, self.root)
+        test = task.examples("test").slice(0, len(manifest["test_rows"]))
+        self.trainer = ReplicaTrainer(model, task, self.config.groundtruth, task.examples("train"), test)
+
+    def run(self, unit: Unit) -> float:
+        if self.fault and self.fault.get("unit") == unit.name and not (self.root / ".fault-fired").exists():
+            (self.root / ".fault-fired").touch()
+            os.kill(os.getpid(), signal.SIGKILL)  # testing hook: this worker dies part way through the job
+        return run_unit(self.config, self.trainer, self.root, unit, self.manifest)
+
+
+def check_fingerprint(model, manifest: dict, root: Path) -> None:
+    """Refuse to compute a unit on other weights than the job's (a replaced weights file)."""
+    if model_fingerprint(model) != manifest["model"]["fingerprint"]:
+        raise StoreError(
+            f"the final model's weights changed since job '{root}' began (fingerprint "
+            f"{model_fingerprint(model)}, the job's {manifest['model']['fingerprint']}): restore them, or run "
+            "the job into a new output"
+        )
 
 
 def done_units(root: Path) -> set[str]:
-    return {p.name[: -len(".done")] for p in (root / "units").glob("*.done")}
+    return done_markers(Path(root) / "units")
 
 
 def run_groundtruth(
@@ -212,49 +216,22 @@ def run_groundtruth(
     retries = config.build.max_retries if max_retries is None else max_retries
     if pending:
         with ray_session(address or config.build.address, num_cpus=max(2, gt.workers * gt.threads_per_worker)):
-            remote = _run_unit_task.options(num_cpus=gt.threads_per_worker, max_retries=retries)
-            config_dict = config_to_dict(config)
-            drive_units(
-                lambda unit: remote.remote(config_dict, str(root), unit, manifest, gt.threads_per_worker, fault),
+            config_dict, threads = config_to_dict(config), gt.threads_per_worker
+            run_pool(
                 pending,
-                len(units),
-                gt.workers,
-                "ground truth",
-                progress,
+                lambda: UnitWorker.options(num_cpus=threads, max_restarts=0).remote(
+                    config_dict, str(root), manifest, threads, fault
+                ),
+                workers=gt.workers,
+                max_retries=retries,
+                describe=lambda unit: f"ground truth unit {unit.name}",
+                desc="ground truth",
+                total=len(units),
+                initial=len(units) - len(pending),
+                progress=progress,
             )
     if done_units(root) >= {u.name for u in units}:
         manifest = read_groundtruth_manifest(root)
         manifest["status"] = "complete"
         write_json_atomic(root / "manifest.json", manifest)
     return root
-
-
-def drive_units(submit, pending: list, total: int, workers: int, desc: str, progress: bool) -> None:
-    """Keep `workers` unit tasks in flight until every pending unit is done; a failed unit stops the job
-    with a clear error (finished units stay done, so rerunning resumes)."""
-    pending = deque(pending)
-    bar = tqdm(total=total, initial=total - len(pending), desc=desc, unit="unit", disable=not progress)
-    in_flight: dict = {}
-    try:
-        while pending or in_flight:
-            while pending and len(in_flight) < workers:
-                unit = pending.popleft()
-                in_flight[submit(unit)] = unit
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            unit = in_flight.pop(ready[0])
-            try:
-                ray.get(ready[0])
-            except (RayActorError, WorkerCrashedError) as err:
-                raise StoreError(
-                    f"{desc} unit {unit.name} failed: its worker died ({type(err).__name__}); "
-                    "finished units are kept: rerun the same command to resume"
-                ) from err
-            except RayTaskError as err:
-                if isinstance(getattr(err, "cause", None), TdaStoreError):
-                    raise err.cause from None
-                raise
-            bar.update(1)
-    finally:
-        bar.close()
-        for ref in in_flight:
-            ray.cancel(ref)

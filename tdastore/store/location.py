@@ -84,6 +84,9 @@ class RemotePath:
     def touch(self) -> None:
         self.write_bytes(b"")
 
+    def unlink(self) -> None:
+        self.fs.rm(self.path)
+
 
 StorePath = Path | RemotePath
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import zarr
 
 from tdastore.errors import StoreError
+from tdastore.store.job_store import create_or_reopen, done_markers
 from tdastore.store.location import StorePath, is_local, read_parquet, write_parquet, zarr_store
 from tdastore.store.manifest import (
     GRADS_DIR,
@@ -53,49 +54,46 @@ def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype:
     `identity` holds IDENTITY_FIELDS. Nothing is written into a directory that is not a store, nor into
     a store whose identity differs, so an existing store is never damaged by a wrong build.
     """
-    if root.exists() and (root / MANIFEST_FILE).exists():
-        manifest = read_manifest(root)
-        problems = identity_mismatches(manifest, identity)
-        if problems:
-            raise StoreError(
-                f"store '{root}' was built with a different setup and was left unchanged:\n  - "
-                + "\n  - ".join(problems)
-                + "\nbuild into a new --output directory, or rebuild with the store's config"
-            )
-        return manifest
-    if root.exists() and any(root.iterdir()):
-        raise StoreError(f"'{root}' exists, is not empty and is not a tdastore store: choose a new --output directory")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / SHARDS_DIR).mkdir(exist_ok=True)
-    layout = identity["layout"]
-    chunk_cols = max(1, min(dim, MAX_CHUNK_BYTES // (layout["chunk_rows"] * np.dtype(dtype).itemsize)))
-    compressors = _compressors(layout["compressor"])
-    zarr.create_array(
-        store=zarr_store(root / GRADS_DIR),
-        shape=(n_rows, dim),
-        chunks=(layout["chunk_rows"], chunk_cols),
-        dtype=dtype,
-        fill_value=0,
-        compressors=compressors,
-        overwrite=False,
+
+    def create() -> dict:
+        (root / SHARDS_DIR).mkdir(exist_ok=True)
+        layout = identity["layout"]
+        chunk_cols = max(1, min(dim, MAX_CHUNK_BYTES // (layout["chunk_rows"] * np.dtype(dtype).itemsize)))
+        zarr.create_array(
+            store=zarr_store(root / GRADS_DIR),
+            shape=(n_rows, dim),
+            chunks=(layout["chunk_rows"], chunk_cols),
+            dtype=dtype,
+            fill_value=0,
+            compressors=_compressors(layout["compressor"]),
+            overwrite=False,
+        )
+        shards = plan_shards(n_rows, layout["shard_rows"])
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "status": "building",
+            "n_rows": n_rows,
+            "dim": dim,
+            "dtype": dtype,
+            **identity,
+            **extra,
+            "shards": [{"shard": s.index, "start": s.start, "stop": s.stop, "done": False} for s in shards],
+            "preconditioners": {},
+            "indexes": {},
+        }
+
+    return create_or_reopen(
+        root,
+        read_manifest,
+        lambda manifest: identity_mismatches(manifest, identity),
+        create,
+        refused=lambda problems: (
+            f"store '{root}' was built with a different setup and was left unchanged:\n  - "
+            + "\n  - ".join(problems)
+            + "\nbuild into a new --output directory, or rebuild with the store's config"
+        ),
+        not_ours=f"'{root}' exists, is not empty and is not a tdastore store: choose a new --output directory",
     )
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "status": "building",
-        "n_rows": n_rows,
-        "dim": dim,
-        "dtype": dtype,
-        **identity,
-        **extra,
-        "shards": [
-            {"shard": s.index, "start": s.start, "stop": s.stop, "done": False}
-            for s in plan_shards(n_rows, layout["shard_rows"])
-        ],
-        "preconditioners": {},
-        "indexes": {},
-    }
-    write_json_atomic(root / MANIFEST_FILE, manifest)
-    return manifest
 
 
 def _compressors(name: str):
@@ -118,10 +116,7 @@ def shard_meta_path(root: StorePath, index: int) -> StorePath:
 
 def done_shards(root: StorePath) -> set[int]:
     """Shards whose marker exists: their rows and metadata are durable."""
-    folder = root / SHARDS_DIR
-    if not folder.is_dir():
-        return set()
-    return {int(p.name.split(".")[0]) for p in folder.glob("*.done")}
+    return {int(name) for name in done_markers(root / SHARDS_DIR)}
 
 
 def write_shard(root: StorePath, shard: Shard, rows: np.ndarray, meta: pa.Table) -> dict:

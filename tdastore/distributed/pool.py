@@ -1,0 +1,84 @@
+"""One pool kernel for every job run unit by unit on Ray: the store build (shards), the gold standard and the
+metagradients (seed blocks x row or test blocks).
+
+`workers` actors each hold what a unit needs (model, task, data) once and answer `run(unit)`; the kernel keeps
+every actor busy, replaces an actor that died and retries its unit (up to `max_retries` times per unit), turns a
+worker's own TdaStoreError into that error, and advances a progress bar. Units are idempotent (each writes its
+own region and then its `.done` marker), so a job stopped for any reason resumes by rerunning it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from tqdm import tqdm
+
+from tdastore.errors import StoreError, TdaStoreError
+
+
+def run_pool(
+    pending: Iterable,
+    new_actor: Callable[[], Any],
+    *,
+    workers: int,
+    max_retries: int,
+    describe: Callable[[Any], str],
+    desc: str,
+    total: int,
+    initial: int = 0,
+    size: Callable[[Any], int] = lambda unit: 1,
+    on_result: Callable[[Any, Any], None] | None = None,
+    progress: bool = True,
+    unit_name: str = "unit",
+) -> list:
+    """Run every pending unit on `workers` actors made by `new_actor()`; returns the units' results in the
+    order they finished. describe(unit) names a unit in errors; size(unit) is its step on the progress bar."""
+    pending = deque(pending)
+    actors: list = []
+
+    def start() -> Any:
+        actors.append(new_actor())
+        return actors[-1]
+
+    attempts: dict[int, int] = {}
+    in_flight: dict = {}  # object ref -> (actor, unit)
+    results = []
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit_name, disable=not progress)
+    idle = [start() for _ in range(min(workers, len(pending)))]
+    try:
+        while pending or in_flight:
+            while idle and pending:
+                actor, unit = idle.pop(), pending.popleft()
+                in_flight[actor.run.remote(unit)] = (actor, unit)
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            actor, unit = in_flight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except (RayActorError, WorkerCrashedError) as err:
+                attempts[id(unit)] = attempts.get(id(unit), 0) + 1
+                if attempts[id(unit)] > max_retries:
+                    raise StoreError(
+                        f"{describe(unit)} failed {attempts[id(unit)]} time(s) because its worker died "
+                        f"({type(err).__name__}); finished units are kept: rerun the same command to resume"
+                    ) from err
+                pending.appendleft(unit)
+                idle.append(start())
+                continue
+            except RayTaskError as err:
+                if isinstance(getattr(err, "cause", None), TdaStoreError):
+                    raise err.cause from None
+                raise
+            results.append(result)
+            idle.append(actor)
+            if on_result is not None:
+                on_result(unit, result)
+            bar.update(size(unit))
+    finally:
+        bar.close()
+        for actor in actors:  # also stops units still in flight after an error
+            ray.kill(actor)
+    return results

@@ -1,0 +1,88 @@
+"""One create-or-reopen for every output that a job writes unit by unit: the gradient store (units are shards),
+the ground truth and the metagradient store (units are seed blocks x row or test blocks).
+
+A job store is a directory (or object-store prefix) with a manifest that says what the job is (its identity),
+arrays written region by region, and one `.done` marker per finished unit. Reopening checks the identity, so a
+rerun resumes the same job and a different job is refused before anything is written; a directory that is not
+a store of ours is never written into.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from tdastore.errors import StoreError
+from tdastore.store.location import StorePath
+from tdastore.store.manifest import MANIFEST_FILE, write_json_atomic
+
+DONE = ".done"
+CREATING = ".creating"  # present while a store is created, before its manifest is written
+
+
+def create_or_reopen(
+    root: StorePath,
+    read: Callable[[StorePath], dict],
+    differences: Callable[[dict], list[str]],
+    create: Callable[[], dict],
+    refused: Callable[[list[str]], str],
+    not_ours: str,
+) -> dict:
+    """The manifest of the job store at `root`: reopened when `differences(manifest)` is empty, else a
+    StoreError `refused(differences)`; created by `create()` (which writes the arrays and returns the manifest)
+    when `root` is missing or empty; a non-empty directory without a manifest is refused with `not_ours`, unless it
+    is a creation of ours that stopped before its manifest (a `.creating` marker), which is cleared and redone."""
+    if root.exists() and (root / MANIFEST_FILE).exists():
+        manifest = read(root)
+        problems = differences(manifest)
+        if problems:
+            raise StoreError(refused(problems))
+        return manifest
+    if root.exists() and any(root.iterdir()):
+        if not (root / CREATING).exists():
+            raise StoreError(not_ours)
+        _clear(root)  # a creation stopped before its manifest: ours, and nothing in it is done yet
+    root.mkdir(parents=True, exist_ok=True)
+    (root / CREATING).write_text("this store is being created; without manifest.json it is recreated on rerun\n")
+    manifest = create()
+    write_json_atomic(root / MANIFEST_FILE, manifest)
+    (root / CREATING).unlink()
+    return manifest
+
+
+def _clear(root: StorePath) -> None:
+    if isinstance(root, Path):
+        for child in root.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    else:
+        root.fs.rm(root.path, recursive=True)
+
+
+def read_job_manifest(root: Path, kind: str, what: str, command: str) -> dict:
+    """The manifest of a job store of `kind`, or an error naming what the directory is and what makes one."""
+    path = Path(root) / MANIFEST_FILE
+    if not path.is_file():
+        raise StoreError(f"'{root}' is not a {what} store (no {MANIFEST_FILE}): run `{command}` first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("kind") != kind:
+        raise StoreError(f"'{root}' is not a {what} store (it is a {manifest.get('kind', 'gradient')} store)")
+    return manifest
+
+
+def done_markers(folder: StorePath) -> set[str]:
+    """Names of the units whose `.done` marker exists in `folder`: their data is durable."""
+    if not folder.is_dir():
+        return set()
+    return {p.name[: -len(DONE)] for p in folder.glob(f"*{DONE}")}
+
+
+def mark_done(folder: StorePath, name: str, payload: dict) -> None:
+    """Mark unit `name` finished, atomically, after its data was written."""
+    write_json_atomic(folder / f"{name}{DONE}", payload)
+
+
+def differing_keys(manifest: dict, identity: dict) -> list[str]:
+    """The identity keys whose stored value differs."""
+    return [key for key in identity if manifest.get(key) != identity[key]]
