@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tdastore.config import GroundTruthConfig
+from tdastore.groundtruth.optim import UpdateRule
 from tdastore.tasks.base import Examples, Task
 
 
@@ -129,46 +130,40 @@ class ReplicaTrainer:
 
 
 class _OptimizerState:
-    """torch.optim's SGD / Adam / AdamW updates on stacked [R, ...] parameters, with per-replica clipping."""
+    """The update rule (optim.py) applied in place to stacked [R, ...] parameters: per-replica clipping,
+    step counts and masks (a replica that is not active this step keeps its parameters and moments)."""
 
     def __init__(self, params: dict, cfg: GroundTruthConfig):
-        self.cfg = cfg
+        self.rule = UpdateRule(cfg)
         self.steps = torch.zeros(next(iter(params.values())).shape[0], dtype=torch.float64)  # 1 - 0.999^t needs float64
-        if cfg.optimizer != "sgd":
+        if self.rule.adaptive:
             self.m = {n: torch.zeros_like(p) for n, p in params.items()}
             self.v = {n: torch.zeros_like(p) for n, p in params.items()}
 
     def step(self, params: dict, grads: dict, active: torch.Tensor) -> None:
-        cfg = self.cfg
-        r = active.shape[0]
-        if cfg.clip_norm is not None:
-            norms = torch.sqrt(sum(g.reshape(r, -1).pow(2).sum(1) for g in grads.values()))  # [R]
-            coef = (cfg.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        rule, r = self.rule, active.shape[0]
+        coef = rule.clip_coefficient(torch.sqrt(sum(g.reshape(r, -1).pow(2).sum(1) for g in grads.values())))  # [R]
+        if coef is not None:
             grads = {n: g * _expand(coef, g) for n, g in grads.items()}
         self.steps += active.double()
         mask = {n: _expand(active.to(p.dtype), p) for n, p in params.items()}
-        if cfg.optimizer == "sgd":
+        if not rule.adaptive:
             every = bool(active.all())
             for n, p in params.items():
-                g = grads[n] + cfg.weight_decay * p if cfg.weight_decay else grads[n]
-                p.sub_(g if every else g * mask[n], alpha=cfg.lr)
+                step = rule.sgd_step(rule.coupled_gradient(p, grads[n]))
+                p.sub_(step if every else step * mask[n])
             return
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
         dtype = next(iter(params.values())).dtype
-        bias1 = (1 - beta1 ** self.steps.clamp(min=1)).to(dtype)  # [R]
-        bias2 = (1 - beta2 ** self.steps.clamp(min=1)).to(dtype)
+        bias1, bias2 = (b.to(dtype) for b in rule.bias_corrections(self.steps.clamp(min=1)))  # [R]
         for n, p in params.items():
-            g = grads[n]
-            if cfg.optimizer == "adamw":
-                p.sub_(cfg.lr * cfg.weight_decay * p * mask[n])
-            elif cfg.weight_decay:
-                g = g + cfg.weight_decay * p
-            m_new = beta1 * self.m[n] + (1 - beta1) * g
-            v_new = beta2 * self.v[n] + (1 - beta2) * g * g
+            g = rule.coupled_gradient(p, grads[n])
+            decay = rule.decoupled_decay(p)
+            if decay is not None:
+                p.sub_(decay * mask[n])
+            m_new, v_new = rule.moments(self.m[n], self.v[n], g)
             self.m[n] = torch.where(mask[n] > 0, m_new, self.m[n])
             self.v[n] = torch.where(mask[n] > 0, v_new, self.v[n])
-            denom = self.v[n].sqrt() / _expand(bias2.sqrt(), p) + eps
-            p.sub_(mask[n] * (cfg.lr / _expand(bias1, p)) * self.m[n] / denom)
+            p.sub_(mask[n] * rule.adam_step(self.m[n], self.v[n], _expand(bias1, p), _expand(bias2, p)))
 
 
 def _expand(per_replica: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,8 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from tdastore.config import GroundTruthConfig
 from tdastore.groundtruth.engine import Schedule
+from tdastore.groundtruth.optim import UpdateRule
 from tdastore.tasks.base import Examples, Task
-
-BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 
 
 def checkpoint_interval(total_steps: int, state_bytes: int, budget_bytes: float) -> int:
@@ -56,6 +55,7 @@ class MetaGradient:
         memory_budget_mb: float = 512.0,
     ):
         self.model, self.task, self.cfg, self.train, self.test = model, task, cfg, train, test
+        self.rule = UpdateRule(cfg)
         self.names = [n for n, _ in model.named_parameters()]
         self.shapes = [p.shape for _, p in model.named_parameters()]
         self.sizes = [p.numel() for _, p in model.named_parameters()]
@@ -120,24 +120,19 @@ class MetaGradient:
         return jac
 
     def _update(self, theta, m, v, g, t: int):
-        """One optimizer update from the raw gradient g, with torch.optim's formulas (as the engine's)."""
-        cfg = self.cfg
-        if cfg.clip_norm is not None:
-            g = g * (cfg.clip_norm / (g.norm() + 1e-6)).clamp(max=1.0)
-        if cfg.optimizer == "sgd":
-            return theta - cfg.lr * (g + cfg.weight_decay * theta if cfg.weight_decay else g), m, v
-        if cfg.optimizer == "adamw":
-            theta = theta - cfg.lr * cfg.weight_decay * theta
-        elif cfg.weight_decay:
-            g = g + cfg.weight_decay * theta
-        m = BETA1 * m + (1 - BETA1) * g
-        v = BETA2 * v + (1 - BETA2) * g * g
-        # sqrt has an infinite slope at 0 (entries with zero gradient so far): the double where keeps the
-        # forward value and gives those entries a zero (not NaN) derivative
-        positive = v > 0
-        root = torch.where(positive, torch.sqrt(torch.where(positive, v, torch.ones_like(v))), torch.zeros_like(v))
-        denom = root / math.sqrt(1 - BETA2**t) + ADAM_EPS
-        return theta - (cfg.lr / (1 - BETA1**t)) * m / denom, m, v
+        """One optimizer update from the raw gradient g (tdastore/groundtruth/optim.py, as the engine's)."""
+        rule = self.rule
+        coef = rule.clip_coefficient(g.norm())
+        if coef is not None:
+            g = g * coef
+        g = rule.coupled_gradient(theta, g)
+        if not rule.adaptive:
+            return theta - rule.sgd_step(g), m, v
+        decay = rule.decoupled_decay(theta)
+        if decay is not None:
+            theta = theta - decay
+        m, v = rule.moments(m, v, g)
+        return theta - rule.adam_step(m, v, *rule.bias_corrections(t)), m, v
 
     def _step(self, theta, m, v, w, batch, t: int):
         """One step of the weighted run (any w; used for forward values and finite differences)."""
