@@ -213,7 +213,6 @@ class TextTask(Task):
     def _encode_records(self, records, ids: np.ndarray, where: str, packing: bool | None = None) -> TokenExamples:
         """Tokenise with `datasets.map` into an Arrow table (cached on disk for file data sets, memory-mapped),
         then check it: lengths, vocabulary, empty documents, documents without target tokens."""
-        import pyarrow.compute as pc
 
         cfg, tok = self.task_config, self.tokenizer
         packing = cfg.packing if packing is None else packing
@@ -233,22 +232,10 @@ class TextTask(Task):
         ).hexdigest()[:16]
 
         def encode(batch):
-            texts = [str(t) for t in batch[cfg.text_column]]
-            if prompt:
-                heads = tok([str(p) for p in batch[prompt]], add_special_tokens=True)["input_ids"]
-                bodies = tok(texts, add_special_tokens=False)["input_ids"]
-                full = [h + b for h, b in zip(heads, bodies)]
-                n_prompt = [len(h) for h in heads]
-                texts = [f"{p}{t}" for p, t in zip(batch[prompt], texts)]
-            else:
-                full = tok(texts, add_special_tokens=True)["input_ids"]
-                n_prompt = [0] * len(full)
+            full, n_prompt, texts = tokenise(tok, batch, cfg.text_column, prompt)
             out_ids = batch["__tdastore_id"]
             if packing:
-                eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-                stream = [t for e in full for t in e + eos]
-                full = [stream[i : i + cfg.max_length] for i in range(0, len(stream), cfg.max_length)]
-                texts = [tok.decode(b) for b in full]
+                full, texts = pack(tok, full, cfg.max_length)
                 n_prompt, out_ids = [0] * len(full), [-1] * len(full)
             out = {
                 "id": out_ids,
@@ -279,6 +266,16 @@ class TextTask(Task):
         if packing:  # blocks are numbered in order
             tokenised = tokenised.remove_columns("id").add_column("id", list(range(len(tokenised))))
             table = tokenised.data.table
+        self._validate(table, where)
+        return TokenExamples(tokenised, self.kind, int(tok.pad_token_id), cfg.completion_only)
+
+    def _validate(self, table, where: str) -> None:
+        """Refuse what the model cannot be trained or queried on, naming the document and the fix: documents
+        over max_length (without truncation), token ids outside the vocabulary, empty documents, unseen labels,
+        documents without target tokens."""
+        import pyarrow.compute as pc
+
+        cfg = self.task_config
         row_ids = table.column("id").to_numpy()
         raw_length = table.column("raw_length").to_numpy()
         too_long = np.nonzero(raw_length > cfg.max_length)[0]
@@ -288,7 +285,7 @@ class TextTask(Task):
                 f"{int(row_ids[too_long[0]])}, has {int(raw_length[too_long[0]])}); set task.truncation: true, raise "
                 f"task.max_length (the model's context is {self.context}) or use task.packing: true"
             )
-        vocab = self._vocab or len(tok)
+        vocab = self._vocab or len(self.tokenizer)
         highest = int(pc.max(table.column("max_id")).as_py())
         if highest >= vocab:
             raise DataError(
@@ -310,7 +307,6 @@ class TextTask(Task):
                     f"{where}: document id {int(row_ids[none[0]])} has no target tokens (a single token, or "
                     "a prompt filling max_length with completion_only): drop it or raise task.max_length"
                 )
-        return TokenExamples(tokenised, self.kind, int(tok.pad_token_id), cfg.completion_only)
 
     def fingerprint(self) -> str:
         """The description and both splits' token ids and example ids, streamed from the Arrow tables."""
@@ -335,6 +331,27 @@ class TextTask(Task):
             "packing": cfg.packing,
             "completion_only": cfg.completion_only,
         }
+
+
+def tokenise(tok, batch: dict, text_column: str, prompt: str | None) -> tuple[list[list[int]], list[int], list[str]]:
+    """Token ids of each document (a prompt's tokens first when there is one), the prompt lengths, and the
+    text each row stands for."""
+    texts = [str(t) for t in batch[text_column]]
+    if not prompt:
+        full = tok(texts, add_special_tokens=True)["input_ids"]
+        return full, [0] * len(full), texts
+    heads = tok([str(p) for p in batch[prompt]], add_special_tokens=True)["input_ids"]
+    bodies = tok(texts, add_special_tokens=False)["input_ids"]
+    full = [h + b for h, b in zip(heads, bodies)]
+    return full, [len(h) for h in heads], [f"{p}{t}" for p, t in zip(batch[prompt], texts)]
+
+
+def pack(tok, documents: list[list[int]], max_length: int) -> tuple[list[list[int]], list[str]]:
+    """Documents concatenated (EOS between) and cut into blocks of max_length tokens, with their text."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    stream = [t for doc in documents for t in doc + eos]
+    blocks = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
+    return blocks, [tok.decode(b) for b in blocks]
 
 
 def _load_tokenizer(model: ModelConfig):
