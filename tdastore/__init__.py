@@ -4,6 +4,7 @@ Python API (notebooks):
     config = tdastore.load_config("configs/diabetes.yaml")
     tdastore.train(config)
     store = tdastore.build(config, "runs/diabetes/store")
+    store = tdastore.build(config, "runs/mine", task=MyTask())   # or model=net, loss=per_example_loss, data=dataset
     store = tdastore.open_store("runs/diabetes/store"); store.grads, store.meta, store.manifest
     attributor = tdastore.Attributor(store, "if_gn")           # task, model, fitted operator (and index) held once
     top = attributor.top_k(split="test", k=10)                 # a pyarrow Table: test_id, rank, train_id, score
@@ -16,17 +17,42 @@ Python API (notebooks):
 from tdastore.attribution import Attributor
 from tdastore.config import Config, load_config
 from tdastore.store.gradient_store import GradientStore, open_store
+from tdastore.tasks import ModelTask, Task
 from tdastore.training import train
 from tdastore.version import __version__
 
 
 def build(
-    config: Config, output, split: str = "train", address=None, workers=None, progress: bool = True
+    config: Config | None = None,
+    output=None,
+    split: str = "train",
+    address=None,
+    workers=None,
+    progress: bool = True,
+    *,
+    task: Task | None = None,
+    model=None,
+    loss=None,
+    data=None,
+    test_data=None,
 ) -> GradientStore:
-    """Build (or resume) the gradient store of `split` at `output` with Ray actors."""
-    from tdastore.distributed.build import build_store
+    """Build (or resume) the gradient store of `split` at `output` (default store.path) with Ray actors.
 
-    return build_store(config, output, split=split, address=address, workers=workers, progress=progress)
+    Bring your own model and data either as a Task (task=MyTask(...), or task.class in the config) or as
+    objects: model= an nn.Module whose current weights are final, loss= a per-example loss (outputs, targets)
+    -> [B], data= / test_data= a torch Dataset, a datasets.Dataset, a Ray Dataset or (inputs, targets)."""
+    from tdastore.distributed.build import build_store
+    from tdastore.errors import ConfigError
+
+    config = config if config is not None else load_config()
+    if model is not None:
+        if task is not None or loss is None:
+            raise ConfigError("pass either task= or model= with loss= (and data=), not both")
+        task = ModelTask(model, loss, data, test_data if test_data is not None else data)
+    output = output if output is not None else config.store.path
+    if output is None:
+        raise ConfigError("say where the store goes: output=, or store.path in the config")
+    return build_store(config, output, split=split, address=address, workers=workers, progress=progress, task=task)
 
 
 def query(
@@ -57,5 +83,7 @@ __all__ = [
     "train",
     "build",
     "query",
+    "ModelTask",
+    "Task",
     "__version__",
 ]

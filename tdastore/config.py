@@ -25,6 +25,9 @@ from tdastore.errors import ConfigError
 class TaskConfig:
     """Which data set and which kind of prediction problem."""
 
+    # a task of your own, "my_module:MyTask" (a tdastore.tasks.Task subclass, built as MyTask(task, model)), or a
+    # registered task name (tdastore.tasks.TASKS); None: the built-in tabular or text task, from kind and model
+    cls: str | None = field(default=None, metadata={"key": "class"})  # YAML key `class`: module:Class or a name
     # a scikit-learn bundled name, a .csv / .parquet file; text: .jsonl/.json/.parquet/.txt or a hub name
     dataset: str = "diabetes"
     kind: Literal["regression", "classification", "causal_lm", "sequence_classification"] | None = (
@@ -320,7 +323,23 @@ def load_config(source: str | Path | dict | None = None, overrides: dict | None 
 
 
 def config_to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+    """The config as plain data, with each field under its YAML key (task.class, not task.cls)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {yaml_key(f): plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(config)
+
+
+def yaml_key(field: dataclasses.Field) -> str:
+    """A field's name in YAML files and flags (its metadata "key" where the name is a Python keyword)."""
+    return field.metadata.get("key", field.name)
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -341,7 +360,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    by_key = {yaml_key(f): f.name for f in dataclasses.fields(cls)}
+    names = set(by_key)
     unknown = sorted(set(raw) - names)
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
@@ -354,7 +374,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     values = {}
     for name in names & set(raw):
         key = f"{prefix}.{name}" if prefix else name
-        values[name] = _coerce(hints[name], raw[name], key)
+        values[by_key[name]] = _coerce(hints[by_key[name]], raw[name], key)
     return cls(**values)
 
 

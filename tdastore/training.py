@@ -17,11 +17,11 @@ from tdastore.tasks.base import Task, model_fingerprint
 WEIGHTS_FILE = "model.safetensors"
 
 
-def train(config: Config, progress: bool = True) -> nn.Module:
-    """Train the final model of `config` (its task made from the config) and save it to train.output_dir."""
-    from tdastore.tasks import make_task
+def train(config: Config, progress: bool = True, task: Task | None = None) -> nn.Module:
+    """Train the final model of `config` (on `task`, else the config's) and save it to train.output_dir."""
+    from tdastore.tasks import resolve_task
 
-    return train_final_model(config, make_task(config.task, config.model), progress=progress)
+    return train_final_model(config, resolve_task(config.task, config.model, task), progress=progress)
 
 
 def train_final_model(config: Config, task: Task, progress: bool = True) -> nn.Module:

@@ -27,8 +27,8 @@ from tdastore.methods import Method, get_method
 from tdastore.precond.exact.scorer import ExactScorer
 from tdastore.precond.projected.cache import fit_or_load, operator_key
 from tdastore.precond.registry import FitInputs
-from tdastore.tasks import make_task
-from tdastore.tasks.base import Examples, model_fingerprint
+from tdastore.tasks import resolve_task
+from tdastore.tasks.base import Examples, Task, model_fingerprint
 from tdastore.training import load_model
 
 QUERY_SECTIONS = ("attribution", "index")
@@ -52,7 +52,8 @@ class Attributor:
     store: an open GradientStore. method: a row of `tdastore methods`. overrides: {"attribution": {...},
     "index": {...}} on top of the store's config. kind: answer top-k from a FAISS index of this kind (built on
     first use); None scores exactly by streaming the store. share: another Attributor of the same store whose
-    task, model and (same settings) exact-path scorer are reused, so many methods cost one model load.
+    task, model and (same settings) exact-path scorer are reused, so many methods cost one model load. task: the
+    task object a store was built from with the Python API (else the one the store's config names).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class Attributor:
         kind: str | None = None,
         progress: bool = False,
         share: Attributor | None = None,
+        task: Task | None = None,
     ):
         self.store, self.kind, self.progress = store, kind, progress
         self.method: Method = get_method(method)
@@ -81,7 +83,7 @@ class Attributor:
         if share is not None and share.store is store:
             self.task, self.model, self._computer = share.task, share.model, share._computer
         else:
-            self.task = make_task(self.config.task, self.config.model)
+            self.task = resolve_task(self.config.task, self.config.model, task)
             self.model = load_model(self.config, self.task)
             self._computer = None
             if model_fingerprint(self.model) != store.manifest["model"]["fingerprint"]:

@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from tdastore.config import Config
+from tdastore.config import Config, yaml_key
 
 SEP = "."
 
@@ -34,10 +34,6 @@ def field_docs(cls: type) -> dict[str, str]:
         if match:
             docs[match.group(1)] = match.group(2).strip()
     return docs
-
-
-def section_fields(section: str) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(typing.get_type_hints(Config)[section]))
 
 
 def _is_text(hint: Any) -> bool:
@@ -70,7 +66,7 @@ def add_config_flags(
         hints, docs = typing.get_type_hints(cls), field_docs(cls)
         group = parser.add_argument_group(f"config section '{section}' (overrides the YAML file)")
         for field in dataclasses.fields(cls):
-            key = f"{section}{SEP}{field.name}"
+            key = f"{section}{SEP}{yaml_key(field)}"
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
             names = [f"--{key}"] + ([by_key[key]] if key in by_key else [])
             group.add_argument(

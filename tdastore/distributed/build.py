@@ -9,20 +9,21 @@ from tdastore.config import Config, config_to_dict
 from tdastore.distributed.gradient_worker import GradientWorker
 from tdastore.distributed.pool import run_pool
 from tdastore.distributed.ray_session import ray_session
+from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.location import store_path
 from tdastore.store.writer import done_shards, finalize_store, plan_shards, prepare_store, update_shard_table
-from tdastore.tasks import make_task
-from tdastore.tasks.base import check_not_empty, model_fingerprint
+from tdastore.tasks import resolve_task
+from tdastore.tasks.base import Task, check_not_empty, model_fingerprint
 from tdastore.training import load_model
 from tdastore.version import __version__
 
 
-def store_identity(config: Config, split: str) -> dict:
+def store_identity(config: Config, split: str, task: Task | None = None) -> dict:
     """What a store's rows mean: split, task, model, gradient and projection spec, layout."""
-    task = make_task(config.task, config.model)
+    task = resolve_task(config.task, config.model, task)
     model = load_model(config, task)
     loss_fn = task.per_example_loss if split == "train" else task.test_function
     computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection)
@@ -56,6 +57,7 @@ def build_store(
     workers: int | None = None,
     progress: bool = True,
     fault: dict | None = None,
+    task: Task | None = None,
 ) -> GradientStore:
     """Compute every row of `split` into the store at `output`; done shards of an earlier run are kept.
 
@@ -64,7 +66,7 @@ def build_store(
     if split not in ("train", "test"):
         raise StoreError(f"unknown split '{split}': use --split train or --split test")
     root = store_path(output)
-    identity = store_identity(config, split)
+    identity = store_identity(config, split, task)
     n_rows = identity.pop("_n_rows")
     check_not_empty(n_rows, f"the {split} split of '{config.task.dataset}'")
     extra = {"config": config_to_dict(config), "tdastore_version": __version__, "created": time.time()}
@@ -89,6 +91,7 @@ def build_store(
                 initial_rows=sum(s.rows for s in shards if s.index in done),
                 total_rows=n_rows,
                 manifest=manifest,
+                task=task,
             )
     seconds = time.perf_counter() - began
     computed = sum(r["rows"] for r in reports)
@@ -106,15 +109,16 @@ def build_store(
 
 
 def _run_pool(
-    config, root, split, model_fp, pending, n_workers, progress, fault, initial_rows, total_rows, manifest
+    config, root, split, model_fp, pending, n_workers, progress, fault, initial_rows, total_rows, manifest, task
 ) -> list[dict]:
     """One GradientWorker actor per worker, one shard at a time (tdastore/distributed/pool.py)."""
     threads = max(1, int(config.build.cpus_per_worker))
-    config_dict = config_to_dict(config)
+    config_dict, shared = config_to_dict(config), share_task(config, task)
+    options = dict(num_cpus=config.build.cpus_per_worker, max_restarts=0)
     return run_pool(
         pending,
-        lambda: GradientWorker.options(num_cpus=config.build.cpus_per_worker, max_restarts=0).remote(
-            config_dict, str(root), split, model_fp, threads, fault
+        lambda: GradientWorker.options(**options).remote(
+            config_dict, str(root), split, model_fp, threads, fault, shared
         ),
         workers=n_workers,
         max_retries=config.build.max_retries,

@@ -24,8 +24,8 @@ from tdastore.grads.per_example import all_finite, check_finite
 from tdastore.store.location import store_path, zarr_store
 from tdastore.store.manifest import GRADS_DIR
 from tdastore.store.writer import Shard, write_shard
-from tdastore.tasks import make_task
-from tdastore.tasks.base import model_fingerprint
+from tdastore.tasks import resolve_task
+from tdastore.tasks.base import Task, model_fingerprint
 from tdastore.training import load_model
 
 FLOAT16_MAX = 65504.0
@@ -34,10 +34,10 @@ FLOAT16_MAX = 65504.0
 class ShardComputer:
     """Everything a worker needs, loaded once: task, model and the (projected) gradient computer."""
 
-    def __init__(self, config: Config, split: str):
+    def __init__(self, config: Config, split: str, task: Task | None = None):
         self.config = config
         self.split = split
-        self.task = make_task(config.task, config.model)
+        self.task = resolve_task(config.task, config.model, task)
         self.model = load_model(config, self.task)
         loss_fn = self.task.per_example_loss if split == "train" else self.task.test_function
         self.gradients = make_gradient_computer(self.model, loss_fn, config.gradients, config.projection)
@@ -100,11 +100,18 @@ class GradientWorker:
     """A Ray actor computing and writing whole shards; returns a small report per shard."""
 
     def __init__(
-        self, config_dict: dict, root: str, split: str, model_fp: str, threads: int, fault: dict | None = None
+        self,
+        config_dict: dict,
+        root: str,
+        split: str,
+        model_fp: str,
+        threads: int,
+        fault: dict | None = None,
+        task: Task | None = None,
     ):
         torch.set_num_threads(max(1, threads))
         self.root = store_path(root)
-        self.computer = ShardComputer(load_config(config_dict), split)
+        self.computer = ShardComputer(load_config(config_dict), split, task)
         if model_fingerprint(self.computer.model) != model_fp:
             raise StoreError("the model weights changed on disk while the build ran: restart the build")
         self.fault = fault

@@ -9,6 +9,7 @@ own region and then its `.done` marker), so a job stopped for any reason resumes
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,6 +18,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from tqdm import tqdm
 
+from tdastore import errors
 from tdastore.errors import StoreError, TdaStoreError
 
 
@@ -59,6 +61,8 @@ def run_pool(
             try:
                 result = ray.get(ready[0])
             except (RayActorError, WorkerCrashedError) as err:
+                if isinstance(err, RayActorError) and err.actor_init_failed:
+                    raise startup_error(err, describe(unit)) from None
                 attempts[id(unit)] = attempts.get(id(unit), 0) + 1
                 if attempts[id(unit)] > max_retries:
                     raise StoreError(
@@ -82,3 +86,14 @@ def run_pool(
         for actor in actors:  # also stops units still in flight after an error
             ray.kill(actor)
     return results
+
+
+def startup_error(err: RayActorError, what: str) -> TdaStoreError:
+    """A worker that could not start (its constructor raised) is not retried: its own tdastore error, or a
+    StoreError quoting the failure's last line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in reversed(lines):
+        match = re.match(r"tdastore\.errors\.(\w+): (.*)", line)
+        if match and isinstance(getattr(errors, match.group(1), None), type):
+            return getattr(errors, match.group(1))(match.group(2))
+    return StoreError(f"the worker for {what} could not start: {lines[-1] if lines else err}")

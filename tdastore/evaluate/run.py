@@ -84,22 +84,30 @@ def evaluate(
     path: str | None = None,
     overrides: dict | None = None,
     progress: bool = True,
+    task=None,
 ) -> dict:
-    """Cosine / Spearman of each method against the gold standard at every evaluation point, and seed curves."""
+    """Cosine / Spearman of each method against the gold standard at every evaluation point, and seed curves.
+    task: the task object the store and ground truth were made from with the Python API."""
     gold = load_gold(store, groundtruth)
-    results = score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress)
+    results = score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress, task)
     if out is not None:
         write_results(results, Path(out))
     return results
 
 
 def score_methods(
-    store, gold: GoldStandard, methods: list[str], path: str | None, overrides: dict | None, progress: bool
+    store,
+    gold: GoldStandard,
+    methods: list[str],
+    path: str | None,
+    overrides: dict | None,
+    progress: bool,
+    task=None,
 ) -> dict:
     """Every method's [T, L] scores through the attribution façade, compared with the gold vectors."""
     for name in methods:
         get_method(name)  # unknown names fail before any work
-    base = Attributor(store, "grad_dot", {"attribution": {"path": "projected"}})  # task and model, loaded once
+    base = Attributor(store, "grad_dot", {"attribution": {"path": "projected"}}, task=task)  # loaded once
     test = base.task.examples("test").slice(0, len(gold.manifest["test_rows"]))
     results = {
         "groundtruth": str(gold.root),
@@ -116,7 +124,7 @@ def score_methods(
         settings = {"attribution": {**((overrides or {}).get("attribution", {})), "path": chosen}}
         try:
             if get_method(name).further_training:
-                scores, info = metagrad_scores(store, gold.root, gold.manifest, overrides, progress)  # [E, T, L]
+                scores, info = metagrad_scores(store, gold.root, gold.manifest, overrides, progress, task)
             else:
                 attributor = Attributor(store, name, settings, share=shared)
                 if chosen == "exact" and shared.exact is None:
@@ -151,7 +159,7 @@ def write_results(results: dict, out: Path) -> None:
 
 
 def metagrad_scores(
-    store, gt_root: Path, manifest: dict, overrides: dict | None, progress: bool
+    store, gt_root: Path, manifest: dict, overrides: dict | None, progress: bool, task=None
 ) -> tuple[np.ndarray, dict]:
     """The metagradient scores of the ground truth's left-out rows, [E, T, L]: read from GT/metagrad-<coupling>
     when finished, else computed there by the metagradient job (Ray)."""
@@ -167,7 +175,7 @@ def metagrad_scores(
     root = metagrad_root(gt_root, coupling)
     finished = (root / "manifest.json").is_file() and read_metagrad_manifest(root).get("status") == "complete"
     if not finished:
-        run_metagrad(config, gt_root, progress=progress)
+        run_metagrad(config, gt_root, progress=progress, task=task)
     scores, mg_manifest = read_metagrad_scores(root)  # [E, T, R]
     position = {row: k for k, row in enumerate(mg_manifest["rows"])}
     columns = [position[row] for row in manifest["left_out"]]

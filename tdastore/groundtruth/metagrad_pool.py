@@ -23,12 +23,14 @@ import zarr
 from tdastore.config import Config, config_to_dict, load_config
 from tdastore.distributed.pool import run_pool
 from tdastore.distributed.ray_session import ray_session
+from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
 from tdastore.groundtruth.pool import check_fingerprint, done_units, read_groundtruth_manifest
 from tdastore.store.job_store import create_or_reopen, differing_keys, mark_done, read_job_manifest
 from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
-from tdastore.tasks import make_task
+from tdastore.tasks import resolve_task
+from tdastore.tasks.base import Task
 from tdastore.training import load_model
 from tdastore.version import __version__
 
@@ -54,13 +56,13 @@ def _plan(n_seeds: int, n_test: int, seed_block: int, test_block: int | None) ->
     return [MetagradUnit(a, b) for a in range(-(-n_seeds // seed_block)) for b in range(-(-n_test // test_block))]
 
 
-def prepare_metagrad(config: Config, groundtruth: str | Path) -> tuple[Path, dict, Config]:
+def prepare_metagrad(config: Config, groundtruth: str | Path, task: Task | None = None) -> tuple[Path, dict, Config]:
     """Create (or reopen, after checking it is the same job) the metagradient store of a ground truth."""
     gt_manifest = read_groundtruth_manifest(Path(groundtruth))
     mg = config.metagrad
     gt_config = load_config(gt_manifest["config"])  # the further training that was run
     coupling = mg.coupling or gt_config.groundtruth.coupling
-    n_train = len(make_task(gt_config.task, gt_config.model).examples("train"))
+    n_train = len(resolve_task(gt_config.task, gt_config.model, task).examples("train"))
     rows = list(gt_manifest["left_out"]) if mg.rows == "left_out" else list(range(n_train))
     seeds = gt_manifest["seeds"][: mg.seeds] if mg.seeds is not None else gt_manifest["seeds"]
     n_eval, n_test = len(gt_manifest["evals"]["steps"]), len(gt_manifest["test_rows"])
@@ -149,11 +151,11 @@ def run_metagrad_unit(
 class MetagradWorker:
     """A Ray actor holding the ground truth's task and final model (fingerprint checked); runs units."""
 
-    def __init__(self, config_dict: dict, gt_config_dict: dict, root: str, manifest: dict):
+    def __init__(self, config_dict: dict, gt_config_dict: dict, root: str, manifest: dict, task=None):
         torch.set_num_threads(1)
         self.config, self.gt_config = load_config(config_dict), load_config(gt_config_dict)
         self.root, self.manifest = Path(root), manifest
-        self.task = make_task(self.gt_config.task, self.gt_config.model)
+        self.task = resolve_task(self.gt_config.task, self.gt_config.model, task)
         self.model = load_model(self.gt_config, self.task)
         check_fingerprint(self.model, manifest, self.root)
 
@@ -163,24 +165,29 @@ class MetagradWorker:
 
 
 def run_metagrad(
-    config: Config, groundtruth: str | Path | None = None, address: str | None = None, progress: bool = True
+    config: Config,
+    groundtruth: str | Path | None = None,
+    address: str | None = None,
+    progress: bool = True,
+    task: Task | None = None,
 ) -> Path:
     """Run (or resume) the metagradient job for a finished ground truth on Ray; returns its store's path."""
     groundtruth = Path(groundtruth or config.groundtruth.output)
     gt_manifest = read_groundtruth_manifest(groundtruth)
     if gt_manifest.get("status") != "complete":
         raise StoreError(f"ground truth '{groundtruth}' is incomplete: finish `tdastore ground-truth` first")
-    root, manifest, gt_config = prepare_metagrad(config, groundtruth)
+    root, manifest, gt_config = prepare_metagrad(config, groundtruth, task)
     units = _plan(
         len(manifest["seeds"]), len(manifest["test_rows"]), config.metagrad.seed_block, config.metagrad.test_block
     )
     pending = [u for u in units if u.name not in done_units(root)]
     if pending:
         with ray_session(address or config.build.address, num_cpus=max(2, config.metagrad.workers)):
-            args = (config_to_dict(config), config_to_dict(gt_config), str(root), manifest)
+            args = (config_to_dict(config), config_to_dict(gt_config), str(root), manifest, share_task(gt_config, task))
+            options = dict(num_cpus=1, max_restarts=0)
             run_pool(
                 pending,
-                lambda: MetagradWorker.options(num_cpus=1, max_restarts=0).remote(*args),
+                lambda: MetagradWorker.options(**options).remote(*args),
                 workers=config.metagrad.workers,
                 max_retries=config.build.max_retries,
                 describe=lambda unit: f"metagrad unit {unit.name}",

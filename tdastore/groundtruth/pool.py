@@ -26,12 +26,13 @@ import zarr
 from tdastore.config import Config, config_to_dict, load_config
 from tdastore.distributed.pool import run_pool
 from tdastore.distributed.ray_session import ray_session
+from tdastore.distributed.shipping import share_task
 from tdastore.errors import ConfigError, StoreError
 from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
 from tdastore.store.job_store import create_or_reopen, differing_keys, done_markers, mark_done, read_job_manifest
 from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
-from tdastore.tasks import make_task
-from tdastore.tasks.base import model_fingerprint
+from tdastore.tasks import resolve_task
+from tdastore.tasks.base import Task, model_fingerprint
 from tdastore.training import load_model
 from tdastore.version import __version__
 
@@ -77,11 +78,11 @@ def plan_units(n_seeds: int, n_left: int, seed_block: int, left_block: int) -> l
     return [Unit(a, b) for a in range(-(-n_seeds // seed_block)) for b in range(-(-n_left // left_block))]
 
 
-def prepare_groundtruth(config: Config) -> tuple[Path, dict]:
+def prepare_groundtruth(config: Config, task: Task | None = None) -> tuple[Path, dict]:
     """Create the ground-truth store, or reopen it after checking it is the same job."""
     gt = config.groundtruth
     root = Path(gt.output)
-    task = make_task(config.task, config.model)
+    task = resolve_task(config.task, config.model, task)
     model = load_model(config, task)
     train, test = task.examples("train"), task.examples("test")
     n_test = len(test) if gt.test_points is None else min(gt.test_points, len(test))
@@ -171,10 +172,10 @@ class UnitWorker:
     """A Ray actor holding the task, the final model (checked against the job's fingerprint) and a replica
     trainer; runs ground-truth units one at a time."""
 
-    def __init__(self, config_dict: dict, root: str, manifest: dict, threads: int, fault: dict | None):
+    def __init__(self, config_dict: dict, root: str, manifest: dict, threads: int, fault: dict | None, task=None):
         torch.set_num_threads(threads)
         self.config, self.root, self.manifest, self.fault = load_config(config_dict), Path(root), manifest, fault
-        task = make_task(self.config.task, self.config.model)
+        task = resolve_task(self.config.task, self.config.model, task)
         model = load_model(self.config, task)
         check_fingerprint(model, manifest, self.root)
         test = task.examples("test").slice(0, len(manifest["test_rows"]))
@@ -207,21 +208,22 @@ def run_groundtruth(
     progress: bool = True,
     fault: dict | None = None,
     max_retries: int | None = None,
+    task: Task | None = None,
 ) -> Path:
-    """Run (or resume) the ground-truth job on Ray; returns the store's path."""
-    root, manifest = prepare_groundtruth(config)
+    """Run (or resume) the ground-truth job on Ray; returns the store's path. task: a task object (Python API)
+    instead of the one the config names."""
+    root, manifest = prepare_groundtruth(config, task)
     gt = config.groundtruth
     units = plan_units(gt.seeds, len(manifest["left_out"]), gt.seed_block, gt.left_out_block)
     pending = [u for u in units if u.name not in done_units(root)]
     retries = config.build.max_retries if max_retries is None else max_retries
     if pending:
         with ray_session(address or config.build.address, num_cpus=max(2, gt.workers * gt.threads_per_worker)):
-            config_dict, threads = config_to_dict(config), gt.threads_per_worker
+            config_dict, threads, shared = config_to_dict(config), gt.threads_per_worker, share_task(config, task)
+            options = dict(num_cpus=threads, max_restarts=0)
             run_pool(
                 pending,
-                lambda: UnitWorker.options(num_cpus=threads, max_restarts=0).remote(
-                    config_dict, str(root), manifest, threads, fault
-                ),
+                lambda: UnitWorker.options(**options).remote(config_dict, str(root), manifest, threads, fault, shared),
                 workers=gt.workers,
                 max_retries=retries,
                 describe=lambda unit: f"ground truth unit {unit.name}",
