@@ -48,3 +48,70 @@ def test_shipped_configs_load():
     assert len(configs) >= 3
     for path in configs:
         load_config(path)
+
+
+def test_yaml_scientific_notation_and_did_you_mean(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("attribution:\n  cg_tol: 1e-6\ntrain:\n  lr: 3e-2\n")
+    config = load_config(path)
+    assert config.attribution.cg_tol == 1e-6 and config.train.lr == 0.03
+    with pytest.raises(ConfigError, match="'epoch': did you mean 'epochs'"):
+        load_config({"train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="must be a number, got 'fast'"):
+        load_config({"train": {"lr": "fast"}})
+
+
+def test_task_class_is_the_yaml_key_class(tmp_path):
+    from tdastore.config import config_to_dict
+
+    config = load_config({"task": {"class": "tabular"}})
+    assert config.task.cls == "tabular" and config_to_dict(config)["task"]["class"] == "tabular"
+    path = tmp_path / "c.yaml"
+    save_config(config, path)
+    assert load_config(path) == config
+
+
+def test_every_config_field_is_a_flag(tmp_path, capsys):
+    """The CLI's flags are generated from the config: one per field, YAML optional, overrides on top of it."""
+    import dataclasses
+
+    from tdastore.cli import main, make_parser
+    from tdastore.cli.commands import run_config
+    from tdastore.config import Config, yaml_key
+
+    build = make_parser()._subparsers._group_actions[0].choices["build"]
+    options = {o for action in build._actions for o in action.option_strings}
+    for section in dataclasses.fields(Config):
+        for field in dataclasses.fields(
+            section.type if isinstance(section.type, type) else Config().__dict__[section.name]
+        ):
+            assert f"--{section.name}.{yaml_key(field)}" in options
+    path = tmp_path / "c.yaml"
+    path.write_text("projection:\n  kind: gaussian\n  dim: 256\ntrain:\n  epochs: 3\n")
+    args = make_parser().parse_args(
+        ["build", "--config", str(path), "--projection.dim", "512", "--attribution.cg_tol", "1e-6"]
+    )
+    config = run_config(args)
+    assert (config.projection.kind, config.projection.dim, config.train.epochs) == ("gaussian", 512, 3)
+    assert config.attribution.cg_tol == 1e-6
+    args = make_parser().parse_args(["train", "--projection.factors", "[8, 4]", "--task.target", "null"])
+    assert run_config(args).projection.factors == [8, 4] and run_config(args).task.target is None
+    assert main(["train", "--train.epoch", "3"]) == 2
+    assert "did you mean '--train.epochs'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("tdastore ")
+
+
+def test_task_class_errors_name_the_fix():
+    from tdastore.config import ModelConfig, TaskConfig
+    from tdastore.tasks import make_task
+
+    for path, words in [
+        ("nomodule_xyz:Task", "cannot be imported"),
+        ("tdastore.tasks.base:Examples", "not a tdastore.tasks.Task subclass"),
+        ("justaname", "must be 'module:Class'"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            make_task(TaskConfig(cls=path), ModelConfig())
+    assert type(make_task(TaskConfig(cls="tabular"))).__name__ == "TabularTask"

@@ -261,3 +261,52 @@ def test_cli_index_and_query(built, tmp_path, capsys):
     assert cli_main(["query", str(store.root), "--method", "nope", "--split", "test"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert cli_main(["query", str(store.root)]) == 2
+
+
+def test_every_method_row_points_at_registered_operators():
+    from tdastore.methods import METHODS
+    from tdastore.precond.registry import operator_class, registered
+
+    for method in METHODS.values():
+        if method.further_training:
+            continue
+        for path in ("projected", "exact"):
+            if getattr(method, path) is not None:
+                assert operator_class(path, getattr(method, path)).name == getattr(method, path)
+    assert {"identity", "fisher", "diagonal", "lissa_fisher", "trak", "datainf", "kfac", "ekfac"} <= set(
+        registered("projected")
+    )
+    with pytest.raises(ConfigError, match="no projected operator 'nope'"):
+        operator_class("projected", "nope")
+
+
+def test_a_new_method_is_one_class_and_one_row(built, monkeypatch):
+    from tdastore.methods import METHODS, Method
+    from tdastore.precond.projected.operators import ProjectedOperator
+    from tdastore.precond.projected.spectral import Block, SpectralOperator
+    from tdastore.precond.registry import _REGISTRY
+
+    class HalfIdentity(ProjectedOperator):
+        name, dense = "half_identity", False
+
+        def fit(self, inputs):
+            k = inputs.store.dim
+            return SpectralOperator(self.name, k, [Block(0, k, np.full(k, 0.5))])
+
+    monkeypatch.setitem(_REGISTRY, ("projected", "half_identity"), HalfIdentity)
+    monkeypatch.setitem(METHODS, "half_dot", Method("half_dot", "half_identity", None, summary="Grad-Dot / 2"))
+    config, store, task, test, t, g, _ = built
+    table = tdastore.query(store, "half_dot", inputs=test, top_k=5)
+    expected = np.sort(0.5 * t @ g.T / store.n_rows, axis=1)[:, ::-1][:, :5]
+    assert rel_err(table.column("score").to_numpy().reshape(len(test), 5), expected) <= 1e-4
+
+
+def test_bottom_k_from_the_index_equals_streamed_opponents(built):
+    config, store, task, test, t, g, _ = built
+    expected = t @ g.T / store.n_rows
+    for kind in (None, "flat"):
+        table = tdastore.Attributor(store, "grad_dot", kind=kind).bottom_k(test, 4)
+        rows = table.column("train_row").to_numpy().reshape(len(test), 4)
+        np.testing.assert_array_equal(rows, np.argsort(expected, axis=1)[:, :4])
+        scores = table.column("score").to_numpy().reshape(len(test), 4)
+        assert rel_err(scores, np.sort(expected, axis=1)[:, :4]) <= 1e-4

@@ -185,6 +185,26 @@ def test_end_to_end_build_index_query_by_local_path(ray_cluster, tiny_lm, tmp_pa
     result = pq.read_table(out)
     assert result.num_rows == 5 and "train_text" in result.column_names and "test_text" in result.column_names
     assert (store.root / "precond").is_dir()  # the EK-FAC operator was fitted once and saved with the store
+    # the query service answers prompts over a text store, with the documents' text
+    from test_serve import post
+
+    from tdastore.serve import BackgroundServer, make_app, start_replicas
+
+    actors, meta = start_replicas(str(store.root), replicas=1, kind="flat")
+    assert meta["text"] and meta["kind"] == "causal_lm"
+    server = BackgroundServer(make_app(actors, meta))
+    try:
+        prompts = [str(train.texts[i]) for i in picks[:3]]
+        status, body = post(server.url, {"method": "grad_cos", "inputs": prompts, "top_k": 2})
+        assert status == 200, body
+        expected = tdastore.query(store, "grad_cos", inputs=prompts, top_k=2, kind="flat")
+        hits = [hit for result in body["results"] for hit in result["top"]]
+        assert [h["train_row"] for h in hits] == expected.column("train_row").to_pylist()
+        assert [h["train_text"] for h in hits] == expected.column("train_text").to_pylist()
+        assert post(server.url, {"method": "grad_cos", "inputs": [[1.0, 2.0]]})[0] == 400
+        assert post(server.url, {"method": "grad_cos", "inputs": ["x"], "targets": [1]})[0] == 400
+    finally:
+        server.stop()
 
 
 def test_kfac_operator_against_numpy(tiny_lm):
