@@ -20,6 +20,9 @@ import yaml
 
 from tdastore.errors import ConfigError
 
+IndexKind = Literal["flat", "ivf", "hnsw", "sq8", "pq"]  # FAISS index kinds (tdastore/index/faiss_index.py)
+INDEX_KINDS: tuple[str, ...] = typing.get_args(IndexKind)
+
 
 @dataclass
 class TaskConfig:
@@ -143,7 +146,7 @@ class AttributionConfig:
 class IndexConfig:
     """FAISS index over preconditioner-transformed rows."""
 
-    kind: Literal["flat", "ivf", "hnsw", "sq8", "pq"] = "flat"
+    kind: IndexKind = "flat"
     shard_rows: int = 262_144  # rows per index shard (whole store shards); searched with a top-k merge
     nlist: int | None = None  # ivf / pq: None = 4 x sqrt(rows)
     nprobe: int = 64
@@ -161,7 +164,7 @@ class QueryConfig:
     inputs: str | None = None  # .csv / .parquet with the task's columns; None: the task's split
     split: Literal["test", "train"] = "test"
     top_k: int = 10
-    kind: Literal["flat", "ivf", "hnsw", "sq8", "pq"] | None = None
+    kind: IndexKind | None = None
     out: str | None = None  # write the table as Parquet (None: print only)
 
 

@@ -7,6 +7,7 @@ import sys
 
 from tdastore.cli import commands
 from tdastore.cli.flags import add_config_flags, suggestion
+from tdastore.config import INDEX_KINDS
 from tdastore.errors import TdaStoreError
 from tdastore.version import __version__
 
@@ -19,7 +20,7 @@ QUERY_ALIASES = {
     "--index-shard-rows": "index.shard_rows",
 }
 CONFIG_COMMANDS = ("train", "build", "index", "query", "ground-truth", "metagrad", "evaluate")
-KINDS = ["flat", "ivf", "hnsw", "sq8", "pq"]
+KINDS = list(INDEX_KINDS)
 
 
 def _config_option(parser: argparse.ArgumentParser, required: bool = False, what: str = "") -> None:

@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from tqdm import tqdm
 
-from tdastore import errors
+import tdastore.errors as errors
 from tdastore.errors import StoreError, TdaStoreError
 
 
