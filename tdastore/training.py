@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from tdastore.atomic import temporary_name
 from tdastore.config import Config, save_config
 from tdastore.errors import ConfigError, StoreError
 from tdastore.tasks.base import Task, model_fingerprint
@@ -61,7 +62,7 @@ def evaluate_loss(model: nn.Module, task: Task, split: str = "test") -> float:
 def save_model(model: nn.Module, config: Config, out_dir: Path, log: dict | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / WEIGHTS_FILE
-    tmp = path.with_suffix(".part")
+    tmp = temporary_name(path)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(path)
     save_config(config, out_dir / "config.yaml")

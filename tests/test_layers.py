@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[1] / "tdastore"
 # lowest first; a module may import its own component and any component of a lower layer
 LAYERS = [
-    ["errors", "version"],
+    ["errors", "version", "atomic"],
     ["config", "methods"],
     ["tasks"],
     ["training"],

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from tdastore.atomic import temporary_name
 from tdastore.config import IndexConfig
 from tdastore.errors import ConfigError, StoreError
 from tdastore.store.manifest import write_json_atomic
@@ -173,8 +174,9 @@ def build_index(
             index.train(rows)
         index.add(rows)
         name = f"shard-{number:04d}.faiss"
-        faiss.write_index(index, str(directory / (name + ".part")))
-        (directory / (name + ".part")).replace(directory / name)
+        tmp = temporary_name(directory / name)
+        faiss.write_index(index, str(tmp))
+        tmp.replace(directory / name)
         shards.append((start, stop, name, max_norm))
         bar.update(stop - start)
     bar.close()

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tdastore.atomic import temporary_name
 from tdastore.errors import StoreError
 
 SCHEMA_VERSION = 1
@@ -24,7 +25,7 @@ def write_json_atomic(path, payload: Any) -> None:
     if not isinstance(path, Path):
         path.write_text(json.dumps(payload, indent=2))
         return
-    tmp = path.with_name(path.name + ".part")
+    tmp = temporary_name(path)
     with open(tmp, "w") as handle:
         json.dump(payload, handle, indent=2, sort_keys=False)
         handle.flush()

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
+from tdastore.atomic import temporary_name
 from tdastore.errors import StoreError
 from tdastore.store.job_store import create_or_reopen, done_markers
 from tdastore.store.location import StorePath, is_local, read_parquet, write_parquet, zarr_store
@@ -130,7 +131,7 @@ def write_shard(root: StorePath, shard: Shard, rows: np.ndarray, meta: pa.Table)
     if is_local(root):  # object stores have no fsync: a finished put is durable
         _fsync_chunks(root / GRADS_DIR, range(shard.start // chunk_rows, -(-shard.stop // chunk_rows)))
     meta_path = shard_meta_path(root, shard.index)
-    tmp = meta_path.with_name(meta_path.name + ".part")
+    tmp = temporary_name(meta_path)
     write_parquet(meta, tmp)
     tmp.replace(meta_path)
     marker = {"shard": shard.index, "start": shard.start, "stop": shard.stop, "crc32": zlib.crc32(rows.data)}
@@ -167,7 +168,7 @@ def finalize_store(root: StorePath, manifest: dict, summary: dict) -> dict:
     meta = pa.concat_tables(tables)
     if meta.num_rows != manifest["n_rows"]:
         raise StoreError(f"store '{root}': metadata has {meta.num_rows} rows, expected {manifest['n_rows']}")
-    tmp = root / (META_FILE + ".part")
+    tmp = temporary_name(root / META_FILE)
     write_parquet(meta, tmp)
     tmp.replace(root / META_FILE)
     manifest = update_shard_table(root, manifest)

@@ -6,6 +6,7 @@ inverse-Hessian query becomes a plain inner-product search over transformed rows
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class SpectralOperator:
             arrays[f"values_{i}"] = b.values
             if b.basis is not None:
                 arrays[f"basis_{i}"] = b.basis
-        tmp = path.with_name(path.name + ".part.npz")
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.part.npz")  # np.savez keeps a .npz suffix
         np.savez(tmp, **arrays)
         tmp.replace(path)
 
