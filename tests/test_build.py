@@ -208,3 +208,88 @@ def test_cli_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main([command, "--help"])
     assert exit_info.value.code == 0 and "usage: tdastore" in capsys.readouterr().out
+
+
+def test_one_writer_per_output(tmp_path, trained_config):
+    """A second job on a held output is refused with the holder named; a dead holder's lease is taken over."""
+    import json as _json
+    import subprocess
+
+    from tdastore.store.lease import LEASE_FILE, Lease
+
+    root = tmp_path / "out"
+    with Lease(root, "build"):
+        with pytest.raises(StoreError, match=r"being written by another build \(.*pid"):
+            build_store(trained_config, root, progress=False)
+        with pytest.raises(StoreError, match="being written by another build"):
+            Lease(root, "ground truth").acquire()
+    assert not (root / LEASE_FILE).exists()  # released on exit
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process that has exited: its lease is stale
+    lease = Lease(root, "build")
+    (root / LEASE_FILE).write_text(_json.dumps({**lease._record(), "pid": dead.pid, "token": "old"}))
+    with lease:
+        assert _json.loads((root / LEASE_FILE).read_text())["token"] == lease.token
+    old = Lease(root, "build", timeout_s=60)
+    (root / LEASE_FILE).write_text(_json.dumps({**old._record(), "host": "elsewhere", "heartbeat": 0, "token": "x"}))
+    with Lease(root, "build"):  # a holder on another node whose heartbeat stopped
+        pass
+    (tmp_path / "store.txt").write_text("someone's file")
+    with pytest.raises(StoreError, match="is a file"):
+        build_store(trained_config, tmp_path / "store.txt")
+    assert (tmp_path / "store.txt").read_text() == "someone's file"
+
+
+def store_bytes(root: Path) -> dict[str, bytes]:
+    """The gradient chunks and consolidated metadata, byte for byte."""
+    files = [p for p in (root / "grads.zarr" / "c").rglob("*") if p.is_file()] + [root / "meta.parquet"]
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+def test_damage_is_found_by_verify_and_repaired_exactly(ray_cluster, tmp_path, trained_config):
+    """Truncated chunk, flipped byte, deleted shard metadata, deleted marker: verify names the shard, the next
+    build recomputes exactly that shard, and the store is byte-identical to a clean build."""
+    import shutil
+
+    from tdastore.cli import main
+
+    clean = store_bytes(uninterrupted(tmp_path, trained_config).root)
+    root = tmp_path / "store"
+    build_store(trained_config, root, progress=False)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(root, pristine)
+
+    def truncate(r):
+        path = r / "grads.zarr" / "c" / "2" / "0"
+        path.write_bytes(path.read_bytes()[:100])
+
+    def flip(r):
+        path = r / "grads.zarr" / "c" / "4" / "0"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    cases = [  # (damage, shard, found by the build's cheap check)
+        (truncate, 1, True),
+        (flip, 2, False),
+        (lambda r: (r / "shards" / "000003.parquet").unlink(), 3, True),
+        (lambda r: (r / "shards" / "000004.done").unlink(), 4, True),
+    ]
+    for damage, shard, cheap in cases:
+        shutil.rmtree(root)
+        shutil.copytree(pristine, root)
+        damage(root)
+        if damage is truncate:
+            with pytest.raises(StoreError, match=r"rows 64\.\.96 cannot be read .*tdastore verify"):
+                tdastore.open_store(root).read_rows(64, 96)
+        if cheap:
+            assert main(["verify", str(root)]) == 2
+        assert main(["verify", str(root), "--deep"]) == (0 if cheap else 2)  # found (and marked) once
+        with pytest.raises(StoreError, match="incomplete"):
+            tdastore.open_store(root)
+        before = {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.done")}
+        store = build_store(trained_config, root, progress=False)
+        assert store.manifest["summary"]["rows_computed"] == 64  # exactly the damaged shard
+        assert {p.name for p in (root / "shards").glob("*.done")} - set(before) == {f"{shard:06d}.done"}
+        assert store_bytes(root) == clean
+        assert main(["verify", str(root), "--deep"]) == 0

@@ -78,6 +78,17 @@ def make_parser() -> argparse.ArgumentParser:
     info = command("info", commands.cmd_info, "print a summary of a store", "Summarise a gradient store.")
     info.add_argument("store", help="store directory")
 
+    verify = command(
+        "verify",
+        commands.cmd_verify,
+        "check a store's chunks against their recorded checksums",
+        "Check every done shard: its .done marker, metadata file and chunk files (sizes; with --deep "
+        "every byte against its crc32). Damaged shards lose their marker and the next build "
+        "recomputes exactly them; exit status 2 when any is found.",
+    )
+    verify.add_argument("store", help="store directory or URI")
+    verify.add_argument("--deep", action="store_true", help="read every chunk and compare its crc32")
+
     index = command(
         "index",
         commands.cmd_index,

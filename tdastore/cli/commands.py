@@ -13,7 +13,7 @@ from pathlib import Path
 from tdastore.attribution import Attributor
 from tdastore.cli.flags import config_overrides
 from tdastore.config import Config, load_config
-from tdastore.errors import ConfigError
+from tdastore.errors import ConfigError, StoreError
 from tdastore.store.gradient_store import open_store
 
 QUERY_SECTIONS = ["attribution", "index"]
@@ -80,6 +80,23 @@ def cmd_build(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
 
     print(open_store(args.store, allow_incomplete=True).summary())
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from tdastore.store.location import store_path
+    from tdastore.store.verify import mark_for_rebuild, verify_store
+
+    root = store_path(args.store)
+    problems = verify_store(root, deep=args.deep)
+    if not problems:
+        print(f"store '{root}': every done shard checks out ({'deep: checksums' if args.deep else 'sizes'})")
+        return
+    mark_for_rebuild(root, problems)
+    found = "\n".join(f"  shard {p.shard}: {p.reason}" for p in problems)
+    raise StoreError(
+        f"store '{root}' has {len(problems)} damaged shard(s):\n{found}\ntheir markers were removed and the store "
+        "is marked incomplete: rerun the same `tdastore build` to recompute exactly these shards"
+    )
 
 
 def cmd_index(args: argparse.Namespace) -> None:

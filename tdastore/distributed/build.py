@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -13,8 +14,18 @@ from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.store.gradient_store import GradientStore
+from tdastore.store.job_store import writing
 from tdastore.store.location import store_path
-from tdastore.store.writer import done_shards, finalize_store, plan_shards, prepare_store, update_shard_table
+from tdastore.store.manifest import read_manifest
+from tdastore.store.verify import mark_for_rebuild, verify_store
+from tdastore.store.writer import (
+    done_shards,
+    finalize_store,
+    not_a_store,
+    plan_shards,
+    prepare_store,
+    update_shard_table,
+)
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Task, check_not_empty, model_fingerprint
 from tdastore.training import load_model
@@ -69,9 +80,20 @@ def build_store(
     identity = store_identity(config, split, task)
     n_rows = identity.pop("_n_rows")
     check_not_empty(n_rows, f"the {split} split of '{config.task.dataset}'")
+    with writing(root, "build", not_a_store(root)):
+        return _build_leased(config, root, split, identity, n_rows, address, workers, progress, fault, task)
+
+
+def _build_leased(config, root, split, identity, n_rows, address, workers, progress, fault, task) -> GradientStore:
     extra = {"config": config_to_dict(config), "tdastore_version": __version__, "created": time.time()}
     manifest = prepare_store(root, identity, n_rows, identity["projection"]["out_dim"], config.store.dtype, extra)
     shards = plan_shards(n_rows, config.store.shard_rows)
+    damaged = verify_store(root)  # cheap: markers, metadata files, chunk files at their written sizes
+    if damaged:
+        found = "; ".join(f"{p.shard}: {p.reason}" for p in damaged)
+        print(f"store '{root}': recomputing damaged shard(s) {found}", file=sys.stderr)
+        mark_for_rebuild(root, damaged)
+        manifest = read_manifest(root)
     done = done_shards(root)
     pending = [s for s in shards if s.index not in done]
     began = time.perf_counter()

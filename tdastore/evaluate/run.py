@@ -15,6 +15,7 @@ from tdastore.evaluate.metrics import agreement, gold_vectors, seed_curve
 from tdastore.evaluate.report import write_plots, write_report
 from tdastore.groundtruth.pool import read_groundtruth_manifest
 from tdastore.methods import get_method
+from tdastore.store.lease import Lease
 
 DEFAULT_METHODS = [
     "grad_dot",
@@ -89,8 +90,10 @@ def evaluate(
     """Cosine / Spearman of each method against the gold standard at every evaluation point, and seed curves.
     task: the task object the store and ground truth were made from with the Python API."""
     gold = load_gold(store, groundtruth)
-    results = score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress, task)
-    if out is not None:
+    if out is None:
+        return score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress, task)
+    with Lease(Path(out), "evaluation"):  # one evaluation writes into `out` at a time
+        results = score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress, task)
         write_results(results, Path(out))
     return results
 

@@ -27,7 +27,7 @@ from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
 from tdastore.groundtruth.pool import check_fingerprint, done_units, read_groundtruth_manifest
-from tdastore.store.job_store import create_or_reopen, differing_keys, mark_done, read_job_manifest
+from tdastore.store.job_store import create_or_reopen, differing_keys, mark_done, read_job_manifest, writing
 from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Task
@@ -106,9 +106,13 @@ def prepare_metagrad(config: Config, groundtruth: str | Path, task: Task | None 
             f"metagradient store '{root}' holds another job (differs in {keys}) and was left "
             "unchanged: delete it to recompute with these settings"
         ),
-        not_ours=f"'{root}' exists, is not empty and is not a metagradient store: move it away to recompute",
+        not_ours=not_a_metagrad(root),
     )
     return root, manifest, gt_config
+
+
+def not_a_metagrad(root: Path) -> str:
+    return f"'{root}' exists, is not empty and is not a metagradient store: move it away to recompute"
 
 
 def read_metagrad_manifest(root: Path) -> dict:
@@ -176,31 +180,40 @@ def run_metagrad(
     gt_manifest = read_groundtruth_manifest(groundtruth)
     if gt_manifest.get("status") != "complete":
         raise StoreError(f"ground truth '{groundtruth}' is incomplete: finish `tdastore ground-truth` first")
-    root, manifest, gt_config = prepare_metagrad(config, groundtruth, task)
-    units = _plan(
-        len(manifest["seeds"]), len(manifest["test_rows"]), config.metagrad.seed_block, config.metagrad.test_block
-    )
-    pending = [u for u in units if u.name not in done_units(root)]
-    if pending:
-        with ray_session(address or config.build.address, num_cpus=max(2, config.metagrad.workers)):
-            args = (config_to_dict(config), config_to_dict(gt_config), str(root), manifest, share_task(gt_config, task))
-            options = dict(num_cpus=1, max_restarts=0)
-            run_pool(
-                pending,
-                lambda: MetagradWorker.options(**options).remote(*args),
-                workers=config.metagrad.workers,
-                max_retries=config.build.max_retries,
-                describe=lambda unit: f"metagrad unit {unit.name}",
-                desc="metagrad",
-                total=len(units),
-                initial=len(units) - len(pending),
-                progress=progress,
-            )
-    if done_units(root) >= {u.name for u in units}:
-        manifest = read_metagrad_manifest(root)
-        manifest["status"] = "complete"
-        write_json_atomic(root / "manifest.json", manifest)
-    return root
+    gt_config = load_config(gt_manifest["config"])
+    output = metagrad_root(groundtruth, config.metagrad.coupling or gt_config.groundtruth.coupling)
+    with writing(output, "metagradient job", not_a_metagrad(output)):
+        root, manifest, gt_config = prepare_metagrad(config, groundtruth, task)
+        units = _plan(
+            len(manifest["seeds"]), len(manifest["test_rows"]), config.metagrad.seed_block, config.metagrad.test_block
+        )
+        pending = [u for u in units if u.name not in done_units(root)]
+        if pending:
+            with ray_session(address or config.build.address, num_cpus=max(2, config.metagrad.workers)):
+                args = (
+                    config_to_dict(config),
+                    config_to_dict(gt_config),
+                    str(root),
+                    manifest,
+                    share_task(gt_config, task),
+                )
+                options = dict(num_cpus=1, max_restarts=0)
+                run_pool(
+                    pending,
+                    lambda: MetagradWorker.options(**options).remote(*args),
+                    workers=config.metagrad.workers,
+                    max_retries=config.build.max_retries,
+                    describe=lambda unit: f"metagrad unit {unit.name}",
+                    desc="metagrad",
+                    total=len(units),
+                    initial=len(units) - len(pending),
+                    progress=progress,
+                )
+        if done_units(root) >= {u.name for u in units}:
+            manifest = read_metagrad_manifest(root)
+            manifest["status"] = "complete"
+            write_json_atomic(root / "manifest.json", manifest)
+        return root
 
 
 def read_metagrad_scores(root: Path) -> tuple[np.ndarray, dict]:

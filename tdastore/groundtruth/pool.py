@@ -29,7 +29,14 @@ from tdastore.distributed.ray_session import ray_session
 from tdastore.distributed.shipping import share_task
 from tdastore.errors import ConfigError, StoreError
 from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
-from tdastore.store.job_store import create_or_reopen, differing_keys, done_markers, mark_done, read_job_manifest
+from tdastore.store.job_store import (
+    create_or_reopen,
+    differing_keys,
+    done_markers,
+    mark_done,
+    read_job_manifest,
+    writing,
+)
 from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Task, model_fingerprint
@@ -140,9 +147,13 @@ def prepare_groundtruth(config: Config, task: Task | None = None) -> tuple[Path,
             f"ground-truth store '{root}' holds another job (differs in {keys}) and was left "
             "unchanged: choose a new groundtruth.output"
         ),
-        not_ours=f"'{root}' exists, is not empty and is not a ground-truth store: choose a new groundtruth.output",
+        not_ours=not_a_groundtruth(root),
     )
     return root, manifest
+
+
+def not_a_groundtruth(root: Path) -> str:
+    return f"'{root}' exists, is not empty and is not a ground-truth store: choose a new groundtruth.output"
 
 
 def read_groundtruth_manifest(root: Path) -> dict:
@@ -212,28 +223,32 @@ def run_groundtruth(
 ) -> Path:
     """Run (or resume) the ground-truth job on Ray; returns the store's path. task: a task object (Python API)
     instead of the one the config names."""
-    root, manifest = prepare_groundtruth(config, task)
-    gt = config.groundtruth
-    units = plan_units(gt.seeds, len(manifest["left_out"]), gt.seed_block, gt.left_out_block)
-    pending = [u for u in units if u.name not in done_units(root)]
-    retries = config.build.max_retries if max_retries is None else max_retries
-    if pending:
-        with ray_session(address or config.build.address, num_cpus=max(2, gt.workers * gt.threads_per_worker)):
-            config_dict, threads, shared = config_to_dict(config), gt.threads_per_worker, share_task(config, task)
-            options = dict(num_cpus=threads, max_restarts=0)
-            run_pool(
-                pending,
-                lambda: UnitWorker.options(**options).remote(config_dict, str(root), manifest, threads, fault, shared),
-                workers=gt.workers,
-                max_retries=retries,
-                describe=lambda unit: f"ground truth unit {unit.name}",
-                desc="ground truth",
-                total=len(units),
-                initial=len(units) - len(pending),
-                progress=progress,
-            )
-    if done_units(root) >= {u.name for u in units}:
-        manifest = read_groundtruth_manifest(root)
-        manifest["status"] = "complete"
-        write_json_atomic(root / "manifest.json", manifest)
-    return root
+    output = Path(config.groundtruth.output)
+    with writing(output, "ground truth", not_a_groundtruth(output)):
+        root, manifest = prepare_groundtruth(config, task)
+        gt = config.groundtruth
+        units = plan_units(gt.seeds, len(manifest["left_out"]), gt.seed_block, gt.left_out_block)
+        pending = [u for u in units if u.name not in done_units(root)]
+        retries = config.build.max_retries if max_retries is None else max_retries
+        if pending:
+            with ray_session(address or config.build.address, num_cpus=max(2, gt.workers * gt.threads_per_worker)):
+                config_dict, threads, shared = config_to_dict(config), gt.threads_per_worker, share_task(config, task)
+                options = dict(num_cpus=threads, max_restarts=0)
+                run_pool(
+                    pending,
+                    lambda: UnitWorker.options(**options).remote(
+                        config_dict, str(root), manifest, threads, fault, shared
+                    ),
+                    workers=gt.workers,
+                    max_retries=retries,
+                    describe=lambda unit: f"ground truth unit {unit.name}",
+                    desc="ground truth",
+                    total=len(units),
+                    initial=len(units) - len(pending),
+                    progress=progress,
+                )
+        if done_units(root) >= {u.name for u in units}:
+            manifest = read_groundtruth_manifest(root)
+            manifest["status"] = "complete"
+            write_json_atomic(root / "manifest.json", manifest)
+        return root

@@ -71,7 +71,14 @@ class GradientStore:
 
     def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) as float32 [n, k]."""
-        raw = self.grads[start : self.n_rows if stop is None else stop]
+        stop = self.n_rows if stop is None else stop
+        try:
+            raw = self.grads[start:stop]
+        except Exception as err:  # zarr raises several kinds for truncated or corrupt chunks
+            raise StoreError(
+                f"store '{self.root}': rows {start}..{stop} cannot be read ({type(err).__name__}: {err}); run "
+                f"`tdastore verify {self.root}` (it marks the damaged shards) and rerun the build to recompute them"
+            ) from err
         if raw.dtype == np.float16:  # torch's vectorised half -> float is ~3x numpy's astype
             return torch.from_numpy(raw).float().numpy()
         return np.asarray(raw, dtype=np.float32)

@@ -9,17 +9,39 @@ a store of ours is never written into.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tdastore.errors import StoreError
+from tdastore.store.lease import LEASE_FILE, Lease
 from tdastore.store.location import StorePath
 from tdastore.store.manifest import MANIFEST_FILE, write_json_atomic
 
 DONE = ".done"
 CREATING = ".creating"  # present while a store is created, before its manifest is written
+
+
+def foreign(root: StorePath) -> bool:
+    """Whether `root` is something no job of ours may write into: a file, or a non-empty directory that is
+    neither a store (no manifest) nor a creation of ours stopped before its manifest."""
+    if not root.exists():
+        return False
+    if not root.is_dir():
+        return True
+    names = {p.name for p in root.iterdir()} - {LEASE_FILE}
+    return bool(names) and MANIFEST_FILE not in names and CREATING not in names
+
+
+@contextlib.contextmanager
+def writing(root: StorePath, job: str, not_ours: str) -> Iterator[None]:
+    """Hold `root` for one job: refused (nothing written) if it is not ours, else under a lease."""
+    if foreign(root):
+        raise StoreError(not_ours)
+    with Lease(root, job):
+        yield
 
 
 def create_or_reopen(
@@ -40,9 +62,9 @@ def create_or_reopen(
         if problems:
             raise StoreError(refused(problems))
         return manifest
-    if root.exists() and any(root.iterdir()):
-        if not (root / CREATING).exists():
-            raise StoreError(not_ours)
+    if foreign(root):
+        raise StoreError(not_ours)
+    if root.exists() and (root / CREATING).exists():
         _clear(root)  # a creation stopped before its manifest: ours, and nothing in it is done yet
     root.mkdir(parents=True, exist_ok=True)
     (root / CREATING).write_text("this store is being created; without manifest.json it is recreated on rerun\n")
@@ -53,11 +75,13 @@ def create_or_reopen(
 
 
 def _clear(root: StorePath) -> None:
-    if isinstance(root, Path):
-        for child in root.iterdir():
+    for child in root.iterdir():
+        if child.name == LEASE_FILE:
+            continue
+        if isinstance(child, Path):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    else:
-        root.fs.rm(root.path, recursive=True)
+        else:
+            child.fs.rm(child.path, recursive=True)
 
 
 def read_job_manifest(root: Path, kind: str, what: str, command: str) -> dict:

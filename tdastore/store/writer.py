@@ -93,8 +93,14 @@ def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype:
             + "\n  - ".join(problems)
             + "\nbuild into a new --output directory, or rebuild with the store's config"
         ),
-        not_ours=f"'{root}' exists, is not empty and is not a tdastore store: choose a new --output directory",
+        not_ours=not_a_store(root),
     )
+
+
+def not_a_store(root: StorePath) -> str:
+    if root.exists() and not root.is_dir():
+        return f"'{root}' is a file, not a store directory: choose a new --output directory"
+    return f"'{root}' exists, is not empty and is not a tdastore store: choose a new --output directory"
 
 
 def _compressors(name: str):
@@ -134,9 +140,27 @@ def write_shard(root: StorePath, shard: Shard, rows: np.ndarray, meta: pa.Table)
     tmp = temporary_name(meta_path)
     write_parquet(meta, tmp)
     tmp.replace(meta_path)
-    marker = {"shard": shard.index, "start": shard.start, "stop": shard.stop, "crc32": zlib.crc32(rows.data)}
+    marker = {
+        "shard": shard.index,
+        "start": shard.start,
+        "stop": shard.stop,
+        "crc32": zlib.crc32(rows.data),  # of the rows as stored (decoded)
+        "chunks": chunk_table(root, range(shard.start // chunk_rows, -(-shard.stop // chunk_rows))),
+    }
     write_json_atomic(shard_marker(root, shard.index), marker)
     return marker
+
+
+def chunk_table(root: StorePath, row_chunks: range) -> dict[str, list[int]]:
+    """{chunk key: [size, crc32]} of the encoded chunk files of these row chunks, as written (all-zero chunks
+    have no file, so the table says which files must exist)."""
+    table = {}
+    for row_chunk in row_chunks:
+        folder = root / GRADS_DIR / "c" / str(row_chunk)
+        for path in sorted(folder.iterdir(), key=lambda p: p.name) if folder.is_dir() else ():
+            data = path.read_bytes()
+            table[f"c/{row_chunk}/{path.name}"] = [len(data), zlib.crc32(data)]
+    return table
 
 
 def _fsync_chunks(array_dir: Path, row_chunks: range) -> None:
