@@ -71,6 +71,43 @@ class RequestError(ValueError):
     """A malformed request: answered with 400 and this message."""
 
 
+MAX_DEPTH = 8  # a /query body nests at most [ [ value ] ] inside an object
+MAX_NUMBER_CHARS = 40  # longer numbers are not features of anything (and big-integer parsing is slow)
+
+
+def parse_body(raw: bytes):
+    """JSON with bounded nesting and number sizes, checked on the raw text before the parser recurses."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:  # brackets inside strings do not count
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                raise RequestError(f'the body nests deeper than {MAX_DEPTH} levels: send {{"inputs": [[...]]}}')
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+
+    def number(text: str):
+        if len(text) > MAX_NUMBER_CHARS:
+            raise RequestError(f"a number of {len(text)} characters: features are ordinary floats")
+        return float(text) if any(c in text for c in ".eE") else int(text)
+
+    def constant(name: str):
+        raise RequestError(f"{name} is not a finite number")
+
+    return json.loads(raw, parse_int=number, parse_float=number, parse_constant=constant)
+
+
 def validate(body, meta: dict) -> tuple[str, list, list, int]:
     """Check a /query body against the store's task; returns (method, inputs, targets, top_k)."""
     if not isinstance(body, dict):
@@ -217,9 +254,11 @@ def make_app(replicas: list, meta: dict) -> web.Application:
 
     async def query(request: web.Request) -> web.Response:
         try:
-            body = json.loads(await request.read())
+            body = parse_body(await request.read())
         except web.HTTPRequestEntityTooLarge:
             return error(413, f"request body above {MAX_BODY} bytes: send fewer inputs per request")
+        except RequestError as err:
+            return error(400, str(err))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             return error(400, f"the body is not valid JSON ({err})")
         try:

@@ -18,10 +18,18 @@ from tdastore.tasks.base import Task, model_fingerprint
 WEIGHTS_FILE = "model.safetensors"
 
 
-def train(config: Config, progress: bool = True, task: Task | None = None) -> nn.Module:
-    """Train the final model of `config` (on `task`, else the config's) and save it to train.output_dir."""
+def train(config: Config, progress: bool = True, task: Task | None = None, overwrite: bool = False) -> nn.Module:
+    """Train the final model of `config` (on `task`, else the config's) and save it to train.output_dir;
+    existing weights are replaced only with `overwrite` (stores and ground truths built from them would then
+    refuse the new ones)."""
     from tdastore.tasks import resolve_task
 
+    path = Path(config.train.output_dir) / WEIGHTS_FILE
+    if path.exists() and not overwrite:
+        raise ConfigError(
+            f"trained weights exist at '{path}': pass --overwrite (overwrite=True) to replace them (stores and "
+            "ground truths built from them will then refuse the new weights), or choose another train.output_dir"
+        )
     return train_final_model(config, resolve_task(config.task, config.model, task), progress=progress)
 
 
@@ -83,7 +91,13 @@ def load_model(config: Config, task: Task) -> nn.Module:
             f"(or point train.output_dir at the directory holding {WEIGHTS_FILE})"
         )
     model = task.make_model()
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise StoreError(
+            f"the weights file '{path}' cannot be read ({err}): it is truncated or not a safetensors file; "
+            "retrain with `tdastore train --config CFG --overwrite`"
+        ) from err
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -310,3 +310,33 @@ def test_bottom_k_from_the_index_equals_streamed_opponents(built):
         np.testing.assert_array_equal(rows, np.argsort(expected, axis=1)[:, :4])
         scores = table.column("score").to_numpy().reshape(len(test), 4)
         assert rel_err(scores, np.sort(expected, axis=1)[:, :4]) <= 1e-4
+
+
+def test_a_read_only_store_is_queried_without_writing(built, monkeypatch):
+    """Operators and indexes of a store the process may not write stay in memory (the service's replicas)."""
+    import os
+
+    from test_build import tree_digest
+
+    config, store, task, test, t, g, _ = built
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else real_access(path, mode))
+    before = tree_digest(store.root)
+    table = tdastore.Attributor(store, "if_diag", kind="hnsw").top_k(test, 5)
+    assert tree_digest(store.root) == before
+    expected = np.sort(expected_scores("if_diag", t, g, config), axis=1)[:, ::-1][:, :5]
+    assert rel_err(table.column("score").to_numpy().reshape(len(test), 5), expected) <= 1e-3
+
+
+def test_a_dense_operator_too_large_is_refused_before_any_work(ray_cluster, tmp_path, trained_config):
+    """Projected DataInf on an unprojected store whose largest layer block is above max_dense_dim."""
+    import time
+
+    from test_build import tree_digest
+
+    store = build_store(trained_config, tmp_path / "store", progress=False)  # blocks of 352, 1,056 and 33
+    before, began = tree_digest(store.root), time.perf_counter()
+    for method in ("datainf", "if_gn"):
+        with pytest.raises(ConfigError, match=r"needs a 1,056 x 1,056 matrix|needs a 1,441 x 1,441 matrix"):
+            tdastore.query(store, method, split="test", overrides={"attribution": {"max_dense_dim": 1000}})
+    assert time.perf_counter() - began < 5 and tree_digest(store.root) == before

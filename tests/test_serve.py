@@ -76,6 +76,15 @@ def test_answers_equal_the_python_api(service):
         ({"inputs": [[0.0] * 10], "targets": [1.0], "top_k": 0}, 400, "top_k"),
         ({"inputs": [[0.0] * 10], "targets": [1.0], "top_k": 10_000}, 400, "top_k"),
         ({"inputs": [[0.0] * 10], "targets": [1.0], "k": 3}, 400, "unknown field"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nests deeper"),
+        (b'{"inputs": [[' + b"9" * 400 + b"]], " + b'"targets": [1.0]}', 400, "a number of 400 characters"),
+        (b'{"inputs": [[' + b"9" * 5000 + b"]], " + b'"targets": [1.0]}', 400, "a number of 5000 characters"),
+        (b'{"inputs": [[Infinity' + b", 0.0" * 9 + b']], "targets": [1.0]}', 400, "not a finite number"),
+        ({"inputs": [[0.0] * 10], "targets": ["a"]}, 400, "finite numbers"),
+        ({"inputs": [[True] + [0.0] * 9], "targets": [1.0]}, 400, "not a finite number"),
+        ({"inputs": [[0.0] * 10], "targets": [1.0], "method": 3}, 400, "unknown method"),
+        ({"inputs": [[0.0] * 10], "targets": [1.0], "top_k": "5"}, 400, "top_k"),
+        ({"inputs": "0,1", "targets": [1.0]}, 400, "non-empty list"),
     ],
 )
 def test_malformed_requests_get_4xx(service, body, status, words):

@@ -58,6 +58,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _config_option(train)
     train.add_argument("--skip-if-trained", action="store_true", help="do nothing if train.output_dir has weights")
+    train.add_argument("--overwrite", action="store_true", help="replace existing weights in train.output_dir")
     _quiet(train)
     add_config_flags(train, ALL_SECTIONS)
 

@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"weights exist at {weights}: nothing to train (--skip-if-trained)")
         return
     began = time.perf_counter()
-    model = train(config, progress=not args.quiet)
+    model = train(config, progress=not args.quiet, overwrite=args.overwrite)
     task = make_task(config.task, config.model)
     print(
         f"trained {task.name} ({task.kind}) in {time.perf_counter() - began:.1f} s: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,8 +160,10 @@ def build_index(
     existing = load_index(store, method.name, kind)
     if existing is not None and existing.description == description:
         return existing
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = []
+    persist = writable(store.root)  # a read-only store (e.g. one being served) gets its index in memory
+    if persist:
+        directory.mkdir(parents=True, exist_ok=True)
+    shards, loaded = [], {}
     began = time.perf_counter()
     ranges = index_shards(store, config.shard_rows)
     bar = tqdm(total=store.n_rows, desc=f"index {method.name}/{kind}", unit="row", disable=not progress)
@@ -174,14 +177,19 @@ def build_index(
             index.train(rows)
         index.add(rows)
         name = f"shard-{number:04d}.faiss"
-        tmp = temporary_name(directory / name)
-        faiss.write_index(index, str(tmp))
-        tmp.replace(directory / name)
+        if persist:
+            tmp = temporary_name(directory / name)
+            faiss.write_index(index, str(tmp))
+            tmp.replace(directory / name)
+        else:
+            loaded[name] = index
         shards.append((start, stop, name, max_norm))
         bar.update(stop - start)
     bar.close()
     description["shards"] = shards
     description["build_seconds"] = time.perf_counter() - began
+    if not persist:
+        return IndexHandle(directory, _without_build_facts(description), shards, loaded)
     write_json_atomic(directory / "index.json", description)
     store.register(
         "indexes",
@@ -189,6 +197,11 @@ def build_index(
         {"directory": str(directory.relative_to(store.root)), "operator": operator_key},
     )
     return IndexHandle(directory, _without_build_facts(description), shards)
+
+
+def writable(root) -> bool:
+    """Whether derived artefacts (indexes, fitted operators) may be saved beside this store."""
+    return isinstance(root, Path) and os.access(root, os.W_OK)
 
 
 def transformed_rows(store, operator, method, start: int, stop: int) -> np.ndarray:

@@ -3,6 +3,7 @@ the operator and the settings it depends on, so a second query with the same set
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ def fit_or_load(name: str, inputs: FitInputs) -> SpectralOperator:
     operator = cls()
     operator.check_size(store, config)
     fitted = operator.fit(inputs)
-    if name != "identity" and isinstance(store.root, Path):  # object-store stores: fitted per process, not cached
+    if name != "identity" and isinstance(store.root, Path) and os.access(store.root, os.W_OK):
+        # object-store and read-only stores: fitted per process, not cached
         folder = store.root / PRECOND_DIR
         folder.mkdir(exist_ok=True)
         fitted.save(folder / f"{key}.npz")
