@@ -317,7 +317,12 @@ def load_config(source: str | Path | dict | None = None, overrides: dict | None 
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist: pass --config with a YAML file (see configs/)")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}: {getattr(err, 'problem', err)}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
     if overrides:

@@ -336,13 +336,28 @@ def serve(
     kind: str = "flat",
     address: str | None = None,
 ) -> None:
-    """Run the service until interrupted (the CLI's `tdastore serve`)."""
-    from tdastore.distributed.ray_session import ray_session
+    """Run the service until interrupted (the CLI's `tdastore serve`). The store and the port are checked
+    before Ray starts, so a mistake costs no start-up time."""
+    import socket
 
+    from tdastore.distributed.ray_session import ray_session
+    from tdastore.errors import ConfigError
+    from tdastore.store.gradient_store import open_store
+
+    open_store(store_path)  # missing, incomplete or corrupt: a clear error now
+    if replicas < 1:
+        raise ConfigError(f"--replicas {replicas}: at least one replica answers queries")
+    listener = socket.socket()
+    try:
+        listener.bind((host, port))
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}): choose another --port") from err
     with ray_session(address, num_cpus=2):
         actors, meta = start_replicas(store_path, replicas, kind)
         print(
             f"serving {store_path} on http://{host}:{port} ({replicas} replica(s), {kind} index); "
             f"OpenAPI at /openapi.json"
         )
-        web.run_app(make_app(actors, meta), host=host, port=port, print=None)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.listen()
+        web.run_app(make_app(actors, meta), sock=listener, print=None)

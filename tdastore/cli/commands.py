@@ -128,7 +128,7 @@ def cmd_query(args: argparse.Namespace) -> None:
     method = args.method or (q.method if q else "grad_dot")
     inputs = args.inputs if args.inputs is not None else (q.inputs if q else None)
     split = args.split or (q.split if q and inputs is None else None)
-    top_k = args.top_k or (q.top_k if q else 10)
+    top_k = args.top_k if args.top_k is not None else (q.top_k if q else 10)
     kind = args.kind or (q.kind if q else None)
     out = args.out or (q.out if q else None)
     if inputs is None and split is None:

@@ -40,8 +40,13 @@ def writing(root: StorePath, job: str, not_ours: str) -> Iterator[None]:
     """Hold `root` for one job: refused (nothing written) if it is not ours, else under a lease."""
     if foreign(root):
         raise StoreError(not_ours)
-    with Lease(root, job):
-        yield
+    created = not root.exists()
+    try:
+        with Lease(root, job):
+            yield
+    finally:
+        if created and root.exists() and not any(True for _ in root.iterdir()):
+            _remove_empty(root)  # a job refused before it wrote anything leaves nothing behind
 
 
 def create_or_reopen(
@@ -72,6 +77,13 @@ def create_or_reopen(
     write_json_atomic(root / MANIFEST_FILE, manifest)
     (root / CREATING).unlink()
     return manifest
+
+
+def _remove_empty(root: StorePath) -> None:
+    if isinstance(root, Path):
+        root.rmdir()
+    else:
+        root.fs.rm(root.path, recursive=True)
 
 
 def _clear(root: StorePath) -> None:

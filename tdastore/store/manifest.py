@@ -17,6 +17,7 @@ META_FILE = "meta.parquet"
 SHARDS_DIR = "shards"
 
 # Fields that must agree between an existing store and a build that extends or resumes it.
+REQUIRED_KEYS = ("status", "n_rows", "dim", "dtype", "shards", "projection", "gradients", "model", "task", "layout")
 IDENTITY_FIELDS = ("split", "task", "model", "gradients", "projection", "layout")
 
 
@@ -52,6 +53,11 @@ def read_manifest(root) -> dict:
         ) from err
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
         raise StoreError(f"the manifest of store '{root}' has no schema_version: it was not written by tdastore")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest] if manifest.get("kind") is None else []
+    if missing:
+        raise StoreError(
+            f"the manifest of store '{root}' lacks {missing}: it is damaged; rebuild the store into a new directory"
+        )
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise StoreError(
             f"store '{root}' has schema version {manifest['schema_version']}, this tdastore reads version "

@@ -109,6 +109,9 @@ class TabularTask(Task):
         if target not in table.column_names:
             raise DataError(f"test inputs need the target column '{target}' (the test function is the loss)")
         check_not_empty(table.num_rows, "the test inputs")
+        text = [c for c in self.columns if not pa_is_numeric(table.column(c).type)]
+        if text:
+            raise DataError(f"test input column '{text[0]}' is {table.column(text[0]).type}, not numeric")
         x = np.stack(
             [np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in self.columns], 1
         )
@@ -129,11 +132,10 @@ class TabularTask(Task):
             targets = torch.tensor((labels - self._scaling[2]) / self._scaling[3], dtype=torch.float32)
         inputs = torch.tensor((x - self._scaling[0]) / self._scaling[1], dtype=torch.float32)
         id_column = self.task_config.id_column or "id"
-        ids = (
-            table.column(id_column).to_numpy(zero_copy_only=False).astype(np.int64)
-            if id_column in table.column_names
-            else np.arange(table.num_rows, dtype=np.int64)
-        )
+        if id_column in table.column_names:
+            ids = read_ids(table, id_column, "the test inputs")
+        else:
+            ids = np.arange(table.num_rows, dtype=np.int64)
         return Examples(inputs, targets, ids, labels)
 
     def description(self) -> dict:
@@ -204,14 +206,22 @@ def _load_table(cfg: TaskConfig) -> _RawTable:
 
 
 def _read_any(path: Path):
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    if path.is_dir():
+        raise DataError(f"'{path}' is a directory: point at a .csv or .parquet file")
     if not path.is_file():
         raise DataError(f"data file '{path}' does not exist")
     if path.suffix not in (".csv", ".parquet", ".pq"):
         raise DataError(f"'{path}' is neither .csv nor .parquet")
-    return pacsv.read_csv(path) if path.suffix == ".csv" else pq.read_table(path)
+    if path.stat().st_size == 0:
+        raise DataError(f"data file '{path}' is empty (0 bytes): point at a file with a header and rows")
+    try:
+        return pacsv.read_csv(path) if path.suffix == ".csv" else pq.read_table(path)
+    except pa.ArrowException as err:  # malformed CSV or Parquet
+        raise DataError(f"'{path}' cannot be read as {path.suffix[1:]} ({err}): fix or re-export the file") from err
 
 
 def _read_file(cfg: TaskConfig):
@@ -238,11 +248,32 @@ def _read_file(cfg: TaskConfig):
     if x.shape[1] == 0 and table.num_rows > 0:
         raise DataError(f"'{path}' has no feature columns besides the target")
     y = table.column(cfg.target).to_numpy(zero_copy_only=False)
-    if cfg.id_column:
-        ids = table.column(cfg.id_column).to_numpy(zero_copy_only=False).astype(np.int64)
-    else:
-        ids = np.arange(table.num_rows, dtype=np.int64)
+    if cfg.kind == "classification" and table.column(cfg.target).null_count + int(
+        np.sum([v is None or (isinstance(v, str) and not v.strip()) for v in y])
+    ):
+        raise DataError(f"the label column '{cfg.target}' of '{path}' has empty values: label every row or drop it")
+    ids = read_ids(table, cfg.id_column, str(path)) if cfg.id_column else np.arange(table.num_rows, dtype=np.int64)
     return x, y, ids, columns
+
+
+def read_ids(table, column: str, where: str) -> np.ndarray:
+    """Example ids: integers, one per row, unique (a store row is found by its id)."""
+    if column not in table.column_names:
+        raise DataError(f"task.id_column '{column}' is not a column of '{where}' (columns: {table.column_names})")
+    values = table.column(column)
+    if not pa_is_numeric(values.type) or values.null_count:
+        raise DataError(f"the id column '{column}' of '{where}' must hold integers for every row, it is {values.type}")
+    ids = values.to_numpy(zero_copy_only=False)
+    if not np.all(np.equal(np.mod(ids, 1), 0)):
+        raise DataError(f"the id column '{column}' of '{where}' holds non-integer values")
+    ids = ids.astype(np.int64)
+    unique, counts = np.unique(ids, return_counts=True)
+    if len(unique) != len(ids):
+        raise DataError(
+            f"the id column '{column}' of '{where}' repeats ids (e.g. {int(unique[counts > 1][0])} appears "
+            f"{int(counts.max())} times): ids must be unique"
+        )
+    return ids
 
 
 def pa_is_numeric(arrow_type) -> bool:
