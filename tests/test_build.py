@@ -293,3 +293,21 @@ def test_damage_is_found_by_verify_and_repaired_exactly(ray_cluster, tmp_path, t
         assert {p.name for p in (root / "shards").glob("*.done")} - set(before) == {f"{shard:06d}.done"}
         assert store_bytes(root) == clean
         assert main(["verify", str(root), "--deep"]) == 0
+
+
+def test_two_builds_into_one_output_at_once(ray_cluster, tmp_path, trained_config):
+    """The second build is refused with the first's lease holder named; the first finishes untouched."""
+    import threading
+    import time
+
+    root = tmp_path / "store"
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.update(store=build_store(trained_config, root, progress=False)))
+    thread.start()
+    while not (root / ".lease").exists() and thread.is_alive():
+        time.sleep(0.01)
+    with pytest.raises(StoreError, match=r"being written by another build \(.* pid \d+"):
+        build_store(trained_config, root, progress=False)
+    thread.join()
+    assert_same_store(first["store"], uninterrupted(tmp_path, trained_config))
+    assert not (root / ".lease").exists()

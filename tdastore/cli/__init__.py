@@ -247,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     except TdaStoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file system refused: permissions, a read-only mount, a full disk
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}: check the path's permissions and free space", file=sys.stderr)
+        return 2
     return 0
 
 

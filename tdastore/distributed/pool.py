@@ -73,8 +73,15 @@ def run_pool(
                 idle.append(start())
                 continue
             except RayTaskError as err:
-                if isinstance(getattr(err, "cause", None), TdaStoreError):
-                    raise err.cause from None
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, TdaStoreError):
+                    raise cause from None
+                if isinstance(cause, OSError):  # disk full, read-only or vanished storage
+                    raise StoreError(
+                        f"{describe(unit)} could not write its output ({cause.strerror or cause}"
+                        f"{': ' + str(cause.filename) if cause.filename else ''}); finished units are kept: "
+                        "make room or fix the storage and rerun the same command to resume"
+                    ) from None
                 raise
             results.append(result)
             idle.append(actor)
