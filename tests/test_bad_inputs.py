@@ -53,6 +53,9 @@ def world(ray_cluster, tmp_path_factory):
     pacsv.write_csv(pa.table({c: [0.0] * 3 for c in features[:-1]} | {"target": [1.0] * 3}), tmp / "narrow.csv")
     (tmp / "empty_inputs.csv").write_text("")
     (tmp / "a_file").write_text("not a store")
+    (tmp / "damaged").mkdir()
+    manifest = {k: v for k, v in store.manifest.items() if k != "n_rows"}
+    (tmp / "damaged" / "manifest.json").write_text(json.dumps(manifest))
     (tmp / "foreign").mkdir()
     (tmp / "foreign" / "notes.txt").write_text("someone's")
     bad_weights = tmp / "bad_weights"
@@ -133,6 +136,8 @@ def cases(w) -> list[tuple[list[str], str]]:
         (["info", str(t / "a_file")], "is a file"),
         (["info", str(t / "foreign")], "is not a tdastore store"),
         (["verify", str(t / "nostore")], "does not exist"),
+        (["info", str(t / "damaged")], "lacks ['n_rows']"),
+        (["query", str(t / "damaged"), "--split", "test"], "it is damaged"),
         # queries
         (["query", store], "say what to attribute"),
         (["query", store, "--split", "test", "--method", "influence"], "unknown method 'influence'"),

@@ -53,15 +53,15 @@ def read_manifest(root) -> dict:
         ) from err
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
         raise StoreError(f"the manifest of store '{root}' has no schema_version: it was not written by tdastore")
-    missing = [key for key in REQUIRED_KEYS if key not in manifest] if manifest.get("kind") is None else []
-    if missing:
-        raise StoreError(
-            f"the manifest of store '{root}' lacks {missing}: it is damaged; rebuild the store into a new directory"
-        )
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise StoreError(
             f"store '{root}' has schema version {manifest['schema_version']}, this tdastore reads version "
             f"{SCHEMA_VERSION}: rebuild it with this version"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in manifest] if manifest.get("kind") is None else []
+    if missing:
+        raise StoreError(
+            f"the manifest of store '{root}' lacks {missing}: it is damaged; rebuild the store into a new directory"
         )
     return manifest
 
