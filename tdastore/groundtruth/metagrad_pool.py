@@ -21,14 +21,12 @@ import torch
 import zarr
 
 from tdastore.config import Config, config_to_dict, load_config
-from tdastore.distributed.pool import run_pool
-from tdastore.distributed.ray_session import ray_session
 from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
-from tdastore.groundtruth.pool import check_fingerprint, done_units, read_groundtruth_manifest
+from tdastore.groundtruth.pool import check_fingerprint, read_groundtruth_manifest, run_job_units
 from tdastore.store.job_store import create_or_reopen, differing_keys, mark_done, read_job_manifest, writing
-from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
+from tdastore.store.manifest import SCHEMA_VERSION
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Task
 from tdastore.training import load_model
@@ -187,32 +185,23 @@ def run_metagrad(
         units = _plan(
             len(manifest["seeds"]), len(manifest["test_rows"]), config.metagrad.seed_block, config.metagrad.test_block
         )
-        pending = [u for u in units if u.name not in done_units(root)]
-        if pending:
-            with ray_session(address or config.build.address, num_cpus=max(2, config.metagrad.workers)):
-                args = (
-                    config_to_dict(config),
-                    config_to_dict(gt_config),
-                    str(root),
-                    manifest,
-                    share_task(gt_config, task),
-                )
-                options = dict(num_cpus=1, max_restarts=0)
-                run_pool(
-                    pending,
-                    lambda: MetagradWorker.options(**options).remote(*args),
-                    workers=config.metagrad.workers,
-                    max_retries=config.build.max_retries,
-                    describe=lambda unit: f"metagrad unit {unit.name}",
-                    desc="metagrad",
-                    total=len(units),
-                    initial=len(units) - len(pending),
-                    progress=progress,
-                )
-        if done_units(root) >= {u.name for u in units}:
-            manifest = read_metagrad_manifest(root)
-            manifest["status"] = "complete"
-            write_json_atomic(root / "manifest.json", manifest)
+
+        def actors():  # inside the Ray session: the task object goes to the object store once
+            args = (config_to_dict(config), config_to_dict(gt_config), str(root), manifest, share_task(gt_config, task))
+            return lambda: MetagradWorker.options(num_cpus=1, max_restarts=0).remote(*args)
+
+        run_job_units(
+            root,
+            units,
+            actors,
+            read_metagrad_manifest,
+            what="metagrad",
+            workers=config.metagrad.workers,
+            max_retries=config.build.max_retries,
+            address=address or config.build.address,
+            num_cpus=max(2, config.metagrad.workers),
+            progress=progress,
+        )
         return root
 
 

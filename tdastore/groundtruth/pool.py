@@ -228,27 +228,60 @@ def run_groundtruth(
         root, manifest = prepare_groundtruth(config, task)
         gt = config.groundtruth
         units = plan_units(gt.seeds, len(manifest["left_out"]), gt.seed_block, gt.left_out_block)
-        pending = [u for u in units if u.name not in done_units(root)]
-        retries = config.build.max_retries if max_retries is None else max_retries
-        if pending:
-            with ray_session(address or config.build.address, num_cpus=max(2, gt.workers * gt.threads_per_worker)):
-                config_dict, threads, shared = config_to_dict(config), gt.threads_per_worker, share_task(config, task)
-                options = dict(num_cpus=threads, max_restarts=0)
-                run_pool(
-                    pending,
-                    lambda: UnitWorker.options(**options).remote(
-                        config_dict, str(root), manifest, threads, fault, shared
-                    ),
-                    workers=gt.workers,
-                    max_retries=retries,
-                    describe=lambda unit: f"ground truth unit {unit.name}",
-                    desc="ground truth",
-                    total=len(units),
-                    initial=len(units) - len(pending),
-                    progress=progress,
-                )
-        if done_units(root) >= {u.name for u in units}:
-            manifest = read_groundtruth_manifest(root)
-            manifest["status"] = "complete"
-            write_json_atomic(root / "manifest.json", manifest)
+        threads = gt.threads_per_worker
+
+        def actors():  # inside the Ray session: the task object goes to the object store once
+            config_dict, shared = config_to_dict(config), share_task(config, task)
+            options = dict(num_cpus=threads, max_restarts=0)
+            return lambda: UnitWorker.options(**options).remote(
+                config_dict, str(root), manifest, threads, fault, shared
+            )
+
+        run_job_units(
+            root,
+            units,
+            actors,
+            read_groundtruth_manifest,
+            what="ground truth",
+            workers=gt.workers,
+            max_retries=config.build.max_retries if max_retries is None else max_retries,
+            address=address or config.build.address,
+            num_cpus=max(2, gt.workers * threads),
+            progress=progress,
+        )
         return root
+
+
+def run_job_units(
+    root: Path,
+    units: list,
+    actors,
+    read_manifest,
+    *,
+    what: str,
+    workers: int,
+    max_retries: int,
+    address,
+    num_cpus: int,
+    progress: bool,
+) -> None:
+    """The units of a job store that are not done, on Ray actors (`actors()` -> a maker of one, called inside
+    the session); the store is marked complete once every unit is."""
+    pending = [u for u in units if u.name not in done_units(root)]
+    if pending:
+        with ray_session(address, num_cpus=num_cpus):
+            run_pool(
+                pending,
+                actors(),
+                workers=workers,
+                max_retries=max_retries,
+                describe=lambda unit: f"{what} unit {unit.name}",
+                desc=what,
+                total=len(units),
+                initial=len(units) - len(pending),
+                progress=progress,
+            )
+    if done_units(root) >= {u.name for u in units}:
+        manifest = read_manifest(root)
+        manifest["status"] = "complete"
+        write_json_atomic(root / "manifest.json", manifest)
