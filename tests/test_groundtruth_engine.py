@@ -93,3 +93,49 @@ def test_delete_order_is_the_full_permutation_without_i():
     assert torch.equal(order[0], perm)
     for row, position in zip(order[1:], (0, 100, trainer.n - 1)):
         assert torch.equal(row[:-1], torch.cat([perm[:position], perm[position + 1 :]])) and row[-1] == -1
+
+
+def reference_subset_run(model, task, cfg: GroundTruthConfig, train, test, seed: int, left_out: list[int]):
+    """One replica leaving a whole set out, the plain way (delete: rows removed from every permutation;
+    subtract: the batch mean minus the set's summed loss / N)."""
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(seed)
+    schedule = Schedule.from_config(cfg, len(train))
+    dropped = torch.tensor(left_out, dtype=torch.long)
+    values, step = [], 0
+    while step < schedule.total_steps:
+        perm = torch.randperm(len(train), generator=generator)
+        if cfg.coupling == "delete":
+            perm = perm[~torch.isin(perm, dropped)]
+        for start in range(0, schedule.steps_per_epoch * cfg.batch_size, cfg.batch_size):
+            if step >= schedule.total_steps:
+                break
+            batch = perm[start : start + cfg.batch_size]
+            step += 1
+            if len(batch) > 0:
+                loss = task.per_example_loss(model(train.inputs[batch]), train.targets[batch]).mean()
+                if cfg.coupling == "subtract":
+                    loss = loss - task.per_example_loss(
+                        model(train.inputs[dropped]), train.targets[dropped]
+                    ).sum() / len(train)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            if step in schedule.eval_steps:
+                with torch.no_grad():
+                    values.append(task.test_function(model(test.inputs), test.targets))
+    return torch.stack(values)  # [evals, n_test]
+
+
+@pytest.mark.parametrize("coupling", ["delete", "subtract"])
+def test_replicas_leaving_sets_out_equal_single_replicas(coupling):
+    """The linear datamodeling score's replicas: a set of rows left out at once (sets of different sizes)."""
+    task = TabularTask(TaskConfig(dataset="diabetes"), ModelConfig(hidden=[8]))
+    model, train, test = task.make_model(), task.examples("train").slice(0, 100), task.examples("test").slice(0, 4)
+    cfg = GroundTruthConfig(coupling=coupling, lr=0.05, batch_size=32, epochs=3, eval_every=1)
+    sets = [[0, 5, 99], [7], list(range(10, 60))]
+    got = ReplicaTrainer(model, task, cfg, train, test).run([2], sets)  # [E, T, 1, 1 + 3]
+    for index, rows in enumerate([[], *sets]):
+        expected = reference_subset_run(model, task, cfg, train, test, 2, rows)
+        torch.testing.assert_close(got[:, :, 0, index], expected, rtol=1e-5, atol=1e-5)

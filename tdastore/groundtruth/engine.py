@@ -1,9 +1,11 @@
 """Further training of many replicas at once: stacked parameters, per-replica batches, one vmap.
 
-A replica is (seed s, left-out row i) with i = -1 for the full run. Coupling (PAPER.md):
-- delete:   each epoch draws a permutation from a generator seeded with s; replica (s, i) visits it with
-            i deleted, in batches of B (so its last batch may be one row short);
-- subtract: every replica of seed s sees the full run's batches, and its loss is mean_batch_loss - L(z_i)/N.
+A replica is (seed s, left-out set S): one row i for the gold standard, a random subset for the linear
+datamodeling score, none for the full run. Coupling (PAPER.md):
+- delete:   each epoch draws a permutation from a generator seeded with s; replica (s, S) visits it with the
+            rows of S deleted, in batches of B (so its last batches may be short);
+- subtract: every replica of seed s sees the full run's batches, and its loss is
+            mean_batch_loss - sum_{i in S} L(z_i)/N.
 Each replica's test function g(z) is recorded at every evaluation point of the schedule, so one run
 gives the whole curve. Optimizers (SGD, Adam, AdamW, clipping) follow torch.optim's update formulas.
 """
@@ -52,9 +54,11 @@ class ReplicaTrainer:
         self.n = len(train)
         self.schedule = Schedule.from_config(cfg, self.n)
 
-    def run(self, seeds: list[int], left_out: list[int]) -> torch.Tensor:
-        """g for every replica of seeds x ([-1] + left_out): [evals, n_test, len(seeds), 1 + len(left_out)]."""
-        replicas = [(s, i) for s in seeds for i in [-1, *left_out]]
+    def run(self, seeds: list[int], left_out: list) -> torch.Tensor:
+        """g for every replica of seeds x (full run + left_out): [evals, n_test, len(seeds), 1 + len(left_out)].
+        left_out: training rows (one replica leaves one row out) or row sets (one replica leaves the set out)."""
+        sets = [(i,) if isinstance(i, int) else tuple(int(j) for j in i) for i in left_out]
+        replicas = [(s, rows) for s in seeds for rows in [(), *sets]]
         dtype = next(iter(self.theta.values())).dtype
         out = torch.empty(len(self.schedule.eval_steps), len(self.test), len(replicas), dtype=dtype)
         group = self.cfg.max_replicas
@@ -63,12 +67,18 @@ class ReplicaTrainer:
         return out.reshape(out.shape[0], out.shape[1], len(seeds), 1 + len(left_out))
 
     # -- one vmapped group -------------------------------------------------------------------------
-    def _run_group(self, replicas: list[tuple[int, int]]) -> torch.Tensor:
+    def _run_group(self, replicas: list[tuple[int, tuple[int, ...]]]) -> torch.Tensor:
         cfg, sched = self.cfg, self.schedule
         r = len(replicas)
         seeds = sorted({s for s, _ in replicas})
         seed_row = torch.tensor([seeds.index(s) for s, _ in replicas])  # [R]
-        left_out = torch.tensor([i for _, i in replicas])  # [R], -1: full run
+        width = max(1, max(len(rows) for _, rows in replicas))
+        left_out = torch.full((r, width), -1, dtype=torch.long)  # [R, K] each replica's left-out rows, -1 padded
+        for index, (_, rows) in enumerate(replicas):
+            left_out[index, : len(rows)] = torch.tensor(rows, dtype=torch.long)
+        members = torch.zeros(r, self.n, dtype=torch.bool)  # [R, N]
+        replica, slot = (left_out >= 0).nonzero(as_tuple=True)
+        members[replica, left_out[replica, slot]] = True
         params = {n: t.unsqueeze(0).repeat(r, *([1] * t.dim())) for n, t in self.theta.items()}  # [R, ...]
         state = _OptimizerState(params, cfg)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -80,16 +90,16 @@ class ReplicaTrainer:
             within = step % sched.steps_per_epoch
             if within == 0:
                 perms = torch.stack([torch.randperm(self.n, generator=g) for g in generators])  # [S, N]
-                order = self._visit_order(perms[seed_row], left_out)  # [R, N], -1 padded
+                order = self._visit_order(perms[seed_row], members)  # [R, N], -1 padded
             cols = order[:, within * cfg.batch_size : (within + 1) * cfg.batch_size]  # [R, b]
             weights = (cols >= 0).to(evals.dtype)  # the parameters' precision (float64 runs stay float64)
             rows = cols.clamp(min=0)
             active = weights.sum(1) > 0
             weights = weights / weights.sum(1, keepdim=True).clamp(min=1.0)  # batch mean
             if cfg.coupling == "subtract":
-                # z_i joins the batch with weight -1/N: one forward pass, no second use of the parameters
-                rows = torch.cat([rows, left_out.clamp(min=0)[:, None]], dim=1)  # [R, b + 1]
-                weights = torch.cat([weights, -((left_out >= 0).to(evals.dtype) / self.n)[:, None]], dim=1)
+                # the left-out rows join the batch with weight -1/N: one forward pass, no second use of parameters
+                rows = torch.cat([rows, left_out.clamp(min=0)], dim=1)  # [R, b + K]
+                weights = torch.cat([weights, -(left_out >= 0).to(evals.dtype) / self.n], dim=1)
             x, y = self.train.inputs[rows], self.train.targets[rows]  # [R, b(+1), ...]
             grads = step_grad(params, x, y, weights)
             state.step(params, grads, active=active)
@@ -99,17 +109,18 @@ class ReplicaTrainer:
         return evals
 
     def _visit_order(self, perms: torch.Tensor, left_out: torch.Tensor) -> torch.Tensor:
-        """Each replica's epoch order: its seed's permutation with its left-out row deleted (delete mode)."""
+        """Each replica's epoch order (delete mode): its seed's permutation [R, N] with its left-out rows deleted
+        and the order kept, -1 padded at the end. left_out: [R, N] membership, or [R] one row each (-1: none)."""
         if self.cfg.coupling == "subtract":
             return perms
         n = perms.shape[1]
-        position = torch.where(
-            left_out >= 0, (perms == left_out[:, None]).int().argmax(1), torch.full_like(left_out, n)
-        )
-        cols = torch.arange(n)[None, :]
-        shifted = torch.where(cols >= position[:, None], cols + 1, cols).clamp(max=n - 1)
-        order = perms.gather(1, shifted)
-        order[(cols == n - 1) & (left_out[:, None] >= 0)] = -1
+        if left_out.dim() == 1:
+            members = torch.zeros(perms.shape, dtype=torch.bool)
+            members.scatter_(1, left_out.clamp(min=0)[:, None], (left_out >= 0)[:, None])
+            left_out = members
+        removed = left_out.gather(1, perms)  # [R, N]: the row at each position is left out
+        order = perms.gather(1, torch.argsort(removed.int(), dim=1, stable=True))  # kept rows first, in order
+        order[torch.arange(n)[None, :] >= n - removed.sum(1, keepdim=True)] = -1
         return order
 
     def _replica_loss(self, params, x, y, weights) -> torch.Tensor:
