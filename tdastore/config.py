@@ -212,6 +212,19 @@ class MetagradConfig:
 
 
 @dataclass
+class LdsConfig:
+    """The linear datamodeling score (tdastore/groundtruth/lds.py): further training with random subsets left
+    out, in the ground truth's setting (optimizer, schedule, coupling, test points), beside the ground truth."""
+
+    subsets: int = 50  # M random subsets S_j of the training rows
+    fraction: float = 0.5  # alpha: each subset holds this fraction of the training rows
+    seeds: int = 5  # batch-order seeds 0..seeds-1, averaged per subset
+    subset_seed: int = 0  # draws the subsets
+    subset_block: int = 10  # a unit of work: groundtruth.seed_block seeds x subset_block subsets
+    workers: int = 2
+
+
+@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -225,6 +238,7 @@ class Config:
     groundtruth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     metagrad: MetagradConfig = field(default_factory=MetagradConfig)
+    lds: LdsConfig = field(default_factory=LdsConfig)
 
     def validate(self) -> Config:
         """Cross-field checks that a type alone cannot express."""
@@ -263,6 +277,11 @@ class Config:
         )
         _require(self.metagrad.memory_mb > 0, "metagrad.memory_mb", "must be positive")
         _require(self.metagrad.workers > 0, "metagrad.workers", "must be positive")
+        lds = self.lds
+        _require(lds.subsets >= 2, "lds.subsets", "must be at least 2 (a rank correlation over subsets)")
+        _require(0.0 < lds.fraction < 1.0, "lds.fraction", "must lie in (0, 1)")
+        _require(lds.seeds > 0 and lds.subset_block > 0 and lds.workers > 0, "lds.seeds",
+                 "subset_block and workers must be positive")  # fmt: skip
         _require(self.build.max_retries >= 0, "build.max_retries", "must be >= 0")
         a = self.attribution
         _require(a.damping_factor >= 0, "attribution.damping_factor", "must be >= 0")

@@ -169,3 +169,50 @@ def test_a_creation_stopped_before_its_manifest_is_redone(tmp_path):
     with pytest.raises(StoreError, match="not ours"):
         create_or_reopen(foreign, *args, create, refused=str, not_ours="not ours")
     assert (foreign / "file").read_text() == "someone else's"
+
+
+def test_lds_runs_and_score(ray_cluster, tmp_path):
+    """The LDS job's stored runs equal the engine's subset replicas; the score equals a scipy loop; evaluate
+    reports it beside the cosine."""
+    from scipy.stats import spearmanr
+
+    from tdastore.distributed.build import build_store
+    from tdastore.evaluate.metrics import linear_datamodeling_score
+    from tdastore.evaluate.run import evaluate
+    from tdastore.groundtruth.lds import read_lds, run_lds
+
+    lds = {"subsets": 6, "fraction": 0.5, "seeds": 2, "subset_block": 4, "workers": 2}
+    gt = {"output": str(tmp_path / "gt"), "epochs": 2, "eval_every": 1, "lr": 0.01, "batch_size": 64, "seeds": 2}
+    gt |= {"seed_block": 2, "left_out_count": 4, "left_out_block": 4, "test_points": 5, "coupling": "subtract"}
+    config = small_config(tmp_path, model={"hidden": [16]}, lds=lds, groundtruth=gt)
+    tdastore.train(config, progress=False)
+    gt = run_groundtruth(config, progress=False)
+    root = run_lds(config, gt, progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and len(manifest["subsets"]) == 6
+    assert all(len(rows) == round(0.5 * 353) for rows in manifest["subsets"])
+    task = TabularTask(config.task, config.model)
+    trainer = ReplicaTrainer(
+        load_model(config, task), task, config.groundtruth, task.examples("train"), task.examples("test").slice(0, 5)
+    )
+    direct = trainer.run([1], manifest["subsets"][4:6]).numpy()  # seed 1, subsets 4 and 5 (the second unit)
+    stored = zarr.open_array(str(root / "subsets.zarr"))[:]
+    np.testing.assert_allclose(stored[:, :, 4:6, 1], direct[:, :, 0, 1:], rtol=1e-6)
+    actual, _ = read_lds(root)  # [E, T, M]
+    full = zarr.open_array(str(root / "full.zarr"))[:]
+    np.testing.assert_allclose(actual[:, :, 5], (stored[:, :, 5, :] - full).mean(-1), rtol=1e-6)
+
+    scores = np.random.default_rng(0).normal(size=(5, 353))
+    found = linear_datamodeling_score(actual, scores, manifest["subsets"])
+    for e in range(actual.shape[0]):
+        by_hand = [spearmanr([scores[t, rows].sum() for rows in manifest["subsets"]], actual[e, t]).statistic
+                   for t in range(5)]  # fmt: skip
+        np.testing.assert_allclose(found["lds"][e], np.mean(by_hand), rtol=1e-9)
+
+    store = build_store(config, tmp_path / "store", progress=False)
+    results = evaluate(store, gt, methods=["grad_dot", "if_gn"], out=tmp_path / "ev", progress=False,
+                       metrics=("cosine", "lds"))  # fmt: skip
+    for name in ("grad_dot", "if_gn"):
+        assert len(results["methods"][name]["lds"]) == 2 and all(-1 <= v <= 1 for v in results["methods"][name]["lds"])
+    assert "Linear datamodeling score" in (tmp_path / "ev" / "report.md").read_text()
+    assert results["lds"]["subsets"] == 6

@@ -7,19 +7,18 @@ import sys
 
 from tdastore.cli import commands
 from tdastore.cli.flags import add_config_flags, suggestion
-from tdastore.config import INDEX_KINDS
+from tdastore.config import INDEX_KINDS, Config
 from tdastore.errors import TdaStoreError
 from tdastore.version import __version__
 
-ALL_SECTIONS = ["task", "model", "train", "gradients", "projection", "store", "build", "attribution", "index",
-                "groundtruth", "query", "metagrad"]  # fmt: skip
+ALL_SECTIONS = list(Config.__dataclass_fields__)  # every section of the config, in order
 QUERY_ALIASES = {
     "--path": "attribution.path",
     "--damping-factor": "attribution.damping_factor",
     "--lissa-depth": "attribution.lissa_depth",
     "--index-shard-rows": "index.shard_rows",
 }
-CONFIG_COMMANDS = ("train", "build", "index", "query", "ground-truth", "metagrad", "evaluate")
+CONFIG_COMMANDS = ("train", "build", "index", "query", "ground-truth", "metagrad", "lds", "evaluate")
 KINDS = list(INDEX_KINDS)
 
 
@@ -169,6 +168,20 @@ def make_parser() -> argparse.ArgumentParser:
         },
     )
 
+    lds = command(
+        "lds",
+        commands.cmd_lds,
+        "further training with random subsets left out, for the LDS metric",
+        "The linear datamodeling score's runs: lds.subsets random subsets of lds.fraction of the training rows left "
+        "out of the ground truth's further training (its optimizer, schedule, coupling and test points), "
+        "lds.seeds seeds each; a resumable Ray job pool written beside the ground truth.",
+    )
+    _config_option(lds, what=" (the config the ground truth was run with)")
+    lds.add_argument("--ground-truth", default=None, help="ground-truth store (default: groundtruth.output)")
+    _address(lds)
+    _quiet(lds)
+    add_config_flags(lds, ALL_SECTIONS)
+
     ev = command(
         "evaluate",
         commands.cmd_evaluate,
@@ -180,6 +193,7 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ground-truth", default=None, help="ground truth (default: groundtruth.output)")
     ev.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     ev.add_argument("--out", default=None, help="output directory (default with --config: GT/evaluation)")
+    ev.add_argument("--metric", default="cosine", help="comma-separated: cosine (always), lds (runs its job if needed)")
     _config_option(ev, what=": its store, ground truth, attribution and index sections apply")
     add_config_flags(ev, ["attribution", "index"], QUERY_ALIASES)
 

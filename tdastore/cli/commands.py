@@ -169,6 +169,13 @@ def cmd_metagrad(args: argparse.Namespace) -> None:
     print(f"metagradient scores written to {root}/scores.zarr")
 
 
+def cmd_lds(args: argparse.Namespace) -> None:
+    from tdastore.groundtruth.lds import run_lds
+
+    root = run_lds(run_config(args), args.ground_truth, address=args.address, progress=not args.quiet)
+    print(f"LDS further training written to {root}: `tdastore evaluate ... --metric cosine,lds` reports it")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from tdastore.evaluate.run import evaluate
 
@@ -183,7 +190,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     overrides = query_overrides(args)
     methods = args.methods.split(",") if args.methods else overrides.get("attribution", {}).get("methods")
     path = config_overrides(args, ["attribution"]).get("attribution", {}).get("path")
-    evaluate(store, ground_truth, methods=methods, out=out, path=path, overrides=overrides)
+    metrics = tuple(m.strip() for m in args.metric.split(",") if m.strip())
+    evaluate(store, ground_truth, methods=methods, out=out, path=path, overrides=overrides, metrics=metrics)
     print(f"report: {out}/report.md, results: {out}/results.json, plots: {out}/cosine.png, seed_curves.png")
 
 

@@ -77,3 +77,20 @@ def seed_curve(loo: np.ndarray, full: np.ndarray, scores: np.ndarray) -> dict[in
             "stderr": float(np.std(at_best, ddof=1) / np.sqrt(len(at_best))) if len(at_best) > 1 else 0.0,
         }
     return curve
+
+
+def linear_datamodeling_score(actual: np.ndarray, scores: np.ndarray, subsets: list[list[int]]) -> dict:
+    """LDS per evaluation point: actual [E, T, M] (seed-averaged change of g with subset j left out), scores
+    [T, N] over every training row -> the mean over test points of Spearman over j between the predicted
+    sum_{i in S_j} score_i and the actual change, its stderr, and the predictions [T, M]."""
+    members = np.zeros((len(subsets), scores.shape[1]))  # [M, N]
+    for j, rows in enumerate(subsets):
+        members[j, rows] = 1.0
+    predicted = scores @ members.T  # [T, M]
+    per_test = spearman_rows(actual, predicted[None])  # [E, T]
+    t = per_test.shape[1]
+    return {
+        "lds": per_test.mean(1),
+        "stderr": per_test.std(1, ddof=1) / np.sqrt(t) if t > 1 else np.zeros(per_test.shape[0]),
+        "predicted": predicted,
+    }

@@ -59,14 +59,38 @@ Mean cosine (± standard error over test points) between each method's scores an
 
 ## Seed curves
 
-Seeds split into groups of k; each group's gold vector; the best cosine over the amount of further
-training, averaged over groups:
+Seeds split into groups of k; each group's gold vector; the cosine averaged over groups and test points at
+each amount of further training, then the best amount:
 
 {chr(10).join(seed_lines)}
 
 ![seed curves](seed_curves.png)
 """
+    if "lds" in results:
+        text += lds_section(results)
     (out / "report.md").write_text(text)
+
+
+def lds_section(results: dict) -> str:
+    """The linear datamodeling score table (when evaluated with --metric lds)."""
+    info, labels, unit = results["lds"], results["evals"]["labels"], results["evals"]["unit"]
+    points = report_points(labels)
+    lines = ["| method | " + " | ".join(f"{unit} {labels[i]}" for i in points) + " | best |",
+             "|" + "---|" * (len(points) + 2)]  # fmt: skip
+    for name, entry in results["methods"].items():
+        if "lds" in entry:
+            lds, err = np.asarray(entry["lds"]), np.asarray(entry["lds_stderr"])
+            lines.append(f"| {name} | " + " | ".join(f"{lds[i]:.3f} ± {err[i]:.3f}" for i in points)
+                         + f" | {lds.max():.3f} |")  # fmt: skip
+    return f"""
+## Linear datamodeling score
+
+{info["subsets"]} random subsets of {info["fraction"]:.0%} of the training rows left out of further training
+({info["coupling"]}, {info["seeds"]} seeds each, `{info["store"]}`); per test point, the Spearman correlation over
+subsets between a method's summed scores and the actual change of the test loss, averaged over test points:
+
+{chr(10).join(lines)}
+"""
 
 
 def write_plots(results: dict, out: Path) -> None:

@@ -10,9 +10,10 @@ import numpy as np
 import zarr
 
 from tdastore.attribution import Attributor, store_config
-from tdastore.errors import StoreError, TdaStoreError
-from tdastore.evaluate.metrics import agreement, gold_vectors, seed_curve
+from tdastore.errors import ConfigError, StoreError, TdaStoreError
+from tdastore.evaluate.metrics import agreement, gold_vectors, linear_datamodeling_score, seed_curve
 from tdastore.evaluate.report import write_plots, write_report
+from tdastore.groundtruth.lds import lds_root, read_lds, read_lds_manifest, run_lds
 from tdastore.groundtruth.pool import read_groundtruth_manifest
 from tdastore.methods import get_method
 from tdastore.store.lease import Lease
@@ -86,16 +87,31 @@ def evaluate(
     overrides: dict | None = None,
     progress: bool = True,
     task=None,
+    metrics: tuple[str, ...] = ("cosine",),
 ) -> dict:
-    """Cosine / Spearman of each method against the gold standard at every evaluation point, and seed curves.
-    task: the task object the store and ground truth were made from with the Python API."""
+    """Cosine / Spearman of each method against the gold standard at every evaluation point, and seed curves;
+    with "lds" in `metrics` also the linear datamodeling score (its job is run beside the ground truth when
+    missing). task: the task object the store and ground truth were made from with the Python API."""
+    unknown = sorted(set(metrics) - {"cosine", "lds"})
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {unknown}: choose from cosine, lds")
     gold = load_gold(store, groundtruth)
+    lds = load_lds(store, gold, overrides, progress, task) if "lds" in metrics else None
     if out is None:
-        return score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress, task)
+        return score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress, task, lds)
     with Lease(Path(out), "evaluation"):  # one evaluation writes into `out` at a time
-        results = score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress, task)
+        results = score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress, task, lds)
         write_results(results, Path(out))
     return results
+
+
+def load_lds(store, gold: GoldStandard, overrides: dict | None, progress: bool, task=None) -> tuple:
+    """The LDS job's seed-averaged actual changes [E, T, M] and manifest, run first when not finished."""
+    config = store_config(store, overrides)
+    root = lds_root(gold.root, gold.manifest["groundtruth"]["coupling"])
+    if not ((root / "manifest.json").is_file() and read_lds_manifest(root).get("status") == "complete"):
+        run_lds(config, gold.root, progress=progress, task=task)
+    return read_lds(root)
 
 
 def score_methods(
@@ -106,8 +122,10 @@ def score_methods(
     overrides: dict | None,
     progress: bool,
     task=None,
+    lds: tuple | None = None,
 ) -> dict:
-    """Every method's [T, L] scores through the attribution façade, compared with the gold vectors."""
+    """Every method's [T, L] scores through the attribution façade, compared with the gold vectors (and, with
+    `lds` = (actual changes [E, T, M], LDS manifest), the linear datamodeling score of the full [T, N] rows)."""
     for name in methods:
         get_method(name)  # unknown names fail before any work
     base = Attributor(store, "grad_dot", {"attribution": {"path": "projected"}}, task=task)  # loaded once
@@ -121,6 +139,15 @@ def score_methods(
         "n_seeds": len(gold.manifest["seeds"]),
         "methods": {},
     }
+    if lds is not None:
+        actual, lds_manifest = lds
+        results["lds"] = {
+            "subsets": len(lds_manifest["subsets"]),
+            "fraction": lds_manifest["fraction"],
+            "seeds": len(lds_manifest["seeds"]),
+            "coupling": lds_manifest["coupling"],
+            "store": str(lds_root(gold.root, lds_manifest["coupling"])),
+        }
     shared = base  # the first exact-path attributor: lambda_0 and the Hessian's lowest eigenvalue once
     for name in methods:
         chosen = choose_path(store, name, path)
@@ -132,8 +159,12 @@ def score_methods(
                 attributor = Attributor(store, name, settings, share=shared)
                 if chosen == "exact" and shared.exact is None:
                     shared = attributor
-                scores = attributor.score_matrix(test)[:, gold.left]  # [T, L]
+                every_row = attributor.score_matrix(test)  # [T, N]
+                scores = every_row[:, gold.left]  # [T, L]
                 info = {k: v for k, v in attributor.info.items() if k != "method"}
+                if lds is not None:
+                    found = linear_datamodeling_score(lds[0], every_row, lds[1]["subsets"])
+                    info.update(lds=found["lds"].tolist(), lds_stderr=found["stderr"].tolist())
         except TdaStoreError as err:
             results["methods"][name] = {"path": chosen, "error": str(err)}
             if progress:
@@ -149,7 +180,8 @@ def score_methods(
         }
         if progress:
             c = stats["cosine"]
-            print(f"  {name:<13} {info['path']:<9} cosine first {c[0]:+.3f}  best {c.max():+.3f}  last {c[-1]:+.3f}")
+            line = f"  {name:<13} {info['path']:<9} cosine first {c[0]:+.3f}  best {c.max():+.3f}  last {c[-1]:+.3f}"
+            print(line + (f"  LDS best {max(info['lds']):+.3f}" if "lds" in info else ""))
     return results
 
 
