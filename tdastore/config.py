@@ -81,7 +81,9 @@ class GradientConfig:
     """Which parameters' per-example gradients are taken, and in what batches."""
 
     params: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on parameter names
-    modules: list[str] | None = None  # or: fnmatch patterns on Linear / Conv1D module names (weights + biases)
+    # or: fnmatch patterns on Linear / Conv1D module names (weights + biases); "auto": every Linear / Conv1D
+    # inside the transformer blocks (not embeddings, not the LM head or pooler / classifier)
+    modules: list[str] | Literal["auto"] | None = None  # patterns, or auto: the blocks' Linear / Conv1D layers
     batch_size: int = 256
     full_norms: bool = (
         True  # factored: record |full per-example gradient| (false: the stored row's norm; faster on long sequences)

@@ -116,3 +116,45 @@ def test_exact_hook_gradients_equal_vmap_layout(sequence):
     # a bias selected without its weight, or a non-Linear parameter: vmap handles it
     only_bias = make_gradient_computer(model, loss_fn, GradientConfig(params=["0.bias"]), ProjectionConfig(kind="none"))
     assert isinstance(only_bias, VmapProjectedGradients)
+
+
+def test_modules_auto_selects_exactly_the_blocks_linears():
+    """`gradients.modules: auto` on tiny GPT-2, GPT-NeoX, Llama and BERT configs built offline."""
+    import re
+
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    from tdastore.config import GradientConfig, ProjectionConfig
+    from tdastore.grads.computer import make_gradient_computer
+    from tdastore.grads.factored import is_conv1d
+
+    small = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    models = {
+        r"transformer\.h": GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32)),
+        r"gpt_neox\.layers": GPTNeoXForCausalLM(GPTNeoXConfig(**small)),
+        r"model\.layers": LlamaForCausalLM(LlamaConfig(**small, num_key_value_heads=1)),
+        r"bert\.encoder\.layer": BertForSequenceClassification(BertConfig(**small)),
+    }
+    for blocks, model in models.items():
+        expected = [  # every Linear / Conv1D under "<blocks>.<i>." and nothing else (no embeddings, heads, pooler)
+            name
+            for name, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or is_conv1d(m)) and re.match(rf"{blocks}\.\d+\.", name)
+        ]
+        assert len(expected) >= 8
+        computer = make_gradient_computer(
+            model,
+            lambda outputs, targets: outputs,  # selection only: no forward pass here
+            GradientConfig(modules="auto"),
+            ProjectionConfig(kind="factored", factors=[4, 4]),
+        )
+        assert [name for name, _, _ in computer.modules] == expected

@@ -54,9 +54,26 @@ def module_dims(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def select_parameters(model: nn.Module, patterns: list[str], module_patterns: list[str] | None = None) -> list[str]:
+def block_modules(model: nn.Module) -> list[str]:
+    """`modules: auto`: every Linear / Conv1D inside the model's stack of transformer blocks (its longest
+    ModuleList: GPT-2 transformer.h, GPT-NeoX gpt_neox.layers, Llama / Mistral model.layers, BERT
+    encoder.layer), so embeddings, the LM head and pooler / classifier heads are left out."""
+    stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not stacks:
+        raise GradientError("gradients.modules: auto needs a model with a stack of blocks (an nn.ModuleList); name "
+                            "the modules with patterns instead")  # fmt: skip
+    prefix = max(stacks, key=lambda item: len(item[1]))[0] + "."
+    return [name for name, m in model.named_modules() if is_hookable(m) and name.startswith(prefix)]
+
+
+def select_parameters(
+    model: nn.Module, patterns: list[str], module_patterns: list[str] | str | None = None
+) -> list[str]:
     """Parameter names chosen by gradients.params, or by gradients.modules (every weight and bias of the
-    Linear / Conv1D modules whose names match), with an error naming what exists when nothing matches."""
+    Linear / Conv1D modules whose names match, or "auto": those of the transformer blocks), with an error
+    naming what exists when nothing matches."""
+    if module_patterns == "auto":
+        module_patterns = block_modules(model)
     if module_patterns:
         chosen = [
             name
