@@ -85,9 +85,8 @@ class GradientConfig:
     # inside the transformer blocks (not embeddings, not the LM head or pooler / classifier)
     modules: list[str] | Literal["auto"] | None = None  # patterns, or auto: the blocks' Linear / Conv1D layers
     batch_size: int = 256
-    full_norms: bool = (
-        True  # factored: record |full per-example gradient| (false: the stored row's norm; faster on long sequences)
-    )
+    max_tokens: int | None = None  # token sequences: batches of at most this many padded tokens (length-sorted)
+    full_norms: bool = True  # factored: record the full gradient's norm (false: the stored row's; faster, long docs)
 
 
 @dataclass
@@ -250,6 +249,8 @@ class Config:
         _require(self.train.batch_size > 0, "train.batch_size", "must be positive")
         _require(self.train.epochs >= 0, "train.epochs", "must be >= 0")
         _require(self.gradients.batch_size > 0, "gradients.batch_size", "must be positive")
+        _require(self.gradients.max_tokens is None or self.gradients.max_tokens > 0, "gradients.max_tokens",
+                 "must be positive (or null: batches of gradients.batch_size)")  # fmt: skip
         _require(len(self.gradients.params) > 0, "gradients.params", "needs at least one pattern")
         _require(self.projection.dim > 0, "projection.dim", "must be positive")
         _require(self.projection.nonzeros > 0, "projection.nonzeros", "must be positive")

@@ -379,3 +379,28 @@ def test_text_and_parquet_files_and_dataset_objects(tiny_lm, tmp_path):
     assert texts[0] == texts[1]
     from_object = TextTask(config.task, config.model, dataset=datasets.Dataset.from_dict({"text": docs}))
     assert sorted(str(t) for t in from_object.examples("train").texts) == texts[1]
+
+
+def test_token_budget_batches_give_the_same_rows_with_less_padding(tiny_lm):
+    """gradients.max_tokens: length-sorted batches of at most that many padded tokens; rows land in example order
+    and equal fixed-size batching; the padding is measured."""
+    from tdastore.distributed.gradient_worker import ShardComputer
+    from tdastore.grads.batching import plan_batches
+    from tdastore.store.writer import Shard
+
+    lengths = np.array([5, 60, 7, 33, 60, 2, 9, 41])
+    batches = plan_batches(len(lengths), 4, lengths, max_tokens=70)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(8))
+    assert all(len(b) * lengths[b].max() <= 70 or len(b) == 1 for b in batches)
+
+    shard = Shard(0, 0, 64)
+    fixed = ShardComputer(text_config(tiny_lm, gradients={"batch_size": 16}), "train")
+    rows_fixed = fixed.compute(shard)[0].copy()
+    budget = ShardComputer(text_config(tiny_lm, gradients={"batch_size": 16, "max_tokens": 512}), "train")
+    rows_budget, meta = budget.compute(shard)
+    scale = float(np.abs(rows_fixed).max())
+    assert float(np.abs(rows_budget - rows_fixed).max()) <= 1e-5 * scale
+    assert meta.column("row").to_pylist() == list(range(64))
+    (real, padded_fixed), (real_b, padded_budget) = fixed.tokens, budget.tokens
+    assert real == real_b and padded_budget < padded_fixed
+    assert 1 - real / padded_budget < 1 - real / padded_fixed  # less padding with the token budget

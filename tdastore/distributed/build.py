@@ -84,6 +84,13 @@ def build_store(
         return _build_leased(config, root, split, identity, n_rows, address, workers, progress, fault, task)
 
 
+def padding_fraction(reports: list[dict]) -> float:
+    """Share of the batches' padded tokens that are padding (0 for tabular rows)."""
+    real = sum(r.get("tokens", (0, 0))[0] for r in reports)
+    padded = sum(r.get("tokens", (0, 0))[1] for r in reports)
+    return 1.0 - real / padded if padded else 0.0
+
+
 def _build_leased(config, root, split, identity, n_rows, address, workers, progress, fault, task) -> GradientStore:
     extra = {"config": config_to_dict(config), "tdastore_version": __version__, "created": time.time()}
     manifest = prepare_store(root, identity, n_rows, identity["projection"]["out_dim"], config.store.dtype, extra)
@@ -125,6 +132,7 @@ def _build_leased(config, root, split, identity, n_rows, address, workers, progr
         "worker_compute_examples_per_s": computed / sum(r["compute_seconds"] for r in reports) if computed else 0.0,
         "workers": n_workers,
         "peak_worker_rss_mb": max((r["peak_rss_mb"] for r in reports), default=0.0),
+        "padding_fraction": padding_fraction(reports),
     }
     finalize_store(root, manifest, summary)
     return GradientStore(root)

@@ -19,6 +19,7 @@ import torch
 
 from tdastore.config import Config, load_config
 from tdastore.errors import GradientError, StoreError
+from tdastore.grads.batching import padded_tokens, plan_batches
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.per_example import all_finite, check_finite
 from tdastore.store.location import store_path, zarr_store
@@ -54,17 +55,24 @@ class ShardComputer:
         rows = self._rows_buffer(shard.rows)  # [n, k], written in place
         losses = torch.empty(shard.rows)
         norms = torch.empty(shard.rows)
-        batch = self.config.gradients.batch_size
-        for start in range(shard.start, shard.stop, batch):
-            part = self.data.slice(start, min(start + batch, shard.stop))
-            lo, hi = start - shard.start, start - shard.start + len(part)
-            _, loss, sq_norm = self.gradients(part.inputs, part.targets, out=rows[lo:hi])  # [b, k], [b], [b]
-            check_finite(loss, part.ids, f"the {self.split} loss")
-            check_finite(sq_norm, part.ids, "the gradient")
-            self._check_rows(rows[lo:hi], sq_norm, start)
-            losses[lo:hi] = loss
-            norms[lo:hi] = sq_norm.sqrt()
         part = self.data.slice(shard.start, shard.stop)
+        cfg = self.config.gradients
+        lengths = part.inputs[:, 1].sum(1).numpy() if part.padded else None  # [n] real tokens per document
+        batches = plan_batches(shard.rows, cfg.batch_size, lengths, cfg.max_tokens)
+        self.tokens = (int(lengths.sum()), padded_tokens(batches, lengths)) if lengths is not None else (0, 0)
+        for index in batches:
+            batch = part.take(index)
+            lo, hi = int(index[0]), int(index[-1]) + 1
+            contiguous = hi - lo == len(index)  # fixed batches: rows computed in place
+            out = rows[lo:hi] if contiguous else None
+            computed, loss, sq_norm = self.gradients(batch.inputs, batch.targets, out=out)  # [b, k], [b], [b]
+            check_finite(loss, batch.ids, f"the {self.split} loss")
+            check_finite(sq_norm, batch.ids, "the gradient")
+            if not contiguous:
+                rows[index] = computed.to(rows.dtype)
+            self._check_rows(rows[lo:hi] if contiguous else rows[index], sq_norm, shard.start + lo)
+            losses[index] = loss
+            norms[index] = sq_norm.sqrt()
         columns = {
             "example_id": pa.array(part.ids, pa.int64()),
             "row": pa.array(np.arange(shard.start, shard.stop), pa.int64()),
@@ -128,6 +136,7 @@ class GradientWorker:
             "rows": shard.rows,
             "seconds": time.perf_counter() - began,
             "compute_seconds": computed - began,
+            "tokens": self.computer.tokens,  # (real, padded) tokens of token-sequence batches
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 

@@ -130,6 +130,7 @@ class GradientStore:
             lines.append(
                 f"build        {s.get('seconds', 0):.1f} s, {s.get('examples_per_s', 0):,.0f} examples/s, "
                 f"{s.get('workers')} workers"
+                + (f", padding {s['padding_fraction']:.1%} of batch tokens" if s.get("padding_fraction") else "")
             )
         if self.manifest["status"] == "complete":
             loss = np.asarray(self.meta.column("loss"))
