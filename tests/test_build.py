@@ -196,6 +196,7 @@ def test_cli_train_build_info(ray_cluster, tmp_path, capsys):
     assert cli_main(["info", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "status       complete" in out and "[353, 1,441] float32" in out
+    assert "modules      0, 2, 4 (3 modules)" in out  # the MLP's three Linear layers
     raw = yaml.safe_load(path.read_text())
     raw["train"]["epoch"] = 3
     path.write_text(yaml.safe_dump(raw))

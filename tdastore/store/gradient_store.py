@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -122,6 +123,7 @@ class GradientStore:
             f"fingerprint {m['task']['fingerprint']}",
             f"model        fingerprint {m['model']['fingerprint']}, {m['gradients']['numel']:,} gradient entries "
             f"over {len(m['gradients']['params'])} parameter tensors",
+            f"modules      {module_patterns(m['gradients']['params'])}",
             f"projection   {proj['kind']} -> {proj['out_dim']}" + (f" (seed {proj['seed']})" if "seed" in proj else ""),
             f"gradients    [{m['n_rows']:,}, {m['dim']:,}] {m['dtype']}, chunks of {m['layout']['chunk_rows']} rows",
         ]
@@ -138,6 +140,15 @@ class GradientStore:
             lines.append(f"loss         mean {loss.mean():.4g}, max {loss.max():.4g}")
             lines.append(f"grad norm    mean {norm.mean():.4g}, max {norm.max():.4g}")
         return "\n".join(lines)
+
+
+def module_patterns(params: dict) -> str:
+    """The modules whose gradients a store holds, with block numbers folded: 'transformer.h.*.attn.c_attn, ...
+    (8 modules)' for `modules: auto` on a 2-block GPT-2."""
+    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in params))
+    folded = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in modules))
+    shown = ", ".join(folded[:6]) + (", ..." if len(folded) > 6 else "")
+    return f"{shown} ({len(modules)} module{'s' if len(modules) != 1 else ''})"
 
 
 def open_store(path: str | Path, allow_incomplete: bool = False) -> GradientStore:
