@@ -61,6 +61,8 @@ class ModelConfig:
     seed: int = 0
     name_or_path: str | None = None  # text tasks: a transformers model (hub name or local directory)
     tokenizer: str | None = None  # None: the model's own
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # text models' weights (projections sum in float32)
+    attention: Literal["eager", "sdpa"] = "eager"  # text models: sdpa for the hook path (eager works under vmap)
 
 
 @dataclass

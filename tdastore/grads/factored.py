@@ -246,6 +246,7 @@ class FactoredLinearGradients(LinearHookGradients):
         batch = rows.shape[0]
         target = rows[:, col : col + k_out * k_in].view(batch, k_out, k_in)
         if acts.dim() == 2:  # one position per example: a plain outer product
+            acts, grads = acts.float(), grads.float()  # half-precision models: projections sum in float32
             if self.full_norms:
                 sq_norms += grads.pow(2).sum(1) * (acts.pow(2).sum(1) + float(with_bias))
             left = grads if p_out is None else grads @ p_out  # [B, k_out]

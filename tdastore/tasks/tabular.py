@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tdastore.config import ModelConfig, TaskConfig
-from tdastore.errors import DataError
+from tdastore.errors import ConfigError, DataError
 from tdastore.tasks.base import Examples, Split, Task, check_finite_features, check_not_empty
 
 BUNDLED = {
@@ -42,6 +42,11 @@ class TabularTask(Task):
     def __init__(self, task: TaskConfig, model: ModelConfig | None = None):
         self.task_config = task
         self.model_config = model or ModelConfig()
+        if self.model_config.dtype != "float32":
+            raise ConfigError(
+                f"model.dtype {self.model_config.dtype} applies to Hugging Face models; the tabular MLP trains and "
+                "is attributed in float32 (leave model.dtype unset)"
+            )
         self.name = Path(task.dataset).stem if _is_file(task.dataset) else task.dataset
         raw = _load_table(task)
         self.kind = raw.kind

@@ -152,8 +152,9 @@ class TextTask(Task):
         return int(context or 10**9)
 
     def make_model(self) -> nn.Module:
+        cfg = self.model_config
         return _load_model(
-            self.model_config.name_or_path, self.kind, len(self.classes or []), self.tokenizer.pad_token_id
+            cfg.name_or_path, self.kind, len(self.classes or []), self.tokenizer.pad_token_id, cfg.dtype, cfg.attention
         )
 
     def per_example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -366,11 +367,13 @@ def _load_tokenizer(model: ModelConfig):
     return tokenizer
 
 
-def _instantiate(name_or_path: str, kind: str, n_classes: int, pad_id: int) -> nn.Module:
+def _instantiate(
+    name_or_path: str, kind: str, n_classes: int, pad_id: int, dtype: str = "float32", attention: str = "eager"
+) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet_hugging_face()
-    common = {"dtype": torch.float32, "attn_implementation": "eager"}  # fp32 (CPUs), eager: works under torch.func
+    common = {"dtype": getattr(torch, dtype), "attn_implementation": attention}  # eager: works under torch.func
     if kind == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **common)
     else:
@@ -385,8 +388,10 @@ def _instantiate(name_or_path: str, kind: str, n_classes: int, pad_id: int) -> n
     return model
 
 
-def _load_model(name_or_path: str, kind: str, n_classes: int, pad_id: int) -> nn.Module:
-    return HFModel(_instantiate(name_or_path, kind, n_classes, pad_id)).eval()
+def _load_model(
+    name_or_path: str, kind: str, n_classes: int, pad_id: int, dtype: str = "float32", attention: str = "eager"
+) -> nn.Module:
+    return HFModel(_instantiate(name_or_path, kind, n_classes, pad_id, dtype, attention)).eval()
 
 
 class TokenExamples:
