@@ -358,6 +358,5 @@ def serve(
             f"serving {store_path} on http://{host}:{port} ({replicas} replica(s), {kind} index); "
             f"OpenAPI at /openapi.json"
         )
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.listen()
         web.run_app(make_app(actors, meta), sock=listener, print=None)
