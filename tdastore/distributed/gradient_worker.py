@@ -21,6 +21,7 @@ from tdastore.config import Config, load_config
 from tdastore.errors import GradientError, StoreError
 from tdastore.grads.batching import padded_tokens, plan_batches
 from tdastore.grads.computer import make_gradient_computer
+from tdastore.grads.factored import FactoredLinearGradients, KroneckerStatistics
 from tdastore.grads.per_example import all_finite, check_finite
 from tdastore.store.location import store_path, zarr_store
 from tdastore.store.manifest import GRADS_DIR
@@ -48,11 +49,14 @@ class ShardComputer:
         self._buffer: torch.Tensor | None = None
         warm = self.data.slice(0, 2)
         self.gradients(warm.inputs, warm.targets)  # warm up (torch.func imports) and fail fast
+        self.gather_statistics = split == "train" and isinstance(self.gradients, FactoredLinearGradients)
 
     def compute(self, shard: Shard) -> tuple[np.ndarray, pa.Table]:
         """Rows [shard.rows, k] in the store dtype (a view valid until the next call) and their metadata;
         batches start at shard.start, so a shard's rows never depend on the rest of the build."""
         rows = self._rows_buffer(shard.rows)  # [n, k], written in place
+        if self.gather_statistics:  # K-FAC factor sums of this shard, from the hooks' own pass
+            self.gradients.statistics = KroneckerStatistics(self.gradients, self.task.token_mask)
         losses = torch.empty(shard.rows)
         norms = torch.empty(shard.rows)
         part = self.data.slice(shard.start, shard.stop)
@@ -130,7 +134,8 @@ class GradientWorker:
         computed = time.perf_counter()
         if self.fault and self.fault.get("shard") == shard.index:
             _crash_part_way(self.root, shard, rows, self.fault)
-        write_shard(self.root, shard, rows, meta)
+        statistics = self.computer.gradients.statistics.arrays() if self.computer.gather_statistics else None
+        write_shard(self.root, shard, rows, meta, statistics)
         return {
             "shard": shard.index,
             "rows": shard.rows,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -125,6 +126,7 @@ class LinearHookGradients:
     def __init__(self, model: nn.Module, loss_fn, patterns: list[str], what: str, module_patterns=None):
         self.model, self.loss_fn = model, loss_fn
         self.modules = linear_modules(model, patterns, what, module_patterns)
+        self.statistics: KroneckerStatistics | None = None
         self.numel = sum(m.weight.numel() + (module_dims(m)[1] if b else 0) for _, m, b in self.modules)
 
     def param_spec(self) -> dict:
@@ -160,6 +162,8 @@ class LinearHookGradients:
         self, inputs: torch.Tensor, targets: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         losses, captured = self.capture(inputs, targets)
+        if self.statistics is not None:  # K-FAC factors gathered in the same pass (the build)
+            self.statistics.add(captured, inputs)
         batch = inputs.shape[0]
         rows = torch.empty(batch, self.out_dim) if out is None else out  # [B, K]
         sq_norms = torch.zeros(batch)  # [B]
@@ -289,3 +293,56 @@ def _squared_norm_of_sum_of_outer_products(grads: torch.Tensor, acts: torch.Tens
     if grads.shape[1] == 1:
         return grads.pow(2).sum((1, 2)) * acts.pow(2).sum((1, 2))
     return (torch.bmm(grads, grads.transpose(1, 2)) * torch.bmm(acts, acts.transpose(1, 2))).sum((1, 2))
+
+
+class KroneckerStatistics:
+    """K-FAC factor sums of a factored computer's modules, in float64: per module the projected activation
+    second moment A = sum over counted tokens of a~ a~^T ([k_in, k_in]) and the projected output-gradient one
+    S = sum over examples and tokens of d~ d~^T ([k_out, k_out]), with the token and example counts. Sums of
+    disjoint parts add up, so shards of a build reduce to the factors of the whole data."""
+
+    def __init__(self, computer: FactoredLinearGradients, token_mask=None):
+        self.computer, self.token_mask = computer, token_mask  # token_mask(inputs) -> [B, T] or None
+        self.a = [np.zeros((k_in, k_in)) for _, k_in in computer.dims]
+        self.s = [np.zeros((k_out, k_out)) for k_out, _ in computer.dims]
+        self.tokens, self.examples = 0.0, 0
+
+    def add(self, captured, inputs: torch.Tensor) -> None:
+        """One batch's captured (activations, output gradients) per module."""
+        computer, batch = self.computer, inputs.shape[0]
+        mask = self.token_mask(inputs) if self.token_mask is not None else None  # [B, T] or None
+        for index, (acts, grads) in enumerate(captured):
+            with_bias = computer.modules[index][2]
+            p_out, p_in = computer.p_out[index], computer.p_in[index]
+            acts = acts.reshape(batch, -1, acts.shape[-1]).double()  # [B, T, in]
+            grads = grads.reshape(batch, -1, grads.shape[-1]).double()  # [B, T, out]
+            if with_bias:
+                acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1)], dim=2)
+            a = acts if p_in is None else acts @ p_in.double()  # [B, T, k_in]
+            d = grads if p_out is None else grads @ p_out.double()  # [B, T, k_out]
+            weight = (
+                torch.ones(*a.shape[:2], 1, dtype=a.dtype) if mask is None else mask.double()[:, : a.shape[1], None]
+            )
+            self.a[index] += torch.einsum("bti,btj->ij", a * weight, a).numpy()
+            self.s[index] += torch.einsum("bto,btp->op", d, d).numpy()
+            if index == 0:
+                self.tokens += float(weight.sum())
+        self.examples += batch
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """For an .npz file: a_<i>, s_<i> per module, and the counts."""
+        out = {"tokens": np.array(self.tokens), "examples": np.array(self.examples)}
+        for index, (a, s) in enumerate(zip(self.a, self.s)):
+            out[f"a_{index}"], out[f"s_{index}"] = a, s
+        return out
+
+    @staticmethod
+    def reduce(parts: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per module (A / tokens, S / examples) from the arrays of disjoint parts."""
+        tokens = sum(float(p["tokens"]) for p in parts)
+        examples = sum(int(p["examples"]) for p in parts)
+        modules = sum(1 for key in parts[0] if key.startswith("a_"))
+        return [
+            (sum(p[f"a_{i}"] for p in parts) / tokens, sum(p[f"s_{i}"] for p in parts) / examples)
+            for i in range(modules)
+        ]

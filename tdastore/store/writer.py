@@ -7,6 +7,8 @@ rename): a shard without a marker is simply rewritten on resume, and a marker al
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -121,13 +123,41 @@ def shard_meta_path(root: StorePath, index: int) -> StorePath:
     return root / SHARDS_DIR / f"{index:06d}.parquet"
 
 
+def shard_statistics_path(root: StorePath, index: int) -> StorePath:
+    return root / SHARDS_DIR / f"{index:06d}.kfac.npz"
+
+
+def write_npz_atomic(path: StorePath, arrays: dict) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    tmp = temporary_name(path)
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+
+
+def read_shard_statistics(root: StorePath, manifest: dict) -> list[dict] | None:
+    """Every shard's K-FAC factor sums gathered during the build, or None when some shard has none (a store
+    built before, or without the hooks): fitting then takes a separate pass."""
+    parts = []
+    for entry in manifest["shards"]:
+        marker = json.loads(shard_marker(root, entry["shard"]).read_text())
+        if "statistics" not in marker:
+            return None
+        with np.load(io.BytesIO((root / SHARDS_DIR / marker["statistics"]).read_bytes())) as data:
+            parts.append({key: data[key] for key in data.files})
+    return parts
+
+
 def done_shards(root: StorePath) -> set[int]:
     """Shards whose marker exists: their rows and metadata are durable."""
     return {int(name) for name in done_markers(root / SHARDS_DIR)}
 
 
-def write_shard(root: StorePath, shard: Shard, rows: np.ndarray, meta: pa.Table) -> dict:
-    """Write one shard's rows [n, k] and metadata, then mark it done. Safe to repeat."""
+def write_shard(
+    root: StorePath, shard: Shard, rows: np.ndarray, meta: pa.Table, statistics: dict | None = None
+) -> dict:
+    """Write one shard's rows [n, k], metadata and (factored stores) K-FAC factor sums, then mark it done.
+    Safe to repeat."""
     array = zarr.open_array(store=zarr_store(root / GRADS_DIR), mode="r+")
     if rows.shape != (shard.rows, array.shape[1]):
         raise StoreError(f"shard {shard.index}: rows of shape {rows.shape}, expected {(shard.rows, array.shape[1])}")
@@ -140,12 +170,15 @@ def write_shard(root: StorePath, shard: Shard, rows: np.ndarray, meta: pa.Table)
     tmp = temporary_name(meta_path)
     write_parquet(meta, tmp)
     tmp.replace(meta_path)
+    if statistics is not None:  # durable before the marker, like the rows
+        write_npz_atomic(shard_statistics_path(root, shard.index), statistics)
     marker = {
         "shard": shard.index,
         "start": shard.start,
         "stop": shard.stop,
         "crc32": zlib.crc32(rows.data),  # of the rows as stored (decoded)
         "chunks": chunk_table(root, range(shard.start // chunk_rows, -(-shard.stop // chunk_rows))),
+        **({"statistics": shard_statistics_path(root, shard.index).name} if statistics is not None else {}),
     }
     write_json_atomic(shard_marker(root, shard.index), marker)
     return marker

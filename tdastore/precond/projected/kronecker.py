@@ -16,45 +16,28 @@ SpectralOperator with one block per module, saved in the store like every projec
 from __future__ import annotations
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from tdastore.errors import ConfigError, StoreError
-from tdastore.grads.factored import FactoredLinearGradients
+from tdastore.grads.factored import FactoredLinearGradients, KroneckerStatistics
 from tdastore.precond.projected.operators import ProjectedOperator
 from tdastore.precond.projected.spectral import Block, SpectralOperator, column_groups
 from tdastore.precond.registry import FitInputs, register
+from tdastore.store.writer import read_shard_statistics
 
 
 def factored_covariances(
     computer: FactoredLinearGradients, task, examples, batch_size: int, limit=None, progress: bool = False
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per module (A [k_in, k_in], S [k_out, k_out]) in float64, from the first `limit` examples."""
+    """Per module (A [k_in, k_in], S [k_out, k_out]) in float64, from the first `limit` examples (a separate
+    pass over the data, for stores built without the statistics or a kfac_examples subset)."""
     n = len(examples) if limit is None else min(limit, len(examples))
-    sums = [[np.zeros((k_in, k_in)), np.zeros((k_out, k_out))] for k_out, k_in in computer.dims]
-    tokens = 0.0
+    statistics = KroneckerStatistics(computer, task.token_mask)
     for start in tqdm(range(0, n, batch_size), desc="K-FAC factors", unit="batch", disable=not progress):
         part = examples.slice(start, min(start + batch_size, n))
         _, captured = computer.capture(part.inputs, part.targets)
-        mask = task.token_mask(part.inputs)  # [B, T], or None: every position counts
-        for index, (acts, grads) in enumerate(captured):
-            with_bias = computer.modules[index][2]
-            p_out, p_in = computer.p_out[index], computer.p_in[index]
-            acts = acts.reshape(len(part), -1, acts.shape[-1]).double()  # [B, T, in]
-            grads = grads.reshape(len(part), -1, grads.shape[-1]).double()  # [B, T, out]
-            if with_bias:
-                acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1)], dim=2)
-            a = acts if p_in is None else acts @ p_in.double()  # [B, T, k_in]
-            d = grads if p_out is None else grads @ p_out.double()  # [B, T, k_out]
-            if mask is None:
-                weight = torch.ones(*a.shape[:2], 1, dtype=a.dtype)
-            else:
-                weight = mask.double()[:, : a.shape[1], None]
-            sums[index][0] += torch.einsum("bti,btj->ij", a * weight, a).numpy()
-            sums[index][1] += torch.einsum("bto,btp->op", d, d).numpy()
-            if index == 0:
-                tokens += float(weight.sum())
-    return [(a / tokens, s / n) for a, s in sums]
+        statistics.add(captured, part.inputs)
+    return KroneckerStatistics.reduce([statistics.arrays()])
 
 
 class KroneckerOperator(ProjectedOperator):
@@ -86,14 +69,13 @@ class KroneckerOperator(ProjectedOperator):
         if computer.spec() != store.manifest["projection"]:
             raise StoreError("the model's factored projection differs from the store's: the store's config was edited")
         train = inputs.task.examples("train")
-        covariances = factored_covariances(
-            computer,
-            inputs.task,
-            train,
-            config.gradients.batch_size,
-            config.attribution.kfac_examples,
-            inputs.progress,
-        )
+        limit = config.attribution.kfac_examples
+        gathered = read_shard_statistics(store.root, store.manifest) if limit is None else None
+        if gathered is not None:  # summed by the build's workers from the hooks' own pass: no second pass
+            covariances = KroneckerStatistics.reduce(gathered)
+        else:
+            batch = config.gradients.batch_size
+            covariances = factored_covariances(computer, inputs.task, train, batch, limit, inputs.progress)
         groups = column_groups(store.manifest)
         bases, eigenvalues = [], []
         for a_cov, s_cov in covariances:
@@ -114,6 +96,7 @@ class KroneckerOperator(ProjectedOperator):
             for (lo, hi), values, basis in zip(groups, eigenvalues, bases)
         ]
         info = {
+            "factors": "build" if gathered is not None else "separate pass",
             "lambda_0": lambda_0,
             "damping": damping,
             "modules": len(blocks),
