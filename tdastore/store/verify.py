@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 
 from tdastore.store.location import StorePath, zarr_store
-from tdastore.store.manifest import GRADS_DIR, MANIFEST_FILE, META_FILE, read_manifest, write_json_atomic
+from tdastore.store.manifest import GRADS_DIR, MANIFEST_FILE, META_FILE, SHARDS_DIR, read_manifest, write_json_atomic
 from tdastore.store.writer import done_shards, shard_marker, shard_meta_path
 
 
@@ -47,6 +47,8 @@ def _shard_problem(root: StorePath, index: int, deep: bool) -> str | None:
         return "its .done marker is corrupt"
     if not shard_meta_path(root, index).is_file():
         return f"its metadata file {shard_meta_path(root, index).name} is missing"
+    if "statistics" in marker and not (root / SHARDS_DIR / marker["statistics"]).is_file():
+        return f"its K-FAC statistics file {marker['statistics']} is missing"
     for key, (size, crc) in marker.get("chunks", {}).items():
         path = root / GRADS_DIR / key
         if not path.is_file():
