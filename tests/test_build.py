@@ -312,3 +312,20 @@ def test_two_builds_into_one_output_at_once(ray_cluster, tmp_path, trained_confi
     thread.join()
     assert_same_store(first["store"], uninterrupted(tmp_path, trained_config))
     assert not (root / ".lease").exists()
+
+
+def test_plan_predicts_the_store_and_measures_the_rest(ray_cluster, tmp_path, trained_config, capsys):
+    from tdastore.plan import plan_build
+
+    plan = plan_build(trained_config)
+    store = build_store(trained_config, tmp_path / "store", progress=False)
+    assert (plan.rows, plan.row_columns) == (store.n_rows, store.dim) == (353, 1441)
+    assert plan.row_bytes == 1441 * 4 and plan.store_bytes == 353 * 1441 * 4
+    assert plan.shard_buffer_bytes == trained_config.store.shard_rows * 1441 * 4
+    assert plan.examples_per_s > 0 and plan.worker_bytes > plan.process_bytes > 0
+    assert plan.build_seconds == pytest.approx(353 / (plan.examples_per_s * trained_config.build.workers))
+    path = tmp_path / "cfg.yaml"
+    tdastore.config.save_config(trained_config, path)
+    assert cli_main(["plan", "--config", str(path), "--workers", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "353 x 1,441 columns" in out and "on 4 worker(s)" in out

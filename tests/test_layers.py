@@ -17,7 +17,7 @@ LAYERS = [
     ["attribution", "groundtruth"],
     ["evaluate"],
     ["demo_text"],
-    ["quickstart", "serve"],
+    ["quickstart", "serve", "plan"],
     ["cli", "__init__"],
 ]
 LAYER = {component: level for level, names in enumerate(LAYERS) for component in names}

@@ -18,7 +18,7 @@ QUERY_ALIASES = {
     "--lissa-depth": "attribution.lissa_depth",
     "--index-shard-rows": "index.shard_rows",
 }
-CONFIG_COMMANDS = ("train", "build", "index", "query", "ground-truth", "metagrad", "lds", "evaluate")
+CONFIG_COMMANDS = ("train", "build", "plan", "index", "query", "ground-truth", "metagrad", "lds", "evaluate")
 KINDS = list(INDEX_KINDS)
 
 
@@ -167,6 +167,17 @@ def make_parser() -> argparse.ArgumentParser:
             "--seeds": "metagrad.seeds",
         },
     )
+
+    plan = command(
+        "plan",
+        commands.cmd_plan,
+        "what a build will need: memory per worker, store size, build time",
+        "Before anything heavy runs: the row and store sizes, each worker's memory (weights, projection matrices, "
+        "a shard's buffer, the largest batch, measured) and the build time on build.workers workers from a "
+        "short calibration on this machine.",
+    )
+    _config_option(plan)
+    add_config_flags(plan, ALL_SECTIONS, {"--workers": "build.workers"})
 
     lds = command(
         "lds",

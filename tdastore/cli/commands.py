@@ -169,6 +169,13 @@ def cmd_metagrad(args: argparse.Namespace) -> None:
     print(f"metagradient scores written to {root}/scores.zarr")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from tdastore.plan import plan_build
+
+    config = run_config(args)
+    print("\n".join(plan_build(config).lines()))
+
+
 def cmd_lds(args: argparse.Namespace) -> None:
     from tdastore.groundtruth.lds import run_lds
 
