@@ -122,6 +122,7 @@ class BuildConfig:
 
     workers: int = 2
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with a CUDA device: GPUs each worker asks Ray for (fractions share a GPU)
     max_retries: int = 2  # a shard whose worker died is retried on a fresh worker this many times
     address: str | None = None  # None: RAY_ADDRESS, else a local Ray cluster
 
@@ -229,6 +230,7 @@ class LdsConfig:
 
 @dataclass
 class Config:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps: where gradients are computed (build workers)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -275,6 +277,9 @@ class Config:
             f"must be a positive multiple of store.chunk_rows={self.store.chunk_rows}",
         )
         _require(self.build.workers > 0, "build.workers", "must be positive")
+        _require(self.build.gpus_per_worker > 0, "build.gpus_per_worker", "must be positive")
+        _require(self.device.partition(":")[0] in ("auto", "cpu", "cuda", "mps"), "device",
+                 "must be auto, cpu, cuda, cuda:N or mps")  # fmt: skip
         _require(self.metagrad.seeds is None or self.metagrad.seeds > 0, "metagrad.seeds", "must be positive")
         _require(self.metagrad.seed_block > 0, "metagrad.seed_block", "must be positive")
         _require(

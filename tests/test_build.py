@@ -329,3 +329,38 @@ def test_plan_predicts_the_store_and_measures_the_rest(ray_cluster, tmp_path, tr
     assert cli_main(["plan", "--config", str(path), "--workers", "4"]) == 0
     out = capsys.readouterr().out
     assert "353 x 1,441 columns" in out and "on 4 worker(s)" in out
+
+
+def test_devices_and_gpu_requests(ray_cluster, tmp_path, trained_config):
+    """`device` resolves here (CPU only) or is refused clearly; GPU workers are requested from Ray exactly
+    when the device is CUDA (checked on the actor options, without a GPU); device cpu builds as before."""
+    import torch
+
+    from tdastore.config import load_config
+    from tdastore.devices import resolve_device
+    from tdastore.distributed.build import worker_options
+    from tdastore.errors import ConfigError
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("auto").type in ("cpu", "cuda", "mps")
+    for bad, words in (("tpu", "not one of"), ("cuda:x", "not one of"), ("cpu:1", "not one of")):
+        with pytest.raises(ConfigError, match=words):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device here"):
+            resolve_device("cuda:0")
+
+    def config(device, gpus=1.0):
+        raw = tdastore.config.config_to_dict(trained_config)
+        return load_config({**raw, "device": device, "build": {**raw["build"], "gpus_per_worker": gpus}})
+
+    assert worker_options(config("cuda"), 4)["num_gpus"] == 1.0
+    assert worker_options(config("cuda:1", 0.25), 4)["num_gpus"] == 0.25
+    assert worker_options(config("auto"), 2)["num_gpus"] == 1.0
+    assert "num_gpus" not in worker_options(config("auto"), 0)
+    assert "num_gpus" not in worker_options(config("cpu"), 8)
+    with pytest.raises(ConfigError, match="the Ray cluster has no GPUs"):
+        worker_options(config("cuda"), 0)
+    with pytest.raises(ConfigError, match="device"):
+        config("gpu")
+    cpu = build_store(config("cpu"), tmp_path / "cpu", progress=False)
+    np.testing.assert_array_equal(cpu.read_rows(), uninterrupted(tmp_path, trained_config).read_rows())

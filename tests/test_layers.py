@@ -7,6 +7,7 @@ PACKAGE = Path(__file__).parents[1] / "tdastore"
 # lowest first; a module may import its own component and any component of a lower layer
 LAYERS = [
     ["errors", "version", "atomic"],
+    ["devices"],
     ["config", "methods"],
     ["tasks"],
     ["training"],

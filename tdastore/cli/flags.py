@@ -63,6 +63,12 @@ def add_config_flags(
     by_key = {key: flag for flag, key in (aliases or {}).items()}
     for section in sections:
         cls = typing.get_type_hints(Config)[section]
+        if not dataclasses.is_dataclass(cls):  # a top-level setting (device): --device
+            default = Config.__dataclass_fields__[section].default
+            parser.add_argument(f"--{section}", dest=f"{SEP}{section}", default=argparse.SUPPRESS,
+                                type=lambda text, hint=cls: flag_value(text, hint), metavar=_metavar(cls),
+                                help=f"{field_docs(Config).get(section, '')} (default: {default!r})")  # fmt: skip
+            continue
         hints, docs = typing.get_type_hints(cls), field_docs(cls)
         group = parser.add_argument_group(f"config section '{section}' (overrides the YAML file)")
         for field in dataclasses.fields(cls):
@@ -95,7 +101,9 @@ def config_overrides(args: argparse.Namespace, sections: list[str] | None = None
     for key, value in vars(args).items():
         if SEP in key:
             section, name = key.split(SEP, 1)
-            if sections is None or section in sections:
+            if not section and (sections is None or name in sections):  # a top-level setting
+                overrides[name] = value
+            elif section and (sections is None or section in sections):
                 overrides.setdefault(section, {})[name] = value
     return overrides
 

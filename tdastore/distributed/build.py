@@ -6,12 +6,15 @@ import sys
 import time
 from pathlib import Path
 
+import ray
+
 from tdastore.config import Config, config_to_dict
+from tdastore.devices import wants_gpu
 from tdastore.distributed.gradient_worker import GradientWorker
 from tdastore.distributed.pool import run_pool
 from tdastore.distributed.ray_session import ray_session
 from tdastore.distributed.shipping import share_task
-from tdastore.errors import StoreError
+from tdastore.errors import ConfigError, StoreError
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.job_store import writing
@@ -84,6 +87,20 @@ def build_store(
         return _build_leased(config, root, split, identity, n_rows, address, workers, progress, fault, task)
 
 
+def worker_options(config: Config, cluster_gpus: float) -> dict:
+    """Ray options of a build worker: its CPUs, and GPUs (build.gpus_per_worker, fractions share one) when the
+    device is CUDA, or auto on a cluster with GPUs, so Ray places one worker per GPU share."""
+    options = {"num_cpus": config.build.cpus_per_worker, "max_restarts": 0}
+    if config.device.startswith("cuda") and cluster_gpus <= 0:
+        raise ConfigError(
+            f"device '{config.device}' asks for GPU workers, but the Ray cluster has no GPUs: start it on GPU "
+            "nodes (ray start --num-gpus N), or use device: cpu or auto"
+        )
+    if wants_gpu(config.device, cluster_gpus):
+        options["num_gpus"] = config.build.gpus_per_worker
+    return options
+
+
 def padding_fraction(reports: list[dict]) -> float:
     """Share of the batches' padded tokens that are padding (0 for tabular rows)."""
     real = sum(r.get("tokens", (0, 0))[0] for r in reports)
@@ -144,7 +161,7 @@ def _run_pool(
     """One GradientWorker actor per worker, one shard at a time (tdastore/distributed/pool.py)."""
     threads = max(1, int(config.build.cpus_per_worker))
     config_dict, shared = config_to_dict(config), share_task(config, task)
-    options = dict(num_cpus=config.build.cpus_per_worker, max_restarts=0)
+    options = worker_options(config, ray.cluster_resources().get("GPU", 0.0))
     return run_pool(
         pending,
         lambda: GradientWorker.options(**options).remote(

@@ -18,6 +18,7 @@ import ray
 import torch
 
 from tdastore.config import Config, load_config
+from tdastore.devices import resolve_device
 from tdastore.errors import GradientError, StoreError
 from tdastore.grads.batching import padded_tokens, plan_batches
 from tdastore.grads.computer import make_gradient_computer
@@ -40,7 +41,8 @@ class ShardComputer:
         self.config = config
         self.split = split
         self.task = resolve_task(config.task, config.model, task)
-        self.model = load_model(config, self.task)
+        self.device = resolve_device(config.device)  # the worker's own hardware decides `auto`
+        self.model = load_model(config, self.task).to(self.device)
         loss_fn = self.task.per_example_loss if split == "train" else self.task.test_function
         self.gradients = make_gradient_computer(self.model, loss_fn, config.gradients, config.projection)
         self.data = self.task.examples(split)
@@ -48,7 +50,7 @@ class ShardComputer:
         self.unprojected = self.gradients.spec()["kind"] == "none"
         self._buffer: torch.Tensor | None = None
         warm = self.data.slice(0, 2)
-        self.gradients(warm.inputs, warm.targets)  # warm up (torch.func imports) and fail fast
+        self.gradients(warm.inputs.to(self.device), warm.targets.to(self.device))  # warm up, fail fast
         self.gather_statistics = split == "train" and isinstance(self.gradients, FactoredLinearGradients)
 
     def compute(self, shard: Shard) -> tuple[np.ndarray, pa.Table]:
@@ -68,12 +70,14 @@ class ShardComputer:
             batch = part.take(index)
             lo, hi = int(index[0]), int(index[-1]) + 1
             contiguous = hi - lo == len(index)  # fixed batches: rows computed in place
-            out = rows[lo:hi] if contiguous else None
-            computed, loss, sq_norm = self.gradients(batch.inputs, batch.targets, out=out)  # [b, k], [b], [b]
+            out = rows[lo:hi] if contiguous and self.device.type == "cpu" else None  # in place on the CPU
+            inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
+            computed, loss, sq_norm = self.gradients(inputs, targets, out=out)  # [b, k], [b], [b]
+            loss, sq_norm = loss.float().cpu(), sq_norm.float().cpu()
             check_finite(loss, batch.ids, f"the {self.split} loss")
             check_finite(sq_norm, batch.ids, "the gradient")
-            if not contiguous:
-                rows[index] = computed.to(rows.dtype)
+            if out is None:
+                rows[index] = computed.to(device="cpu", dtype=rows.dtype)
             self._check_rows(rows[lo:hi] if contiguous else rows[index], sq_norm, shard.start + lo)
             losses[index] = loss
             norms[index] = sq_norm.sqrt()

@@ -165,8 +165,8 @@ class LinearHookGradients:
         if self.statistics is not None:  # K-FAC factors gathered in the same pass (the build)
             self.statistics.add(captured, inputs)
         batch = inputs.shape[0]
-        rows = torch.empty(batch, self.out_dim) if out is None else out  # [B, K]
-        sq_norms = torch.zeros(batch)  # [B]
+        rows = torch.empty(batch, self.out_dim, device=inputs.device) if out is None else out  # [B, K]
+        sq_norms = torch.zeros(batch, device=inputs.device)  # [B]
         col = 0
         for index, (acts, grads) in enumerate(captured):
             col = self._write_module(index, acts, grads, rows, col, sq_norms)
@@ -225,12 +225,15 @@ class FactoredLinearGradients(LinearHookGradients):
         self.config = config
         self.full_norms = full_norms  # |full per-example gradient|^2 per row: B T^2 (d_in + d_out) extra work
         self.p_out, self.p_in, self.dims = [], [], []
+        device = next(model.parameters()).device  # the projections live where the activations are
         for name, module, with_bias in self.modules:
             k_out, k_in = module_factors(config, name)
             d_in, d_out = module_dims(module)
             d_in += int(with_bias)
-            self.p_out.append(_side_matrix(config.seed, f"{name}.out", d_out, k_out))
-            self.p_in.append(_side_matrix(config.seed, f"{name}.in", d_in, k_in))
+            p_out = _side_matrix(config.seed, f"{name}.out", d_out, k_out)  # generated on the CPU: same bits
+            p_in = _side_matrix(config.seed, f"{name}.in", d_in, k_in)
+            self.p_out.append(None if p_out is None else p_out.to(device))
+            self.p_in.append(None if p_in is None else p_in.to(device))
             self.dims.append((min(d_out, k_out), min(d_in, k_in)))
         self.out_dim = sum(o * i for o, i in self.dims)
 
@@ -320,11 +323,9 @@ class KroneckerStatistics:
                 acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1)], dim=2)
             a = acts if p_in is None else acts @ p_in.double()  # [B, T, k_in]
             d = grads if p_out is None else grads @ p_out.double()  # [B, T, k_out]
-            weight = (
-                torch.ones(*a.shape[:2], 1, dtype=a.dtype) if mask is None else mask.double()[:, : a.shape[1], None]
-            )
-            self.a[index] += torch.einsum("bti,btj->ij", a * weight, a).numpy()
-            self.s[index] += torch.einsum("bto,btp->op", d, d).numpy()
+            weight = a.new_ones(*a.shape[:2], 1) if mask is None else mask.double()[:, : a.shape[1], None]
+            self.a[index] += torch.einsum("bti,btj->ij", a * weight, a).cpu().numpy()
+            self.s[index] += torch.einsum("bto,btp->op", d, d).cpu().numpy()
             if index == 0:
                 self.tokens += float(weight.sum())
         self.examples += batch

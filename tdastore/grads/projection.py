@@ -79,12 +79,13 @@ class _BlockProjector(Projector):
         for block, start in enumerate(range(0, self.numel[name], rows)):
             yield block, start, min(start + rows, self.numel[name])
 
-    def _block(self, name: str, block: int, n_rows: int) -> tuple[torch.Tensor, ...]:
-        key = (name, block)
+    def _block(self, name: str, block: int, n_rows: int, device=None) -> tuple[torch.Tensor, ...]:
+        """The block's matrix, generated on the CPU (the same bits on every device), kept on `device`."""
+        key = (name, block, str(device))
         if key in self._cache:
             return self._cache[key]
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, name, block))
-        tensors = self._generate(generator, n_rows)
+        tensors = tuple(t.to(device) for t in self._generate(generator, n_rows))
         size = sum(t.numel() * t.element_size() for t in tensors)
         if self._cache_bytes + size <= self._budget:
             self._cache[key] = tensors
@@ -95,12 +96,13 @@ class _BlockProjector(Projector):
         raise NotImplementedError
 
     def project(self, grads: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-        batch = next(iter(grads.values())).shape[0]
-        total = torch.zeros(batch, self.out_dim)  # [B, k] accumulated in float32
+        first = next(iter(grads.values()))
+        batch, device = first.shape[0], first.device
+        total = torch.zeros(batch, self.out_dim, device=device)  # [B, k] accumulated in float32
         for name in self.names:
             flat = grads[name].reshape(batch, -1).float()  # [B, p_name]
             for block, start, stop in self.blocks(name):
-                self._apply(total, flat[:, start:stop], self._block(name, block, stop - start))
+                self._apply(total, flat[:, start:stop], self._block(name, block, stop - start, device))
         return total if out is None else out.copy_(total)
 
     def _apply(self, out: torch.Tensor, rows: torch.Tensor, block: tuple[torch.Tensor, ...]) -> None:

@@ -1,0 +1,35 @@
+"""Where compute runs: the config's `device` (auto | cpu | cuda | cuda:N | mps) as a torch.device, refused
+clearly when this machine has no such device. Ray schedules GPU workers by `build.gpus_per_worker`."""
+
+from __future__ import annotations
+
+import torch
+
+from tdastore.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA if present, else MPS, else the CPU; a named device must exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps") if mps is not None and mps.is_available() else torch.device("cpu")
+    kind, _, number = name.partition(":")
+    if kind not in DEVICES[1:] or (number and not number.isdigit()) or (number and kind != "cuda"):
+        raise ConfigError(f"device '{name}' is not one of auto, cpu, cuda, cuda:N, mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' asked for, but torch sees no CUDA device here: use device: cpu or auto")
+    if kind == "cuda" and number and int(number) >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' asked for, but torch sees no MPS device here: use device: cpu or auto")
+    return torch.device(name)
+
+
+def wants_gpu(name: str, cluster_gpus: float = 0.0) -> bool:
+    """Whether workers should ask Ray for GPUs: cuda named, or auto on a cluster that has GPUs (decided by the
+    cluster's resources, not the driver's own hardware: a driver node may have none)."""
+    return name.startswith("cuda") or (name == "auto" and cluster_gpus > 0)
