@@ -25,7 +25,13 @@ import zarr
 from tdastore.config import Config, config_to_dict, load_config
 from tdastore.errors import StoreError
 from tdastore.groundtruth.engine import ReplicaTrainer
-from tdastore.groundtruth.pool import Unit, check_fingerprint, read_groundtruth_manifest, run_job_units
+from tdastore.groundtruth.pool import (
+    Unit,
+    check_fingerprint,
+    finished_groundtruth,
+    read_groundtruth_manifest,
+    run_job_units,
+)
 from tdastore.store.job_store import create_or_reopen, differing_keys, mark_done, read_job_manifest, writing
 from tdastore.store.manifest import SCHEMA_VERSION
 from tdastore.tasks import resolve_task
@@ -162,11 +168,7 @@ def run_lds(
     """Run (or resume) the LDS job for a finished ground truth on Ray; returns its store's path."""
     from tdastore.distributed.shipping import share_task
 
-    groundtruth = Path(groundtruth or config.groundtruth.output)
-    gt_manifest = read_groundtruth_manifest(groundtruth)
-    if gt_manifest.get("status") != "complete":
-        raise StoreError(f"ground truth '{groundtruth}' is incomplete: finish `tdastore ground-truth` first")
-    gt_config = load_config(gt_manifest["config"])
+    groundtruth, gt_config = finished_groundtruth(groundtruth or config.groundtruth.output)
     output = lds_root(groundtruth, gt_config.groundtruth.coupling)
     with writing(output, "LDS job", not_an_lds_store(output)):
         root, manifest, gt_config = prepare_lds(config, groundtruth, task)

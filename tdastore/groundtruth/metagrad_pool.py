@@ -24,7 +24,7 @@ from tdastore.config import Config, config_to_dict, load_config
 from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
-from tdastore.groundtruth.pool import check_fingerprint, read_groundtruth_manifest, run_job_units
+from tdastore.groundtruth.pool import check_fingerprint, finished_groundtruth, read_groundtruth_manifest, run_job_units
 from tdastore.store.job_store import create_or_reopen, differing_keys, mark_done, read_job_manifest, writing
 from tdastore.store.manifest import SCHEMA_VERSION
 from tdastore.tasks import resolve_task
@@ -174,11 +174,7 @@ def run_metagrad(
     task: Task | None = None,
 ) -> Path:
     """Run (or resume) the metagradient job for a finished ground truth on Ray; returns its store's path."""
-    groundtruth = Path(groundtruth or config.groundtruth.output)
-    gt_manifest = read_groundtruth_manifest(groundtruth)
-    if gt_manifest.get("status") != "complete":
-        raise StoreError(f"ground truth '{groundtruth}' is incomplete: finish `tdastore ground-truth` first")
-    gt_config = load_config(gt_manifest["config"])
+    groundtruth, gt_config = finished_groundtruth(groundtruth or config.groundtruth.output)
     output = metagrad_root(groundtruth, config.metagrad.coupling or gt_config.groundtruth.coupling)
     with writing(output, "metagradient job", not_a_metagrad(output)):
         root, manifest, gt_config = prepare_metagrad(config, groundtruth, task)

@@ -152,6 +152,16 @@ def prepare_groundtruth(config: Config, task: Task | None = None) -> tuple[Path,
     return root, manifest
 
 
+def finished_groundtruth(groundtruth: str | Path) -> tuple[Path, Config]:
+    """A complete ground truth and the config it ran (its further training), for the jobs built on it
+    (metagradients, LDS); an unfinished one is a clear error."""
+    root = Path(groundtruth)
+    manifest = read_groundtruth_manifest(root)
+    if manifest.get("status") != "complete":
+        raise StoreError(f"ground truth '{root}' is incomplete: finish `tdastore ground-truth` first")
+    return root, load_config(manifest["config"])
+
+
 def not_a_groundtruth(root: Path) -> str:
     return f"'{root}' exists, is not empty and is not a ground-truth store: choose a new groundtruth.output"
 
