@@ -9,12 +9,13 @@ Neumann series, a per-layer Sherman-Morrison approximation, ...). Sign conventio
 means removing z_i *raises* the test function g (the paper's gold standard a_i). `tracin_final` carries
 the learning rate as well (eps * lr); `grad_cos` normalises both gradients first.
 
-A row names the operator used on each of the two paths:
+A row names the operator used on each of the two paths, a class registered by that name
+(tdastore/precond/registry.py):
 - projected: in the store's (projected) space, fitted from the stored rows, K = Q diag(d) Q^T, so
-  K^(1/2) transforms rows for a FAISS inner-product search (tdastore/precond/projected.py);
+  K^(1/2) transforms rows for a FAISS inner-product search (tdastore/precond/projected/);
 - exact: in the model's full parameter space with Hessian / Gauss-Newton-vector products
-  (tdastore/precond/exact.py), as the paper ran it on 18k-120k-parameter MLPs.
-Adding a method is adding a row (and, for a new operator, one function on a path). `metagrad` is the one
+  (tdastore/precond/exact/), as the paper ran it on 18k-120k-parameter MLPs.
+Adding a method is adding a row (and, for a new operator, one registered class on a path). `metagrad` is the one
 row with no quadratic model: it differentiates the gold standard's further training itself
 (tdastore/groundtruth/metagrad.py), so it is computed per ground truth (`tdastore metagrad`) and shows up
 in `tdastore evaluate`, not in single queries.
