@@ -10,8 +10,12 @@ from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
 from tdastore.tasks import TabularTask
 
 
-def reference_run(model, task, cfg: GroundTruthConfig, train, test, seed: int, left_out: int):
-    """One replica, the plain way: torch.optim, a seeded permutation per epoch, g recorded per schedule."""
+def reference_run(model, task, cfg: GroundTruthConfig, train, test, seed: int, left_out):
+    """One replica, the plain way: torch.optim, a seeded permutation per epoch, g recorded per schedule.
+    left_out: a row (-1: none) or a list of rows left out together (delete: removed from every permutation;
+    subtract: the batch mean minus their summed loss / N)."""
+    rows = [left_out] if isinstance(left_out, int) else list(left_out)
+    dropped = torch.tensor([i for i in rows if i >= 0], dtype=torch.long)
     model = copy.deepcopy(model)
     opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -20,8 +24,8 @@ def reference_run(model, task, cfg: GroundTruthConfig, train, test, seed: int, l
     values, step = [], 0
     while step < schedule.total_steps:
         perm = torch.randperm(len(train), generator=generator)
-        if cfg.coupling == "delete" and left_out >= 0:
-            perm = perm[perm != left_out]
+        if cfg.coupling == "delete" and len(dropped):
+            perm = perm[~torch.isin(perm, dropped)]
         for start in range(0, schedule.steps_per_epoch * cfg.batch_size, cfg.batch_size):
             if step >= schedule.total_steps:
                 break
@@ -29,10 +33,9 @@ def reference_run(model, task, cfg: GroundTruthConfig, train, test, seed: int, l
             step += 1
             if len(batch) > 0:
                 loss = task.per_example_loss(model(train.inputs[batch]), train.targets[batch]).mean()
-                if cfg.coupling == "subtract" and left_out >= 0:
-                    loss = loss - task.per_example_loss(
-                        model(train.inputs[left_out : left_out + 1]), train.targets[left_out : left_out + 1]
-                    ).sum() / len(train)
+                if cfg.coupling == "subtract" and len(dropped):
+                    dropped_loss = task.per_example_loss(model(train.inputs[dropped]), train.targets[dropped])
+                    loss = loss - dropped_loss.sum() / len(train)
                 optimizer.zero_grad()
                 loss.backward()
                 if cfg.clip_norm:
@@ -95,39 +98,6 @@ def test_delete_order_is_the_full_permutation_without_i():
         assert torch.equal(row[:-1], torch.cat([perm[:position], perm[position + 1 :]])) and row[-1] == -1
 
 
-def reference_subset_run(model, task, cfg: GroundTruthConfig, train, test, seed: int, left_out: list[int]):
-    """One replica leaving a whole set out, the plain way (delete: rows removed from every permutation;
-    subtract: the batch mean minus the set's summed loss / N)."""
-    model = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    generator = torch.Generator().manual_seed(seed)
-    schedule = Schedule.from_config(cfg, len(train))
-    dropped = torch.tensor(left_out, dtype=torch.long)
-    values, step = [], 0
-    while step < schedule.total_steps:
-        perm = torch.randperm(len(train), generator=generator)
-        if cfg.coupling == "delete":
-            perm = perm[~torch.isin(perm, dropped)]
-        for start in range(0, schedule.steps_per_epoch * cfg.batch_size, cfg.batch_size):
-            if step >= schedule.total_steps:
-                break
-            batch = perm[start : start + cfg.batch_size]
-            step += 1
-            if len(batch) > 0:
-                loss = task.per_example_loss(model(train.inputs[batch]), train.targets[batch]).mean()
-                if cfg.coupling == "subtract":
-                    loss = loss - task.per_example_loss(
-                        model(train.inputs[dropped]), train.targets[dropped]
-                    ).sum() / len(train)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            if step in schedule.eval_steps:
-                with torch.no_grad():
-                    values.append(task.test_function(model(test.inputs), test.targets))
-    return torch.stack(values)  # [evals, n_test]
-
-
 @pytest.mark.parametrize("coupling", ["delete", "subtract"])
 def test_replicas_leaving_sets_out_equal_single_replicas(coupling):
     """The linear datamodeling score's replicas: a set of rows left out at once (sets of different sizes)."""
@@ -137,5 +107,5 @@ def test_replicas_leaving_sets_out_equal_single_replicas(coupling):
     sets = [[0, 5, 99], [7], list(range(10, 60))]
     got = ReplicaTrainer(model, task, cfg, train, test).run([2], sets)  # [E, T, 1, 1 + 3]
     for index, rows in enumerate([[], *sets]):
-        expected = reference_subset_run(model, task, cfg, train, test, 2, rows)
+        expected = reference_run(model, task, cfg, train, test, 2, rows)
         torch.testing.assert_close(got[:, :, 0, index], expected, rtol=1e-5, atol=1e-5)

@@ -57,8 +57,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"weights exist at {weights}: nothing to train (--skip-if-trained)")
         return
     began = time.perf_counter()
-    model = train(config, progress=not args.quiet, overwrite=args.overwrite)
-    task = make_task(config.task, config.model)
+    task = make_task(config.task, config.model)  # loaded once: trained on, then evaluated
+    model = train(config, progress=not args.quiet, task=task, overwrite=args.overwrite)
     print(
         f"trained {task.name} ({task.kind}) in {time.perf_counter() - began:.1f} s: "
         f"train loss {evaluate_loss(model, task, 'train'):.4f}, test loss {evaluate_loss(model, task, 'test'):.4f}\n"

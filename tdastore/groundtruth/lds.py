@@ -32,7 +32,7 @@ from tdastore.groundtruth.pool import (
     read_groundtruth_manifest,
     run_job_units,
 )
-from tdastore.store.job_store import create_or_reopen, differing_keys, mark_done, read_job_manifest, writing
+from tdastore.store.job_store import mark_done, open_job, read_job_manifest, writing
 from tdastore.store.manifest import SCHEMA_VERSION
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Task
@@ -92,15 +92,13 @@ def prepare_lds(config: Config, groundtruth: Path, task: Task | None = None) -> 
             "units": [u.name for u in plan(seeds, m, seed_block, lds.subset_block)],
         }
 
-    manifest = create_or_reopen(
+    manifest = open_job(
         root,
+        identity,
         read_lds_manifest,
-        lambda manifest: differing_keys(manifest, identity),
         create,
-        refused=lambda keys: (
-            f"LDS store '{root}' holds another job (differs in {keys}) and was left unchanged: delete it to "
-            "recompute with these settings"
-        ),
+        what="LDS store",
+        fix="delete it to recompute with these settings",
         not_ours=not_an_lds_store(root),
     )
     return root, manifest, gt_config

@@ -25,7 +25,7 @@ from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
 from tdastore.groundtruth.pool import check_fingerprint, finished_groundtruth, read_groundtruth_manifest, run_job_units
-from tdastore.store.job_store import create_or_reopen, differing_keys, mark_done, read_job_manifest, writing
+from tdastore.store.job_store import mark_done, open_job, read_job_manifest, writing
 from tdastore.store.manifest import SCHEMA_VERSION
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Task
@@ -95,15 +95,13 @@ def prepare_metagrad(config: Config, groundtruth: str | Path, task: Task | None 
             "units": [u.name for u in _plan(len(seeds), n_test, mg.seed_block, mg.test_block)],
         }
 
-    manifest = create_or_reopen(
+    manifest = open_job(
         root,
+        identity,
         read_metagrad_manifest,
-        lambda manifest: differing_keys(manifest, identity),
         create,
-        refused=lambda keys: (
-            f"metagradient store '{root}' holds another job (differs in {keys}) and was left "
-            "unchanged: delete it to recompute with these settings"
-        ),
+        what="metagradient store",
+        fix="delete it to recompute with these settings",
         not_ours=not_a_metagrad(root),
     )
     return root, manifest, gt_config

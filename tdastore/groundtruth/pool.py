@@ -30,10 +30,9 @@ from tdastore.distributed.shipping import share_task
 from tdastore.errors import ConfigError, StoreError
 from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
 from tdastore.store.job_store import (
-    create_or_reopen,
-    differing_keys,
     done_markers,
     mark_done,
+    open_job,
     read_job_manifest,
     writing,
 )
@@ -138,15 +137,13 @@ def prepare_groundtruth(config: Config, task: Task | None = None) -> tuple[Path,
             "units": [u.name for u in plan_units(seeds, len(left), gt.seed_block, gt.left_out_block)],
         }
 
-    manifest = create_or_reopen(
+    manifest = open_job(
         root,
+        identity,
         read_groundtruth_manifest,
-        lambda manifest: differing_keys(manifest, identity),
         create,
-        refused=lambda keys: (
-            f"ground-truth store '{root}' holds another job (differs in {keys}) and was left "
-            "unchanged: choose a new groundtruth.output"
-        ),
+        what="ground-truth store",
+        fix="choose a new groundtruth.output",
         not_ours=not_a_groundtruth(root),
     )
     return root, manifest

@@ -96,6 +96,21 @@ def _clear(root: StorePath) -> None:
             child.fs.rm(child.path, recursive=True)
 
 
+def open_job(
+    root: StorePath, identity: dict, read, create: Callable[[], dict], *, what: str, fix: str, not_ours: str
+) -> dict:
+    """create_or_reopen for a job store whose identity is a set of manifest keys (ground truth, metagradients,
+    LDS): another job's store is refused as "<what> '<root>' holds another job (differs in [...])"."""
+    return create_or_reopen(
+        root,
+        read,
+        lambda manifest: differing_keys(manifest, identity),
+        create,
+        refused=lambda keys: f"{what} '{root}' holds another job (differs in {keys}) and was left unchanged: {fix}",
+        not_ours=not_ours,
+    )
+
+
 def read_job_manifest(root: Path, kind: str, what: str, command: str) -> dict:
     """The manifest of a job store of `kind`, or an error naming what the directory is and what makes one."""
     path = Path(root) / MANIFEST_FILE
