@@ -33,3 +33,13 @@ def wants_gpu(name: str, cluster_gpus: float = 0.0) -> bool:
     """Whether workers should ask Ray for GPUs: cuda named, or auto on a cluster that has GPUs (decided by the
     cluster's resources, not the driver's own hardware: a driver node may have none)."""
     return name.startswith("cuda") or (name == "auto" and cluster_gpus > 0)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters live (inputs and work tensors follow them)."""
+    return next(model.parameters()).device
+
+
+def on_device(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The model moved to the config's device (`auto` decided by this process's own hardware)."""
+    return model.to(resolve_device(name))

@@ -19,6 +19,7 @@ import torch
 
 from tdastore.attribution.results import create_scores_array, result_table, stream_top_k
 from tdastore.config import Config, config_to_dict, load_config
+from tdastore.devices import model_device, on_device
 from tdastore.errors import ConfigError, StoreError
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.per_example import check_finite
@@ -91,6 +92,7 @@ class Attributor:
                     f"the weights at {self.config.train.output_dir} are not the model store '{store.root}' was built "
                     "from (fingerprints differ): restore them or rebuild the store"
                 )
+            self.model = on_device(self.model, self.config.device)  # test gradients and fitting passes run there
         self.scale = 1.0 / store.n_rows * (self.config.train.lr if self.method.learning_rate else 1.0)
         self.info: dict = {"method": self.method.name, "path": self.path}
         self.operator = self.index = self.exact = None
@@ -123,7 +125,9 @@ class Attributor:
             raise StoreError(
                 f"the {name}/{kind} index was built for another projection: rebuild it with `tdastore index`"
             )
-        return build_index(store, self.method, self.operator, key, kind, self.config.index, progress=self.progress)
+        handle = build_index(store, self.method, self.operator, key, kind, self.config.index, progress=self.progress)
+        handle.device = self.config.device  # GPU FAISS where the installed faiss has it and the device is CUDA
+        return handle
 
     # -- the test side ---------------------------------------------------------------------------------
     def examples(self, inputs=None, split: str | None = None) -> Examples:
@@ -145,13 +149,13 @@ class Attributor:
             if self._computer.spec() != self.store.manifest["projection"]:
                 raise StoreError("this query's projection differs from the store's; the store's config was edited")
         rows = []
-        batch = self.config.gradients.batch_size
+        batch, device = self.config.gradients.batch_size, model_device(self.model)
         for start in range(0, len(test), batch):
             part = test.slice(start, min(start + batch, len(test)))
-            projected, values, sq_norms = self._computer(part.inputs, part.targets)
+            projected, values, sq_norms = self._computer(part.inputs.to(device), part.targets.to(device))
             check_finite(values, part.ids, "the test function")
             check_finite(sq_norms, part.ids, "the test gradient")
-            rows.append(projected.numpy())
+            rows.append(projected.float().cpu().numpy())  # [b, k]
         return np.concatenate(rows)
 
     def queries(self, test: Examples) -> np.ndarray:
@@ -167,7 +171,8 @@ class Attributor:
         buffer: use each before taking the next."""
         if self.exact is not None:
             self.exact.info = {"path": "exact", "params": self.exact.space.p}  # this method's facts only
-            yield from self.exact.score_blocks(self.method, test)
+            for start, block in self.exact.score_blocks(self.method, test):
+                yield start, block.cpu()
             self.info.update({k: v for k, v in self.exact.info.items() if isinstance(v, (int, float, str))})
         else:
             yield from projected_score_blocks(self.store, self.operator, self.method, self.queries(test))

@@ -9,12 +9,11 @@ from pathlib import Path
 import ray
 
 from tdastore.config import Config, config_to_dict
-from tdastore.devices import wants_gpu
 from tdastore.distributed.gradient_worker import GradientWorker
-from tdastore.distributed.pool import run_pool
+from tdastore.distributed.pool import device_options, run_pool
 from tdastore.distributed.ray_session import ray_session
 from tdastore.distributed.shipping import share_task
-from tdastore.errors import ConfigError, StoreError
+from tdastore.errors import StoreError
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.job_store import writing
@@ -88,17 +87,8 @@ def build_store(
 
 
 def worker_options(config: Config, cluster_gpus: float) -> dict:
-    """Ray options of a build worker: its CPUs, and GPUs (build.gpus_per_worker, fractions share one) when the
-    device is CUDA, or auto on a cluster with GPUs, so Ray places one worker per GPU share."""
-    options = {"num_cpus": config.build.cpus_per_worker, "max_restarts": 0}
-    if config.device.startswith("cuda") and cluster_gpus <= 0:
-        raise ConfigError(
-            f"device '{config.device}' asks for GPU workers, but the Ray cluster has no GPUs: start it on GPU "
-            "nodes (ray start --num-gpus N), or use device: cpu or auto"
-        )
-    if wants_gpu(config.device, cluster_gpus):
-        options["num_gpus"] = config.build.gpus_per_worker
-    return options
+    """Ray options of a build worker (see `device_options`)."""
+    return device_options(config.device, config.build.cpus_per_worker, config.build.gpus_per_worker, cluster_gpus)
 
 
 def padding_fraction(reports: list[dict]) -> float:

@@ -19,7 +19,8 @@ from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from tqdm import tqdm
 
 import tdastore.errors as errors
-from tdastore.errors import StoreError, TdaStoreError
+from tdastore.devices import wants_gpu
+from tdastore.errors import ConfigError, StoreError, TdaStoreError
 
 
 def run_pool(
@@ -93,6 +94,23 @@ def run_pool(
         for actor in actors:  # also stops units still in flight after an error
             ray.kill(actor)
     return results
+
+
+def device_options(device: str, num_cpus: float, gpus: float, cluster_gpus: float | None = None) -> dict:
+    """Ray options of a worker: its CPUs, and GPUs (`gpus`, fractions share one: build.gpus_per_worker) when the
+    device is CUDA, or auto on a cluster with GPUs, so Ray places one worker per GPU share. cluster_gpus: the
+    cluster's GPU count (None: asked of the running Ray session)."""
+    if cluster_gpus is None:
+        cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    options = {"num_cpus": num_cpus, "max_restarts": 0}
+    if device.startswith("cuda") and cluster_gpus <= 0:
+        raise ConfigError(
+            f"device '{device}' asks for GPU workers, but the Ray cluster has no GPUs: start it on GPU "
+            "nodes (ray start --num-gpus N), or use device: cpu or auto"
+        )
+    if wants_gpu(device, cluster_gpus):
+        options["num_gpus"] = gpus
+    return options
 
 
 def startup_error(err: RayActorError, what: str) -> TdaStoreError:

@@ -47,7 +47,9 @@ class ReplicaTrainer:
     """Trains replicas [(seed, left_out)] from the final model's parameters and returns g at each evaluation."""
 
     def __init__(self, model: nn.Module, task: Task, cfg: GroundTruthConfig, train: Examples, test: Examples):
-        self.model, self.task, self.cfg, self.train, self.test = model, task, cfg, train, test
+        self.device = next(model.parameters()).device  # replicas train where the model lives (config `device`)
+        self.model, self.task, self.cfg = model, task, cfg
+        self.train, self.test = train.to(self.device), test.to(self.device)
         self.names = [n for n, _ in model.named_parameters()]
         self.theta = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
@@ -63,7 +65,7 @@ class ReplicaTrainer:
         out = torch.empty(len(self.schedule.eval_steps), len(self.test), len(replicas), dtype=dtype)
         group = self.cfg.max_replicas
         for start in range(0, len(replicas), group):
-            out[:, :, start : start + group] = self._run_group(replicas[start : start + group])
+            out[:, :, start : start + group] = self._run_group(replicas[start : start + group]).cpu()
         return out.reshape(out.shape[0], out.shape[1], len(seeds), 1 + len(left_out))
 
     # -- one vmapped group -------------------------------------------------------------------------
@@ -71,7 +73,8 @@ class ReplicaTrainer:
         cfg, sched = self.cfg, self.schedule
         r = len(replicas)
         seeds = sorted({s for s, _ in replicas})
-        seed_row = torch.tensor([seeds.index(s) for s, _ in replicas])  # [R]
+        device = self.device
+        seed_row = torch.tensor([seeds.index(s) for s, _ in replicas], device=device)  # [R]
         width = max(1, max(len(rows) for _, rows in replicas))
         left_out = torch.full((r, width), -1, dtype=torch.long)  # [R, K] each replica's left-out rows, -1 padded
         for index, (_, rows) in enumerate(replicas):
@@ -79,6 +82,7 @@ class ReplicaTrainer:
         members = torch.zeros(r, self.n, dtype=torch.bool)  # [R, N]
         replica, slot = (left_out >= 0).nonzero(as_tuple=True)
         members[replica, left_out[replica, slot]] = True
+        left_out, members = left_out.to(device), members.to(device)
         params = {n: t.unsqueeze(0).repeat(r, *([1] * t.dim())) for n, t in self.theta.items()}  # [R, ...]
         state = _OptimizerState(params, cfg)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -89,7 +93,8 @@ class ReplicaTrainer:
         for step in range(sched.total_steps):
             within = step % sched.steps_per_epoch
             if within == 0:
-                perms = torch.stack([torch.randperm(self.n, generator=g) for g in generators])  # [S, N]
+                # drawn on the host from each seed's generator: the same permutations on every device
+                perms = torch.stack([torch.randperm(self.n, generator=g) for g in generators]).to(device)  # [S, N]
                 order = self._visit_order(perms[seed_row], members)  # [R, N], -1 padded
             cols = order[:, within * cfg.batch_size : (within + 1) * cfg.batch_size]  # [R, b]
             weights = (cols >= 0).to(evals.dtype)  # the parameters' precision (float64 runs stay float64)
@@ -115,12 +120,12 @@ class ReplicaTrainer:
             return perms
         n = perms.shape[1]
         if left_out.dim() == 1:
-            members = torch.zeros(perms.shape, dtype=torch.bool)
+            members = torch.zeros(perms.shape, dtype=torch.bool, device=perms.device)
             members.scatter_(1, left_out.clamp(min=0)[:, None], (left_out >= 0)[:, None])
             left_out = members
         removed = left_out.gather(1, perms)  # [R, N]: the row at each position is left out
         order = perms.gather(1, torch.argsort(removed.int(), dim=1, stable=True))  # kept rows first, in order
-        order[torch.arange(n)[None, :] >= n - removed.sum(1, keepdim=True)] = -1
+        order[torch.arange(n, device=perms.device)[None, :] >= n - removed.sum(1, keepdim=True)] = -1
         return order
 
     def _replica_loss(self, params, x, y, weights) -> torch.Tensor:
@@ -146,7 +151,8 @@ class _OptimizerState:
 
     def __init__(self, params: dict, cfg: GroundTruthConfig):
         self.rule = UpdateRule(cfg)
-        self.steps = torch.zeros(next(iter(params.values())).shape[0], dtype=torch.float64)  # 1 - 0.999^t needs float64
+        first = next(iter(params.values()))  # 1 - 0.999^t needs float64
+        self.steps = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
         if self.rule.adaptive:
             self.m = {n: torch.zeros_like(p) for n, p in params.items()}
             self.v = {n: torch.zeros_like(p) for n, p in params.items()}

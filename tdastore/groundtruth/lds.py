@@ -23,6 +23,8 @@ import torch
 import zarr
 
 from tdastore.config import Config, config_to_dict, load_config
+from tdastore.devices import on_device
+from tdastore.distributed.pool import device_options
 from tdastore.errors import StoreError
 from tdastore.groundtruth.engine import ReplicaTrainer
 from tdastore.groundtruth.pool import (
@@ -150,6 +152,7 @@ class LdsWorker:
         model = load_model(gt_config, task)
         check_fingerprint(model, manifest, self.root)
         test = task.examples("test").slice(0, len(manifest["test_rows"]))
+        model = on_device(model, gt_config.device)
         self.trainer = ReplicaTrainer(model, task, gt_config.groundtruth, task.examples("train"), test)
 
     def run(self, unit: Unit) -> float:
@@ -177,7 +180,8 @@ def run_lds(
         def actors():  # inside the Ray session: the task object goes to the object store once
             args = (config_to_dict(gt_config), str(root), manifest, threads)
             shared = share_task(gt_config, task)
-            return lambda: LdsWorker.options(num_cpus=threads, max_restarts=0).remote(*args, shared)
+            options = device_options(gt_config.device, threads, gt_config.build.gpus_per_worker)
+            return lambda: LdsWorker.options(**options).remote(*args, shared)
 
         run_job_units(
             root,

@@ -21,8 +21,9 @@ def forward_mode(run: WeightedRun, seed: int) -> tuple[torch.Tensor, int]:
     sched, batches = run.schedule, run.batches(seed)
     theta, m, v = run.start()
     r, p = len(run.rows), theta.numel()
-    tangents = tuple(torch.zeros(r, p, dtype=theta.dtype) for _ in range(3))  # d(theta, m, v) / d w_i, [R, p]
-    out = torch.empty(len(sched.eval_steps), len(run.test), r, dtype=theta.dtype)
+    # d(theta, m, v) / d w_i, [R, p] each
+    tangents = tuple(torch.zeros(r, p, dtype=theta.dtype, device=theta.device) for _ in range(3))
+    out = torch.empty(len(sched.eval_steps), len(run.test), r, dtype=theta.dtype, device=theta.device)
     eval_at = {s: e for e, s in enumerate(sched.eval_steps)}
     for step, batch in enumerate(batches):
         g = run.batch_gradient(theta, batch)  # [p]
@@ -52,8 +53,8 @@ def reverse_mode(run: WeightedRun, seed: int, checkpoint_every: int) -> tuple[to
             checkpoints[step + 1] = state
     n_eval, n_test, p = len(sched.eval_steps), len(run.test), run.theta0.numel()
     # adjoints for every (evaluation point, test point), injected when the reverse pass reaches T_e
-    lam = torch.zeros(n_eval * n_test, 3, p, dtype=run.theta0.dtype)  # d/d(theta, m, v)
-    dw = torch.zeros(n_eval * n_test, len(run.rows), dtype=run.theta0.dtype)
+    lam = torch.zeros(n_eval * n_test, 3, p, dtype=run.theta0.dtype, device=run.theta0.device)  # d/d(theta, m, v)
+    dw = torch.zeros(n_eval * n_test, len(run.rows), dtype=run.theta0.dtype, device=run.theta0.device)
     eval_at = {s: e for e, s in enumerate(sched.eval_steps)}
     for seg_start in sorted(checkpoints, reverse=True):
         seg_stop = min(seg_start + c, sched.total_steps)
@@ -78,12 +79,12 @@ def _pull_back(run: WeightedRun, state, batch, t: int, lam: torch.Tensor):
     g = run.batch_gradient(theta, batch)
     active = lam.abs().amax(dim=(1, 2)) > 0  # adjoints of later evaluation points only
     if not bool(active.any()):
-        return lam, torch.zeros(lam.shape[0], len(run.rows), dtype=lam.dtype)
+        return lam, torch.zeros(lam.shape[0], len(run.rows), dtype=lam.dtype, device=lam.device)
     _, pullback = vjp(lambda th, mm, vv, gg: run.update(th, mm, vv, gg, t), theta, m, v, g)
     d_theta, d_m, d_v, mu = vmap(lambda cot: pullback((cot[0], cot[1], cot[2])))(lam[active])  # mu = d/d g
     d_theta = d_theta + run.hvp(theta, batch, mu)
     new = torch.zeros_like(lam)
     new[active] = torch.stack([d_theta, d_m, d_v], dim=1)
-    dw = torch.zeros(lam.shape[0], len(run.rows), dtype=lam.dtype)
+    dw = torch.zeros(lam.shape[0], len(run.rows), dtype=lam.dtype, device=lam.device)
     dw[active] = mu @ run.weight_jacobian(theta, batch, g).T  # [V, p] x [p, R]
     return new, dw

@@ -21,6 +21,8 @@ import torch
 import zarr
 
 from tdastore.config import Config, config_to_dict, load_config
+from tdastore.devices import on_device
+from tdastore.distributed.pool import device_options
 from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
@@ -137,7 +139,7 @@ def run_metagrad_unit(
         memory_budget_mb=mg.memory_mb,
     )
     seeds = manifest["seeds"][seed_lo : seed_lo + mg.seed_block]
-    scores = np.stack([(-meta.gradients(s, mg.mode)).numpy() for s in seeds], axis=-1)  # [E, t, R, s]
+    scores = np.stack([(-meta.gradients(s, mg.mode)).cpu().numpy() for s in seeds], axis=-1)  # [E, t, R, s]
     if not np.isfinite(scores).all():
         raise StoreError(f"metagradients are not finite in unit {unit.name}: lower groundtruth.lr")
     out = zarr.open_array(str(root / "scores.zarr"), mode="r+")
@@ -158,6 +160,7 @@ class MetagradWorker:
         self.task = resolve_task(self.gt_config.task, self.gt_config.model, task)
         self.model = load_model(self.gt_config, self.task)
         check_fingerprint(self.model, manifest, self.root)
+        self.model = on_device(self.model, self.config.device)
 
     def run(self, unit: MetagradUnit) -> float:
         args = (self.config, self.gt_config, self.model, self.task, self.root, unit, self.manifest)
@@ -182,7 +185,8 @@ def run_metagrad(
 
         def actors():  # inside the Ray session: the task object goes to the object store once
             args = (config_to_dict(config), config_to_dict(gt_config), str(root), manifest, share_task(gt_config, task))
-            return lambda: MetagradWorker.options(num_cpus=1, max_restarts=0).remote(*args)
+            options = device_options(config.device, 1, config.build.gpus_per_worker)
+            return lambda: MetagradWorker.options(**options).remote(*args)
 
         run_job_units(
             root,

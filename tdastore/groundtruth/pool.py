@@ -24,7 +24,8 @@ import torch
 import zarr
 
 from tdastore.config import Config, config_to_dict, load_config
-from tdastore.distributed.pool import run_pool
+from tdastore.devices import on_device
+from tdastore.distributed.pool import device_options, run_pool
 from tdastore.distributed.ray_session import ray_session
 from tdastore.distributed.shipping import share_task
 from tdastore.errors import ConfigError, StoreError
@@ -197,6 +198,7 @@ class UnitWorker:
         model = load_model(self.config, task)
         check_fingerprint(model, manifest, self.root)
         test = task.examples("test").slice(0, len(manifest["test_rows"]))
+        model = on_device(model, self.config.device)
         self.trainer = ReplicaTrainer(model, task, self.config.groundtruth, task.examples("train"), test)
 
     def run(self, unit: Unit) -> float:
@@ -239,7 +241,7 @@ def run_groundtruth(
 
         def actors():  # inside the Ray session: the task object goes to the object store once
             config_dict, shared = config_to_dict(config), share_task(config, task)
-            options = dict(num_cpus=threads, max_restarts=0)
+            options = device_options(config.device, threads, config.build.gpus_per_worker)
             return lambda: UnitWorker.options(**options).remote(
                 config_dict, str(root), manifest, threads, fault, shared
             )

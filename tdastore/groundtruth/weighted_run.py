@@ -34,7 +34,9 @@ class WeightedRun:
         test: Examples,
         rows: Sequence[int] | None = None,
     ):
-        self.model, self.task, self.cfg, self.train, self.test = model, task, cfg, train, test
+        device = next(model.parameters()).device  # the run follows the model's device (config `device`)
+        self.model, self.task, self.cfg = model, task, cfg
+        self.train, self.test = train.to(device), test.to(device)
         self.rule = UpdateRule(cfg)
         self.names = [n for n, _ in model.named_parameters()]
         self.shapes = [p.shape for _, p in model.named_parameters()]
@@ -43,9 +45,10 @@ class WeightedRun:
         self.theta0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])  # [p]
         self.n = len(train)
         self.rows = torch.arange(self.n) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)  # [R]
+        self.rows = self.rows.to(device)
         if len(self.rows) == 0 or int(self.rows.min()) < 0 or int(self.rows.max()) >= self.n:
             raise ValueError(f"metagradient rows must lie in 0..{self.n - 1}")
-        self.slot = torch.full((self.n,), -1, dtype=torch.long)  # training row -> its weight's index, -1: none
+        self.slot = torch.full((self.n,), -1, dtype=torch.long, device=device)  # row -> its weight's index, -1: none
         self.slot[self.rows] = torch.arange(len(self.rows))
         self.schedule = Schedule.from_config(cfg, self.n)
 
@@ -85,7 +88,7 @@ class WeightedRun:
         )
         if self.cfg.coupling == "subtract":
             return per_example(theta, self.train.inputs[self.rows], self.train.targets[self.rows]) / self.n
-        jac = torch.zeros(len(self.rows), theta.numel(), dtype=theta.dtype)  # [R, p]
+        jac = torch.zeros(len(self.rows), theta.numel(), dtype=theta.dtype, device=theta.device)  # [R, p]
         slot = self.slot[batch]
         inside = batch[slot >= 0]
         if len(inside):
@@ -119,7 +122,8 @@ class WeightedRun:
         for step in range(sched.total_steps):
             within = step % sched.steps_per_epoch
             if within == 0:
-                perm = torch.randperm(self.n, generator=generator)
+                # drawn on the host: the same order on every device
+                perm = torch.randperm(self.n, generator=generator).to(self.theta0.device)
             out.append(perm[within * self.cfg.batch_size : (within + 1) * self.cfg.batch_size])
         return out
 

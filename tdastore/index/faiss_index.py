@@ -93,6 +93,7 @@ class IndexHandle:
     description: dict
     shards: list[tuple[int, int, str, float]]  # (first row, stop row, file, largest row norm)
     loaded: dict = field(default_factory=dict)  # file -> faiss.Index, read on first search
+    device: str = "cpu"  # the config's device: GPU FAISS for cuda / auto when the installed faiss has GPUs
 
     def search(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k inner products over all shards: (scores [m, K], rows [m, K]), best first."""
@@ -101,7 +102,7 @@ class IndexHandle:
         reduced = self.description["kind"] in L2_REDUCED
         for start, stop, name, max_norm in self.shards:
             if name not in self.loaded:
-                self.loaded[name] = faiss.read_index(str(self.directory / name))
+                self.loaded[name] = on_search_device(faiss.read_index(str(self.directory / name)), self.device)
             index = self.loaded[name]
             k = min(top_k, stop - start)
             if reduced:
@@ -117,6 +118,22 @@ class IndexHandle:
             all_scores.append(scores)
             all_rows.append(np.where(rows >= 0, rows + start, -1))
         return merge_top_k(np.concatenate(all_scores, 1), np.concatenate(all_rows, 1), top_k)
+
+
+def faiss_gpus() -> int:
+    """GPUs the installed faiss can use (0 for faiss-cpu builds)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def on_search_device(index: faiss.Index, device: str) -> faiss.Index:
+    """The index searched on all GPUs when the device is cuda (or auto) and faiss has GPU support, else as is.
+    Kinds without a GPU implementation (HNSW, refined IVF-PQ) stay on the CPU."""
+    if not (device == "auto" or device.startswith("cuda")) or faiss_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError):
+        return index
 
 
 def merge_top_k(scores: np.ndarray, rows: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:

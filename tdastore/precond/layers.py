@@ -47,7 +47,7 @@ class DataInf:
 
     def apply(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per layer, vectors [m_l, p_l] -> the DataInf operator applied to them, float64 [m_l, p_l]."""
-        corrections = [torch.zeros(v.shape, dtype=torch.float64) for v in vectors]
+        corrections = [torch.zeros(v.shape, dtype=torch.float64, device=v.device) for v in vectors]
         for block in self.make_blocks():
             for (lo, hi), lam, v, correction in zip(self.groups, self.lambdas, vectors, corrections):
                 g = block[:, lo:hi].double()  # [b, p_l]

@@ -49,6 +49,10 @@ class Examples:
         index = rows if isinstance(rows, slice) else np.asarray(rows)
         return Examples(inputs, targets, self.ids[index], self.labels[index], texts, self.padded)
 
+    def to(self, device: torch.device | str) -> Examples:
+        """The same rows with their tensors on `device` (ids, labels and texts stay on the host)."""
+        return Examples(self.inputs.to(device), self.targets.to(device), self.ids, self.labels, self.texts, self.padded)
+
 
 class Task(abc.ABC):
     """Implement `make_model`, `per_example_loss` and `examples`; `test_function` defaults to the loss."""

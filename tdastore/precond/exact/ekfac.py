@@ -28,7 +28,8 @@ class EkfacFactors(LinearHookGradients):
         super().__init__(model, loss_fn, patterns, "ekfac")
         self.out_dim = self.numel
         n = len(train)
-        batches = [train.slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+        device = next(model.parameters()).device
+        batches = [train.slice(s, min(s + batch_size, n)).to(device) for s in range(0, n, batch_size)]
         covs = [[None, None] for _ in self.modules]
         for part in batches:
             for index, (acts, grads) in enumerate(self._layer_tensors(part)):
@@ -41,7 +42,8 @@ class EkfacFactors(LinearHookGradients):
             self.q_a.append(torch.linalg.eigh(a_cov / n)[1])
             self.q_s.append(torch.linalg.eigh(s_cov / n)[1])
         self.eigenvalues = [
-            torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64) for q_a, q_s in zip(self.q_a, self.q_s)
+            torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64, device=device)
+            for q_a, q_s in zip(self.q_a, self.q_s)
         ]
         for part in batches:
             for index, (acts, grads) in enumerate(self._layer_tensors(part)):
@@ -67,7 +69,7 @@ class EkfacFactors(LinearHookGradients):
         """(F_EKFAC + lambda I)^-1 vectors, [m, p] -> [m, p] in the layout weight [out, in] then bias [out]."""
         if vectors.shape[1] != self.numel:
             raise GradientError(f"ekfac: vectors have {vectors.shape[1]} columns, the selected layers {self.numel}")
-        out = torch.empty(vectors.shape, dtype=torch.float64)
+        out = torch.empty(vectors.shape, dtype=torch.float64, device=vectors.device)
         col, m = 0, vectors.shape[0]
         for (_, module, with_bias), q_a, q_s, values in zip(self.modules, self.q_a, self.q_s, self.eigenvalues):
             n_out, n_in = module.out_features, module.in_features

@@ -120,7 +120,7 @@ class LissaGaussNewton(ExactOperator):
     def apply(self, scorer, vectors):
         space, cfg = scorer.space, scorer.config.attribution
         damping, lambda_0 = space.damping()
-        scale = cfg.lissa_scale or 1.1 * (largest_eigenvalue(space.gnvp, space.p) + damping)
+        scale = cfg.lissa_scale or 1.1 * (largest_eigenvalue(space.gnvp, space.p, device=space.device) + damping)
         scorer.info.update(damping=damping, lambda_0=lambda_0, lissa_scale=scale, lissa_depth=cfg.lissa_depth)
         return lissa(space.gnvp, vectors, damping, scale, cfg.lissa_depth, sampled=self._minibatch_gnvp(scorer))
 

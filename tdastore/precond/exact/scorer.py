@@ -62,7 +62,7 @@ class ExactScorer:
         if not self.config.attribution.hessian_auto_damping:
             return damping
         if self._lowest is None:  # one Lanczos run per scorer, shared by if_h and if_gen
-            self._lowest = lowest_eigenvalue(self.space.hvp, self.space.p)
+            self._lowest = lowest_eigenvalue(self.space.hvp, self.space.p, device=self.space.device)
         self.info["hessian_lowest_eigenvalue"] = self._lowest
         return max(damping, -1.5 * self._lowest)
 

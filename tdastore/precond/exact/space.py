@@ -42,6 +42,7 @@ class FullSpace:
                 "space), narrow gradients.params, or raise the limit"
             )
         self.theta = torch.cat([params[n].detach().reshape(-1) for n in self.names])  # [p]
+        self.device = self.theta.device  # data batches follow the model (config `device`)
         self.frozen = {n: t.detach() for n, t in params.items() if n not in self.names}
         self.frozen.update(dict(model.named_buffers()))
         self.n = len(train)
@@ -57,7 +58,7 @@ class FullSpace:
     def batches(self, data: Examples, size: int | None = None) -> Iterator[Examples]:
         size = size or self.config.batch_size
         for start in range(0, len(data), size):
-            yield data.slice(start, min(start + size, len(data)))
+            yield data.slice(start, min(start + size, len(data))).to(self.device)
 
     # -- gradients ------------------------------------------------------------------------------
     def example_grads(self, data: Examples, fn=None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -75,7 +76,7 @@ class FullSpace:
 
     def mean_loss_grad(self) -> torch.Tensor:
         """grad R(D) [p], R = mean training loss."""
-        total = torch.zeros(self.p)
+        total = torch.zeros(self.p, device=self.device)
         for _, block in self.example_grads(self.train):
             total += block.sum(0)
         return total / self.n
@@ -153,9 +154,9 @@ def conjugate_gradients(matvec: MatVec, rhs: torch.Tensor, damping: float, tol: 
     return x.float()
 
 
-def largest_eigenvalue(matvec: MatVec, p: int, iters: int = 30, seed: int = 0) -> float:
-    """Power iteration on a symmetric operator."""
-    v = torch.randn(1, p, generator=torch.Generator().manual_seed(seed))
+def largest_eigenvalue(matvec: MatVec, p: int, iters: int = 30, seed: int = 0, device=None) -> float:
+    """Power iteration on a symmetric operator (start drawn on the host: the same on every device)."""
+    v = torch.randn(1, p, generator=torch.Generator().manual_seed(seed)).to(device)
     v /= v.norm()
     value = 0.0
     for _ in range(iters):
@@ -165,12 +166,12 @@ def largest_eigenvalue(matvec: MatVec, p: int, iters: int = 30, seed: int = 0) -
     return abs(value)
 
 
-def lowest_eigenvalue(matvec: MatVec, p: int, tol: float = 1e-3) -> float:
+def lowest_eigenvalue(matvec: MatVec, p: int, tol: float = 1e-3, device=None) -> float:
     """The smallest (most negative) eigenvalue of a symmetric operator, by Lanczos (ARPACK)."""
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     def apply(v):
-        return matvec(torch.as_tensor(v, dtype=torch.float32).reshape(1, -1))[0].double().numpy()
+        return matvec(torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1, -1))[0].double().cpu().numpy()
 
     operator = LinearOperator((p, p), matvec=apply, dtype=np.float64)
     start = np.random.default_rng(0).normal(size=p)

@@ -33,8 +33,9 @@ def factored_covariances(
     pass over the data, for stores built without the statistics or a kfac_examples subset)."""
     n = len(examples) if limit is None else min(limit, len(examples))
     statistics = KroneckerStatistics(computer, task.token_mask)
+    device = next(computer.model.parameters()).device
     for start in tqdm(range(0, n, batch_size), desc="K-FAC factors", unit="batch", disable=not progress):
-        part = examples.slice(start, min(start + batch_size, n))
+        part = examples.slice(start, min(start + batch_size, n)).to(device)
         _, captured = computer.capture(part.inputs, part.targets)
         statistics.add(captured, part.inputs)
     return KroneckerStatistics.reduce([statistics.arrays()])
