@@ -67,10 +67,11 @@ def query(
     scores_out=None,
     overrides=None,
     progress: bool = False,
+    workers: int = 1,
 ):
     """Top-k training rows per test input as a table (test_id, rank, train_id, score, train_row); see
     `Attributor` for the arguments. inputs None: the task's `split` (default test)."""
-    attributor = Attributor(store, method, overrides, kind=kind, progress=progress)
+    attributor = Attributor(store, method, overrides, kind=kind, progress=progress, workers=workers)
     return attributor.top_k(inputs, top_k, split=split, out=out, scores_out=scores_out)
 
 

@@ -170,6 +170,9 @@ class QueryConfig:
     top_k: int = 10
     kind: IndexKind | None = None
     out: str | None = None  # write the table as Parquet (None: print only)
+    workers: int = 1  # Ray actors scoring input blocks x store row ranges (1: in process)
+    ray_min_inputs: int = 256  # fewer test inputs than this are scored in process even with workers > 1
+    threads_per_worker: int = 1  # torch threads (and Ray CPUs) of each scoring actor
 
 
 @dataclass

@@ -86,9 +86,11 @@ def test_projected_methods_equal_numpy(built, method, tmp_path):
     config, store, task, test, t, g, _ = built
     expected = expected_scores(method, t, g, config)
     table = tdastore.query(store, method, inputs=test, top_k=store.n_rows, scores_out=tmp_path / "s.zarr")
-    import zarr
+    from tdastore.attribution.results import open_scores
 
-    full = zarr.open_array(str(tmp_path / "s.zarr"), mode="r")[:]
+    full, test_ids, train_ids = open_scores(tmp_path / "s.zarr")  # the matrix carries its ids as coordinates
+    np.testing.assert_array_equal(test_ids, test.ids)
+    np.testing.assert_array_equal(train_ids, store.meta.column("example_id").to_numpy())
     assert full.shape == expected.shape
     assert rel_err(full, expected) <= 1e-4
     got = np.zeros_like(expected)
@@ -340,3 +342,49 @@ def test_a_dense_operator_too_large_is_refused_before_any_work(ray_cluster, tmp_
         with pytest.raises(ConfigError, match=r"needs a 1,056 x 1,056 matrix|needs a 1,441 x 1,441 matrix"):
             tdastore.query(store, method, split="test", overrides={"attribution": {"max_dense_dim": 1000}})
     assert time.perf_counter() - began < 5 and tree_digest(store.root) == before
+
+
+def test_score_units_tile_the_matrix():
+    """Units cover every (input, row) once, ranges are whole chunk columns, and few input blocks are split
+    into row ranges so every worker has work."""
+    from tdastore.attribution.on_ray import plan_score_units
+
+    for m, n, block, chunk, workers, ranges in (
+        (12, 353, 12, 64, 2, None),
+        (1000, 20000, 256, 8192, 2, None),
+        (7, 100, 3, 10, 4, 1),
+    ):
+        covered = np.zeros((m, n), dtype=int)
+        units = plan_score_units(m, n, block, chunk, workers, ranges)
+        for u in units:
+            covered[u.test_lo : u.test_hi, u.row_lo : u.row_hi] += 1
+            assert u.row_lo % chunk == 0 and (u.row_hi % chunk == 0 or u.row_hi == n)
+        assert (covered == 1).all()
+        assert len(units) >= min(2 * workers, -(-m // block) * -(-n // chunk)) or ranges == 1
+    assert len(plan_score_units(12, 353, 12, 64, 2)) == 4  # one input block: rows split in 4 ranges
+
+
+def test_scores_on_ray_equal_in_process(built, tmp_path):
+    """Top-k, bottom-k and the full score matrix computed by 2 Ray actors over input blocks x row ranges equal
+    the in-process answers (projected and exact paths), and the written matrix carries the ids."""
+    from tdastore.attribution import Attributor
+    from tdastore.attribution.results import open_scores
+
+    config, store, task, test, t, g, _ = built
+    for method, overrides in (("if_gn", None), ("grad_cos", {"attribution": {"path": "exact"}})):
+        local = Attributor(store, method, overrides)
+        on_ray = Attributor(store, method, overrides, share=local, workers=2, ray_min_inputs=1)
+        for chunks, answer in (((12, 64), "top_k"), ((5, 128), "bottom_k")):
+            local.score_chunks = on_ray.score_chunks = chunks
+            paths = [tmp_path / f"{method}-{answer}-{where}.zarr" for where in ("local", "ray")]
+            expected = getattr(local, answer)(test, 7, scores_out=paths[0])
+            got = getattr(on_ray, answer)(test, 7, scores_out=paths[1])
+            assert got.schema.metadata[b"tdastore.workers"] == b"2"
+            assert b"tdastore.workers" not in expected.schema.metadata
+            np.testing.assert_array_equal(got.column("train_row").to_numpy(), expected.column("train_row").to_numpy())
+            np.testing.assert_allclose(got.column("score").to_numpy(), expected.column("score").to_numpy(), rtol=1e-5)
+            (full, test_ids, train_ids), (want, _, _) = open_scores(paths[1]), open_scores(paths[0])
+            assert not np.isnan(full).any()  # every chunk written
+            np.testing.assert_allclose(full, want, rtol=1e-5, atol=1e-9)
+            np.testing.assert_array_equal(test_ids, test.ids)
+            np.testing.assert_array_equal(train_ids, store.meta.column("example_id").to_numpy())

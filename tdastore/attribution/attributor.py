@@ -55,6 +55,9 @@ class Attributor:
     first use); None scores exactly by streaming the store. share: another Attributor of the same store whose
     task, model and (same settings) exact-path scorer are reused, so many methods cost one model load. task: the
     task object a store was built from with the Python API (else the one the store's config names).
+    workers > 1: top-k / bottom-k of at least `ray_min_inputs` inputs (and their full score matrix) are computed
+    by that many Ray actors over input blocks x store row ranges (`address`: the cluster, else a local one);
+    fewer inputs stay in process.
     """
 
     def __init__(
@@ -67,8 +70,16 @@ class Attributor:
         progress: bool = False,
         share: Attributor | None = None,
         task: Task | None = None,
+        workers: int = 1,
+        ray_min_inputs: int = 256,
+        threads: int = 1,
+        address: str | None = None,
     ):
         self.store, self.kind, self.progress = store, kind, progress
+        if workers < 1 or threads < 1:
+            raise ConfigError(f"query workers ({workers}) and threads per worker ({threads}) must be at least 1")
+        self.workers, self.ray_min_inputs, self.threads, self.address = workers, ray_min_inputs, threads, address
+        self.score_chunks = (256, 8192)  # score-matrix chunks (test inputs, train rows): a Ray unit's input block
         self.method: Method = get_method(method)
         if self.method.further_training:
             raise ConfigError(
@@ -81,6 +92,7 @@ class Attributor:
             raise ConfigError(
                 "the exact path scores in full parameter space: FAISS indexes belong to attribution.path: projected"
             )
+        self._given_task = share._given_task if share is not None and task is None else task
         if share is not None and share.store is store:
             self.task, self.model, self._computer = share.task, share.model, share._computer
         else:
@@ -166,16 +178,27 @@ class Attributor:
         return self.operator.transform(rows) * np.float32(self.scale)
 
     # -- answers -----------------------------------------------------------------------------------------
-    def score_blocks(self, test: Examples) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first row, scores [m, b]) over the store in order. Projected blocks are views of one reused
-        buffer: use each before taking the next."""
+    def test_side(self, test: Examples):
+        """What scoring needs of the test inputs: eps K^(1/2) grad g [m, k] (projected, numpy) or eps K grad g
+        [m, p] (exact, a tensor on the model's device)."""
         if self.exact is not None:
             self.exact.info = {"path": "exact", "params": self.exact.space.p}  # this method's facts only
-            for start, block in self.exact.score_blocks(self.method, test):
-                yield start, block.cpu()
+            return self.exact.test_vectors(self.method, test)
+        return self.queries(test)
+
+    def range_blocks(self, side, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, scores [m, b]) over store rows [start, stop) in order (the exact path: all rows).
+        Projected blocks are views of one reused buffer: use each before taking the next."""
+        if self.exact is not None:
+            for first, rows in self.exact.train_rows(self.method):
+                yield first, (side @ rows.T).cpu()  # [m, b]
             self.info.update({k: v for k, v in self.exact.info.items() if isinstance(v, (int, float, str))})
         else:
-            yield from projected_score_blocks(self.store, self.operator, self.method, self.queries(test))
+            yield from projected_score_blocks(self.store, self.operator, self.method, side, start=start, stop=stop)
+
+    def score_blocks(self, test: Examples) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, scores [m, b]) over the whole store in order (see `range_blocks`)."""
+        yield from self.range_blocks(self.test_side(test))
 
     def scores(self, inputs=None, split: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Full score rows, streamed: (first train row, scores [m, b] float32) blocks in store order."""
@@ -204,8 +227,12 @@ class Attributor:
         if out is not None and not Path(out).parent.is_dir():
             raise ConfigError(f"--out '{out}': its directory does not exist; create it or choose another path")
         test = self.examples(inputs, split)
-        matrix = create_scores_array(scores_out, len(test), store.n_rows) if scores_out is not None else None
-        if self.index is not None:
+        train_ids = store.meta.column("example_id").to_numpy()
+        chunks = (min(len(test), self.score_chunks[0]), min(store.n_rows, self.score_chunks[1]))
+        matrix = None if scores_out is None else create_scores_array(scores_out, test.ids, train_ids, chunks)
+        if self.index is None and self.workers > 1 and len(test) >= self.ray_min_inputs:
+            scores, rows = self._ranked_on_ray(test, k, sign, matrix, scores_out)
+        elif self.index is not None:
             queries = self.queries(test)
             scale = np.float32(self.scale)
             found, rows = self.index.search(sign * queries / scale, k)  # unscaled: float32 headroom
@@ -218,19 +245,36 @@ class Attributor:
                 self.score_blocks(test), len(test), k, store.n_rows, matrix, sign, self.progress
             )
         table = result_table(store, test, scores, rows, self.info)
+        self.info.pop("workers", None)
         if out is not None:
             pq.write_table(table, out)
         return table
 
+    def _ranked_on_ray(self, test: Examples, k: int, sign: float, matrix, scores_out):
+        from tdastore.attribution.on_ray import score_on_ray
+        from tdastore.distributed.ray_session import ray_session
+        from tdastore.distributed.shipping import share_task
+
+        with ray_session(self.address, num_cpus=max(2, self.workers * self.threads)):
+            task_ref = share_task(self.config, self._given_task)
+            found = score_on_ray(self, test, k, sign, matrix, None if scores_out is None else str(scores_out), task_ref)
+        self.info["workers"] = self.workers
+        return found
+
 
 def projected_score_blocks(
-    store, operator, method: Method, queries: np.ndarray, block_rows: int = 8192
+    store, operator, method: Method, queries: np.ndarray, block_rows: int = 8192, start: int = 0, stop=None
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Score blocks [m, b] = queries . transformed store rows, streamed over the store. Each block is a view
-    of one reused buffer (fresh 30 MB results would page-fault on every block): use it before the next."""
+    """Score blocks [m, b] = queries . transformed store rows, streamed over rows [start, stop). Each block is a
+    view of one reused buffer (fresh 30 MB results would page-fault on every block): use it before the next."""
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    stop = store.n_rows if stop is None else stop
+    if (start, stop) == (0, store.n_rows):
+        blocks = store.iter_blocks(block_rows)
+    else:
+        blocks = ((s, store.read_rows(s, min(s + block_rows, stop))) for s in range(start, stop, block_rows))
     buffer = None
-    for start, block in store.iter_blocks(block_rows):
+    for start, block in blocks:
         rows = torch.from_numpy(transform_block(block, operator, method))  # [b, k]
         if buffer is None or buffer.shape[1] < rows.shape[0]:
             buffer = torch.empty(q.shape[0], rows.shape[0])

@@ -43,14 +43,42 @@ def stream_top_k(
     return sign * best_scores, best_rows
 
 
-def create_scores_array(path, m: int, n: int):
-    """A new [m, n] float32 Zarr array for the full score matrix; an existing path is never overwritten."""
+def create_scores_array(path, test_ids: np.ndarray, train_ids: np.ndarray, chunks: tuple[int, int] | None = None):
+    """A new Zarr group for the full score matrix, returned as its `scores` array [m, n] float32 (dimensions
+    test x train) beside the coordinates `test_id` [m] and `train_id` [n] (the example ids, so the matrix
+    describes itself; xarray reads it with `open_zarr`). An existing path is never overwritten."""
     import zarr
 
     path = Path(path)
     if path.exists():
         raise StoreError(f"--scores-out '{path}' exists: choose a new path (nothing was overwritten)")
-    return zarr.create_array(store=str(path), shape=(m, n), chunks=(min(m, 256), min(n, 8192)), dtype="float32")
+    m, n = len(test_ids), len(train_ids)
+    group = zarr.open_group(str(path), mode="w-")
+    for name, ids, dim in (("test_id", test_ids, "test"), ("train_id", train_ids, "train")):
+        group.create_array(name, data=np.asarray(ids, dtype=np.int64), dimension_names=(dim,))
+    chunks = chunks or (min(m, 256), min(n, 8192))
+    return group.create_array(
+        "scores", shape=(m, n), chunks=chunks, dtype="float32", dimension_names=("test", "train"), fill_value=np.nan
+    )
+
+
+def open_scores(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores [m, n], test ids [m], train ids [n]) of a score matrix written with --scores-out."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    return group["scores"][:], group["test_id"][:], group["train_id"][:]
+
+
+class RowWindow:
+    """Rows [lo, hi) of a [m, n] array, written as if they were the whole array (one worker's input block)."""
+
+    def __init__(self, array, lo: int, hi: int):
+        self.array, self.lo, self.hi = array, lo, hi
+
+    def __setitem__(self, key, value) -> None:
+        _, columns = key
+        self.array[self.lo : self.hi, columns] = value
 
 
 def result_table(store, test: Examples, scores: np.ndarray, rows: np.ndarray, info: dict) -> pa.Table:

@@ -128,7 +128,19 @@ def make_parser() -> argparse.ArgumentParser:
         help="search a FAISS index of this kind (built if missing); default: exact streamed scoring",
     )
     query.add_argument("--out", default=None, help="write the table as Parquet")
-    query.add_argument("--scores-out", default=None, help="write the full [n_test, N] score matrix as Zarr")
+    query.add_argument(
+        "--scores-out",
+        default=None,
+        help="write the full [n_test, N] score matrix as a Zarr group (scores, test_id, train_id)",
+    )
+    query.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Ray actors scoring input blocks x store row ranges when there are at least query.ray_min_inputs "
+        "inputs (default query.workers, 1: in process)",
+    )
+    _address(query)
     _config_option(query, what=": its query, attribution and index sections apply")
     _quiet(query)
     add_config_flags(query, ["attribution", "index"], QUERY_ALIASES)

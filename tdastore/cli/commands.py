@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tdastore.attribution import Attributor
 from tdastore.cli.flags import config_overrides
-from tdastore.config import Config, load_config
+from tdastore.config import Config, QueryConfig, load_config
 from tdastore.errors import ConfigError, StoreError
 from tdastore.store.gradient_store import open_store
 
@@ -133,7 +133,18 @@ def cmd_query(args: argparse.Namespace) -> None:
     out = args.out or (q.out if q else None)
     if inputs is None and split is None:
         raise ConfigError("say what to attribute: --inputs FILE (.csv/.parquet) or --split test")
-    attributor = Attributor(store, method, query_overrides(args), kind=kind, progress=not args.quiet)
+    q = q or QueryConfig()
+    attributor = Attributor(
+        store,
+        method,
+        query_overrides(args),
+        kind=kind,
+        progress=not args.quiet,
+        workers=args.workers or q.workers,
+        ray_min_inputs=q.ray_min_inputs,
+        threads=q.threads_per_worker,
+        address=args.address,
+    )
     answer = attributor.bottom_k if args.bottom else attributor.top_k
     table = answer(inputs, top_k, split=split, out=out, scores_out=args.scores_out)
     meta = {k.decode().split(".", 1)[1]: v.decode() for k, v in (table.schema.metadata or {}).items()}

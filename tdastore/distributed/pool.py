@@ -37,9 +37,11 @@ def run_pool(
     on_result: Callable[[Any, Any], None] | None = None,
     progress: bool = True,
     unit_name: str = "unit",
+    call: Callable[[Any, Any], Any] = lambda actor, unit: actor.run.remote(unit),
 ) -> list:
     """Run every pending unit on `workers` actors made by `new_actor()`; returns the units' results in the
-    order they finished. describe(unit) names a unit in errors; size(unit) is its step on the progress bar."""
+    order they finished. describe(unit) names a unit in errors; size(unit) is its step on the progress bar;
+    call(actor, unit) submits a unit (default `actor.run.remote(unit)`)."""
     pending = deque(pending)
     actors: list = []
 
@@ -56,7 +58,7 @@ def run_pool(
         while pending or in_flight:
             while idle and pending:
                 actor, unit = idle.pop(), pending.popleft()
-                in_flight[actor.run.remote(unit)] = (actor, unit)
+                in_flight[call(actor, unit)] = (actor, unit)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             actor, unit = in_flight.pop(ready[0])
             try:
