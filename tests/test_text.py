@@ -446,6 +446,14 @@ def test_kfac_factors_gathered_in_the_build_equal_a_separate_pass(ray_cluster, t
     fit = FitInputs(store, ctx.config, ctx.model, ctx.task)
     built = operator_class("projected", "ekfac")().fit(fit)
     assert built.info["factors"] == "build"
+    from tdastore.distributed.blocks import ray_block_map, row_ranges
+
+    assert row_ranges(100, 16, 3) == [(0, 32), (32, 80), (80, 100)] and row_ranges(10, 16, 8) == [(0, 10)]
+    on_ray = operator_class("projected", "ekfac")().fit(  # the eigenvalue correction as Ray tasks over row ranges
+        FitInputs(store, ctx.config, ctx.model, ctx.task, map_blocks=ray_block_map(store, 2, block_rows=16))
+    )
+    for ours, theirs in zip(on_ray.blocks, built.blocks):
+        np.testing.assert_allclose(ours.values, theirs.values, rtol=1e-10)
     limited = FitInputs(store, load_config({**config_to_dict(ctx.config), "attribution": {"kfac_examples": 10**6}}),
                         ctx.model, ctx.task)  # fmt: skip
     reference = operator_class("projected", "ekfac")().fit(limited)

@@ -117,12 +117,20 @@ class Attributor:
     def _prepare_projected(self) -> None:
         """Fit (or load) the operator once and open (or build) the index once."""
         name = self.method.operator("projected")
-        inputs = FitInputs(self.store, self.config, self.model, self.task, self.progress)
+        inputs = FitInputs(self.store, self.config, self.model, self.task, self.progress, self._block_map())
         self.operator = fit_or_load(name, inputs)
         key = operator_key(name, self.config.attribution)
         self.info.update(operator=key, **({"index": self.kind} if self.kind else {}))
         if self.kind is not None:
             self.index = self._open_index(key)
+
+    def _block_map(self):
+        """With workers > 1, fitting passes over the store's rows (EK-FAC's correction) run as Ray tasks."""
+        if self.workers <= 1:
+            return None
+        from tdastore.distributed.blocks import ray_block_map
+
+        return ray_block_map(self.store, self.workers, self.threads, self.address)
 
     def _open_index(self, key: str):
         store, name, kind = self.store, self.method.name, self.kind

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,6 +37,14 @@ class FitInputs:
     model: nn.Module | None = None  # the final model (Kronecker operators need its activations)
     task: Any = None  # its Task
     progress: bool = False
+    # map_blocks(fn) -> [fn(rows [b, k]) for each store block, in order]: passes over the store's rows, e.g. as
+    # Ray tasks (tdastore.distributed.blocks); None: in this process
+    map_blocks: Callable[[Callable], list] | None = None
+
+    def over_blocks(self, fn: Callable) -> list:
+        if self.map_blocks is not None:
+            return self.map_blocks(fn)
+        return [fn(block) for _, block in self.store.iter_blocks()]
 
 
 class Operator:

@@ -15,6 +15,8 @@ SpectralOperator with one block per module, saved in the store like every projec
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from tqdm import tqdm
 
@@ -39,6 +41,11 @@ def factored_covariances(
         _, captured = computer.capture(part.inputs, part.targets)
         statistics.add(captured, part.inputs)
     return KroneckerStatistics.reduce([statistics.arrays()])
+
+
+def eigenbasis_moments(block: np.ndarray, groups: list[tuple[int, int]], bases: list[np.ndarray]) -> list:
+    """Per module: the sum over the block's rows of (row_module @ Q)^2, float64 [k_module]."""
+    return [((block[:, lo:hi].astype(np.float64) @ basis) ** 2).sum(0) for (lo, hi), basis in zip(groups, bases)]
 
 
 class KroneckerOperator(ProjectedOperator):
@@ -85,11 +92,8 @@ class KroneckerOperator(ProjectedOperator):
             bases.append(np.kron(q_s, q_a))  # [(o, i), (a, b)] = Q_S[o, a] Q_A[i, b]: row-major [k_out, k_in]
             eigenvalues.append(np.outer(np.clip(l_s, 0, None), np.clip(l_a, 0, None)).ravel())
         if self.correct_eigenvalues:  # EK-FAC: second moments of the stored per-example rows in the eigenbasis
-            corrected = [np.zeros(hi - lo) for lo, hi in groups]
-            for _, block in store.iter_blocks():
-                for (lo, hi), basis, acc in zip(groups, bases, corrected):
-                    acc += ((block[:, lo:hi].astype(np.float64) @ basis) ** 2).sum(0)
-            eigenvalues = [acc / store.n_rows for acc in corrected]
+            sums = inputs.over_blocks(functools.partial(eigenbasis_moments, groups=groups, bases=bases))
+            eigenvalues = [sum(parts) / store.n_rows for parts in zip(*sums)]
         lambda_0 = float(sum(v.sum() for v in eigenvalues) / store.dim)
         damping = config.attribution.damping_factor * lambda_0
         blocks = [
