@@ -25,6 +25,7 @@ def small_config(tmp_path, dataset="diabetes", **sections):
     from tdastore.config import load_config
 
     raw = {
+        "device": "cpu",  # every path runs with the device named explicitly
         "task": {"dataset": dataset},
         "model": {"hidden": [32, 32]},
         "train": {"lr": 0.01, "batch_size": 32, "epochs": 5, "output_dir": str(tmp_path / "model")},

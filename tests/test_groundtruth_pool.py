@@ -216,3 +216,35 @@ def test_lds_runs_and_score(ray_cluster, tmp_path):
         assert len(results["methods"][name]["lds"]) == 2 and all(-1 <= v <= 1 for v in results["methods"][name]["lds"])
     assert "Linear datamodeling score" in (tmp_path / "ev" / "report.md").read_text()
     assert results["lds"]["subsets"] == 6
+
+
+def test_gold_standard_workers_ask_ray_for_gpus_on_cuda(ray_cluster, tmp_path, trained, monkeypatch):
+    """With device cuda the ground truth's actors request build.gpus_per_worker GPUs (checked on the options
+    the pool passes, on a cluster that claims one GPU; nothing runs on a GPU here); with cpu they do not."""
+    import ray
+
+    import tdastore.groundtruth.pool as pool
+    from tdastore.distributed.pool import device_options
+
+    assert device_options("cuda:0", 2, 0.5, cluster_gpus=1) == {"num_cpus": 2, "max_restarts": 0, "num_gpus": 0.5}
+    assert device_options("cpu", 2, 0.5, cluster_gpus=1) == {"num_cpus": 2, "max_restarts": 0}
+    seen = []
+
+    class Refused(Exception):
+        pass
+
+    def options(**kwargs):
+        seen.append(kwargs)
+        raise Refused
+
+    monkeypatch.setattr(pool, "UnitWorker", type("FakeWorker", (), {"options": staticmethod(options)}))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    raw = tdastore.config.config_to_dict(trained)
+    for device, name in (("cuda", "gpu"), ("cpu", "cpu")):
+        gt = {**raw["groundtruth"], "output": str(tmp_path / name)}
+        config = tdastore.load_config(
+            {**raw, "device": device, "groundtruth": gt, "build": {**raw["build"], "gpus_per_worker": 0.25}}
+        )
+        with pytest.raises(Refused):
+            run_groundtruth(config, progress=False)
+    assert seen[0]["num_gpus"] == 0.25 and "num_gpus" not in seen[1]
