@@ -67,7 +67,7 @@ def query(
     scores_out=None,
     overrides=None,
     progress: bool = False,
-    workers: int = 1,
+    workers: int = 0,
 ):
     """Top-k training rows per test input as a table (test_id, rank, train_id, score, train_row); see
     `Attributor` for the arguments. inputs None: the task's `split` (default test)."""

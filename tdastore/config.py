@@ -170,8 +170,8 @@ class QueryConfig:
     top_k: int = 10
     kind: IndexKind | None = None
     out: str | None = None  # write the table as Parquet (None: print only)
-    workers: int = 1  # Ray actors scoring input blocks x store row ranges (1: in process)
-    ray_min_inputs: int = 256  # fewer test inputs than this are scored in process even with workers > 1
+    workers: int = 0  # Ray actors scoring input blocks x store row ranges (0: in process)
+    ray_min_inputs: int = 256  # fewer test inputs than this are scored in process even with workers set
     threads_per_worker: int = 1  # torch threads (and Ray CPUs) of each scoring actor
 
 
@@ -233,7 +233,7 @@ class LdsConfig:
 
 @dataclass
 class Config:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps: where gradients are computed (build workers)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps: where every step computes (build, queries, fits, replicas)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -280,6 +280,8 @@ class Config:
             f"must be a positive multiple of store.chunk_rows={self.store.chunk_rows}",
         )
         _require(self.build.workers > 0, "build.workers", "must be positive")
+        _require(self.query.workers >= 0, "query.workers", "must be 0 (in process) or a number of Ray actors")
+        _require(self.query.threads_per_worker > 0, "query.threads_per_worker", "must be positive")
         _require(self.build.gpus_per_worker > 0, "build.gpus_per_worker", "must be positive")
         _require(self.device.partition(":")[0] in ("auto", "cpu", "cuda", "mps"), "device",
                  "must be auto, cpu, cuda, cuda:N or mps")  # fmt: skip

@@ -55,7 +55,7 @@ class Attributor:
     first use); None scores exactly by streaming the store. share: another Attributor of the same store whose
     task, model and (same settings) exact-path scorer are reused, so many methods cost one model load. task: the
     task object a store was built from with the Python API (else the one the store's config names).
-    workers > 1: top-k / bottom-k of at least `ray_min_inputs` inputs (and their full score matrix) are computed
+    workers >= 1: top-k / bottom-k of at least `ray_min_inputs` inputs (and their full score matrix) are computed
     by that many Ray actors over input blocks x store row ranges (`address`: the cluster, else a local one);
     fewer inputs stay in process.
     """
@@ -70,14 +70,14 @@ class Attributor:
         progress: bool = False,
         share: Attributor | None = None,
         task: Task | None = None,
-        workers: int = 1,
+        workers: int = 0,
         ray_min_inputs: int = 256,
         threads: int = 1,
         address: str | None = None,
     ):
         self.store, self.kind, self.progress = store, kind, progress
-        if workers < 1 or threads < 1:
-            raise ConfigError(f"query workers ({workers}) and threads per worker ({threads}) must be at least 1")
+        if workers < 0 or threads < 1:
+            raise ConfigError(f"query workers ({workers}) must be >= 0 (0: in process), threads ({threads}) >= 1")
         self.workers, self.ray_min_inputs, self.threads, self.address = workers, ray_min_inputs, threads, address
         self.score_chunks = (256, 8192)  # score-matrix chunks (test inputs, train rows): a Ray unit's input block
         self.method: Method = get_method(method)
@@ -125,8 +125,8 @@ class Attributor:
             self.index = self._open_index(key)
 
     def _block_map(self):
-        """With workers > 1, fitting passes over the store's rows (EK-FAC's correction) run as Ray tasks."""
-        if self.workers <= 1:
+        """With Ray workers, fitting passes over the store's rows (EK-FAC's correction) run as Ray tasks."""
+        if self.workers < 1:
             return None
         from tdastore.distributed.blocks import ray_block_map
 
@@ -238,7 +238,7 @@ class Attributor:
         train_ids = store.meta.column("example_id").to_numpy()
         chunks = (min(len(test), self.score_chunks[0]), min(store.n_rows, self.score_chunks[1]))
         matrix = None if scores_out is None else create_scores_array(scores_out, test.ids, train_ids, chunks)
-        if self.index is None and self.workers > 1 and len(test) >= self.ray_min_inputs:
+        if self.index is None and self.workers >= 1 and len(test) >= self.ray_min_inputs:
             scores, rows = self._ranked_on_ray(test, k, sign, matrix, scores_out)
         elif self.index is not None:
             queries = self.queries(test)

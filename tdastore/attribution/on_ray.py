@@ -18,6 +18,7 @@ import torch
 
 from tdastore.attribution.results import RowWindow, stream_top_k
 from tdastore.index.faiss_index import merge_top_k
+from tdastore.store.gradient_store import open_store
 from tdastore.tasks.base import Examples
 
 
@@ -48,13 +49,10 @@ def plan_score_units(
 class ScoringWorker:
     """A Ray actor holding an Attributor of the store (model, operator) and the job's test inputs."""
 
-    def __init__(self, root: str, method: str, config_dict: dict, task, test: Examples, threads: int, matrix_path):
+    def __init__(self, make, root: str, method: str, sections: dict, task, test: Examples, threads: int, matrix_path):
+        """make: the Attributor class (handed in: the attributor module imports this one)."""
         torch.set_num_threads(max(1, threads))
-        from tdastore.attribution.attributor import Attributor
-        from tdastore.store.gradient_store import open_store
-
-        overrides = {section: config_dict[section] for section in ("attribution", "index")}
-        self.attributor = Attributor(open_store(root), method, overrides, task=task)
+        self.attributor = make(open_store(root), method, sections, task=task)
         self.test = test
         self.matrix = None
         if matrix_path is not None:
@@ -86,7 +84,8 @@ def score_on_ray(attributor, test: Examples, k: int, sign: float, matrix, matrix
     threads = attributor.threads
     options = device_options(config.device, threads, config.build.gpus_per_worker)
     sections = {section: dict(getattr(config, section).__dict__) for section in ("attribution", "index")}
-    args = (str(store.root), attributor.method.name, sections, task_ref, ray.put(test), threads, matrix_path)
+    args = (type(attributor), str(store.root), attributor.method.name, sections, task_ref, ray.put(test), threads)
+    args = (*args, matrix_path)
     results = run_pool(
         units,
         lambda: ScoringWorker.options(**options).remote(*args),

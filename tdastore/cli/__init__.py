@@ -138,7 +138,7 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="Ray actors scoring input blocks x store row ranges when there are at least query.ray_min_inputs "
-        "inputs (default query.workers, 1: in process)",
+        "inputs (default query.workers, 0: in process)",
     )
     _address(query)
     _config_option(query, what=": its query, attribution and index sections apply")

@@ -1,0 +1,229 @@
+"""Real-size language models and queries at scale (issue 12), as ratios measured in one run on this machine.
+
+1. GPT-2-small shape (12 layers x 768, vocabulary 50,257, random init from a config: 124M parameters),
+   documents of 512 tokens, `modules: auto`, factored 16 x 16, full_norms false: build tokens/s divided by a
+   plain training step's tokens/s (forward + backward of the summed loss, every weight gradient) on the same
+   batches, in process, 2 threads. Then a one-worker Ray build of 8 documents: the worker's peak RSS against
+   `tdastore plan`'s per-worker estimate.
+2. The demo LM (`tdastore demo-lm` defaults: GPT-2 2 x 64, its 1,684 standard-library documents): the first
+   K-FAC and EK-FAC query, fitting included, divided by the build's time (2 workers).
+3. 1,000 prompts scored (top-10 and the full score matrix) against a 20,000-document store by 2 Ray actors
+   vs 1 (the same Ray session, actor start-up included).
+
+    python benchmarks/lm_scale.py [--skip-gpt2-small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LENGTH = 512
+
+
+def best_seconds(fn, repeats: int = 2) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def sentences() -> list[str]:
+    from tdastore.demo_text import stdlib_documents
+
+    return [s.strip() + "." for doc in stdlib_documents() for s in doc.split(". ") if len(s) > 20]
+
+
+def write_corpus(path: Path, n_docs: int, per_doc: int, seed: int = 0) -> None:
+    pool, rng = sentences(), random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            f.write(json.dumps({"id": i, "text": " ".join(rng.sample(pool, per_doc))}) + "\n")
+
+
+def save_gpt2(out: Path, vocab: int, layers: int, width: int, heads: int, positions: int, tokenizer_vocab: int):
+    """A randomly initialised GPT-2 of the given shape and a BPE tokenizer trained here (offline)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tdastore.demo_text import stdlib_documents, train_tokenizer
+
+    tokenizer = train_tokenizer(stdlib_documents(), tokenizer_vocab)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers, n_head=heads)
+    config.eos_token_id = config.bos_token_id = tokenizer.eos_token_id
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def text_config(model: Path, corpus: Path, store: Path, **sections):
+    from tdastore.config import load_config
+
+    raw = {
+        "device": "cpu",
+        "task": {"dataset": str(corpus), "kind": "causal_lm", "max_length": LENGTH, "id_column": "id"},
+        "model": {"name_or_path": str(model)},
+        "gradients": {"modules": "auto", "batch_size": 2, "full_norms": False},
+        "projection": {"kind": "factored", "factors": [16, 16]},
+        "store": {"chunk_rows": 128, "shard_rows": 256, "dtype": "float32", "path": str(store)},
+        "build": {"workers": 1, "cpus_per_worker": 2},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return load_config(raw)
+
+
+def gpt2_small(work: Path) -> None:
+    import ray
+
+    from tdastore.distributed.build import build_store
+    from tdastore.grads.computer import make_gradient_computer
+    from tdastore.plan import MB, plan_build
+    from tdastore.tasks import make_task
+
+    model_dir = save_gpt2(work / "gpt2-small", 50257, 12, 768, 12, 1024, 2048)
+    corpus = work / "long.jsonl"
+    write_corpus(corpus, 40, 60)
+    config = text_config(model_dir, corpus, work / "small-store", task={"test_fraction": 0.2})
+    torch.set_num_threads(2)
+    task = make_task(config.task, config.model)
+    model = task.make_model()
+    params = sum(p.numel() for p in model.parameters())
+    computer = make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection)
+    train = task.examples("train")
+    batches = [train.slice(i * 2, i * 2 + 2) for i in range(2)]
+    assert all(b.inputs.shape[-1] == LENGTH for b in batches), "documents shorter than 512 tokens"
+    tokens = sum(int(b.inputs[:, 1].sum()) for b in batches)
+
+    def training_steps():
+        for b in batches:
+            model.zero_grad(set_to_none=True)
+            task.per_example_loss(model(b.inputs), b.targets).sum().backward()
+
+    def build():
+        for b in batches:
+            computer(b.inputs, b.targets)
+
+    t_train, t_build = best_seconds(training_steps), best_seconds(build)
+    print(
+        f"GPT-2-small shape ({params / 1e6:.0f}M parameters, {len(computer.modules)} modules auto, 2 x {LENGTH} "
+        f"tokens, 2 threads): build/train-step tokens/s = {t_train / t_build:.3f} "
+        f"(build {tokens / t_build:,.0f} tokens/s, training step {tokens / t_train:,.0f} tokens/s)"
+    )
+    plan = plan_build(config, workers=1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        store = build_store(config, config.store.path, progress=False)
+    finally:
+        ray.shutdown()
+    measured = store.manifest["summary"]["peak_worker_rss_mb"]
+    estimate = plan.worker_bytes / MB
+    print(
+        f"GPT-2-small build worker peak RSS / `tdastore plan` estimate: {measured / estimate:.3f} "
+        f"({measured:,.0f} MB measured, {estimate:,.0f} MB planned, {store.n_rows} documents)"
+    )
+
+
+def demo_lm_kfac(work: Path) -> None:
+    import ray
+
+    from tdastore.attribution import Attributor
+    from tdastore.demo_text import make_tiny_lm
+    from tdastore.distributed.build import build_store
+
+    demo = make_tiny_lm(work / "demo")
+    config = text_config(
+        demo / "model",
+        demo / "corpus.jsonl",
+        work / "demo-store",
+        task={"max_length": 128, "test_fraction": 0.1},
+        gradients={"batch_size": 16, "modules": "auto"},
+        store={"shard_rows": 512},
+        build={"workers": 2, "cpus_per_worker": 1},
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        began = time.perf_counter()
+        store = build_store(config, config.store.path, progress=False)
+        t_build = time.perf_counter() - began
+    finally:
+        ray.shutdown()
+    prompts = [json.loads(line)["text"] for line in (demo / "prompts.jsonl").read_text().splitlines()]
+    torch.set_num_threads(2)
+    for method in ("kfac", "ekfac"):
+        began = time.perf_counter()
+        Attributor(store, method).top_k(prompts, 5)  # first query: fits the operator from the build's factors
+        t_query = time.perf_counter() - began
+        print(
+            f"demo LM first {method} query (fitting included) / build time: {t_query / t_build:.3f} "
+            f"({t_query:.1f} s vs {t_build:.1f} s for {store.n_rows:,} documents)"
+        )
+
+
+def queries_on_ray(work: Path) -> None:
+    import ray
+
+    from tdastore.attribution import Attributor
+    from tdastore.demo_text import make_tiny_lm
+    from tdastore.distributed.build import build_store
+
+    demo = make_tiny_lm(work / "small-lm", train_steps=0)
+    corpus = work / "corpus-20k.jsonl"
+    write_corpus(corpus, 20_000, 2, seed=3)
+    config = text_config(
+        demo / "model",
+        corpus,
+        work / "store-20k",
+        task={"max_length": 32, "test_fraction": 0.001},
+        gradients={"batch_size": 64},
+        projection={"factors": [32, 32]},
+        store={"shard_rows": 2048, "chunk_rows": 512, "dtype": "float16"},
+        build={"workers": 2, "cpus_per_worker": 1},
+    )
+    pool = sentences()
+    rng = random.Random(4)
+    prompts = [" ".join(rng.sample(pool, 2)) for _ in range(1000)]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        store = build_store(config, config.store.path, progress=False)
+        times = {}
+        for workers in (1, 2):
+            attributor = Attributor(store, "grad_dot", workers=workers, ray_min_inputs=1)
+            test = attributor.examples(prompts)
+            began = time.perf_counter()
+            attributor.top_k(test, 10, scores_out=work / f"scores-{workers}.zarr")
+            times[workers] = time.perf_counter() - began
+    finally:
+        ray.shutdown()
+    print(
+        f"1,000 prompts x {store.n_rows:,}-document store ({store.dim:,} columns, top-10 + full score matrix), "
+        f"2 Ray actors vs 1: {times[1] / times[2]:.2f}x ({times[1]:.1f} s vs {times[2]:.1f} s)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-gpt2-small", action="store_true", help="the two smaller measurements only")
+    args = parser.parse_args()
+    from tdastore.tasks.text import quiet_hugging_face
+
+    quiet_hugging_face()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        queries_on_ray(work)
+        demo_lm_kfac(work)
+        if not args.skip_gpt2_small:
+            gpt2_small(work)
+
+
+if __name__ == "__main__":
+    main()
