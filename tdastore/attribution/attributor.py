@@ -79,6 +79,7 @@ class Attributor:
         if workers < 0 or threads < 1:
             raise ConfigError(f"query workers ({workers}) must be >= 0 (0: in process), threads ({threads}) >= 1")
         self.workers, self.ray_min_inputs, self.threads, self.address = workers, ray_min_inputs, threads, address
+        self._scoring_actors: list = []  # Ray actors kept between calls while the caller's Ray session lives
         self.score_chunks = (256, 8192)  # score-matrix chunks (test inputs, train rows): a Ray unit's input block
         self.method: Method = get_method(method)
         if self.method.further_training:
@@ -259,13 +260,18 @@ class Attributor:
         return table
 
     def _ranked_on_ray(self, test: Examples, k: int, sign: float, matrix, scores_out):
+        import ray
+
         from tdastore.attribution.on_ray import score_on_ray
         from tdastore.distributed.ray_session import ray_session
         from tdastore.distributed.shipping import share_task
 
+        outlives = ray.is_initialized()  # a session of the caller's: keep the actors warm for the next call
         with ray_session(self.address, num_cpus=max(2, self.workers * self.threads)):
             task_ref = share_task(self.config, self._given_task)
-            found = score_on_ray(self, test, k, sign, matrix, None if scores_out is None else str(scores_out), task_ref)
+            path = None if scores_out is None else str(scores_out)
+            keep = self._scoring_actors if outlives else None
+            found = score_on_ray(self, test, k, sign, matrix, path, task_ref, keep)
         self.info["workers"] = self.workers
         return found
 

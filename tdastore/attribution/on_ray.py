@@ -10,6 +10,7 @@ block. A query of a few inputs never comes here: the Attributor answers it in pr
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,34 +48,39 @@ def plan_score_units(
 
 @ray.remote
 class ScoringWorker:
-    """A Ray actor holding an Attributor of the store (model, operator) and the job's test inputs."""
+    """A Ray actor holding an Attributor of the store (model, fitted operator); kept between calls by an
+    Attributor whose Ray session outlives the call, so a second large query starts warm."""
 
-    def __init__(self, make, root: str, method: str, sections: dict, task, test: Examples, threads: int, matrix_path):
+    def __init__(self, make, root: str, method: str, sections: dict, task, threads: int):
         """make: the Attributor class (handed in: the attributor module imports this one)."""
         torch.set_num_threads(max(1, threads))
         self.attributor = make(open_store(root), method, sections, task=task)
-        self.test = test
-        self.matrix = None
-        if matrix_path is not None:
-            import zarr
+        self._block: tuple | None = None  # ((call, input block), its test side), kept for the next unit
+        self._matrix: tuple | None = None  # (path, the open Zarr array)
 
-            self.matrix = zarr.open_group(str(matrix_path), mode="r+")["scores"]
-        self._block: tuple[int, object] | None = None  # (input block, its test side), kept for the next unit
-
-    def run(self, unit: ScoreUnit, k: int, sign: float) -> tuple[ScoreUnit, np.ndarray, np.ndarray]:
-        part = self.test.slice(unit.test_lo, unit.test_hi)
-        if self._block is None or self._block[0] != unit.block:
-            self._block = (unit.block, self.attributor.test_side(part))
+    def run(self, unit: ScoreUnit, call: dict) -> tuple[ScoreUnit, np.ndarray, np.ndarray]:
+        """call: this query's k, sign, matrix path (or None) and input blocks (object refs, resolved here)."""
+        part: Examples = ray.get(call["blocks"][unit.block])
+        key = (call["id"], unit.block)
+        if self._block is None or self._block[0] != key:
+            self._block = (key, self.attributor.test_side(part))
         blocks = self.attributor.range_blocks(self._block[1], unit.row_lo, unit.row_hi)
-        window = None if self.matrix is None else RowWindow(self.matrix, unit.test_lo, unit.test_hi)
-        k = min(k, unit.row_hi - unit.row_lo)
-        scores, rows = stream_top_k(blocks, len(part), k, unit.row_hi - unit.row_lo, window, sign)
+        window = None
+        if call["matrix"] is not None:
+            if self._matrix is None or self._matrix[0] != call["matrix"]:
+                import zarr
+
+                self._matrix = (call["matrix"], zarr.open_group(call["matrix"], mode="r+")["scores"])
+            window = RowWindow(self._matrix[1], unit.test_lo, unit.test_hi)
+        k = min(call["k"], unit.row_hi - unit.row_lo)
+        scores, rows = stream_top_k(blocks, len(part), k, unit.row_hi - unit.row_lo, window, call["sign"])
         return unit, scores, rows
 
 
-def score_on_ray(attributor, test: Examples, k: int, sign: float, matrix, matrix_path, task_ref) -> tuple:
+def score_on_ray(attributor, test: Examples, k: int, sign: float, matrix, matrix_path, task_ref, keep) -> tuple:
     """(scores [m, k], rows [m, k]) as the in-process stream gives them, computed by the attributor's `workers`
-    actors; the full matrix is written into `matrix` (the `scores` array of the group at matrix_path)."""
+    actors (`keep`: live actors to reuse, and the list that holds them afterwards); the full matrix is written
+    into `matrix` (the `scores` array of the group at matrix_path)."""
     from tdastore.distributed.pool import device_options, run_pool
 
     store, config, workers = attributor.store, attributor.config, attributor.workers
@@ -84,8 +90,12 @@ def score_on_ray(attributor, test: Examples, k: int, sign: float, matrix, matrix
     threads = attributor.threads
     options = device_options(config.device, threads, config.build.gpus_per_worker)
     sections = {section: dict(getattr(config, section).__dict__) for section in ("attribution", "index")}
-    args = (type(attributor), str(store.root), attributor.method.name, sections, task_ref, ray.put(test), threads)
-    args = (*args, matrix_path)
+    args = (type(attributor), str(store.root), attributor.method.name, sections, task_ref, threads)
+    blocks = {}
+    for unit in units:
+        if unit.block not in blocks:
+            blocks[unit.block] = ray.put(test.slice(unit.test_lo, unit.test_hi))
+    call = {"id": uuid.uuid4().hex, "k": k, "sign": sign, "matrix": matrix_path, "blocks": blocks}
     results = run_pool(
         units,
         lambda: ScoringWorker.options(**options).remote(*args),
@@ -95,7 +105,8 @@ def score_on_ray(attributor, test: Examples, k: int, sign: float, matrix, matrix
         desc="score",
         total=len(units),
         progress=attributor.progress,
-        call=lambda actor, unit: actor.run.remote(unit, k, sign),
+        call=lambda actor, unit: actor.run.remote(unit, call),
+        keep=keep,
     )
     by_block: dict[int, list] = {}
     for unit, scores, rows in results:

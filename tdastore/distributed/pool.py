@@ -38,12 +38,15 @@ def run_pool(
     progress: bool = True,
     unit_name: str = "unit",
     call: Callable[[Any, Any], Any] = lambda actor, unit: actor.run.remote(unit),
+    keep: list | None = None,
 ) -> list:
     """Run every pending unit on `workers` actors made by `new_actor()`; returns the units' results in the
     order they finished. describe(unit) names a unit in errors; size(unit) is its step on the progress bar;
-    call(actor, unit) submits a unit (default `actor.run.remote(unit)`)."""
+    call(actor, unit) submits a unit (default `actor.run.remote(unit)`). keep: a list of live actors reused
+    first and, after a run without errors, holding the pool's actors for the next run (not killed)."""
     pending = deque(pending)
-    actors: list = []
+    actors: list = [] if keep is None else keep
+    finished = False
 
     def start() -> Any:
         actors.append(new_actor())
@@ -53,7 +56,7 @@ def run_pool(
     in_flight: dict = {}  # object ref -> (actor, unit)
     results = []
     bar = tqdm(total=total, initial=initial, desc=desc, unit=unit_name, disable=not progress)
-    idle = [start() for _ in range(min(workers, len(pending)))]
+    idle = actors[:workers] + [start() for _ in range(min(workers, len(pending)) - len(actors[:workers]))]
     try:
         while pending or in_flight:
             while idle and pending:
@@ -73,6 +76,7 @@ def run_pool(
                         f"({type(err).__name__}); finished units are kept: rerun the same command to resume"
                     ) from err
                 pending.appendleft(unit)
+                actors.remove(actor)
                 idle.append(start())
                 continue
             except RayTaskError as err:
@@ -91,10 +95,13 @@ def run_pool(
             if on_result is not None:
                 on_result(unit, result)
             bar.update(size(unit))
+        finished = True
     finally:
         bar.close()
-        for actor in actors:  # also stops units still in flight after an error
-            ray.kill(actor)
+        if keep is None or not finished:
+            for actor in actors:  # also stops units still in flight after an error
+                ray.kill(actor)
+            actors.clear()
     return results
 
 
