@@ -34,6 +34,7 @@ from tdastore.groundtruth.pool import (
     read_groundtruth_manifest,
     run_job_units,
 )
+from tdastore.groundtruth.sequential import SequentialTrainer, make_trainer
 from tdastore.store.job_store import mark_done, open_job, read_job_manifest, writing
 from tdastore.store.manifest import SCHEMA_VERSION
 from tdastore.tasks import resolve_task
@@ -118,7 +119,7 @@ def read_lds_manifest(root: Path) -> dict:
     return read_job_manifest(root, LDS_KIND, "LDS", "tdastore lds")
 
 
-def run_lds_unit(trainer: ReplicaTrainer, root: Path, unit: Unit, manifest: dict) -> float:
+def run_lds_unit(trainer: ReplicaTrainer | SequentialTrainer, root: Path, unit: Unit, manifest: dict) -> float:
     """Train one unit's replicas (full run + its subsets, per seed) and write its chunks."""
     began = time.perf_counter()
     seed_block, block = manifest["blocks"]["seeds"], manifest["blocks"]["subsets"]
@@ -153,7 +154,7 @@ class LdsWorker:
         check_fingerprint(model, manifest, self.root)
         test = task.examples("test").slice(0, len(manifest["test_rows"]))
         model = on_device(model, gt_config.device)
-        self.trainer = ReplicaTrainer(model, task, gt_config.groundtruth, task.examples("train"), test)
+        self.trainer = make_trainer(model, task, gt_config.groundtruth, task.examples("train"), test)
 
     def run(self, unit: Unit) -> float:
         return run_lds_unit(self.trainer, self.root, unit, self.manifest)

@@ -30,6 +30,7 @@ from tdastore.distributed.ray_session import ray_session
 from tdastore.distributed.shipping import share_task
 from tdastore.errors import ConfigError, StoreError
 from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
+from tdastore.groundtruth.sequential import SequentialTrainer, make_trainer
 from tdastore.store.job_store import (
     done_markers,
     mark_done,
@@ -99,7 +100,11 @@ def prepare_groundtruth(config: Config, task: Task | None = None) -> tuple[Path,
         "kind": GT_KIND,
         "task": {"name": task.name, "fingerprint": task.fingerprint()},
         "model": {"fingerprint": model_fingerprint(model)},
-        "groundtruth": config_to_dict(config)["groundtruth"]
+        "groundtruth": {  # how it runs is not what it is: both executions give the same arrays
+            key: value
+            for key, value in config_to_dict(config)["groundtruth"].items()
+            if key not in ("output", "workers", "threads_per_worker", "execution")
+        }
         | {"output": None, "workers": None, "threads_per_worker": None},
         "left_out": left,
         "test_rows": list(range(n_test)),
@@ -168,7 +173,9 @@ def read_groundtruth_manifest(root: Path) -> dict:
     return read_job_manifest(root, GT_KIND, "ground-truth", "tdastore ground-truth")
 
 
-def run_unit(config: Config, trainer: ReplicaTrainer, root: Path, unit: Unit, manifest: dict) -> float:
+def run_unit(
+    config: Config, trainer: ReplicaTrainer | SequentialTrainer, root: Path, unit: Unit, manifest: dict
+) -> float:
     """Train one unit's replicas and write its chunk of loo.zarr (and of full.zarr for left block 0)."""
     began = time.perf_counter()
     gt = config.groundtruth
@@ -199,7 +206,7 @@ class UnitWorker:
         check_fingerprint(model, manifest, self.root)
         test = task.examples("test").slice(0, len(manifest["test_rows"]))
         model = on_device(model, self.config.device)
-        self.trainer = ReplicaTrainer(model, task, self.config.groundtruth, task.examples("train"), test)
+        self.trainer = make_trainer(model, task, self.config.groundtruth, task.examples("train"), test)
 
     def run(self, unit: Unit) -> float:
         if self.fault and self.fault.get("unit") == unit.name and not (self.root / ".fault-fired").exists():

@@ -446,6 +446,10 @@ class TokenExamples:
             inputs, targets, self.ids[index], self.labels[index], np.asarray(batch["text"], dtype=object), padded=True
         )
 
+    def to(self, device) -> Examples:
+        """The whole split as tensors on `device` (the vectorised replica engine indexes it every step)."""
+        return self._all().to(device)
+
     def _all(self) -> Examples:
         if self._whole is None:
             self._whole = self.take(np.arange(len(self)))
