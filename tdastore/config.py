@@ -132,7 +132,9 @@ class AttributionConfig:
     """How methods of the unified view are computed (see tdastore/methods.py)."""
 
     path: Literal["projected", "exact"] = "projected"  # store's projected space (indexable) or full space on the model
-    damping_factor: float = 10.0  # lambda = factor x lambda_0, lambda_0 = mean squared gradient entry
+    # lambda = factor x lambda_0 (lambda_0 = mean squared gradient entry), or auto: the smallest lambda giving the
+    # damped curvature a condition number <= 1e4 (tdastore/precond/damping.py)
+    damping_factor: float | Literal["auto"] = 10.0
     hessian_auto_damping: bool = True  # if_h / if_gen: raise lambda to 1.5 x |lowest Hessian eigenvalue| if larger
     lissa_depth: int = 1000
     lissa_scale: float | None = None  # None: 1.1 x the largest eigenvalue of the damped matrix (converges)
@@ -302,7 +304,9 @@ class Config:
                  "subset_block and workers must be positive")  # fmt: skip
         _require(self.build.max_retries >= 0, "build.max_retries", "must be >= 0")
         a = self.attribution
-        _require(a.damping_factor >= 0, "attribution.damping_factor", "must be >= 0")
+        _require(
+            a.damping_factor == "auto" or a.damping_factor >= 0, "attribution.damping_factor", "must be >= 0 or auto"
+        )
         _require(a.lissa_depth > 0, "attribution.lissa_depth", "must be positive")
         _require(a.lissa_scale is None or a.lissa_scale > 0, "attribution.lissa_scale", "must be positive")
         _require(a.cg_max_iter > 0 and a.cg_tol > 0, "attribution.cg_max_iter", "and cg_tol must be positive")

@@ -211,11 +211,19 @@ def test_lds_runs_and_score(ray_cluster, tmp_path):
 
     store = build_store(config, tmp_path / "store", progress=False)
     results = evaluate(store, gt, methods=["grad_dot", "if_gn"], out=tmp_path / "ev", progress=False,
-                       metrics=("cosine", "lds"))  # fmt: skip
+                       metrics=("cosine", "lds"), damping_grid=(10.0, 0.1, "auto"))  # fmt: skip
     for name in ("grad_dot", "if_gn"):
         assert len(results["methods"][name]["lds"]) == 2 and all(-1 <= v <= 1 for v in results["methods"][name]["lds"])
-    assert "Linear datamodeling score" in (tmp_path / "ev" / "report.md").read_text()
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "Linear datamodeling score" in report
     assert results["lds"]["subsets"] == 6
+    # the damping sweep: damped methods only, the default factor reproduces the main table, lambda follows the factor
+    sweep = results["damping_sweep"]
+    assert set(sweep) == {"if_gn"} and set(sweep["if_gn"]) == {"10.0", "0.1", "auto"}
+    np.testing.assert_allclose(sweep["if_gn"]["10.0"]["cosine"], results["methods"]["if_gn"]["cosine"], rtol=1e-6)
+    assert sweep["if_gn"]["10.0"]["damping"] == pytest.approx(100 * sweep["if_gn"]["0.1"]["damping"])
+    assert sweep["if_gn"]["auto"]["damping"] >= 0 and len(sweep["if_gn"]["auto"]["lds"]) == 2
+    assert "## Damping" in report and (tmp_path / "ev" / "damping.png").stat().st_size > 1000
 
 
 def test_gold_standard_workers_ask_ray_for_gpus_on_cuda(ray_cluster, tmp_path, trained, monkeypatch):

@@ -217,6 +217,15 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     ev.add_argument("--out", default=None, help="output directory (default with --config: GT/evaluation)")
     ev.add_argument("--metric", default="cosine", help="comma-separated: cosine (always), lds (runs its job if needed)")
+    ev.add_argument(
+        "--damping-sweep",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FACTORS",
+        help="also score each damped method at these damping factors (comma-separated numbers and auto; "
+        "without a value 100,10,1,0.1,0.01,0.001,auto) and plot cosine (and LDS) against damping",
+    )
     _config_option(ev, what=": its store, ground truth, attribution and index sections apply")
     add_config_flags(ev, ["attribution", "index"], QUERY_ALIASES)
 

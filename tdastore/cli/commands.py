@@ -209,8 +209,31 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     methods = args.methods.split(",") if args.methods else overrides.get("attribution", {}).get("methods")
     path = config_overrides(args, ["attribution"]).get("attribution", {}).get("path")
     metrics = tuple(m.strip() for m in args.metric.split(",") if m.strip())
-    evaluate(store, ground_truth, methods=methods, out=out, path=path, overrides=overrides, metrics=metrics)
+    grid = None
+    if args.damping_sweep is not None:
+        from tdastore.evaluate.run import DAMPING_GRID
+
+        grid = DAMPING_GRID if args.damping_sweep == "" else tuple(_damping(v) for v in args.damping_sweep.split(","))
+    evaluate(
+        store,
+        ground_truth,
+        methods=methods,
+        out=out,
+        path=path,
+        overrides=overrides,
+        metrics=metrics,
+        damping_grid=grid,
+    )
     print(f"report: {out}/report.md, results: {out}/results.json, plots: {out}/cosine.png, seed_curves.png")
+
+
+def _damping(text: str) -> float | str:
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--damping-sweep: '{text}' is not a number or auto (e.g. 10,1,0.1,auto)") from None
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:

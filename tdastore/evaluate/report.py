@@ -68,7 +68,35 @@ each amount of further training, then the best amount:
 """
     if "lds" in results:
         text += lds_section(results)
+    if results.get("damping_sweep"):
+        text += damping_section(results)
     (out / "report.md").write_text(text)
+
+
+def damping_section(results: dict) -> str:
+    """Best cosine over further training (and at the first / last point) per damping factor."""
+    labels, unit = results["evals"]["labels"], results["evals"]["unit"]
+    lines = [f"| method | damping factor | lambda | cosine at {unit} {labels[0]} | at {unit} {labels[-1]} | best |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, by_factor in results["damping_sweep"].items():
+        for factor, entry in by_factor.items():
+            if "error" in entry:
+                lines.append(f"| {name} | {factor} | - | - | - | skipped: {entry['error'][:50]} |")
+                continue
+            cos = np.asarray(entry["cosine"])
+            lam = entry.get("damping")
+            lam_text = f"{lam:.3g}" if isinstance(lam, (int, float)) else "-"
+            lines.append(f"| {name} | {factor} | {lam_text} | {cos[0]:.3f} | {cos[-1]:.3f} | {cos.max():.3f} |")
+    return f"""
+## Damping
+
+Each damped method scored at a grid of damping factors (lambda = factor x lambda_0; auto: the smallest lambda
+giving the damped curvature a condition number <= 1e4):
+
+{chr(10).join(lines)}
+
+![cosine vs damping](damping.png)
+"""
 
 
 def lds_section(results: dict) -> str:
@@ -139,4 +167,35 @@ def write_plots(results: dict, out: Path) -> None:
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "seed_curves.png", dpi=120)
+    plt.close(fig)
+    if results.get("damping_sweep"):
+        damping_plot(results, out)
+
+
+def damping_plot(results: dict, out: Path) -> None:
+    """Cosine (and LDS) against the damping factor, one line per reported amount of further training."""
+    import matplotlib.pyplot as plt
+
+    sweep, labels, unit = results["damping_sweep"], results["evals"]["labels"], results["evals"]["unit"]
+    points = report_points(labels)
+    metrics = ["cosine"] + (["lds"] if any("lds" in e for m in sweep.values() for e in m.values()) else [])
+    fig, axes = plt.subplots(len(metrics), len(sweep), figsize=(3.2 * len(sweep), 3 * len(metrics)), squeeze=False)
+    for column, (name, by_factor) in enumerate(sweep.items()):
+        numeric = sorted((float(f), e) for f, e in by_factor.items() if f != "auto" and "error" not in e)
+        for row, metric in enumerate(metrics):
+            ax = axes[row][column]
+            for i in points:
+                xs = [f for f, e in numeric if metric in e]
+                (line,) = ax.plot(xs, [e[metric][i] for f, e in numeric if metric in e], marker="o", ms=3,
+                                  label=f"{unit} {labels[i]}")  # fmt: skip
+                auto = by_factor.get("auto", {})
+                if metric in auto and auto.get("damping") is not None and numeric:
+                    ax.axhline(auto[metric][i], color=line.get_color(), ls=":", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("damping factor (dotted: auto)", fontsize=8)
+            ax.set_ylabel(metric, fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "damping.png", dpi=110)
     plt.close(fig)

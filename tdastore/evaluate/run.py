@@ -88,21 +88,68 @@ def evaluate(
     progress: bool = True,
     task=None,
     metrics: tuple[str, ...] = ("cosine",),
+    damping_grid: tuple | None = None,
 ) -> dict:
     """Cosine / Spearman of each method against the gold standard at every evaluation point, and seed curves;
     with "lds" in `metrics` also the linear datamodeling score (its job is run beside the ground truth when
-    missing). task: the task object the store and ground truth were made from with the Python API."""
+    missing). task: the task object the store and ground truth were made from with the Python API.
+    damping_grid: also score every damped method at each of these damping factors (numbers or "auto")."""
     unknown = sorted(set(metrics) - {"cosine", "lds"})
     if unknown:
         raise ConfigError(f"unknown metric(s) {unknown}: choose from cosine, lds")
     gold = load_gold(store, groundtruth)
     lds = load_lds(store, gold, overrides, progress, task) if "lds" in metrics else None
+    methods = methods or DEFAULT_METHODS
+
+    def run() -> dict:
+        results = score_methods(store, gold, methods, path, overrides, progress, task, lds)
+        if damping_grid:
+            results["damping_sweep"] = damping_sweep(store, gold, methods, path, overrides, damping_grid, task, lds)
+        return results
+
     if out is None:
-        return score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress, task, lds)
+        return run()
     with Lease(Path(out), "evaluation"):  # one evaluation writes into `out` at a time
-        results = score_methods(store, gold, methods or DEFAULT_METHODS, path, overrides, progress, task, lds)
+        results = run()
         write_results(results, Path(out))
     return results
+
+
+DAMPING_GRID = (100.0, 10.0, 1.0, 0.1, 0.01, 0.001, "auto")
+
+
+def damping_sweep(store, gold: GoldStandard, methods, path, overrides, grid, task=None, lds=None) -> dict:
+    """{method: {factor: {"damping": lambda, "cosine": [E], (+ "lds": [E])}}} for every method whose operator
+    depends on attribution.damping_factor, as the paper sweeps DataInf's c and the solvers' lambda."""
+    from tdastore.precond.registry import operator_class
+
+    base = Attributor(store, "grad_dot", {"attribution": {"path": "projected"}}, task=task)
+    test = base.task.examples("test").slice(0, len(gold.manifest["test_rows"]))
+    sweep: dict = {}
+    for name in methods:
+        method = get_method(name)
+        if method.further_training:
+            continue
+        chosen = choose_path(store, name, path)
+        if "damping_factor" not in operator_class(chosen, method.operator(chosen)).settings:
+            continue
+        shared = base
+        for factor in grid:
+            attribution = {**((overrides or {}).get("attribution", {})), "path": chosen, "damping_factor": factor}
+            try:
+                attributor = Attributor(store, name, {"attribution": attribution}, share=shared)
+                every_row = attributor.score_matrix(test)  # [T, N]
+            except TdaStoreError as err:
+                sweep.setdefault(name, {})[str(factor)] = {"error": str(err)}
+                continue
+            if chosen == "exact":
+                shared = attributor  # lambda_0 and the curvature's extreme eigenvalues once per method
+            entry = {"damping": attributor.info.get("damping"), "path": chosen}
+            entry["cosine"] = agreement(gold.vectors, every_row[:, gold.left])["cosine"].tolist()
+            if lds is not None:
+                entry["lds"] = linear_datamodeling_score(lds[0], every_row, lds[1]["subsets"])["lds"].tolist()
+            sweep.setdefault(name, {})[str(factor)] = entry
+    return sweep
 
 
 def load_lds(store, gold: GoldStandard, overrides: dict | None, progress: bool, task=None) -> tuple:

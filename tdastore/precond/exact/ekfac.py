@@ -16,6 +16,7 @@ from torch import nn
 
 from tdastore.errors import GradientError
 from tdastore.grads.factored import LinearHookGradients
+from tdastore.precond.damping import resolve_damping
 from tdastore.tasks.base import Examples
 
 
@@ -52,7 +53,9 @@ class EkfacFactors(LinearHookGradients):
         for values in self.eigenvalues:
             values /= n
         self.lambda_0 = float(sum(v.sum() for v in self.eigenvalues)) / self.numel
-        self.damping = damping_factor * self.lambda_0
+        largest = max(float(v.max()) for v in self.eigenvalues)
+        lowest = min(float(v.min()) for v in self.eigenvalues)
+        self.damping = resolve_damping(damping_factor, self.lambda_0, largest, lowest)
 
     def _layer_tensors(self, part: Examples) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer: augmented inputs [B, T, in(+1)] and output gradients [B, T, out], float64."""

@@ -51,7 +51,7 @@ class DampedSolve(ExactOperator):
     curvature = "gauss_newton"
 
     def damping(self, scorer) -> float:
-        damping, lambda_0 = scorer.space.damping()
+        damping, lambda_0 = scorer.space.damping(self.curvature)
         scorer.info.update(damping=damping, lambda_0=lambda_0)
         return damping
 
@@ -91,7 +91,7 @@ class Generalised(HessianSolve):
 
     def train_rows(self, scorer):
         space, cfg = scorer.space, scorer.config.attribution
-        damping = scorer.hessian_damping(space.damping()[0])
+        damping = scorer.hessian_damping(space.damping("hessian")[0])
         rhs = space.mean_loss_grad()[None]
         shift = -conjugate_gradients(space.hvp, rhs, damping, cfg.cg_tol, cfg.cg_max_iter)[0]  # [p]
         scorer.info["shift_norm"] = float(shift.norm())

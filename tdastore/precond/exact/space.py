@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from tdastore.config import AttributionConfig
 from tdastore.errors import ConfigError, GradientError
 from tdastore.grads.per_example import select_parameters
+from tdastore.precond.damping import resolve_damping
 from tdastore.tasks.base import Examples
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]  # [m, p] -> [m, p]
@@ -47,6 +48,7 @@ class FullSpace:
         self.frozen.update(dict(model.named_buffers()))
         self.n = len(train)
         self._lambda_0: float | None = None
+        self._extremes: dict[str, tuple[float, float]] = {}  # curvature -> (largest, lowest eigenvalue)
 
     # -- the model as a function of theta -------------------------------------------------------
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,12 +83,23 @@ class FullSpace:
             total += block.sum(0)
         return total / self.n
 
-    def damping(self) -> tuple[float, float]:
-        """(lambda, lambda_0): lambda_0 is the mean squared entry of the training gradients (one pass, kept)."""
+    def damping(self, curvature: str = "gauss_newton") -> tuple[float, float]:
+        """(lambda, lambda_0): lambda_0 is the mean squared entry of the training gradients (one pass, kept);
+        with damping_factor auto, lambda comes from `curvature`'s extreme eigenvalues (precond/damping.py)."""
         if self._lambda_0 is None:
             total = sum(float(block.pow(2).sum()) for _, block in self.example_grads(self.train))
             self._lambda_0 = total / (self.n * self.p)
-        return self.config.damping_factor * self._lambda_0, self._lambda_0
+        factor = self.config.damping_factor
+        if factor != "auto":
+            return resolve_damping(factor, self._lambda_0, 0.0, 0.0), self._lambda_0
+        if curvature not in self._extremes:  # power iteration (and Lanczos for the Hessian), once per curvature
+            matvec = self.operator(curvature)
+            largest = largest_eigenvalue(matvec, self.p, device=self.device)
+            # Gauss-Newton is positive semi-definite (convex output losses): its lowest eigenvalue is taken as 0
+            lowest = lowest_eigenvalue(matvec, self.p, device=self.device) if curvature == "hessian" else 0.0
+            self._extremes[curvature] = (largest, lowest)
+        largest, lowest = self._extremes[curvature]
+        return resolve_damping(factor, self._lambda_0, largest, lowest), self._lambda_0
 
     # -- curvature products ---------------------------------------------------------------------
     def hvp(self, vectors: torch.Tensor, data: Examples | None = None) -> torch.Tensor:
@@ -168,14 +181,22 @@ def largest_eigenvalue(matvec: MatVec, p: int, iters: int = 30, seed: int = 0, d
 
 def lowest_eigenvalue(matvec: MatVec, p: int, tol: float = 1e-3, device=None) -> float:
     """The smallest (most negative) eigenvalue of a symmetric operator, by Lanczos (ARPACK)."""
-    from scipy.sparse.linalg import LinearOperator, eigsh
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     def apply(v):
         return matvec(torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1, -1))[0].double().cpu().numpy()
 
     operator = LinearOperator((p, p), matvec=apply, dtype=np.float64)
     start = np.random.default_rng(0).normal(size=p)
-    return float(eigsh(operator, k=1, which="SA", tol=tol, v0=start, return_eigenvectors=False)[0])
+    try:
+        return float(eigsh(operator, k=1, which="SA", tol=tol, v0=start, return_eigenvectors=False)[0])
+    except ArpackNoConvergence as err:
+        if len(err.eigenvalues):
+            return float(err.eigenvalues[0])  # the best estimate Lanczos reached
+        raise GradientError(
+            "the Hessian's lowest eigenvalue did not converge (Lanczos): set attribution.damping_factor to a number "
+            "and attribution.hessian_auto_damping: false, or use if_gn (Gauss-Newton, positive semi-definite)"
+        ) from None
 
 
 def lissa(

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from tdastore.errors import ConfigError, StoreError
 from tdastore.grads.factored import FactoredLinearGradients, KroneckerStatistics
+from tdastore.precond.damping import resolve_damping
 from tdastore.precond.projected.operators import ProjectedOperator
 from tdastore.precond.projected.spectral import Block, SpectralOperator, column_groups
 from tdastore.precond.registry import FitInputs, register
@@ -95,7 +96,8 @@ class KroneckerOperator(ProjectedOperator):
             sums = inputs.over_blocks(functools.partial(eigenbasis_moments, groups=groups, bases=bases))
             eigenvalues = [sum(parts) / store.n_rows for parts in zip(*sums)]
         lambda_0 = float(sum(v.sum() for v in eigenvalues) / store.dim)
-        damping = config.attribution.damping_factor * lambda_0
+        largest, lowest = max(v.max() for v in eigenvalues), min(v.min() for v in eigenvalues)
+        damping = resolve_damping(config.attribution.damping_factor, lambda_0, largest, lowest)
         blocks = [
             Block(lo, hi, 1.0 / (values + damping), basis)
             for (lo, hi), values, basis in zip(groups, eigenvalues, bases)

@@ -19,6 +19,7 @@ import torch
 
 from tdastore.config import AttributionConfig
 from tdastore.errors import ConfigError
+from tdastore.precond.damping import resolve_damping
 from tdastore.precond.layers import DataInf
 from tdastore.precond.projected.spectral import Block, SpectralOperator, column_groups
 from tdastore.precond.registry import FitInputs, Operator, register
@@ -65,7 +66,7 @@ class Diagonal(ProjectedOperator):
         for _, block in store.iter_blocks():
             sq += (block.astype(np.float64) ** 2).sum(0)
         diag = sq / store.n_rows
-        lam = inputs.config.attribution.damping_factor * diag.mean()
+        lam = resolve_damping(inputs.config.attribution.damping_factor, diag.mean(), diag.max(), diag.min())
         return SpectralOperator(
             self.name, k, [Block(0, k, 1.0 / (diag + lam))], {"damping": lam, "lambda_0": diag.mean()}
         )
@@ -98,7 +99,7 @@ class Fisher(SecondMomentOperator):
     name, settings = "fisher", ("damping_factor",)
 
     def eigenvalues(self, sigma, lambda_0, config, n, info):
-        info["damping"] = lam = config.damping_factor * lambda_0
+        info["damping"] = lam = resolve_damping(config.damping_factor, lambda_0, sigma[-1], sigma[0])
         return 1.0 / (sigma + lam)
 
 
@@ -113,7 +114,7 @@ class LissaFisher(SecondMomentOperator):
         return {"damping_factor": config.damping_factor, "depth": config.lissa_depth, "scale": config.lissa_scale}
 
     def eigenvalues(self, sigma, lambda_0, config, n, info):
-        lam = config.damping_factor * lambda_0
+        lam = resolve_damping(config.damping_factor, lambda_0, sigma[-1], sigma[0])
         scale = config.lissa_scale or 1.1 * (sigma[-1] + lam)
         ratio = 1.0 - (sigma + lam) / scale
         if np.abs(ratio).max() >= 1.0:
