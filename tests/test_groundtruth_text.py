@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from tdastore.config import config_to_dict, load_config
 from tdastore.errors import StoreError
@@ -82,6 +83,28 @@ def test_vectorised_replicas_equal_torch_adamw_one_at_a_time(lm, tmp_path, coupl
     assert (a[-1] != a[0]).any() and (a[..., 1] != a[..., 0]).any()  # training moved, leaving out mattered
 
 
+def test_text_metagradient_equals_central_differences(lm, tmp_path):
+    """The metagradient differentiated through the transformer's AdamW steps with weight decay and clipping:
+    forward and reverse modes agree, and both equal central differences of the weighted run (float64)."""
+    from tdastore.groundtruth.metagrad import MetaGradient
+
+    config = lm_config(lm, tmp_path)
+    first, _ = trainers(config)
+    model = first.model.double()  # float64: differences of one row's weight are far below float32's resolution
+    rows = [3, 7, 11, 20]
+    meta = MetaGradient(model, first.task, config.groundtruth, first.train, first.test, rows)
+    forward, reverse = meta.gradients(0, "forward"), meta.gradients(0, "reverse")  # [E, T, R]
+    assert np.abs((forward - reverse).numpy()).max() <= 1e-6 * np.abs(forward.numpy()).max()
+    for r in (0, 2):
+        errors = []
+        for eps in (1e-6, 1e-7, 1e-8):  # Adam's sqrt(v) curves sharply: the best step of a few (as for tabular)
+            up, down = torch.ones(len(rows), dtype=torch.float64), torch.ones(len(rows), dtype=torch.float64)
+            up[r], down[r] = 1 + eps, 1 - eps
+            central = (meta.test_values(up, 0) - meta.test_values(down, 0)) / (2 * eps)  # [E, T]
+            errors.append(np.abs(central.numpy() - forward[:, :, r].numpy()).max())
+        assert min(errors) <= 1e-4 * np.abs(forward[:, :, r].numpy()).max(), errors
+
+
 def test_text_gold_standard_pool_resumes_and_evaluates(ray_cluster, lm, tmp_path):
     """The Ray pool's arrays equal the engine's; a job killed part way resumes to the same arrays; the
     sequential execution writes the same values; evaluate scores a text store's methods against it."""
@@ -110,8 +133,12 @@ def test_text_gold_standard_pool_resumes_and_evaluates(ray_cluster, lm, tmp_path
     np.testing.assert_allclose(loo2, loo, rtol=1e-5)
 
     store = build_store(config, config.store.path, progress=False)
-    methods = ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf", "trak1", "kfac", "ekfac"]
+    methods = ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf", "trak1", "kfac", "ekfac", "metagrad"]
     results = evaluate(store, root, methods=methods, path="projected", progress=False)
+    cosines = {name: np.asarray(entry["cosine"]) for name, entry in results["methods"].items()}
+    print({name: np.round(c, 3).tolist() for name, c in cosines.items()})
+    others = np.max([c for name, c in cosines.items() if name != "metagrad"], axis=0)
+    assert (cosines["metagrad"] > others).all()  # its job ran on Ray; above every unified-view method here
     for name in methods:  # every method with a projected path scores the text store against the gold standard
         found = results["methods"][name]
         assert "error" not in found, found

@@ -158,9 +158,10 @@ class TextTask(Task):
         )
 
     def per_example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        outputs = outputs if outputs.dtype == torch.float64 else outputs.float()  # half-precision logits: float32
         if self.kind == "sequence_classification":
-            return F.cross_entropy(outputs.float(), targets, reduction="none")  # [B]
-        logits, labels = outputs[:, :-1].float(), targets[:, 1:]  # position t predicts token t + 1
+            return F.cross_entropy(outputs, targets, reduction="none")  # [B]
+        logits, labels = outputs[:, :-1], targets[:, 1:]  # position t predicts token t + 1
         tokens = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
         ).view(labels.shape)  # [B, L - 1]
