@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tdastore.config import Config, config_to_dict, load_config, save_config
+from tdastore.errors import ConfigError
 from tdastore.evaluate.report import report_points
 
 QUICKSTART = {
@@ -76,6 +77,87 @@ def subtract_config(config: Config, root: Path) -> Config:
     return load_config(as_dict)
 
 
+TEXT_DEMO = "text-demo"
+TEXT_METHODS = ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf", "trak1", "kfac", "ekfac", "metagrad"]
+
+
+def text_demo_config(output: Path, n_train: int | None = None) -> Config:
+    """The paper's text setting (PAPER.md, SST-2) on the offline demo LM: subtract coupling, AdamW at a tenth of
+    the demo LM's training rate (3e-3), clipping 1.0, one epoch in batches of 8, an evaluation every 5 steps,
+    8 seeds, 50 left-out documents, 50 test documents; a factored 16 x 16 store over every block Linear."""
+    root = output / TEXT_DEMO
+    steps = -(-n_train // 8) if n_train else 1  # one epoch
+    return load_config(
+        {
+            "device": "auto",
+            "task": {
+                "dataset": str(root / "corpus.jsonl"),
+                "kind": "causal_lm",
+                "max_length": 32,
+                "id_column": "id",
+                "test_fraction": 0.15,
+            },  # fmt: skip
+            "model": {"name_or_path": str(root / "model")},
+            "gradients": {"modules": "auto", "batch_size": 32},
+            "projection": {"kind": "factored", "factors": [16, 16]},
+            "store": {"chunk_rows": 128, "shard_rows": 128, "path": str(root / "store")},
+            "build": {"workers": 2},
+            "attribution": {"lissa_depth": 100},
+            "groundtruth": {
+                "coupling": "subtract",
+                "optimizer": "adamw",
+                "lr": 3e-4,
+                "clip_norm": 1.0,
+                "batch_size": 8,
+                "epochs": None,
+                "steps": steps,
+                "eval_every": 5 if steps >= 5 else 1,
+                "seeds": 8,
+                "seed_block": 4,
+                "left_out_count": 50,
+                "left_out_block": 50,
+                "test_points": 50,
+                "workers": 2,
+                "output": str(root / "groundtruth"),
+            },
+            "metagrad": {"seeds": 4, "seed_block": 1, "workers": 2},
+            "lds": {"subsets": 50, "fraction": 0.5, "seeds": 4, "subset_block": 25, "workers": 2},
+        }
+    )
+
+
+def run_text_demo(out: Path, progress: bool) -> dict:
+    """The demo LM (trained here, offline), its store, the text gold standard, LDS, every method with a projected
+    path and the metagradient, evaluated; returns the evaluation results."""
+    from tdastore.demo_text import make_tiny_lm
+    from tdastore.distributed.build import build_store
+    from tdastore.evaluate.run import evaluate
+    from tdastore.groundtruth.pool import run_groundtruth
+    from tdastore.tasks import make_task
+    from tdastore.tasks.text import quiet_hugging_face
+
+    quiet_hugging_face()
+    root = out / TEXT_DEMO
+    if not (root / "model" / "config.json").is_file():
+        make_tiny_lm(root, vocab_size=512, n_positions=64, train_steps=150, documents=400, max_length=32,
+                     progress=progress)  # fmt: skip
+    draft = text_demo_config(out)
+    n_train = len(make_task(draft.task, draft.model).examples("train"))
+    config = text_demo_config(out, n_train)
+    save_config(config, root / "config.yaml")
+    store = build_store(config, config.store.path, progress=progress)
+    gt_root = run_groundtruth(config, progress=progress)
+    return evaluate(
+        store,
+        gt_root,
+        methods=TEXT_METHODS,
+        out=root / "evaluation",
+        path="projected",
+        progress=progress,
+        metrics=("cosine", "lds"),
+    )
+
+
 def run_quickstart(
     output: str = "runs/quickstart",
     datasets: list[str] | None = None,
@@ -92,7 +174,16 @@ def run_quickstart(
     summaries = {}
     began = time.perf_counter()
     with ray_session(address, num_cpus=2):
+        unknown = sorted(set(datasets or []) - set(QUICKSTART) - {TEXT_DEMO})
+        if unknown:
+            raise ConfigError(f"unknown quickstart data set(s) {unknown}: choose from {[*QUICKSTART, TEXT_DEMO]}")
         for name in datasets or list(QUICKSTART):
+            if name == TEXT_DEMO:
+                print(f"\n== {name}: demo LM, factored store, text gold standard (subtract, AdamW), evaluation ==")
+                results = summaries[name] = run_text_demo(out, progress)
+                print(_table(results))
+                print(f"report: {out / TEXT_DEMO / 'evaluation' / 'report.md'}")
+                continue
             config = quickstart_config(name, out)
             root = out / name
             root.mkdir(parents=True, exist_ok=True)
