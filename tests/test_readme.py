@@ -20,7 +20,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_demo_command_installs_torch_first_and_uses_shipped_config():
     demo, _ = readme_commands()
-    assert demo.index("torch==2.13.0") < demo.index("pip install -e .")
+    assert demo.index("torch==2.13.0") < demo.index("pip install -e ")
     for config in re.findall(r"--config (\S+)", demo):
         assert (ROOT / config).is_file()
 

@@ -234,14 +234,14 @@ def make_parser() -> argparse.ArgumentParser:
         commands.cmd_quickstart,
         "the whole method end to end on embedded data sets",
         "Train, build a store with Ray, run the gold standard and every method, evaluate, and write "
-        "reports (diabetes and breast_cancer, a few minutes).",
+        "reports (diabetes, breast_cancer and a demo language model; about 13 minutes on 2 cores).",
     )
     quick.add_argument("--output", default="runs/quickstart", help="output directory")
     quick.add_argument(
         "--datasets",
         default=None,
-        help="comma-separated subset of diabetes,breast_cancer,text-demo (default: diabetes,breast_cancer; "
-        "text-demo: the demo LM on Python's docstrings in the paper's text setting, about 10 more minutes)",
+        help="comma-separated subset of diabetes,breast_cancer,text-demo (default: all three; text-demo: the "
+        "demo LM on Python's docstrings in the paper's text setting)",
     )
     _address(quick)
     _quiet(quick)
