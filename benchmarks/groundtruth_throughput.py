@@ -7,6 +7,8 @@ Figures (one per line):
     (a DataLoader with a seeded leave-one-out sampler, torch.optim.SGD, per-epoch test losses), same model
     (diabetes, MLP d-128-128-1), data, optimizer and schedule, batch 128;
   - the engine's FLOP rate (6 x params x batch per replica-step) / a raw torch.mm's FLOP rate;
+  - the LDS job's cost per subset (half the training rows left out) / one gold-standard replica (one row left
+    out), same engine, seeds and schedule, in delete and subtract coupling;
   - Ray pool: 2 workers x 1 thread vs 1 worker x 1 thread, and 1 worker x 2 threads.
 """
 
@@ -101,6 +103,29 @@ def pool_seconds(work: Path, workers: int, threads: int, name: str) -> float:
     return time.perf_counter() - began
 
 
+def lds_cost(task, model, train, test, epochs: int, count: int) -> None:
+    """Seconds per LDS subset replica / seconds per leave-one-out replica, both couplings."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = list(range(count))
+    subsets = [tuple(rng.choice(len(train), len(train) // 2, replace=False).tolist()) for _ in range(count)]
+    for coupling in ("delete", "subtract"):
+        cfg = GroundTruthConfig(epochs=epochs, lr=0.003, coupling=coupling)
+        trainer = ReplicaTrainer(model, task, cfg, train, test)
+        trainer.run([0], rows[:4])  # warm-up
+        began = time.perf_counter()
+        trainer.run([0], rows)
+        single = time.perf_counter() - began
+        began = time.perf_counter()
+        trainer.run([0], subsets)
+        halves = time.perf_counter() - began
+        print(
+            f"LDS subset (half the rows left out) / gold-standard replica, {coupling}, {count} replicas each: "
+            f"{halves / single:.2f} ({halves:.1f} s vs {single:.1f} s)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, default=200)
@@ -130,6 +155,7 @@ def main() -> None:
         f"engine FLOP rate / raw torch.mm FLOP rate (1 thread): {engine_flops / mm_flops():.2f} "
         f"({engine_flops / 1e9:.1f} GFLOP/s counted as 6 x {params:,} params x {cfg.batch_size} per replica-step)"
     )
+    lds_cost(task, model, train, test, args.epochs, len(left))
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
