@@ -199,8 +199,8 @@ class GroundTruthConfig:
     seed_block: int = 10  # a unit of work: seed_block seeds x left_out_block rows
     left_out_block: int = 50
     max_replicas: int = 4096  # replicas trained together in one vmapped group (1: one at a time)
-    # vectorised: replicas stacked and trained together (torch.func); sequential: one at a time with torch.optim
-    # (models too large to stack); auto: vectorised up to 10M parameters
+    # vectorised: replicas stacked and trained together (torch.func); sequential: one at a time with torch.optim;
+    # auto: vectorised for feature-vector models up to 10M parameters, sequential for token sequences
     execution: Literal["auto", "vectorised", "sequential"] = "auto"
     workers: int = 2
     threads_per_worker: int = 1  # CPUs (and torch threads) per unit task
