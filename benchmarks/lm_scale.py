@@ -25,18 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from text_throughput import train_and_build_seconds  # benchmarks/ is on the path when run as a script
 
 LENGTH = 512
-
-
-def best_seconds(fn, repeats: int = 2) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return min(times)
 
 
 def sentences() -> list[str]:
@@ -105,17 +96,7 @@ def gpt2_small(work: Path) -> None:
     batches = [train.slice(i * 2, i * 2 + 2) for i in range(2)]
     assert all(b.inputs.shape[-1] == LENGTH for b in batches), "documents shorter than 512 tokens"
     tokens = sum(int(b.inputs[:, 1].sum()) for b in batches)
-
-    def training_steps():
-        for b in batches:
-            model.zero_grad(set_to_none=True)
-            task.per_example_loss(model(b.inputs), b.targets).sum().backward()
-
-    def build():
-        for b in batches:
-            computer(b.inputs, b.targets)
-
-    t_train, t_build = best_seconds(training_steps), best_seconds(build)
+    t_train, t_build = train_and_build_seconds(task, model, computer, batches, repeats=2)
     print(
         f"GPT-2-small shape ({params / 1e6:.0f}M parameters, {len(computer.modules)} modules auto, 2 x {LENGTH} "
         f"tokens, 2 threads): build/train-step tokens/s = {t_train / t_build:.3f} "

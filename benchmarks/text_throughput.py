@@ -106,6 +106,13 @@ def build_vs_training_step(config) -> tuple[float, float, float]:
     batches = [train.slice(i * BATCH, (i + 1) * BATCH) for i in range(6)]
     assert all(tuple(b.inputs.shape) == (BATCH, 2, LENGTH) for b in batches), "documents shorter than 128 tokens"
     tokens = sum(int(b.inputs[:, 1].sum()) for b in batches)
+    t_train, t_build = train_and_build_seconds(task, model, computer, batches)
+    return (tokens / t_build) / (tokens / t_train), tokens / t_build, tokens / t_train
+
+
+def train_and_build_seconds(task, model, computer, batches, repeats: int = 3) -> tuple[float, float]:
+    """Best seconds over `batches` of plain training steps (forward + backward of the summed loss, every weight
+    gradient) and of the store's gradient computer."""
 
     def training_steps():
         for b in batches:
@@ -116,8 +123,7 @@ def build_vs_training_step(config) -> tuple[float, float, float]:
         for b in batches:
             computer(b.inputs, b.targets)
 
-    t_train, t_build = best_seconds(training_steps), best_seconds(build)
-    return (tokens / t_build) / (tokens / t_train), tokens / t_build, tokens / t_train
+    return best_seconds(training_steps, repeats), best_seconds(build, repeats)
 
 
 def query_vs_forward_backward(store, config, n_prompts: int = 100) -> dict:
