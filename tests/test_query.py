@@ -17,6 +17,7 @@ from tdastore.cli import main as cli_main
 from tdastore.distributed.build import build_store
 from tdastore.errors import ConfigError, DataError, StoreError
 from tdastore.grads.projection import make_projector
+from tdastore.precond.projected.cache import operator_key
 from tdastore.tasks import TabularTask
 from tdastore.training import load_model
 
@@ -263,6 +264,11 @@ def test_cli_index_and_query(built, tmp_path, capsys):
     assert cli_main(["query", str(store.root), "--method", "nope", "--split", "test"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert cli_main(["query", str(store.root)]) == 2
+    capsys.readouterr()
+    assert cli_main(["info", str(store.root)]) == 0  # the store lists what was fitted and indexed beside it
+    shown = capsys.readouterr().out
+    assert f"operator     {operator_key('fisher', config.attribution)}: fisher (damping_factor=10.0)" in shown
+    assert "index        if_gn-hnsw in indexes/if_gn-hnsw (operator fisher-" in shown
 
 
 def test_every_method_row_points_at_registered_operators():

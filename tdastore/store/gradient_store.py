@@ -134,6 +134,11 @@ class GradientStore:
                 f"{s.get('workers')} workers"
                 + (f", padding {s['padding_fraction']:.1%} of batch tokens" if s.get("padding_fraction") else "")
             )
+        for key, entry in sorted(m.get("preconditioners", {}).items()):  # fitted operators, cached in the store
+            params = ", ".join(f"{k}={v}" for k, v in entry.get("params", {}).items())
+            lines.append(f"operator     {key}: {entry.get('operator', '?')}" + (f" ({params})" if params else ""))
+        for key, entry in sorted(m.get("indexes", {}).items()):  # FAISS indexes beside the store
+            lines.append(f"index        {key} in {entry.get('directory')} (operator {entry.get('operator')})")
         if self.manifest["status"] == "complete":
             loss = np.asarray(self.meta.column("loss"))
             norm = np.asarray(self.meta.column("grad_norm"))
