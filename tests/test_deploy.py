@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tdastore.cli import make_parser
+
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
 
@@ -49,16 +51,27 @@ def test_kuberay_manifests():
             assert doc["apiVersion"] == "ray.io/v1"
             found = set(images(doc))
             assert found == {image_tag()}, (name, found)
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+            gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert gpu["nvidia.com/gpu"] == 1 and groups["gpu"]["rayStartParams"]["num-gpus"] == "1"
         if doc["kind"] == "RayJob":
-            words = shlex.split(doc["spec"]["entrypoint"])
-            assert words[0] == "python" and (ROOT / words[1]).is_file(), words
-            config = words[words.index("--config") + 1]
-            assert (ROOT / config).is_file()
-            import tdastore
+            for part in doc["spec"]["entrypoint"].split("&&"):  # the documented route: tdastore <command>
+                words = shlex.split(part)
+                assert words[0] == "tdastore", words
+                args = make_parser().parse_args(words[1:])  # a real command with real flags
+                config = ROOT / args.config
+                import tdastore
 
-            tdastore.load_config(ROOT / config)
+                loaded = tdastore.load_config(config)
+                assert loaded.store.path.startswith("/mnt/shared/")  # every node sees the shared volume
             assert yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["working_dir"]
-    assert set(kinds) >= {"RayCluster", "RayJob", "PersistentVolumeClaim"}
+        if doc["kind"] == "Kustomization":  # the image as a parameter
+            assert all((DEPLOY / "kuberay" / r).is_file() for r in doc["resources"])
+            (image,) = doc["images"]
+            assert f"{image['newName']}:{image['newTag']}" == image_tag()
+    assert set(kinds) >= {"RayCluster", "RayJob", "PersistentVolumeClaim", "Kustomization"}
     assert len(kinds["RayJob"]) == 2
 
 
@@ -68,6 +81,7 @@ def test_cluster_launcher_yaml_passes_rays_validation():
     config = yaml.safe_load((DEPLOY / "cluster-aws.yaml").read_text())
     validate_config(prepare_config(config))
     assert config["docker"]["image"] == image_tag()
+    assert config["available_node_types"]["ray.worker.gpu"]["resources"] == {"GPU": 1}
     broken = {**config, "head_node_type": "ray.head.missing"}
     with pytest.raises(ValueError):
         validate_config(prepare_config(broken))

@@ -14,7 +14,8 @@ import ray
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Reuse a running Ray session, join `address` (or RAY_ADDRESS), or start a local cluster.
 
-    Only a cluster started here is shut down on exit. A local cluster stays on loopback.
+    Only a cluster started here is shut down on exit. A local cluster stays on loopback, with its dashboard on
+    127.0.0.1:8265; workers' output (warnings, errors) is shown in this process, as a user expects.
     """
     if ray.is_initialized():
         yield
@@ -23,13 +24,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         # workers on other nodes receive the package itself (merged with a submitted job's working_dir)
         package = str(Path(__file__).resolve().parents[1])  # the tdastore package directory
-        ray.init(address=address, log_to_driver=False, runtime_env={"py_modules": [package]})
+        ray.init(address=address, log_to_driver=True, runtime_env={"py_modules": [package]})
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # node IP 127.0.0.1: traffic on loopback
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
             _node_ip_address="127.0.0.1",
         )
     try:
