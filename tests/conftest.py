@@ -7,8 +7,15 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's node IP becomes 127.0.0.1
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test cluster: no token needed
 os.environ.setdefault("TQDM_DISABLE", "1")
+# the local S3 endpoint of tests/test_s3.py (moto's server), set before any Ray worker starts so they inherit it
+os.environ.setdefault("AWS_ENDPOINT_URL", "http://127.0.0.1:39517")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 import pytest
+
+S3_PORT = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="session")

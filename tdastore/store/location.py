@@ -101,7 +101,8 @@ def store_path(location: str | Path | RemotePath) -> StorePath:
     protocol = text.split("://", 1)[0]
     if protocol == "file":
         return Path(text[len("file://") :])
-    fs, path = fsspec.core.url_to_fs(text)
+    # no listing cache: other nodes write shards and markers this process must see when it lists them
+    fs, path = fsspec.core.url_to_fs(text, use_listings_cache=False)
     return RemotePath(fs, path, protocol)
 
 
@@ -116,8 +117,11 @@ def zarr_store(path: StorePath, read_only: bool = False):
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
     from zarr.storage import FsspecStore
 
-    fs = path.fs if getattr(path.fs, "async_impl", False) else AsyncFileSystemWrapper(path.fs, asynchronous=True)
-    return FsspecStore(fs, path=path.path, read_only=read_only)
+    if getattr(path.fs, "async_impl", False):
+        # s3fs / gcsfs: zarr runs its own event loop, so it needs an instance made for asynchronous use there
+        # (sharing the synchronous one fails with "attached to a different loop")
+        return FsspecStore.from_url(str(path), storage_options=path.fs.storage_options, read_only=read_only)
+    return FsspecStore(AsyncFileSystemWrapper(path.fs, asynchronous=True), path=path.path, read_only=read_only)
 
 
 def read_parquet(path: StorePath):
