@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's node IP becomes 127.0.0.1
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test cluster: no token needed
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TDASTORE_CACHE", os.path.join(tempfile.gettempdir(), "tdastore-test-cache"))  # index downloads
 # the local S3 endpoint of tests/test_s3.py (moto's server), set before any Ray worker starts so they inherit it
 os.environ.setdefault("AWS_ENDPOINT_URL", "http://127.0.0.1:39517")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

@@ -61,13 +61,15 @@ def test_memory_uri_store_reads_back_equal(ray_cluster, tmp_path, config):
         remote = tdastore.open_store(uri)
         np.testing.assert_array_equal(remote.read_rows(), local.read_rows())
         assert remote.meta.equals(local.meta)
-        # queries stream from the remote store (operators are fitted per process there)
+        # queries stream from the remote store; its fitted operator and index are saved there too
         a = tdastore.query(remote, "if_gn", split="test", top_k=5)
         b = tdastore.query(local, "if_gn", split="test", top_k=5)
         np.testing.assert_array_equal(a.column("train_id").to_numpy(), b.column("train_id").to_numpy())
         np.testing.assert_allclose(a.column("score").to_numpy(), b.column("score").to_numpy(), rtol=1e-5)
-        with pytest.raises(StoreError, match="indexes are written beside local stores only"):
-            tdastore.query(remote, "grad_dot", split="test", kind="flat")
+        flat = tdastore.query(remote, "grad_dot", split="test", kind="flat")
+        assert fs.exists("/tdastore-test/store/indexes/grad_dot-flat/index.json")
+        streamed = tdastore.query(local, "grad_dot", split="test")
+        np.testing.assert_array_equal(flat.column("train_id").to_numpy(), streamed.column("train_id").to_numpy())
         with pytest.raises(StoreError, match="built with a different setup"):
             write_in_process(small_config(tmp_path, projection={"kind": "gaussian", "dim": 16}), uri)
     finally:

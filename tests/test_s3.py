@@ -25,9 +25,15 @@ def s3():
     server.stop()
 
 
+def entry_key(store) -> str:
+    (key,) = store.manifest["preconditioners"]
+    return key
+
+
 def test_build_query_resume_and_lease_on_s3(ray_cluster, s3, tmp_path):
-    """A Ray build straight into s3:// equals a local build byte for byte and answers the same queries; a build
-    killed half-way on S3 resumes to the same store; a second writer on the same URI is refused, nothing lost."""
+    """A Ray build straight into s3:// equals a local build byte for byte and answers the same queries (streamed,
+    and from a FAISS index saved on S3 with the fitted operator); a build killed half-way on S3 resumes to the
+    same store; a second writer on the same URI is refused, nothing lost."""
     config = small_config(tmp_path, projection={"kind": "gaussian", "dim": 32})
     tdastore.train(config, progress=False)
     local = build_store(config, tmp_path / "local", progress=False)
@@ -41,6 +47,22 @@ def test_build_query_resume_and_lease_on_s3(ray_cluster, s3, tmp_path):
         tdastore.query(remote, "if_gn", split="test", top_k=5).column("train_row").to_numpy(),
         tdastore.query(local, "if_gn", split="test", top_k=5).column("train_row").to_numpy(),
     )
+
+    # the fitted operator and a FAISS index live beside the store on S3, and are loaded from there next time
+    on_s3 = tdastore.query(remote, "if_gn", split="test", top_k=5, kind="flat")
+    on_disk = tdastore.query(local, "if_gn", split="test", top_k=5, kind="flat")
+    np.testing.assert_array_equal(on_s3.column("train_row").to_numpy(), on_disk.column("train_row").to_numpy())
+    np.testing.assert_allclose(on_s3.column("score").to_numpy(), on_disk.column("score").to_numpy(), rtol=1e-5)
+    reopened = tdastore.open_store(uri)
+    (entry,) = reopened.manifest["preconditioners"].values()
+    assert (reopened.root / entry["file"]).is_file() and (
+        reopened.root / "indexes" / "if_gn-flat" / "index.json"
+    ).is_file()
+    assert "index        if_gn-flat" in reopened.summary()
+    again = tdastore.Attributor(reopened, "if_gn", kind="flat")  # loaded, not refitted or rebuilt
+    assert again.index.description["operator"] == entry_key(reopened)
+    np.testing.assert_array_equal(again.top_k(split="test", k=5).column("train_row").to_numpy(),
+                                  on_disk.column("train_row").to_numpy())  # fmt: skip
 
     killed = f"{s3}/killed"
     with pytest.raises(StoreError):

@@ -7,6 +7,7 @@ settings): an index that matches is reused, never rebuilt; one that does not is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,7 +22,8 @@ from tqdm import tqdm
 from tdastore.atomic import temporary_name
 from tdastore.config import IndexConfig
 from tdastore.errors import ConfigError, StoreError
-from tdastore.store.manifest import write_json_atomic
+from tdastore.store.location import writable
+from tdastore.store.manifest import write_bytes_atomic, write_json_atomic
 
 INDEX_DIR = "indexes"
 
@@ -102,7 +104,7 @@ class IndexHandle:
         reduced = self.description["kind"] in L2_REDUCED
         for start, stop, name, max_norm in self.shards:
             if name not in self.loaded:
-                self.loaded[name] = on_search_device(faiss.read_index(str(self.directory / name)), self.device)
+                self.loaded[name] = on_search_device(read_shard(self.directory / name, self.description), self.device)
             index = self.loaded[name]
             k = min(top_k, stop - start)
             if reduced:
@@ -118,6 +120,19 @@ class IndexHandle:
             all_scores.append(scores)
             all_rows.append(np.where(rows >= 0, rows + start, -1))
         return merge_top_k(np.concatenate(all_scores, 1), np.concatenate(all_rows, 1), top_k)
+
+
+def read_shard(path, description: dict) -> faiss.Index:
+    """An index shard: read in place locally; from object storage, downloaded once per node into a local cache
+    keyed by the index's description and the shard's name (a rebuilt index has another key)."""
+    if isinstance(path, Path):
+        return faiss.read_index(str(path))
+    key = hashlib.sha256(json.dumps([description, str(path)], sort_keys=True).encode()).hexdigest()[:24]
+    cache = Path(os.environ.get("TDASTORE_CACHE", Path.home() / ".cache" / "tdastore")) / "indexes" / f"{key}.faiss"
+    if not cache.is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(cache, path.read_bytes())
+    return faiss.read_index(str(cache))
 
 
 def faiss_gpus() -> int:
@@ -157,11 +172,6 @@ def build_index(
     store, method, operator, operator_key: str, kind: str, config: IndexConfig, progress: bool = True
 ) -> IndexHandle:
     """Transform every row with the operator (and normalise for cosine), add them to FAISS, shard by shard."""
-    if not isinstance(store.root, Path):
-        raise StoreError(
-            f"FAISS indexes are written beside local stores only, and '{store.root}' is an object-store URI: "
-            "query without an index kind (streamed exact scoring), or copy the store to a local directory"
-        )
     directory = store.root / INDEX_DIR / f"{method.name}-{kind}"
     description = {
         "method": method.name,
@@ -194,10 +204,12 @@ def build_index(
             index.train(rows)
         index.add(rows)
         name = f"shard-{number:04d}.faiss"
-        if persist:
+        if persist and isinstance(directory, Path):
             tmp = temporary_name(directory / name)
             faiss.write_index(index, str(tmp))
             tmp.replace(directory / name)
+        elif persist:  # object storage: one put of the serialised index
+            write_bytes_atomic(directory / name, faiss.serialize_index(index).tobytes())
         else:
             loaded[name] = index
         shards.append((start, stop, name, max_norm))
@@ -211,14 +223,9 @@ def build_index(
     store.register(
         "indexes",
         f"{method.name}-{kind}",
-        {"directory": str(directory.relative_to(store.root)), "operator": operator_key},
+        {"directory": f"{INDEX_DIR}/{method.name}-{kind}", "operator": operator_key},
     )
     return IndexHandle(directory, _without_build_facts(description), shards)
-
-
-def writable(root) -> bool:
-    """Whether derived artefacts (indexes, fitted operators) may be saved beside this store."""
-    return isinstance(root, Path) and os.access(root, os.W_OK)
 
 
 def transformed_rows(store, operator, method, start: int, stop: int) -> np.ndarray:
@@ -247,8 +254,6 @@ def _without_build_facts(description: dict) -> dict:
 
 
 def load_index(store, method_name: str, kind: str) -> IndexHandle | None:
-    if not isinstance(store.root, Path):
-        return None
     directory = store.root / INDEX_DIR / f"{method_name}-{kind}"
     path = directory / "index.json"
     if not path.is_file():

@@ -9,6 +9,7 @@ single object put is atomic, which is what the shard markers and the manifest re
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +109,12 @@ def store_path(location: str | Path | RemotePath) -> StorePath:
 
 def is_local(path: StorePath) -> bool:
     return isinstance(path, Path)
+
+
+def writable(root: StorePath) -> bool:
+    """Whether derived artefacts (fitted operators, indexes) may be saved beside a store: a local directory this
+    process may write, or object storage (written with single puts)."""
+    return os.access(root, os.W_OK) if is_local(root) else True
 
 
 def zarr_store(path: StorePath, read_only: bool = False):

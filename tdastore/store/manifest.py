@@ -34,6 +34,19 @@ def write_json_atomic(path, payload: Any) -> None:
     tmp.replace(path)
 
 
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Bytes to `path` so that no reader sees half of them: `.part` + fsync + rename locally, one put remotely."""
+    if not isinstance(path, Path):
+        path.write_bytes(data)
+        return
+    tmp = temporary_name(path)
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
 def read_manifest(root) -> dict:
     """The manifest of the store at `root`, or a StoreError saying why it is not a usable store."""
     if not root.exists():

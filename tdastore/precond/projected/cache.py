@@ -3,7 +3,6 @@ the operator and the settings it depends on, so a second query with the same set
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from tdastore.config import AttributionConfig
 from tdastore.errors import StoreError
 from tdastore.precond.projected.spectral import SpectralOperator
 from tdastore.precond.registry import FitInputs, operator_class
+from tdastore.store.location import writable
 
 PRECOND_DIR = "precond"
 
@@ -32,8 +32,7 @@ def fit_or_load(name: str, inputs: FitInputs) -> SpectralOperator:
     operator = cls()
     operator.check_size(store, config)
     fitted = operator.fit(inputs)
-    if name != "identity" and isinstance(store.root, Path) and os.access(store.root, os.W_OK):
-        # object-store and read-only stores: fitted per process, not cached
+    if name != "identity" and writable(store.root):  # read-only local stores: fitted per process, not cached
         folder = store.root / PRECOND_DIR
         folder.mkdir(exist_ok=True)
         fitted.save(folder / f"{key}.npz")

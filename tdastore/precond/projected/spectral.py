@@ -6,13 +6,14 @@ inverse-Hessian query becomes a plain inner-product search over transformed rows
 
 from __future__ import annotations
 
-import uuid
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tdastore.precond.layers import layer_groups
+from tdastore.store.manifest import write_bytes_atomic
 
 
 @dataclass
@@ -61,13 +62,13 @@ class SpectralOperator:
             arrays[f"values_{i}"] = b.values
             if b.basis is not None:
                 arrays[f"basis_{i}"] = b.basis
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.part.npz")  # np.savez keeps a .npz suffix
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_bytes_atomic(path, buffer.getvalue())  # a local directory or object storage
 
     @classmethod
     def load(cls, path: Path, name: str, info: dict) -> SpectralOperator:
-        with np.load(path) as data:
+        with np.load(io.BytesIO(path.read_bytes())) as data:
             blocks, i = [], 0
             while f"range_{i}" in data:
                 start, stop = data[f"range_{i}"]
