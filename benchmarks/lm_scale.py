@@ -10,7 +10,7 @@
 3. 1,000 prompts scored (top-10 and the full score matrix) against a 20,000-document store by 2 Ray actors
    vs 1 (the same Ray session, actor start-up included).
 
-    python benchmarks/lm_scale.py [--skip-gpt2-small]
+    python benchmarks/lm_scale.py [--parts queries,kfac,gpt2]
 """
 
 from __future__ import annotations
@@ -211,16 +211,21 @@ def queries_on_ray(work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip-gpt2-small", action="store_true", help="the two smaller measurements only")
+    parser.add_argument(
+        "--parts", default="queries,kfac,gpt2", help="comma-separated subset of queries, kfac, gpt2 (the slowest)"
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     from tdastore.tasks.text import quiet_hugging_face
 
     quiet_hugging_face()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        queries_on_ray(work)
-        demo_lm_kfac(work)
-        if not args.skip_gpt2_small:
+        if "queries" in parts:
+            queries_on_ray(work)
+        if "kfac" in parts:
+            demo_lm_kfac(work)
+        if "gpt2" in parts:
             gpt2_small(work)
 
 

@@ -81,6 +81,7 @@ class Attributor:
         self.workers, self.ray_min_inputs, self.threads, self.address = workers, ray_min_inputs, threads, address
         self._scoring_actors: list = []  # Ray actors kept between calls while the caller's Ray session lives
         self.score_chunks = (256, 8192)  # score-matrix chunks (test inputs, train rows): a Ray unit's input block
+        self.read_ahead = True  # decode the next store block in a thread (Ray actors of one CPU turn it off)
         self.method: Method = get_method(method)
         if self.method.further_training:
             raise ConfigError(
@@ -203,7 +204,9 @@ class Attributor:
                 yield first, (side @ rows.T).cpu()  # [m, b]
             self.info.update({k: v for k, v in self.exact.info.items() if isinstance(v, (int, float, str))})
         else:
-            yield from projected_score_blocks(self.store, self.operator, self.method, side, start=start, stop=stop)
+            yield from projected_score_blocks(
+                self.store, self.operator, self.method, side, start=start, stop=stop, read_ahead=self.read_ahead
+            )
 
     def score_blocks(self, test: Examples) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, scores [m, b]) over the whole store in order (see `range_blocks`)."""
@@ -277,14 +280,21 @@ class Attributor:
 
 
 def projected_score_blocks(
-    store, operator, method: Method, queries: np.ndarray, block_rows: int = 8192, start: int = 0, stop=None
+    store,
+    operator,
+    method: Method,
+    queries: np.ndarray,
+    block_rows: int = 8192,
+    start: int = 0,
+    stop=None,
+    read_ahead: bool = True,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Score blocks [m, b] = queries . transformed store rows, streamed over rows [start, stop). Each block is a
     view of one reused buffer (fresh 30 MB results would page-fault on every block): use it before the next."""
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
     stop = store.n_rows if stop is None else stop
     if (start, stop) == (0, store.n_rows):
-        blocks = store.iter_blocks(block_rows)
+        blocks = store.iter_blocks(block_rows, prefetch=read_ahead)
     else:
         blocks = ((s, store.read_rows(s, min(s + block_rows, stop))) for s in range(start, stop, block_rows))
     buffer = None

@@ -55,6 +55,7 @@ class ScoringWorker:
         """make: the Attributor class (handed in: the attributor module imports this one)."""
         torch.set_num_threads(max(1, threads))
         self.attributor = make(open_store(root), method, sections, task=task)
+        self.attributor.read_ahead = threads > 1  # a read-ahead thread would take a CPU Ray gave another actor
         self._block: tuple | None = None  # ((call, input block), its test side), kept for the next unit
         self._matrix: tuple | None = None  # (path, the open Zarr array)
 
