@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from tdastore.groundtruth.lds import lds_root, read_lds, read_lds_manifest, run_
 from tdastore.groundtruth.pool import read_groundtruth_manifest
 from tdastore.methods import get_method
 from tdastore.store.lease import Lease
+from tdastore.store.location import store_path, zarr_store
+from tdastore.store.manifest import write_bytes_atomic
 
 DEFAULT_METHODS = [
     "grad_dot",
@@ -62,7 +65,7 @@ class GoldStandard:
 
 def load_gold(store, groundtruth: str | Path) -> GoldStandard:
     """Read a complete ground truth of the same task and model as `store`."""
-    gt_root = Path(groundtruth)
+    gt_root = store_path(groundtruth)
     manifest = read_groundtruth_manifest(gt_root)
     for key in ("task", "model"):
         if manifest[key]["fingerprint"] != store.manifest[key]["fingerprint"]:
@@ -73,8 +76,8 @@ def load_gold(store, groundtruth: str | Path) -> GoldStandard:
             )
     if manifest.get("status") != "complete":
         raise StoreError(f"ground truth '{gt_root}' is incomplete: rerun `tdastore ground-truth` to finish it")
-    loo = zarr.open_array(str(gt_root / "loo.zarr"), mode="r")[:]
-    full = zarr.open_array(str(gt_root / "full.zarr"), mode="r")[:]
+    loo = zarr.open_array(store=zarr_store(gt_root / "loo.zarr"), mode="r")[:]
+    full = zarr.open_array(store=zarr_store(gt_root / "full.zarr"), mode="r")[:]
     return GoldStandard(gt_root, manifest, loo, full, gold_vectors(loo, full), np.asarray(manifest["left_out"]))
 
 
@@ -109,9 +112,9 @@ def evaluate(
 
     if out is None:
         return run()
-    with Lease(Path(out), "evaluation"):  # one evaluation writes into `out` at a time
+    with Lease(store_path(out), "evaluation"):  # one evaluation writes into `out` at a time
         results = run()
-        write_results(results, Path(out))
+        write_results(results, out)
     return results
 
 
@@ -232,12 +235,21 @@ def score_methods(
     return results
 
 
-def write_results(results: dict, out: Path) -> None:
-    """results.json, the PNG plots and report.md in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    write_plots(results, out)
-    write_report(results, out)
+def write_results(results: dict, out) -> None:
+    """results.json, the PNG plots and report.md in `out` (a directory or an object-store URI: written locally
+    first, then one put per file)."""
+    target = store_path(out)
+    if not isinstance(target, Path):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_results(results, Path(tmp))
+            target.mkdir(parents=True, exist_ok=True)
+            for file in sorted(Path(tmp).iterdir()):
+                write_bytes_atomic(target / file.name, file.read_bytes())
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "results.json").write_text(json.dumps(results, indent=1))
+    write_plots(results, target)
+    write_report(results, target)
 
 
 def metagrad_scores(

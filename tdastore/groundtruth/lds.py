@@ -36,6 +36,7 @@ from tdastore.groundtruth.pool import (
 )
 from tdastore.groundtruth.sequential import SequentialTrainer, make_trainer
 from tdastore.store.job_store import mark_done, open_job, read_job_manifest, writing
+from tdastore.store.location import store_path, zarr_store
 from tdastore.store.manifest import SCHEMA_VERSION
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Task
@@ -46,7 +47,7 @@ LDS_KIND = "lds"
 
 
 def lds_root(groundtruth: str | Path, coupling: str) -> Path:
-    return Path(groundtruth) / f"lds-{coupling}"
+    return store_path(groundtruth) / f"lds-{coupling}"
 
 
 def draw_subsets(n_train: int, count: int, fraction: float, seed: int) -> list[list[int]]:
@@ -84,7 +85,9 @@ def prepare_lds(config: Config, groundtruth: Path, task: Task | None = None) -> 
             ("subsets.zarr", (n_eval, n_test, m, seeds), (n_eval, n_test, min(lds.subset_block, m), seed_block)),
             ("full.zarr", (n_eval, n_test, seeds), (n_eval, n_test, seed_block)),
         ):
-            zarr.create_array(store=str(root / name), shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan)
+            zarr.create_array(
+                store=zarr_store(root / name), shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan
+            )
         return {
             "schema_version": SCHEMA_VERSION,
             "status": "running",
@@ -131,12 +134,14 @@ def run_lds_unit(trainer: ReplicaTrainer | SequentialTrainer, root: Path, unit: 
         raise StoreError(
             f"further training diverged (NaN/Inf test losses) in LDS unit {unit.name}: lower groundtruth.lr"
         )
-    out = zarr.open_array(str(root / "subsets.zarr"), mode="r+")
+    out = zarr.open_array(store=zarr_store(root / "subsets.zarr"), mode="r+")
     out[:, :, subset_lo : subset_lo + len(subsets), seed_lo : seed_lo + len(seeds)] = values[:, :, :, 1:].transpose(
         0, 1, 3, 2
     )
     if unit.left_block == 0:
-        zarr.open_array(str(root / "full.zarr"), mode="r+")[:, :, seed_lo : seed_lo + len(seeds)] = values[:, :, :, 0]
+        zarr.open_array(store=zarr_store(root / "full.zarr"), mode="r+")[:, :, seed_lo : seed_lo + len(seeds)] = values[
+            :, :, :, 0
+        ]
     mark_done(root / "units", unit.name, {"unit": unit.name, "seconds": time.perf_counter() - began})
     return time.perf_counter() - began
 
@@ -148,7 +153,7 @@ class LdsWorker:
     def __init__(self, gt_config_dict: dict, root: str, manifest: dict, threads: int, task=None):
         torch.set_num_threads(threads)
         gt_config = load_config(gt_config_dict)
-        self.root, self.manifest = Path(root), manifest
+        self.root, self.manifest = store_path(root), manifest
         task = resolve_task(gt_config.task, gt_config.model, task)
         model = load_model(gt_config, task)
         check_fingerprint(model, manifest, self.root)
@@ -204,6 +209,6 @@ def read_lds(root: Path) -> tuple[np.ndarray, dict]:
     manifest = read_lds_manifest(root)
     if manifest.get("status") != "complete":
         raise StoreError(f"LDS store '{root}' is incomplete: rerun `tdastore lds` to finish it")
-    subsets = zarr.open_array(str(root / "subsets.zarr"), mode="r")[:].astype(np.float64)  # [E, T, M, S]
-    full = zarr.open_array(str(root / "full.zarr"), mode="r")[:].astype(np.float64)  # [E, T, S]
+    subsets = zarr.open_array(store=zarr_store(root / "subsets.zarr"), mode="r")[:].astype(np.float64)  # [E, T, M, S]
+    full = zarr.open_array(store=zarr_store(root / "full.zarr"), mode="r")[:].astype(np.float64)  # [E, T, S]
     return (subsets - full[:, :, None, :]).mean(-1), manifest

@@ -28,6 +28,7 @@ from tdastore.errors import StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
 from tdastore.groundtruth.pool import check_fingerprint, finished_groundtruth, read_groundtruth_manifest, run_job_units
 from tdastore.store.job_store import mark_done, open_job, read_job_manifest, writing
+from tdastore.store.location import absolute, store_path, zarr_store
 from tdastore.store.manifest import SCHEMA_VERSION
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Task
@@ -48,7 +49,7 @@ class MetagradUnit:
 
 
 def metagrad_root(groundtruth: str | Path, coupling: str) -> Path:
-    return Path(groundtruth) / f"metagrad-{coupling}"
+    return store_path(groundtruth) / f"metagrad-{coupling}"
 
 
 def _plan(n_seeds: int, n_test: int, seed_block: int, test_block: int | None) -> list[MetagradUnit]:
@@ -58,7 +59,7 @@ def _plan(n_seeds: int, n_test: int, seed_block: int, test_block: int | None) ->
 
 def prepare_metagrad(config: Config, groundtruth: str | Path, task: Task | None = None) -> tuple[Path, dict, Config]:
     """Create (or reopen, after checking it is the same job) the metagradient store of a ground truth."""
-    gt_manifest = read_groundtruth_manifest(Path(groundtruth))
+    gt_manifest = read_groundtruth_manifest(store_path(groundtruth))
     mg = config.metagrad
     gt_config = load_config(gt_manifest["config"])  # the further training that was run
     coupling = mg.coupling or gt_config.groundtruth.coupling
@@ -70,7 +71,7 @@ def prepare_metagrad(config: Config, groundtruth: str | Path, task: Task | None 
         "kind": METAGRAD_KIND,
         "task": gt_manifest["task"],
         "model": gt_manifest["model"],
-        "groundtruth": str(Path(groundtruth).resolve()),
+        "groundtruth": str(absolute(store_path(groundtruth))),
         "coupling": coupling,
         "rows": rows,
         "seeds": seeds,
@@ -83,7 +84,7 @@ def prepare_metagrad(config: Config, groundtruth: str | Path, task: Task | None 
     def create() -> dict:
         (root / "units").mkdir(exist_ok=True)
         zarr.create_array(
-            store=str(root / "scores.zarr"),
+            store=zarr_store(root / "scores.zarr"),
             shape=(n_eval, n_test, len(rows), len(seeds)),
             chunks=(n_eval, min(mg.test_block or n_test, n_test), len(rows), min(mg.seed_block, len(seeds))),
             dtype="float32",
@@ -142,7 +143,7 @@ def run_metagrad_unit(
     scores = np.stack([(-meta.gradients(s, mg.mode)).cpu().numpy() for s in seeds], axis=-1)  # [E, t, R, s]
     if not np.isfinite(scores).all():
         raise StoreError(f"metagradients are not finite in unit {unit.name}: lower groundtruth.lr")
-    out = zarr.open_array(str(root / "scores.zarr"), mode="r+")
+    out = zarr.open_array(store=zarr_store(root / "scores.zarr"), mode="r+")
     out[:, test_lo : test_lo + len(test), :, seed_lo : seed_lo + len(seeds)] = scores
     payload = {"unit": unit.name, "seconds": time.perf_counter() - began, "mode": meta.choose_mode(mg.mode)}
     mark_done(root / "units", unit.name, payload)
@@ -156,7 +157,7 @@ class MetagradWorker:
     def __init__(self, config_dict: dict, gt_config_dict: dict, root: str, manifest: dict, task=None):
         torch.set_num_threads(1)
         self.config, self.gt_config = load_config(config_dict), load_config(gt_config_dict)
-        self.root, self.manifest = Path(root), manifest
+        self.root, self.manifest = store_path(root), manifest
         self.task = resolve_task(self.gt_config.task, self.gt_config.model, task)
         self.model = load_model(self.gt_config, self.task)
         check_fingerprint(self.model, manifest, self.root)
@@ -208,4 +209,4 @@ def read_metagrad_scores(root: Path) -> tuple[np.ndarray, dict]:
     manifest = read_metagrad_manifest(root)
     if manifest.get("status") != "complete":
         raise StoreError(f"metagradient store '{root}' is incomplete: rerun `tdastore metagrad` to finish it")
-    return zarr.open_array(str(root / "scores.zarr"), mode="r")[:].astype(np.float64).mean(-1), manifest
+    return zarr.open_array(store=zarr_store(root / "scores.zarr"), mode="r")[:].astype(np.float64).mean(-1), manifest

@@ -38,6 +38,7 @@ from tdastore.store.job_store import (
     read_job_manifest,
     writing,
 )
+from tdastore.store.location import store_path, zarr_store
 from tdastore.store.manifest import SCHEMA_VERSION, write_json_atomic
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Task, model_fingerprint
@@ -89,7 +90,7 @@ def plan_units(n_seeds: int, n_left: int, seed_block: int, left_block: int) -> l
 def prepare_groundtruth(config: Config, task: Task | None = None) -> tuple[Path, dict]:
     """Create the ground-truth store, or reopen it after checking it is the same job."""
     gt = config.groundtruth
-    root = Path(gt.output)
+    root = store_path(gt.output)
     task = resolve_task(config.task, config.model, task)
     model = load_model(config, task)
     train, test = task.examples("train"), task.examples("test")
@@ -121,14 +122,14 @@ def prepare_groundtruth(config: Config, task: Task | None = None) -> tuple[Path,
         (root / "units").mkdir()
         evals, seeds = len(schedule.eval_steps), gt.seeds
         zarr.create_array(
-            store=str(root / "loo.zarr"),
+            store=zarr_store(root / "loo.zarr"),
             shape=(evals, n_test, len(left), seeds),
             chunks=(evals, n_test, min(gt.left_out_block, len(left)), min(gt.seed_block, seeds)),
             dtype="float32",
             fill_value=np.nan,
         )
         zarr.create_array(
-            store=str(root / "full.zarr"),
+            store=zarr_store(root / "full.zarr"),
             shape=(evals, n_test, seeds),
             chunks=(evals, n_test, min(gt.seed_block, seeds)),
             dtype="float32",
@@ -158,7 +159,7 @@ def prepare_groundtruth(config: Config, task: Task | None = None) -> tuple[Path,
 def finished_groundtruth(groundtruth: str | Path) -> tuple[Path, Config]:
     """A complete ground truth and the config it ran (its further training), for the jobs built on it
     (metagradients, LDS); an unfinished one is a clear error."""
-    root = Path(groundtruth)
+    root = store_path(groundtruth)
     manifest = read_groundtruth_manifest(root)
     if manifest.get("status") != "complete":
         raise StoreError(f"ground truth '{root}' is incomplete: finish `tdastore ground-truth` first")
@@ -185,10 +186,12 @@ def run_unit(
     values = trainer.run(seeds, left).numpy()  # [E, T, s, 1 + l]
     if not np.isfinite(values).all():
         raise StoreError(f"further training diverged (NaN/Inf test losses) in unit {unit.name}: lower groundtruth.lr")
-    loo = zarr.open_array(str(root / "loo.zarr"), mode="r+")
+    loo = zarr.open_array(store=zarr_store(root / "loo.zarr"), mode="r+")
     loo[:, :, left_lo : left_lo + len(left), seed_lo : seed_lo + len(seeds)] = values[:, :, :, 1:].transpose(0, 1, 3, 2)
     if unit.left_block == 0:
-        zarr.open_array(str(root / "full.zarr"), mode="r+")[:, :, seed_lo : seed_lo + len(seeds)] = values[:, :, :, 0]
+        zarr.open_array(store=zarr_store(root / "full.zarr"), mode="r+")[:, :, seed_lo : seed_lo + len(seeds)] = values[
+            :, :, :, 0
+        ]
     mark_done(root / "units", unit.name, {"unit": unit.name, "seconds": time.perf_counter() - began})
     return time.perf_counter() - began
 
@@ -200,7 +203,7 @@ class UnitWorker:
 
     def __init__(self, config_dict: dict, root: str, manifest: dict, threads: int, fault: dict | None, task=None):
         torch.set_num_threads(threads)
-        self.config, self.root, self.manifest, self.fault = load_config(config_dict), Path(root), manifest, fault
+        self.config, self.root, self.manifest, self.fault = load_config(config_dict), store_path(root), manifest, fault
         task = resolve_task(self.config.task, self.config.model, task)
         model = load_model(self.config, task)
         check_fingerprint(model, manifest, self.root)
@@ -226,7 +229,7 @@ def check_fingerprint(model, manifest: dict, root: Path) -> None:
 
 
 def done_units(root: Path) -> set[str]:
-    return done_markers(Path(root) / "units")
+    return done_markers(store_path(root) / "units")
 
 
 def run_groundtruth(
@@ -239,7 +242,7 @@ def run_groundtruth(
 ) -> Path:
     """Run (or resume) the ground-truth job on Ray; returns the store's path. task: a task object (Python API)
     instead of the one the config names."""
-    output = Path(config.groundtruth.output)
+    output = store_path(config.groundtruth.output)
     with writing(output, "ground truth", not_a_groundtruth(output)):
         root, manifest = prepare_groundtruth(config, task)
         gt = config.groundtruth

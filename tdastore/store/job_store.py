@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tdastore.errors import StoreError
 from tdastore.store.lease import LEASE_FILE, Lease
-from tdastore.store.location import StorePath
+from tdastore.store.location import StorePath, store_path
 from tdastore.store.manifest import MANIFEST_FILE, write_json_atomic
 
 DONE = ".done"
@@ -113,7 +113,7 @@ def open_job(
 
 def read_job_manifest(root: Path, kind: str, what: str, command: str) -> dict:
     """The manifest of a job store of `kind`, or an error naming what the directory is and what makes one."""
-    path = Path(root) / MANIFEST_FILE
+    path = store_path(root) / MANIFEST_FILE
     if not path.is_file():
         raise StoreError(f"'{root}' is not a {what} store (no {MANIFEST_FILE}): run `{command}` first")
     manifest = json.loads(path.read_text())

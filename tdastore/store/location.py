@@ -111,6 +111,11 @@ def is_local(path: StorePath) -> bool:
     return isinstance(path, Path)
 
 
+def absolute(path: StorePath) -> StorePath:
+    """A local path made absolute (resolved); a URI as it is."""
+    return path.resolve() if is_local(path) else path
+
+
 def writable(root: StorePath) -> bool:
     """Whether derived artefacts (fitted operators, indexes) may be saved beside a store: a local directory this
     process may write, or object storage (written with single puts)."""
