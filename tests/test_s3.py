@@ -110,3 +110,54 @@ def test_gold_standard_and_evaluation_on_s3(ray_cluster, s3, tmp_path):
     assert results["methods"]["grad_dot"]["cosine"] == expected["methods"]["grad_dot"]["cosine"]
     for name in ("report.md", "results.json", "cosine.png"):
         assert (store_path(f"{s3}/evaluation") / name).is_file()
+
+
+TWO_NODES = """
+import json, sys
+import numpy as np
+import ray
+from ray.cluster_utils import Cluster
+
+import tdastore
+from tdastore.distributed.build import build_store
+
+config_path, uri, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+head = {"num_cpus": 1, "include_dashboard": False, "gcs_server_port": port}
+cluster = Cluster(initialize_head=True, head_node_args=head)
+cluster.add_node(num_cpus=1)  # a second raylet with its own object store: the nodes share only the S3 endpoint
+ray.init(address=cluster.address, log_to_driver=False)
+config = tdastore.load_config(config_path)
+store = build_store(config, uri, progress=False)
+print(json.dumps({"nodes": len(ray.nodes()), "status": store.manifest["status"]}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_two_node_cluster_builds_into_s3(s3, tmp_path):
+    """A head and a second node (one CPU each, so Ray must place the two build workers on different nodes) build
+    into s3:// with nothing else shared; the store equals a local build byte for byte."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = small_config(tmp_path, projection={"kind": "gaussian", "dim": 32})
+    tdastore.train(config, progress=False)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tdastore.config.config_to_dict(config)))
+    uri = f"{s3}/two-nodes"
+    with socket.socket() as probe:  # a free port for the second cluster's head
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-c", TWO_NODES, str(path), uri, str(port)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report == {"nodes": 2, "status": "complete"}
+    local = tdastore.open_store(tdastore.build(config, tmp_path / "local", progress=False).root)
+    remote = tdastore.open_store(uri)
+    np.testing.assert_array_equal(remote.read_rows(), local.read_rows())
+    assert remote.meta.drop_columns(["shard"]).equals(local.meta.drop_columns(["shard"]))
