@@ -33,9 +33,10 @@ from tdastore.groundtruth.pool import (
     finished_groundtruth,
     read_groundtruth_manifest,
     run_job_units,
+    store_unit,
 )
 from tdastore.groundtruth.sequential import SequentialTrainer, make_trainer
-from tdastore.store.job_store import mark_done, open_job, read_job_manifest, writing
+from tdastore.store.job_store import open_job, read_job_manifest, writing
 from tdastore.store.location import store_path, zarr_store
 from tdastore.store.manifest import SCHEMA_VERSION
 from tdastore.tasks import resolve_task
@@ -130,20 +131,7 @@ def run_lds_unit(trainer: ReplicaTrainer | SequentialTrainer, root: Path, unit: 
     seeds = manifest["seeds"][seed_lo : seed_lo + seed_block]
     subsets = manifest["subsets"][subset_lo : subset_lo + block]
     values = trainer.run(seeds, subsets).numpy()  # [E, T, s, 1 + m]
-    if not np.isfinite(values).all():
-        raise StoreError(
-            f"further training diverged (NaN/Inf test losses) in LDS unit {unit.name}: lower groundtruth.lr"
-        )
-    out = zarr.open_array(store=zarr_store(root / "subsets.zarr"), mode="r+")
-    out[:, :, subset_lo : subset_lo + len(subsets), seed_lo : seed_lo + len(seeds)] = values[:, :, :, 1:].transpose(
-        0, 1, 3, 2
-    )
-    if unit.left_block == 0:
-        zarr.open_array(store=zarr_store(root / "full.zarr"), mode="r+")[:, :, seed_lo : seed_lo + len(seeds)] = values[
-            :, :, :, 0
-        ]
-    mark_done(root / "units", unit.name, {"unit": unit.name, "seconds": time.perf_counter() - began})
-    return time.perf_counter() - began
+    return store_unit(root, "subsets.zarr", unit, values, seed_lo, subset_lo, began, "LDS unit")
 
 
 @ray.remote

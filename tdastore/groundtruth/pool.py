@@ -184,14 +184,21 @@ def run_unit(
     seeds = manifest["seeds"][seed_lo : seed_lo + gt.seed_block]
     left = manifest["left_out"][left_lo : left_lo + gt.left_out_block]
     values = trainer.run(seeds, left).numpy()  # [E, T, s, 1 + l]
+    return store_unit(root, "loo.zarr", unit, values, seed_lo, left_lo, began, "unit")
+
+
+def store_unit(root, name: str, unit: Unit, values: np.ndarray, seed_lo: int, row_lo: int, began: float, what: str):
+    """Write one unit's replicas, values [E, T, s, 1 + r] (the full run, then each left-out row or set): the
+    left-out ones into `name` [E, T, row_lo:+r, seed_lo:+s], the full runs into full.zarr (by the unit of the
+    first row block), then the unit's .done marker. Returns the unit's seconds."""
     if not np.isfinite(values).all():
-        raise StoreError(f"further training diverged (NaN/Inf test losses) in unit {unit.name}: lower groundtruth.lr")
-    loo = zarr.open_array(store=zarr_store(root / "loo.zarr"), mode="r+")
-    loo[:, :, left_lo : left_lo + len(left), seed_lo : seed_lo + len(seeds)] = values[:, :, :, 1:].transpose(0, 1, 3, 2)
+        raise StoreError(f"further training diverged (NaN/Inf test losses) in {what} {unit.name}: lower groundtruth.lr")
+    seeds, rows = values.shape[2], values.shape[3] - 1
+    out = zarr.open_array(store=zarr_store(root / name), mode="r+")
+    out[:, :, row_lo : row_lo + rows, seed_lo : seed_lo + seeds] = values[:, :, :, 1:].transpose(0, 1, 3, 2)
     if unit.left_block == 0:
-        zarr.open_array(store=zarr_store(root / "full.zarr"), mode="r+")[:, :, seed_lo : seed_lo + len(seeds)] = values[
-            :, :, :, 0
-        ]
+        full = zarr.open_array(store=zarr_store(root / "full.zarr"), mode="r+")
+        full[:, :, seed_lo : seed_lo + seeds] = values[:, :, :, 0]
     mark_done(root / "units", unit.name, {"unit": unit.name, "seconds": time.perf_counter() - began})
     return time.perf_counter() - began
 
