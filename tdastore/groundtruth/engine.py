@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tdastore.config import GroundTruthConfig
+from tdastore.devices import model_device
 from tdastore.groundtruth.optim import UpdateRule
 from tdastore.tasks.base import Examples, Task
 
@@ -47,7 +48,7 @@ class ReplicaTrainer:
     """Trains replicas [(seed, left_out)] from the final model's parameters and returns g at each evaluation."""
 
     def __init__(self, model: nn.Module, task: Task, cfg: GroundTruthConfig, train: Examples, test: Examples):
-        self.device = next(model.parameters()).device  # replicas train where the model lives (config `device`)
+        self.device = model_device(model)  # replicas train where the model lives (config `device`)
         self.model, self.task, self.cfg = model, task, cfg
         self.train, self.test = train.to(self.device), test.to(self.device)
         self.names = [n for n, _ in model.named_parameters()]

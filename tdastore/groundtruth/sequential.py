@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tdastore.config import GroundTruthConfig
+from tdastore.devices import model_device
 from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
 from tdastore.tasks.base import Examples, Task
 
@@ -32,7 +33,7 @@ class SequentialTrainer:
     """Trains replicas [(seed, left_out)] one at a time from the final model; `run` as ReplicaTrainer.run."""
 
     def __init__(self, model: nn.Module, task: Task, cfg: GroundTruthConfig, train: Examples, test: Examples):
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.model, self.task, self.cfg = model, task, cfg
         self.train, self.test = train, test.to(self.device)
         self.start = {n: t.detach().clone() for n, t in model.state_dict().items()}
@@ -60,7 +61,9 @@ class SequentialTrainer:
         generator = torch.Generator().manual_seed(seed)
         removed = torch.zeros(self.n, dtype=torch.bool)
         removed[list(left_out)] = True
-        held_out = torch.tensor(left_out, dtype=torch.long)
+        subtracted = None  # subtract coupling: the left-out rows, as tensors once (not re-encoded every step)
+        if cfg.coupling == "subtract" and left_out:
+            subtracted = self.train.take(torch.tensor(left_out, dtype=torch.long)).to(self.device)
         values, order = [], None
         for step in range(sched.total_steps):
             within = step % sched.steps_per_epoch
@@ -71,9 +74,10 @@ class SequentialTrainer:
             if len(batch):  # delete mode: a replica with no rows left this step skips it, as the engine's
                 part = self.train.take(batch).to(self.device)
                 loss = self.task.per_example_loss(model(part.inputs), part.targets).mean()
-                if cfg.coupling == "subtract" and len(held_out):
-                    out = self.train.take(held_out).to(self.device)
-                    loss = loss - self.task.per_example_loss(model(out.inputs), out.targets).sum() / self.n
+                if subtracted is not None:
+                    loss = (
+                        loss - self.task.per_example_loss(model(subtracted.inputs), subtracted.targets).sum() / self.n
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_norm is not None:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from tdastore.config import GroundTruthConfig
+from tdastore.devices import model_device
 from tdastore.groundtruth.engine import Schedule
 from tdastore.groundtruth.optim import UpdateRule
 from tdastore.tasks.base import Examples, Task
@@ -34,7 +35,7 @@ class WeightedRun:
         test: Examples,
         rows: Sequence[int] | None = None,
     ):
-        device = next(model.parameters()).device  # the run follows the model's device (config `device`)
+        device = model_device(model)  # the run follows the model's device (config `device`)
         self.model, self.task, self.cfg = model, task, cfg
         self.train, self.test = train.to(device), test.to(device)
         self.rule = UpdateRule(cfg)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from tdastore.devices import model_device
 from tdastore.errors import GradientError
 from tdastore.grads.factored import LinearHookGradients
 from tdastore.precond.damping import resolve_damping
@@ -29,7 +30,7 @@ class EkfacFactors(LinearHookGradients):
         super().__init__(model, loss_fn, patterns, "ekfac")
         self.out_dim = self.numel
         n = len(train)
-        device = next(model.parameters()).device
+        device = model_device(model)
         batches = [train.slice(s, min(s + batch_size, n)).to(device) for s in range(0, n, batch_size)]
         covs = [[None, None] for _ in self.modules]
         for part in batches:

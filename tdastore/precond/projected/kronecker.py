@@ -20,6 +20,7 @@ import functools
 import numpy as np
 from tqdm import tqdm
 
+from tdastore.devices import model_device
 from tdastore.errors import ConfigError, StoreError
 from tdastore.grads.factored import FactoredLinearGradients, KroneckerStatistics
 from tdastore.precond.damping import resolve_damping
@@ -36,7 +37,7 @@ def factored_covariances(
     pass over the data, for stores built without the statistics or a kfac_examples subset)."""
     n = len(examples) if limit is None else min(limit, len(examples))
     statistics = KroneckerStatistics(computer, task.token_mask)
-    device = next(computer.model.parameters()).device
+    device = model_device(computer.model)
     for start in tqdm(range(0, n, batch_size), desc="K-FAC factors", unit="batch", disable=not progress):
         part = examples.slice(start, min(start + batch_size, n)).to(device)
         _, captured = computer.capture(part.inputs, part.targets)
