@@ -242,8 +242,10 @@ class Attributor:
         train_ids = store.meta.column("example_id").to_numpy()
         chunks = (min(len(test), self.score_chunks[0]), min(store.n_rows, self.score_chunks[1]))
         matrix = None if scores_out is None else create_scores_array(scores_out, test.ids, train_ids, chunks)
+        info = self.info
         if self.index is None and self.workers >= 1 and len(test) >= self.ray_min_inputs:
             scores, rows = self._ranked_on_ray(test, k, sign, matrix, scores_out)
+            info = {**self.info, "workers": self.workers}  # this answer's fact, not the attributor's
         elif self.index is not None:
             queries = self.queries(test)
             scale = np.float32(self.scale)
@@ -256,8 +258,7 @@ class Attributor:
             scores, rows = stream_top_k(
                 self.score_blocks(test), len(test), k, store.n_rows, matrix, sign, self.progress
             )
-        table = result_table(store, test, scores, rows, self.info)
-        self.info.pop("workers", None)
+        table = result_table(store, test, scores, rows, info)
         if out is not None:
             pq.write_table(table, out)
         return table
@@ -274,9 +275,7 @@ class Attributor:
             task_ref = share_task(self.config, self._given_task)
             path = None if scores_out is None else str(scores_out)
             keep = self._scoring_actors if outlives else None
-            found = score_on_ray(self, test, k, sign, matrix, path, task_ref, keep)
-        self.info["workers"] = self.workers
-        return found
+            return score_on_ray(self, test, k, sign, matrix, path, task_ref, keep)
 
 
 def projected_score_blocks(
