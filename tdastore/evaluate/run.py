@@ -105,9 +105,12 @@ def evaluate(
     methods = methods or DEFAULT_METHODS
 
     def run() -> dict:
-        results = score_methods(store, gold, methods, path, overrides, progress, task, lds)
+        for name in methods:
+            get_method(name)  # unknown names fail before any work
+        base = Attributor(store, "grad_dot", {"attribution": {"path": "projected"}}, task=task)  # loaded once
+        results = score_methods(store, gold, base, methods, path, overrides, progress, task, lds)
         if damping_grid:
-            results["damping_sweep"] = damping_sweep(store, gold, methods, path, overrides, damping_grid, task, lds)
+            results["damping_sweep"] = damping_sweep(store, gold, base, methods, path, overrides, damping_grid, lds)
         return results
 
     if out is None:
@@ -121,12 +124,11 @@ def evaluate(
 DAMPING_GRID = (100.0, 10.0, 1.0, 0.1, 0.01, 0.001, "auto")
 
 
-def damping_sweep(store, gold: GoldStandard, methods, path, overrides, grid, task=None, lds=None) -> dict:
+def damping_sweep(store, gold: GoldStandard, base: Attributor, methods, path, overrides, grid, lds=None) -> dict:
     """{method: {factor: {"damping": lambda, "cosine": [E], (+ "lds": [E])}}} for every method whose operator
     depends on attribution.damping_factor, as the paper sweeps DataInf's c and the solvers' lambda."""
     from tdastore.precond.registry import operator_class
 
-    base = Attributor(store, "grad_dot", {"attribution": {"path": "projected"}}, task=task)
     test = base.task.examples("test").slice(0, len(gold.manifest["test_rows"]))
     sweep: dict = {}
     for name in methods:
@@ -167,6 +169,7 @@ def load_lds(store, gold: GoldStandard, overrides: dict | None, progress: bool, 
 def score_methods(
     store,
     gold: GoldStandard,
+    base: Attributor,
     methods: list[str],
     path: str | None,
     overrides: dict | None,
@@ -175,10 +178,8 @@ def score_methods(
     lds: tuple | None = None,
 ) -> dict:
     """Every method's [T, L] scores through the attribution façade, compared with the gold vectors (and, with
-    `lds` = (actual changes [E, T, M], LDS manifest), the linear datamodeling score of the full [T, N] rows)."""
-    for name in methods:
-        get_method(name)  # unknown names fail before any work
-    base = Attributor(store, "grad_dot", {"attribution": {"path": "projected"}}, task=task)  # loaded once
+    `lds` = (actual changes [E, T, M], LDS manifest), the linear datamodeling score of the full [T, N] rows).
+    base: an Attributor of the store whose task and model every method's attributor shares."""
     test = base.task.examples("test").slice(0, len(gold.manifest["test_rows"]))
     results = {
         "groundtruth": str(gold.root),
