@@ -1,93 +1,183 @@
-"""`tdastore serve`: an HTTP JSON API over a store, its replicas Ray actors that hold the FAISS indexes.
+"""`tdastore serve`: a Ray Serve application that answers attribution queries over a store.
 
-POST /query   {"method": "if_gn", "inputs": [[...features...], ...], "targets": [...], "top_k": 10}
-              text stores: {"inputs": ["a prompt", ...]} (+ "targets": labels for sequence classification)
-              -> {"method", "path", "operator", "index", "results": [{"top": [{"train_id", "train_row", "score"}]}]}
-GET  /methods, /health, /openapi.json
+POST /query   {"method": "if_gn", "inputs": [[...] | {"feature": value, ...} | "a prompt", ...],
+               "targets": [...], "top_k": 10, "bottom_k": 0}
+              -> {"method", "path", "operator", "index", "results": [{"top": [hit], "bottom": [hit]}]},
+                 hit = {"train_id", "train_row", "score", "train_text" (text stores)}
+GET  /methods (what this store answers, and why the others not), /health, /docs, /openapi.json
 
-Requests are validated before they reach a replica (size limits, feature counts, method names, top-k),
-and every problem is a 4xx with a message; a replica's own refusal (a TdaStoreError) is a 400 too.
-Replicas are round-robin; each opens the model, the operator and the index of a method once.
+Every replica holds the model, the fitted operators and the FAISS indexes of the served methods (prepared
+once, before the replicas start, and saved with the store). Concurrent requests for one method are batched
+(`max_batch`, `batch_wait_ms`): one gradient pass and one index search serve them all. With `index_shards` G > 1
+each index is split over G shard deployments instead (an index above a replica's memory): the front computes the
+queries, every shard searches its rows, the front merges the top-k (scatter-gather).
+The request schema is built for the store (its methods, feature names and count, classes), so /docs shows
+what a request must hold and every malformed request is a 4xx that names the field.
 """
 
-from __future__ import annotations
-
 import asyncio
-import itertools
-import json
-import threading
+import os
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import numpy as np
-import ray
-from aiohttp import web
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, model_validator
+from ray import serve
 
-from tdastore.errors import TdaStoreError
+from tdastore.errors import ConfigError, TdaStoreError
 from tdastore.methods import METHODS
 
 MAX_BATCH = 256  # test inputs per request
 MAX_BODY = 2 * 2**20  # bytes
 MAX_TOP_K = 1000
-
-
-@ray.remote
-class QueryReplica:
-    """Holds one store's model, operators and FAISS indexes (one Attributor per method); answers batches of
-    raw test inputs (feature rows, or texts for text stores)."""
-
-    def __init__(self, store_path: str, kind: str | None, overrides: dict | None):
-        from tdastore.attribution import Attributor
-        from tdastore.store.gradient_store import open_store
-
-        self.store = open_store(store_path)
-        self.kind, self.overrides = kind, overrides or {}
-        projected = {**self.overrides.get("attribution", {}), "path": "projected"}
-        self.overrides = {**self.overrides, "attribution": projected}
-        self.base = Attributor(self.store, "grad_dot", self.overrides)  # task and model, loaded once
-        self.attributors: dict = {}
-
-    def describe(self) -> dict:
-        return {
-            **self.base.task.describe_inputs(),
-            "rows": self.store.n_rows,
-            "methods": [m.name for m in METHODS.values() if m.projected is not None],
-        }
-
-    def query(self, method: str, inputs: list, targets: list | None, top_k: int) -> dict:
-        from tdastore.attribution import Attributor
-
-        if method not in self.attributors:
-            self.attributors[method] = Attributor(self.store, method, self.overrides, kind=self.kind, share=self.base)
-        attributor = self.attributors[method]
-        table = attributor.top_k(attributor.task.encode_request(inputs, targets), top_k)
-        columns = ["train_id", "train_row", "score"] + (["train_text"] if "train_text" in table.column_names else [])
-        hits = table.select(columns).to_pylist()
-        return {
-            **{k: v for k, v in attributor.info.items()},
-            "results": [{"top": hits[i * top_k : (i + 1) * top_k]} for i in range(len(inputs))],
-        }
-
-
-class RequestError(ValueError):
-    """A malformed request: answered with 400 and this message."""
-
-
-MAX_DEPTH = 8  # a /query body nests at most [ [ value ] ] inside an object
+MAX_TEXT = 20_000  # characters of one prompt
+MAX_DEPTH = 8  # a /query body nests at most {"inputs": [[value]]} (or [{name: value}])
 MAX_NUMBER_CHARS = 40  # longer numbers are not features of anything (and big-integer parsing is slow)
 
 
-def parse_body(raw: bytes):
-    """JSON with bounded nesting and number sizes, checked on the raw text before the parser recurses."""
+# -- preparing a store for serving (the driver, once) ---------------------------------------------------------
+def served_methods(store_path: str, methods: list[str] | None, kind: str | None, overrides: dict | None) -> dict:
+    """Fit (or load) every candidate method's operator and build (or open) its index, once, in this process, so
+    replicas only load them. Returns {"methods": answerable, "unavailable": {method: why}}."""
+    from tdastore.attribution import Attributor
+    from tdastore.store.gradient_store import open_store
+
+    candidates = [m.name for m in METHODS.values() if m.projected is not None]
+    unknown = sorted(set(methods or []) - set(candidates))
+    if unknown:
+        raise ConfigError(f"--methods {unknown}: the service answers methods with a projected path, {candidates}")
+    store = open_store(store_path)
+    overrides = projected_overrides(overrides)
+    base = Attributor(store, "grad_dot", overrides)  # task and model, loaded once
+    answerable, unavailable = [], {}
+    for name in methods or candidates:
+        try:
+            Attributor(store, name, overrides, kind=kind, share=base)
+            answerable.append(name)
+        except TdaStoreError as err:  # e.g. kfac on a store built without factored gradients
+            unavailable[name] = str(err)
+    if not answerable:
+        raise ConfigError(f"no method can be served from '{store_path}': {unavailable}")
+    return {"methods": answerable, "unavailable": unavailable}
+
+
+def projected_overrides(overrides: dict | None) -> dict:
+    overrides = overrides or {}
+    return {**overrides, "attribution": {**overrides.get("attribution", {}), "path": "projected"}}
+
+
+# -- request and response schemas, built for one store ------------------------------------------------------------
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # a JSON number (not a string, bool, NaN)
+
+
+class Hit(BaseModel):
+    train_id: int
+    train_row: int
+    score: float
+    train_text: str | None = None
+
+
+class Ranked(BaseModel):
+    top: list[Hit] = Field(description="the top_k most positive training rows (removing them raises the loss)")
+    bottom: list[Hit] = Field(description="the bottom_k most negative rows (opponents), most negative first")
+
+
+class QueryResponse(BaseModel):
+    method: str
+    path: str
+    operator: str
+    index: str | None = None
+    results: list[Ranked] = Field(description="one entry per input, in order")
+
+
+def request_model(meta: dict) -> type[BaseModel]:
+    """The /query body for this store: its methods, its inputs (feature rows by position or name, or texts),
+    its targets (classes, numbers, or none for a causal LM) and k within the store's rows."""
+    methods, rows = meta["methods"], meta["rows"]
+    classes = meta.get("classes") or None
+    k_max = min(MAX_TOP_K, rows)
+    if meta.get("text"):
+        item = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT, pattern=r"\S")]
+        inputs_help = "texts (prompts or documents), scored like the store's documents"
+    else:
+        features = meta["features"]
+        named = create_model(
+            "NamedFeatures",
+            __config__=ConfigDict(extra="forbid", populate_by_name=False),
+            **{f"f{i}": (Number, Field(alias=name)) for i, name in enumerate(features)},
+        )
+        positional = Annotated[list[Number], Field(min_length=len(features), max_length=len(features))]
+        item = positional | named
+        inputs_help = f"rows of the {len(features)} features {features}, as a list in that order or by name"
+    if meta["kind"] == "causal_lm":
+        target = (None, Field(None, description="a causal LM scores the texts themselves: send no targets"))
+    else:
+        value = Literal[tuple(classes)] if classes else Number
+        what = f"a class of {classes}" if classes else f"the regression target {meta.get('target', '')}"
+        target = (list[value], Field(description=f"one per input: {what}"))
+
+    def check(self):
+        if self.targets is not None and len(self.targets) != len(self.inputs):
+            raise ValueError(f"targets must hold one value per input ({len(self.inputs)}), got {len(self.targets)}")
+        if self.top_k + self.bottom_k < 1:
+            raise ValueError("ask for top_k >= 1 or bottom_k >= 1 rows")
+        return self
+
+    return create_model(
+        "QueryRequest",
+        __config__=ConfigDict(extra="forbid"),
+        __validators__={"lengths": model_validator(mode="after")(check)},
+        method=(Literal[tuple(methods)], Field(methods[0], description="a method of /methods")),
+        inputs=(list[item], Field(min_length=1, max_length=MAX_BATCH, description=inputs_help)),
+        targets=target,
+        top_k=(int, Field(10, ge=0, le=k_max, strict=True, description="most positive rows per input")),
+        bottom_k=(int, Field(0, ge=0, le=k_max, strict=True, description="most negative rows per input")),
+    )
+
+
+def positional(inputs: list) -> list:
+    """Inputs as the task encodes them: named feature rows in the store's feature order, texts as they are."""
+    out = []
+    for row in inputs:
+        if isinstance(row, BaseModel):
+            out.append([getattr(row, f"f{i}") for i in range(len(type(row).model_fields))])
+        else:
+            out.append(row)
+    return out
+
+
+class RequestError(ValueError):
+    """A malformed body caught before the parser: answered with 400 and this message."""
+
+
+def check_body(raw: bytes) -> None:
+    """Bounded nesting and number sizes, checked on the raw text before a parser recurses or parses a
+    5,000-digit integer."""
+    if len(raw) > MAX_BODY:
+        raise RequestError(f"request body above {MAX_BODY} bytes: send fewer inputs per request")
     depth = deepest = 0
     in_string = escaped = False
+    number = 0
     for byte in raw:
-        if in_string:  # brackets inside strings do not count
+        if in_string:  # brackets and digits inside strings do not count
             if escaped:
                 escaped = False
             elif byte == 0x5C:
                 escaped = True
             elif byte == 0x22:
                 in_string = False
-        elif byte == 0x22:
+            continue
+        if byte in b"0123456789+-.eE":
+            number += 1
+            if number > MAX_NUMBER_CHARS:
+                raise RequestError(f"a number of more than {MAX_NUMBER_CHARS} characters: send ordinary floats")
+            continue
+        number = 0
+        if byte == 0x22:
             in_string = True
         elif byte in (0x5B, 0x7B):
             depth += 1
@@ -97,243 +187,306 @@ def parse_body(raw: bytes):
         elif byte in (0x5D, 0x7D):
             depth -= 1
 
-    def number(text: str):
-        if len(text) > MAX_NUMBER_CHARS:
-            raise RequestError(f"a number of {len(text)} characters: features are ordinary floats")
-        return float(text) if any(c in text for c in ".eE") else int(text)
 
-    def constant(name: str):
-        raise RequestError(f"{name} is not a finite number")
+class GuardedRoute(APIRoute):
+    """Checks the raw body (size, nesting, number length) before FastAPI parses it."""
 
-    return json.loads(raw, parse_int=number, parse_float=number, parse_constant=constant)
+    def get_route_handler(self):
+        handler = super().get_route_handler()
 
+        async def guarded(request: Request):
+            if request.method == "POST":
+                declared = request.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > MAX_BODY:
+                    return JSONResponse({"error": f"request body above {MAX_BODY} bytes"}, status_code=413)
+                try:
+                    check_body(await request.body())
+                except RequestError as err:
+                    return JSONResponse({"error": str(err)}, status_code=413 if "bytes" in str(err) else 400)
+            return await handler(request)
 
-def validate(body, meta: dict) -> tuple[str, list, list, int]:
-    """Check a /query body against the store's task; returns (method, inputs, targets, top_k)."""
-    if not isinstance(body, dict):
-        raise RequestError("the body must be a JSON object with method, inputs, targets and top_k")
-    unknown = sorted(set(body) - {"method", "inputs", "targets", "top_k"})
-    if unknown:
-        raise RequestError(f"unknown field(s) {unknown}: allowed are method, inputs, targets, top_k")
-    method = body.get("method", "grad_dot")
-    if method not in meta["methods"]:
-        raise RequestError(f"unknown method {method!r}: this service answers {meta['methods']}")
-    inputs, targets = body.get("inputs"), body.get("targets")
-    if not isinstance(inputs, list) or not inputs:
-        raise RequestError("inputs must be a non-empty list of rows (one list of feature values per test input)")
-    if len(inputs) > MAX_BATCH:
-        raise RequestError(f"{len(inputs)} inputs in one request: at most {MAX_BATCH}")
-    if meta.get("text"):
-        _check_texts(inputs, targets, meta)
-    else:
-        _check_rows(inputs, targets, meta)
-    top_k = body.get("top_k", 10)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= min(MAX_TOP_K, meta["rows"]):
-        raise RequestError(f"top_k must be an integer in 1..{min(MAX_TOP_K, meta['rows'])}")
-    return method, inputs, targets, top_k
+        return guarded
 
 
-def _check_texts(inputs: list, targets, meta: dict) -> None:
-    for i, text in enumerate(inputs):
-        if not isinstance(text, str) or not text.strip():
-            raise RequestError(f"inputs[{i}] must be a non-empty text (this store holds documents)")
-    if meta["kind"] == "sequence_classification":
-        if not isinstance(targets, list) or len(targets) != len(inputs):
-            raise RequestError(f"targets must be a list with one label per input ({len(inputs)})")
-        bad = [t for t in targets if t not in meta["classes"]]
-        if bad:
-            raise RequestError(f"targets {bad[:5]} are not classes of this task {meta['classes'][:20]}")
-    elif targets is not None:
-        raise RequestError("a causal LM scores the texts themselves: send no targets")
+def validation_message(errors: list) -> str:
+    parts = []
+    for error in errors[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ())[1:] if not str(p).startswith("function-"))
+        parts.append(f"{where or 'body'}: {error.get('msg', 'invalid')}")
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
 
 
-def _check_rows(inputs: list, targets, meta: dict) -> None:
-    width = len(meta["features"])
-    for i, row in enumerate(inputs):
-        if not isinstance(row, list) or len(row) != width:
-            raise RequestError(f"inputs[{i}] must be a list of {width} numbers (features {meta['features']})")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in row):
-            raise RequestError(f"inputs[{i}] holds a value that is not a finite number")
-    if not isinstance(targets, list) or len(targets) != len(inputs):
-        raise RequestError(f"targets must be a list with one value per input ({len(inputs)})")
-    if meta["kind"] == "classification":
-        bad = [t for t in targets if t not in meta["classes"]]
-        if bad:
-            raise RequestError(f"targets {bad[:5]} are not classes of this task {meta['classes']}")
-    elif not all(isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) for t in targets):
-        raise RequestError("targets must be finite numbers (the regression target)")
+# -- the deployments -------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    method: str
+    inputs: list
+    targets: list | None
+    top_k: int
+    bottom_k: int
 
 
-def openapi(meta: dict) -> dict:
-    if meta.get("text"):
-        row = {"type": "string", "minLength": 1}
-    else:
-        row = {
-            "type": "array",
-            "items": {"type": "number"},
-            "minItems": len(meta["features"]),
-            "maxItems": len(meta["features"]),
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class IndexShard:
+    """One share of every served method's index shards (scatter-gather mode): searches its rows only."""
+
+    def __init__(self, store_path: str, methods: list[str], kind: str, share: int, shares: int):
+        from tdastore.index.faiss_index import load_index
+        from tdastore.store.gradient_store import open_store
+
+        store = open_store(store_path)
+        self.handles = {}
+        for name in methods:
+            handle = load_index(store, name, kind)
+            handle.shards = handle.shards[share::shares]  # this deployment's shards only; read on first search
+            self.handles[name] = handle
+
+    def search(self, method: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        handle = self.handles[method]
+        if not handle.shards:
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        return handle.search(queries, k)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class QueryService:
+    """The HTTP front: validates, batches, computes the test side and answers from its index (or the shards)."""
+
+    def __init__(
+        self,
+        store_path: str,
+        served: dict,
+        kind: str | None,
+        overrides: dict | None,
+        max_batch: int,
+        batch_wait_ms: float,
+        shards: list | None = None,
+    ):
+        from tdastore.attribution import Attributor
+        from tdastore.store.gradient_store import open_store
+
+        self.store = open_store(store_path)
+        overrides = projected_overrides(overrides)
+        base = Attributor(self.store, "grad_dot", overrides)  # task and model, loaded once per replica
+        self.attributors = {
+            name: Attributor(self.store, name, overrides, kind=kind, share=base) for name in served["methods"]
         }
-    hit = {
-        "type": "object",
-        "properties": {"train_id": {"type": "integer"}, "train_row": {"type": "integer"}, "score": {"type": "number"}},
-    }
-    return {
-        "openapi": "3.0.3",
-        "info": {
-            "title": "tdastore query service",
-            "version": "1",
-            "description": "Top-k training examples by attribution score for new test inputs.",
-        },
-        "paths": {
-            "/query": {
-                "post": {
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["inputs"] if meta["kind"] == "causal_lm" else ["inputs", "targets"],
-                                    "additionalProperties": False,
-                                    "properties": {
-                                        "method": {"type": "string", "enum": meta["methods"], "default": "grad_dot"},
-                                        "inputs": {"type": "array", "items": row, "minItems": 1, "maxItems": MAX_BATCH},
-                                        "targets": {
-                                            "type": "array",
-                                            "items": {} if meta.get("classes") else {"type": "number"},
-                                        },
-                                        "top_k": {
-                                            "type": "integer",
-                                            "minimum": 1,
-                                            "maximum": min(MAX_TOP_K, meta["rows"]),
-                                            "default": 10,
-                                        },
-                                    },
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "one top-k list per input",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "properties": {
-                                            "results": {
-                                                "type": "array",
-                                                "items": {
-                                                    "type": "object",
-                                                    "properties": {"top": {"type": "array", "items": hit}},
-                                                },
-                                            }
-                                        },
-                                    }
-                                }
-                            },
-                        },
-                        "400": {"description": "malformed request, with a message"},
-                        "413": {"description": "request body too large"},
-                    },
-                }
-            },
-            "/methods": {"get": {"responses": {"200": {"description": "the methods and the task's features"}}}},
-            "/health": {"get": {"responses": {"200": {"description": "ok"}}}},
-            "/openapi.json": {"get": {"responses": {"200": {"description": "this document"}}}},
-        },
-    }
+        self.shards = shards or []
+        described = base.task.describe_inputs()
+        if not described.get("text") and "features" not in described:
+            raise ConfigError(
+                f"task '{base.task.name}' does not describe its raw inputs: implement Task.describe_inputs and "
+                "encode_request (features or text) to serve it"
+            )
+        self.meta = {**described, "rows": self.store.n_rows, "index": kind, **served}
+        self.train_ids = self.store.meta.column("example_id").to_numpy()
+        self.texts = None
+        if "text" in self.store.meta.column_names:
+            self.texts = self.store.meta.column("text").to_numpy(zero_copy_only=False)
+        self.answer.set_max_batch_size(max_batch)
+        self.answer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def answer(self, jobs: list[Job]) -> list[Any]:
+        """Requests that arrived together: one gradient pass and one search per method; a group that fails
+        is answered request by request, so one request's error is its own."""
+        answers: list[Any] = [None] * len(jobs)
+        groups: dict[str, list[int]] = {}
+        for position, job in enumerate(jobs):
+            groups.setdefault(job.method, []).append(position)
+        for method, positions in groups.items():
+            try:
+                found = await self.answer_group(method, [jobs[p] for p in positions])
+            except Exception:  # noqa: BLE001 - isolate the request that caused it
+                found = []
+                for p in positions:
+                    try:
+                        found += await self.answer_group(method, [jobs[p]])
+                    except Exception as err:  # noqa: BLE001 - returned to its own request
+                        found.append(err)
+            for p, one in zip(positions, found):
+                answers[p] = one
+        return answers
+
+    async def answer_group(self, method: str, jobs: list[Job]) -> list[dict]:
+        attributor = self.attributors[method]
+        inputs = [x for job in jobs for x in job.inputs]
+        targets = None if jobs[0].targets is None else [t for job in jobs for t in job.targets]
+
+        def test_side():
+            return attributor.queries(attributor.task.encode_request(inputs, targets))  # [m, k]
+
+        queries = await asyncio.to_thread(test_side)
+        ranked = {}
+        for sign, k in ((1.0, max(j.top_k for j in jobs)), (-1.0, max(j.bottom_k for j in jobs))):
+            if k > 0:
+                ranked[sign] = await self.search(attributor, queries, k, sign)
+        info = attributor.info
+        out, first = [], 0
+        for job in jobs:
+            results = []
+            for i in range(first, first + len(job.inputs)):
+                results.append(
+                    {
+                        "top": self.hits(ranked, 1.0, i, job.top_k),
+                        "bottom": self.hits(ranked, -1.0, i, job.bottom_k),
+                    }
+                )
+            first += len(job.inputs)
+            out.append({**{k: v for k, v in info.items() if k in QueryResponse.model_fields}, "results": results})
+        return out
+
+    async def search(self, attributor, queries: np.ndarray, k: int, sign: float):
+        if not self.shards:
+            return await asyncio.to_thread(attributor.ranked_queries, queries, k, sign)
+        from tdastore.index.faiss_index import merge_top_k
+
+        scale = np.float32(attributor.scale)
+        parts = await asyncio.gather(
+            *[shard.search.remote(attributor.method.name, sign * queries / scale, k) for shard in self.shards]
+        )
+        found, rows = merge_top_k(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1), k)
+        return sign * found * scale, rows
+
+    def hits(self, ranked: dict, sign: float, i: int, k: int) -> list[dict]:
+        if k == 0:
+            return []
+        scores, rows = ranked[sign]
+        hits = []
+        for score, row in zip(scores[i, :k].tolist(), rows[i, :k].tolist()):
+            hit = {"train_id": int(self.train_ids[row]), "train_row": row, "score": score}
+            if self.texts is not None:
+                hit["train_text"] = str(self.texts[row])
+            hits.append(hit)
+        return hits
 
 
-def make_app(replicas: list, meta: dict) -> web.Application:
-    turn = itertools.cycle(replicas)
-
-    def error(status: int, message: str) -> web.Response:
-        return web.json_response({"error": message}, status=status)
-
-    async def query(request: web.Request) -> web.Response:
-        try:
-            body = parse_body(await request.read())
-        except web.HTTPRequestEntityTooLarge:
-            return error(413, f"request body above {MAX_BODY} bytes: send fewer inputs per request")
-        except RequestError as err:
-            return error(400, str(err))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return error(400, f"the body is not valid JSON ({err})")
-        try:
-            method, inputs, targets, top_k = validate(body, meta)
-        except RequestError as err:
-            return error(400, str(err))
-        try:
-            result = await next(turn).query.remote(method, inputs, targets, top_k)
-        except ray.exceptions.RayTaskError as err:
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, TdaStoreError):
-                return error(400, str(cause))
-            return error(500, f"the replica failed: {type(cause).__name__ if cause else err}")
-        return web.json_response(result)
-
-    async def methods(request):
-        return web.json_response(meta)
-
-    async def health(request):
-        return web.json_response({"status": "ok", "replicas": len(replicas)})
-
-    async def spec(request):
-        return web.json_response(openapi(meta))
-
-    app = web.Application(client_max_size=MAX_BODY)
-    app.add_routes(
-        [
-            web.post("/query", query),
-            web.get("/methods", methods),
-            web.get("/health", health),
-            web.get("/openapi.json", spec),
-        ]
+def build_api(service: QueryService) -> FastAPI:
+    """The FastAPI app of one replica, with the store's request schema (so /docs documents it)."""
+    meta = service.meta
+    Query = request_model(meta)
+    api = FastAPI(
+        title="tdastore query service",
+        version="1",
+        description=(
+            "Training rows that most raise (top_k) or lower (bottom_k) the loss of new test inputs, by a "
+            f"training-data-attribution method, over a store of {meta['rows']} rows ({meta['kind']})."
+        ),
     )
-    return app
+    api.router.route_class = GuardedRoute
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        return JSONResponse(
+            {
+                "error": validation_message(errors),
+                "detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors],
+            },
+            status_code=422,
+        )
+
+    async def query(body: Query) -> QueryResponse:  # type: ignore[valid-type]
+        job = Job(body.method, positional(body.inputs), body.targets, body.top_k, body.bottom_k)
+        answer = await service.answer(job)
+        if isinstance(answer, TdaStoreError):
+            return JSONResponse({"error": str(answer)}, status_code=400)
+        if isinstance(answer, Exception):
+            return JSONResponse({"error": f"the replica failed: {type(answer).__name__}: {answer}"}, status_code=500)
+        return answer
+
+    api.add_api_route(
+        "/query",
+        query,
+        methods=["POST"],
+        response_model=QueryResponse,
+        response_model_exclude_none=True,
+        responses={400: {"description": "malformed body"}, 413: {"description": "body too large"}},
+        summary="Top-k and bottom-k training rows per input",
+    )
+
+    @api.get("/methods", summary="The methods this store answers, its inputs, and why other methods not")
+    async def methods() -> dict:
+        return meta
+
+    @api.get("/health", summary="This replica is up: its process and memory")
+    async def health() -> dict:
+        import psutil
+
+        return {"status": "ok", "pid": os.getpid(), "rss_mb": psutil.Process().memory_info().rss / 2**20}
+
+    return api
 
 
-def start_replicas(store_path: str, replicas: int = 1, kind: str | None = "flat", overrides=None) -> tuple[list, dict]:
-    actors = [QueryReplica.options(num_cpus=0).remote(store_path, kind, overrides) for _ in range(replicas)]
-    return actors, ray.get(actors[0].describe.remote())
+def application(
+    store_path: str,
+    *,
+    methods: list[str] | None = None,
+    kind: str | None = "flat",
+    replicas: int = 1,
+    max_batch: int = 32,
+    batch_wait_ms: float = 5.0,
+    index_shards: int = 1,
+    overrides: dict | None = None,
+):
+    """The Serve application for a store (prepares operators and indexes here, once): `serve.run(...)` it."""
+    if replicas < 1 or max_batch < 1 or index_shards < 1 or batch_wait_ms < 0:
+        raise ConfigError(
+            f"replicas ({replicas}), max_batch ({max_batch}) and index_shards ({index_shards}) must be >= 1 and "
+            f"batch_wait_ms ({batch_wait_ms}) >= 0: at least one replica answers queries"
+        )
+    if index_shards > 1 and kind is None:
+        raise ConfigError("index_shards > 1 splits a FAISS index: give an index kind (--kind flat)")
+    served = served_methods(store_path, methods, kind, overrides)
+    shards = [
+        IndexShard.options(name=f"IndexShard{i}").bind(store_path, served["methods"], kind, i, index_shards)
+        for i in range(index_shards if index_shards > 1 else 0)
+    ]
+    front = QueryService.options(num_replicas=replicas)
+    return front.bind(store_path, served, kind, overrides, max_batch, batch_wait_ms, shards)
 
 
-class BackgroundServer:
-    """The app on its own event loop in a thread (tests, benchmarks, notebooks)."""
+class ServiceArgs(BaseModel):
+    """The arguments of a Serve config's application (deploy/kuberay/rayservice.yaml)."""
 
-    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0):
-        self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(app)
-        ready = threading.Event()
-
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self.runner.setup())
-            site = web.TCPSite(self.runner, host, port)
-            self.loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        ready.wait(30)
-        self.url = f"http://{host}:{self.port}"
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
+    model_config = ConfigDict(extra="forbid")
+    store: str
+    methods: list[str] | None = None
+    kind: str | None = "flat"
+    replicas: int = 1
+    max_batch: int = 32
+    batch_wait_ms: float = 5.0
+    index_shards: int = 1
 
 
-def serve(
+def app_builder(args: dict):
+    """`import_path: tdastore.serve:app_builder` in a Serve config (RayService)."""
+    given = ServiceArgs.model_validate(args)
+    return application(given.store, **given.model_dump(exclude={"store"}))
+
+
+def start(app, host: str = "127.0.0.1", port: int = 8000, name: str = "tdastore", blocking: bool = False) -> str:
+    """Run an application on this Ray session's Serve, listening on host:port (loopback by default)."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=name, route_prefix="/", blocking=blocking)
+    return f"http://{host}:{port}"
+
+
+def run_service(
     store_path: str,
     host: str = "127.0.0.1",
     port: int = 8000,
     replicas: int = 1,
     kind: str = "flat",
+    methods: list[str] | None = None,
+    max_batch: int = 32,
+    batch_wait_ms: float = 5.0,
+    index_shards: int = 1,
     address: str | None = None,
 ) -> None:
     """Run the service until interrupted (the CLI's `tdastore serve`). The store and the port are checked
@@ -341,22 +494,25 @@ def serve(
     import socket
 
     from tdastore.distributed.ray_session import ray_session
-    from tdastore.errors import ConfigError
     from tdastore.store.gradient_store import open_store
 
     open_store(store_path)  # missing, incomplete or corrupt: a clear error now
     if replicas < 1:
         raise ConfigError(f"--replicas {replicas}: at least one replica answers queries")
-    listener = socket.socket()
-    try:
-        listener.bind((host, port))
-    except OSError as err:
-        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}): choose another --port") from err
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}): choose another --port") from err
     with ray_session(address, num_cpus=2):
-        actors, meta = start_replicas(store_path, replicas, kind)
-        print(
-            f"serving {store_path} on http://{host}:{port} ({replicas} replica(s), {kind} index); "
-            f"OpenAPI at /openapi.json"
+        app = application(
+            store_path,
+            methods=methods,
+            kind=kind,
+            replicas=replicas,
+            max_batch=max_batch,
+            batch_wait_ms=batch_wait_ms,
+            index_shards=index_shards,
         )
-        listener.listen()
-        web.run_app(make_app(actors, meta), sock=listener, print=None)
+        print(f"serving {store_path} on http://{host}:{port} ({replicas} replica(s)); docs at /docs, Ctrl-C stops")
+        start(app, host, port, blocking=True)

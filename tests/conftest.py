@@ -29,6 +29,25 @@ def ray_cluster():
     ray.shutdown()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster):
+    """One Ray Serve instance on 127.0.0.1 for the session; tests add their apps under their own prefixes."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
 def small_config(tmp_path, dataset="diabetes", **sections):
     """A quick config: a 32-32 MLP trained for a few epochs, stores in small shards."""
     from tdastore.config import load_config

@@ -13,6 +13,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import tdastore
+from tdastore.attribution import Attributor
 from tdastore.config import ModelConfig, TaskConfig, config_to_dict, load_config
 from tdastore.distributed.build import build_store
 from tdastore.errors import ConfigError, DataError, GradientError, StoreError
@@ -146,7 +147,7 @@ def _sections(config):
     return config.task, config.model
 
 
-def test_end_to_end_build_index_query_by_local_path(ray_cluster, tiny_lm, tmp_path):
+def test_end_to_end_build_index_query_by_local_path(ray_cluster, serve_url, tiny_lm, tmp_path):
     config = text_config(tiny_lm)
     store = build_store(config, tmp_path / "store", progress=False)
     task = make_task(config.task, config.model)
@@ -185,26 +186,28 @@ def test_end_to_end_build_index_query_by_local_path(ray_cluster, tiny_lm, tmp_pa
     result = pq.read_table(out)
     assert result.num_rows == 5 and "train_text" in result.column_names and "test_text" in result.column_names
     assert (store.root / "precond").is_dir()  # the EK-FAC operator was fitted once and saved with the store
-    # the query service answers prompts over a text store, with the documents' text
-    from test_serve import post
+    # the query service answers prompts over a text store, with the documents' text, top-k and bottom-k
+    from test_serve import deploy, post
 
-    from tdastore.serve import BackgroundServer, make_app, start_replicas
+    from tdastore.serve import application
 
-    actors, meta = start_replicas(str(store.root), replicas=1, kind="flat")
-    assert meta["text"] and meta["kind"] == "causal_lm"
-    server = BackgroundServer(make_app(actors, meta))
-    try:
-        prompts = [str(train.texts[i]) for i in picks[:3]]
-        status, body = post(server.url, {"method": "grad_cos", "inputs": prompts, "top_k": 2})
-        assert status == 200, body
-        expected = tdastore.query(store, "grad_cos", inputs=prompts, top_k=2, kind="flat")
-        hits = [hit for result in body["results"] for hit in result["top"]]
+    url = deploy(serve_url, application(str(store.root), methods=["grad_cos", "kfac"]), "text")
+    prompts = [str(train.texts[i]) for i in picks[:3]]
+    status, body = post(url, {"method": "grad_cos", "inputs": prompts, "top_k": 2, "bottom_k": 2})
+    assert status == 200, body
+    for key, ranked in (("top", "top_k"), ("bottom", "bottom_k")):
+        expected = getattr(Attributor(store, "grad_cos", kind="flat"), ranked)(prompts, 2)
+        hits = [hit for result in body["results"] for hit in result[key]]
         assert [h["train_row"] for h in hits] == expected.column("train_row").to_pylist()
         assert [h["train_text"] for h in hits] == expected.column("train_text").to_pylist()
-        assert post(server.url, {"method": "grad_cos", "inputs": [[1.0, 2.0]]})[0] == 400
-        assert post(server.url, {"method": "grad_cos", "inputs": ["x"], "targets": [1]})[0] == 400
-    finally:
-        server.stop()
+        np.testing.assert_allclose([h["score"] for h in hits], expected.column("score").to_numpy(), rtol=1e-4)
+    assert post(url, {"method": "kfac", "inputs": prompts[:1]})[0] == 200  # a factored store answers K-FAC
+    assert post(url, {"method": "grad_cos", "inputs": [[1.0, 2.0]]})[0] == 422
+    assert post(url, {"method": "grad_cos", "inputs": ["x"], "targets": [1]})[0] == 422
+    assert post(url, {"method": "grad_cos", "inputs": ["   "]})[0] == 422
+    from ray import serve
+
+    serve.delete("text")
 
 
 def test_kfac_operator_against_numpy(tiny_lm):

@@ -248,9 +248,7 @@ class Attributor:
             info = {**self.info, "workers": self.workers}  # this answer's fact, not the attributor's
         elif self.index is not None:
             queries = self.queries(test)
-            scale = np.float32(self.scale)
-            found, rows = self.index.search(sign * queries / scale, k)  # unscaled: float32 headroom
-            scores = sign * found * scale
+            scores, rows = self.ranked_queries(queries, k, sign)
             if matrix is not None:
                 blocks = projected_score_blocks(store, self.operator, self.method, queries)
                 stream_top_k(blocks, len(test), k, store.n_rows, matrix, sign, self.progress)
@@ -262,6 +260,16 @@ class Attributor:
         if out is not None:
             pq.write_table(table, out)
         return table
+
+    def ranked_queries(self, queries: np.ndarray, k: int, sign: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Projected path: the k highest (sign 1) or lowest (sign -1) scores and their rows, both [m, k], of
+        ready queries (`queries`): from the index when there is one, else by streaming the store."""
+        if self.index is None:
+            blocks = projected_score_blocks(self.store, self.operator, self.method, queries)
+            return stream_top_k(blocks, len(queries), k, self.store.n_rows, None, sign, False)
+        scale = np.float32(self.scale)
+        found, rows = self.index.search(sign * queries / scale, k)  # unscaled: float32 headroom
+        return sign * found * scale, rows
 
     def _ranked_on_ray(self, test: Examples, k: int, sign: float, matrix, scores_out):
         import ray

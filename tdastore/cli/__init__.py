@@ -249,15 +249,27 @@ def make_parser() -> argparse.ArgumentParser:
     srv = command(
         "serve",
         commands.cmd_serve,
-        "an HTTP JSON API for influence queries over a store",
-        "POST /query with raw test inputs; Ray actors hold the model, operators and FAISS indexes. "
+        "a Ray Serve HTTP API for influence queries over a store (text or tabular)",
+        "POST /query with raw test inputs (feature rows by position or name, or texts) for top_k and bottom_k "
+        "training rows; /methods, /health, and /docs generated from the store's schema. Every replica holds the "
+        "model, the operators and the FAISS indexes; concurrent requests are batched into one gradient pass. "
         "Binds loopback unless --host says otherwise.",
     )
-    srv.add_argument("store", help="store directory")
+    srv.add_argument("store", help="store directory or URI")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--replicas", type=int, default=1, help="Ray actors answering queries")
+    srv.add_argument("--replicas", type=int, default=1, help="Serve replicas answering queries")
     srv.add_argument("--kind", choices=KINDS, default="flat", help="FAISS index kind")
+    srv.add_argument("--methods", default=None, help="comma-separated methods to serve (default: all it can)")
+    srv.add_argument("--max-batch", type=int, default=32, help="requests per gradient pass (1: none)")
+    srv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    srv.add_argument(
+        "--index-shards",
+        type=int,
+        default=1,
+        help="split each index over this many shard deployments (scatter-gather top-k) for indexes above a "
+        "replica's memory",
+    )
     _address(srv)
 
     demo = command(

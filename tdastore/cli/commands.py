@@ -244,9 +244,20 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from tdastore.serve import serve
+    from tdastore.serve import run_service
 
-    serve(args.store, host=args.host, port=args.port, replicas=args.replicas, kind=args.kind, address=args.address)
+    run_service(
+        args.store,
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        kind=args.kind,
+        methods=args.methods.split(",") if args.methods else None,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        index_shards=args.index_shards,
+        address=args.address,
+    )
 
 
 def cmd_demo_lm(args: argparse.Namespace) -> None:
