@@ -398,7 +398,7 @@ def build_api(service: QueryService) -> FastAPI:
             return JSONResponse({"error": str(answer)}, status_code=400)
         if isinstance(answer, Exception):
             return JSONResponse({"error": f"the replica failed: {type(answer).__name__}: {answer}"}, status_code=500)
-        return answer
+        return JSONResponse(answer)  # built by this code to the schema: not validated again per request
 
     api.add_api_route(
         "/query",
@@ -447,7 +447,9 @@ def application(
         IndexShard.options(name=f"IndexShard{i}").bind(store_path, served["methods"], kind, i, index_shards)
         for i in range(index_shards if index_shards > 1 else 0)
     ]
-    front = QueryService.options(num_replicas=replicas)
+    # a replica queues requests itself (Serve's default of 5 leaves the rest to the router's backoff, which
+    # collapses throughput under load) and takes in enough at once to fill a batch
+    front = QueryService.options(num_replicas=replicas, max_ongoing_requests=max(64, 2 * max_batch))
     return front.bind(store_path, served, kind, overrides, max_batch, batch_wait_ms, shards)
 
 
