@@ -47,12 +47,11 @@ def test_kuberay_manifests():
     kinds = {}
     for name, doc in manifests():
         kinds.setdefault(doc["kind"], []).append(name)
-        if doc["kind"] in ("RayCluster", "RayJob"):
+        if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
             assert doc["apiVersion"] == "ray.io/v1"
             found = set(images(doc))
             assert found == {image_tag()}, (name, found)
-        if doc["kind"] in ("RayCluster", "RayJob"):
-            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
             groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
             gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
             assert gpu["nvidia.com/gpu"] == 1 and groups["gpu"]["rayStartParams"]["num-gpus"] == "1"
@@ -71,8 +70,31 @@ def test_kuberay_manifests():
             assert all((DEPLOY / "kuberay" / r).is_file() for r in doc["resources"])
             (image,) = doc["images"]
             assert f"{image['newName']}:{image['newTag']}" == image_tag()
-    assert set(kinds) >= {"RayCluster", "RayJob", "PersistentVolumeClaim", "Kustomization"}
+        if doc["kind"] == "RayService":
+            check_serve_config(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    assert set(kinds) >= {"RayCluster", "RayJob", "RayService", "PersistentVolumeClaim", "Kustomization"}
     assert len(kinds["RayJob"]) == 2
+
+
+def check_serve_config(config: dict) -> None:
+    """Ray Serve's own schema accepts it; the application's builder exists and accepts its args; the store is
+    the one the cluster config builds, on the shared volume."""
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    import tdastore
+    from tdastore.serve import ServiceArgs
+
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    module, name = app["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    args = ServiceArgs.model_validate(app["args"])
+    assert args.store == tdastore.load_config(ROOT / "configs" / "cluster_diabetes.yaml").store.path
+    assert set(args.methods) <= set(
+        tdastore.load_config(ROOT / "configs" / "cluster_diabetes.yaml").attribution.methods
+    )
 
 
 def test_cluster_launcher_yaml_passes_rays_validation():
