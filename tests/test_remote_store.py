@@ -4,12 +4,13 @@ import fsspec
 import numpy as np
 import pytest
 from conftest import small_config
+from upath import UPath
 
 import tdastore
 from tdastore.distributed.build import build_store, store_identity
 from tdastore.distributed.gradient_worker import ShardComputer
 from tdastore.errors import StoreError
-from tdastore.store.location import RemotePath, store_path
+from tdastore.store.location import store_path
 from tdastore.store.writer import finalize_store, plan_shards, prepare_store, write_shard
 
 
@@ -55,7 +56,7 @@ def test_memory_uri_store_reads_back_equal(ray_cluster, tmp_path, config):
     uri = "memory://tdastore-test/store"
     try:
         root = write_in_process(config, uri)
-        assert isinstance(root, RemotePath)
+        assert isinstance(root, UPath)
         fs = fsspec.filesystem("memory")
         assert fs.exists("/tdastore-test/store/manifest.json") and fs.exists("/tdastore-test/store/meta.parquet")
         remote = tdastore.open_store(uri)

@@ -29,7 +29,7 @@ class GradientStore:
     """A directory of per-example gradients: row r of `grads` is example `meta['example_id'][r]`."""
 
     def __init__(self, root: str | Path, allow_incomplete: bool = False):
-        self.root = store_path(root)  # a Path, or a RemotePath for fsspec URIs (memory://, s3://, ...)
+        self.root = store_path(root)  # a Path, or a UPath for fsspec URIs (memory://, s3://, ...)
         self.manifest = read_manifest(self.root)
         if self.manifest.get("kind") == "groundtruth":
             raise StoreError(

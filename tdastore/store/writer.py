@@ -18,10 +18,9 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from tdastore.atomic import temporary_name
 from tdastore.errors import StoreError
 from tdastore.store.job_store import create_or_reopen, done_markers
-from tdastore.store.location import StorePath, is_local, read_parquet, write_parquet, zarr_store
+from tdastore.store.location import StorePath, is_local, read_parquet, write_parquet_atomic, zarr_store
 from tdastore.store.manifest import (
     GRADS_DIR,
     MANIFEST_FILE,
@@ -30,6 +29,7 @@ from tdastore.store.manifest import (
     SHARDS_DIR,
     identity_mismatches,
     read_manifest,
+    write_bytes_atomic,
     write_json_atomic,
 )
 
@@ -130,9 +130,7 @@ def shard_statistics_path(root: StorePath, index: int) -> StorePath:
 def write_npz_atomic(path: StorePath, arrays: dict) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    tmp = temporary_name(path)
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def read_shard_statistics(root: StorePath, manifest: dict) -> list[dict] | None:
@@ -167,9 +165,7 @@ def write_shard(
     if is_local(root):  # object stores have no fsync: a finished put is durable
         _fsync_chunks(root / GRADS_DIR, range(shard.start // chunk_rows, -(-shard.stop // chunk_rows)))
     meta_path = shard_meta_path(root, shard.index)
-    tmp = temporary_name(meta_path)
-    write_parquet(meta, tmp)
-    tmp.replace(meta_path)
+    write_parquet_atomic(meta, meta_path)
     if statistics is not None:  # durable before the marker, like the rows
         write_npz_atomic(shard_statistics_path(root, shard.index), statistics)
     marker = {
@@ -225,9 +221,7 @@ def finalize_store(root: StorePath, manifest: dict, summary: dict) -> dict:
     meta = pa.concat_tables(tables)
     if meta.num_rows != manifest["n_rows"]:
         raise StoreError(f"store '{root}': metadata has {meta.num_rows} rows, expected {manifest['n_rows']}")
-    tmp = temporary_name(root / META_FILE)
-    write_parquet(meta, tmp)
-    tmp.replace(root / META_FILE)
+    write_parquet_atomic(meta, root / META_FILE)
     manifest = update_shard_table(root, manifest)
     manifest["status"] = "complete"
     manifest["summary"] = summary
