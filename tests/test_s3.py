@@ -81,17 +81,20 @@ def test_build_query_resume_and_lease_on_s3(ray_cluster, s3, tmp_path):
 
 
 def test_gold_standard_and_evaluation_on_s3(ray_cluster, s3, tmp_path):
-    """The gold standard's job store and the evaluation's outputs at s3:// URIs: the arrays equal a local run's
-    byte for byte, a unit killed part way resumes, and the report lands on S3."""
+    """The gold standard's, LDS's and metagradients' job stores and the evaluation's outputs at s3:// URIs: the
+    arrays equal a local run's byte for byte, a unit killed part way resumes, and the report lands on S3."""
     import zarr
 
     from tdastore.evaluate.run import evaluate
+    from tdastore.groundtruth.lds import run_lds
+    from tdastore.groundtruth.metagrad_pool import run_metagrad
     from tdastore.groundtruth.pool import run_groundtruth
     from tdastore.store.location import zarr_store
 
     gt = {"epochs": 2, "eval_every": 1, "lr": 0.01, "batch_size": 64, "seeds": 2, "seed_block": 1,
           "left_out_count": 4, "left_out_block": 4, "test_points": 5, "output": str(tmp_path / "gt")}  # fmt: skip
-    config = small_config(tmp_path, model={"hidden": [16]}, groundtruth=gt)
+    lds, metagrad = {"subsets": 4, "fraction": 0.5, "seeds": 2, "subset_block": 2}, {"seeds": 1, "test_block": 3}
+    config = small_config(tmp_path, model={"hidden": [16]}, groundtruth=gt, lds=lds, metagrad=metagrad)
     tdastore.train(config, progress=False)
     local = run_groundtruth(config, progress=False)
     raw = tdastore.config.config_to_dict(config)
@@ -104,6 +107,15 @@ def test_gold_standard_and_evaluation_on_s3(ray_cluster, s3, tmp_path):
         here = zarr.open_array(str(local / name), mode="r")[:]
         there = zarr.open_array(store=zarr_store(remote / name, read_only=True), mode="r")[:]
         np.testing.assert_array_equal(there, here)
+    # the LDS and metagradient job stores beside the ground truth on S3: the same arrays as beside a local one
+    for run, names in ((run_lds, ("subsets.zarr", "full.zarr")), (run_metagrad, ("scores.zarr",))):
+        here, there = run(config, local, progress=False), run(remote_config, remote, progress=False)
+        assert str(there).startswith(f"{s3}/gt/")
+        for name in names:
+            np.testing.assert_array_equal(
+                zarr.open_array(store=zarr_store(there / name, read_only=True), mode="r")[:],
+                zarr.open_array(str(here / name), mode="r")[:],
+            )
     store = build_store(config, tmp_path / "store", progress=False)
     results = evaluate(store, f"{s3}/gt", methods=["grad_dot"], out=f"{s3}/evaluation", progress=False)
     expected = evaluate(store, local, methods=["grad_dot"], progress=False)
@@ -128,15 +140,18 @@ cluster.add_node(num_cpus=1)  # a second raylet with its own object store: the n
 ray.init(address=cluster.address, log_to_driver=False)
 config = tdastore.load_config(config_path)
 store = build_store(config, uri, progress=False)
-print(json.dumps({"nodes": len(ray.nodes()), "status": store.manifest["status"]}))
+from tdastore.groundtruth.pool import run_groundtruth
+
+gt = run_groundtruth(config, progress=False)  # its job store on S3 too (groundtruth.output)
+print(json.dumps({"nodes": len(ray.nodes()), "status": store.manifest["status"], "gt": str(gt)}))
 ray.shutdown()
 cluster.shutdown()
 """
 
 
 def test_two_node_cluster_builds_into_s3(s3, tmp_path):
-    """A head and a second node (one CPU each, so Ray must place the two build workers on different nodes) build
-    into s3:// with nothing else shared; the store equals a local build byte for byte."""
+    """A head and a second node (one CPU each, so Ray must place the two workers on different nodes) build into
+    s3:// and run the gold standard into s3:// with nothing else shared; both equal local runs byte for byte."""
     import json
     import socket
     import subprocess
@@ -144,11 +159,13 @@ def test_two_node_cluster_builds_into_s3(s3, tmp_path):
 
     import yaml
 
-    config = small_config(tmp_path, projection={"kind": "gaussian", "dim": 32})
+    uri = f"{s3}/two-nodes"
+    gt = {"epochs": 2, "eval_every": 1, "lr": 0.01, "batch_size": 64, "seeds": 2, "seed_block": 1, "workers": 2,
+          "left_out_count": 4, "left_out_block": 4, "test_points": 5, "output": f"{uri}/gt"}  # fmt: skip
+    config = small_config(tmp_path, projection={"kind": "gaussian", "dim": 32}, groundtruth=gt)
     tdastore.train(config, progress=False)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(tdastore.config.config_to_dict(config)))
-    uri = f"{s3}/two-nodes"
     with socket.socket() as probe:  # a free port for the second cluster's head
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -156,8 +173,22 @@ def test_two_node_cluster_builds_into_s3(s3, tmp_path):
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert report == {"nodes": 2, "status": "complete"}
+    assert report == {"nodes": 2, "status": "complete", "gt": f"{uri}/gt"}
     local = tdastore.open_store(tdastore.build(config, tmp_path / "local", progress=False).root)
     remote = tdastore.open_store(uri)
     np.testing.assert_array_equal(remote.read_rows(), local.read_rows())
     assert remote.meta.drop_columns(["shard"]).equals(local.meta.drop_columns(["shard"]))
+    # the gold standard run by the two nodes into S3 equals one run here into a local directory
+    import zarr
+
+    from tdastore.groundtruth.pool import run_groundtruth
+    from tdastore.store.location import zarr_store
+
+    raw = tdastore.config.config_to_dict(config)
+    here = run_groundtruth(tdastore.load_config({**raw, "groundtruth": {**gt, "output": str(tmp_path / "gt")}}),
+                           progress=False)  # fmt: skip
+    for name in ("loo.zarr", "full.zarr"):
+        np.testing.assert_array_equal(
+            zarr.open_array(store=zarr_store(store_path(f"{uri}/gt/{name}"), read_only=True), mode="r")[:],
+            zarr.open_array(str(here / name), mode="r")[:],
+        )
