@@ -318,10 +318,9 @@ class QueryService:
         inputs = [x for job in jobs for x in job.inputs]
         targets = None if jobs[0].targets is None else [t for job in jobs for t in job.targets]
 
-        def test_side():
-            return attributor.queries(attributor.task.encode_request(inputs, targets))  # [m, k]
-
-        queries = await asyncio.to_thread(test_side)
+        # computed on the replica's event loop, not in a thread: requests queue there meanwhile and the next batch
+        # takes them all (a worker thread fought the loop for the GIL: batches of 3, batching gained 1.5x, not 3.45x)
+        queries = attributor.queries(attributor.task.encode_request(inputs, targets))  # [m, k]
         ranked = {}
         for sign, k in ((1.0, max(j.top_k for j in jobs)), (-1.0, max(j.bottom_k for j in jobs))):
             if k > 0:
@@ -343,7 +342,7 @@ class QueryService:
 
     async def search(self, attributor, queries: np.ndarray, k: int, sign: float):
         if not self.shards:
-            return await asyncio.to_thread(attributor.ranked_queries, queries, k, sign)
+            return attributor.ranked_queries(queries, k, sign)
         from tdastore.index.faiss_index import merge_top_k
 
         scale = np.float32(attributor.scale)
