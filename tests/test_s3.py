@@ -3,6 +3,8 @@ AWS_ENDPOINT_URL (set in conftest before Ray starts, so every worker reaches the
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import S3_PORT, small_config
@@ -63,6 +65,23 @@ def test_build_query_resume_and_lease_on_s3(ray_cluster, s3, tmp_path):
     assert again.index.description["operator"] == entry_key(reopened)
     np.testing.assert_array_equal(again.top_k(split="test", k=5).column("train_row").to_numpy(),
                                   on_disk.column("train_row").to_numpy())  # fmt: skip
+
+    # index shards are cached on this node under their content hash; a shard changed on S3 is refused
+    import hashlib
+    import os
+    from pathlib import Path
+
+    directory = reopened.root / "indexes" / "if_gn-flat"
+    digests = json.loads((directory / "index.json").read_text())["shard_sha256"]
+    cache = Path(os.environ["TDASTORE_CACHE"]) / "indexes"
+    for name, digest in digests.items():
+        assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == digest
+        assert (cache / f"{digest}.faiss").is_file()
+        (cache / f"{digest}.faiss").unlink()
+    first = sorted(digests)[0]
+    (directory / first).write_bytes((directory / first).read_bytes()[:-8])
+    with pytest.raises(StoreError, match="does not match the hash"):
+        tdastore.Attributor(tdastore.open_store(uri), "if_gn", kind="flat").top_k(split="test", k=5)
 
     killed = f"{s3}/killed"
     with pytest.raises(StoreError):

@@ -96,6 +96,7 @@ class IndexHandle:
     shards: list[tuple[int, int, str, float]]  # (first row, stop row, file, largest row norm)
     loaded: dict = field(default_factory=dict)  # file -> faiss.Index, read on first search
     device: str = "cpu"  # the config's device: GPU FAISS for cuda / auto when the installed faiss has GPUs
+    digests: dict = field(default_factory=dict)  # file -> sha256 of its bytes (indexes on object storage)
 
     def search(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k inner products over all shards: (scores [m, K], rows [m, K]), best first."""
@@ -104,7 +105,8 @@ class IndexHandle:
         reduced = self.description["kind"] in L2_REDUCED
         for start, stop, name, max_norm in self.shards:
             if name not in self.loaded:
-                self.loaded[name] = on_search_device(read_shard(self.directory / name, self.description), self.device)
+                shard = read_shard(self.directory / name, self.description, self.digests.get(name))
+                self.loaded[name] = on_search_device(shard, self.device)
             index = self.loaded[name]
             k = min(top_k, stop - start)
             if reduced:
@@ -122,16 +124,23 @@ class IndexHandle:
         return merge_top_k(np.concatenate(all_scores, 1), np.concatenate(all_rows, 1), top_k)
 
 
-def read_shard(path, description: dict) -> faiss.Index:
+def read_shard(path, description: dict, digest: str | None = None) -> faiss.Index:
     """An index shard: read in place locally; from object storage, downloaded once per node into a local cache
-    keyed by the index's description and the shard's name (a rebuilt index has another key)."""
+    keyed by its content hash (recorded at build; a download that does not match it is refused), or, for
+    indexes built before hashes were recorded, by the index's description and the shard's name."""
     if isinstance(path, Path):
         return faiss.read_index(str(path))
-    key = hashlib.sha256(json.dumps([description, str(path)], sort_keys=True).encode()).hexdigest()[:24]
+    key = digest or hashlib.sha256(json.dumps([description, str(path)], sort_keys=True).encode()).hexdigest()[:24]
     cache = Path(os.environ.get("TDASTORE_CACHE", Path.home() / ".cache" / "tdastore")) / "indexes" / f"{key}.faiss"
     if not cache.is_file():
+        data = path.read_bytes()
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+            raise StoreError(
+                f"index shard {path} does not match the hash its index.json records (overwritten or truncated): "
+                "rebuild the index with `tdastore index`"
+            )
         cache.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(cache, path.read_bytes())
+        write_bytes_atomic(cache, data)
     return faiss.read_index(str(cache))
 
 
@@ -190,7 +199,7 @@ def build_index(
     persist = writable(store.root)  # a read-only store (e.g. one being served) gets its index in memory
     if persist:
         directory.mkdir(parents=True, exist_ok=True)
-    shards, loaded = [], {}
+    shards, loaded, digests = [], {}, {}
     began = time.perf_counter()
     ranges = index_shards(store, config.shard_rows)
     bar = tqdm(total=store.n_rows, desc=f"index {method.name}/{kind}", unit="row", disable=not progress)
@@ -208,8 +217,10 @@ def build_index(
             tmp = temporary_name(directory / name)
             faiss.write_index(index, str(tmp))
             tmp.replace(directory / name)
-        elif persist:  # object storage: one put of the serialised index
-            write_bytes_atomic(directory / name, faiss.serialize_index(index).tobytes())
+        elif persist:  # object storage: one put of the serialised index; nodes cache it under its content hash
+            data = faiss.serialize_index(index).tobytes()
+            write_bytes_atomic(directory / name, data)
+            digests[name] = hashlib.sha256(data).hexdigest()
         else:
             loaded[name] = index
         shards.append((start, stop, name, max_norm))
@@ -217,6 +228,8 @@ def build_index(
     bar.close()
     description["shards"] = shards
     description["build_seconds"] = time.perf_counter() - began
+    if digests:
+        description["shard_sha256"] = digests
     if not persist:
         return IndexHandle(directory, _without_build_facts(description), shards, loaded)
     write_json_atomic(directory / "index.json", description)
@@ -225,7 +238,7 @@ def build_index(
         f"{method.name}-{kind}",
         {"directory": f"{INDEX_DIR}/{method.name}-{kind}", "operator": operator_key},
     )
-    return IndexHandle(directory, _without_build_facts(description), shards)
+    return IndexHandle(directory, _without_build_facts(description), shards, digests=digests)
 
 
 def transformed_rows(store, operator, method, start: int, stop: int) -> np.ndarray:
@@ -250,7 +263,7 @@ def _kind_settings(kind: str, config: IndexConfig) -> dict:
 
 
 def _without_build_facts(description: dict) -> dict:
-    return {k: v for k, v in description.items() if k not in ("shards", "build_seconds")}
+    return {k: v for k, v in description.items() if k not in ("shards", "build_seconds", "shard_sha256")}
 
 
 def load_index(store, method_name: str, kind: str) -> IndexHandle | None:
@@ -263,4 +276,5 @@ def load_index(store, method_name: str, kind: str) -> IndexHandle | None:
     except json.JSONDecodeError as err:
         raise StoreError(f"index description {path} is corrupt ({err}); rebuild it with `tdastore index`") from err
     shards = [tuple(s) for s in description.get("shards", [])]
-    return IndexHandle(directory, _without_build_facts(description), shards)
+    digests = description.get("shard_sha256", {})
+    return IndexHandle(directory, _without_build_facts(description), shards, digests=digests)
