@@ -492,6 +492,7 @@ def run_service(
 ) -> None:
     """Run the service until interrupted (the CLI's `tdastore serve`). The store and the port are checked
     before Ray starts, so a mistake costs no start-up time."""
+    import signal
     import socket
 
     from tdastore.distributed.ray_session import ray_session
@@ -516,4 +517,13 @@ def run_service(
             index_shards=index_shards,
         )
         print(f"serving {store_path} on http://{host}:{port} ({replicas} replica(s)); docs at /docs, Ctrl-C stops")
-        start(app, host, port, blocking=True)
+
+        def stop(*_):  # SIGTERM (a pod being stopped) ends it like Ctrl-C
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            start(app, host, port, blocking=True)
+        except KeyboardInterrupt:
+            print("stopping the service")
+            serve.shutdown()
