@@ -234,6 +234,9 @@ class LdsConfig:
     subset_seed: int = 0  # draws the subsets
     subset_block: int = 10  # a unit of work: groundtruth.seed_block seeds x subset_block subsets
     workers: int = 2
+    # None: the ground truth's coupling; delete: each subset's rows dropped from every permutation, as TRAK and
+    # datamodels train on subsets (in subtract coupling every step adds the subset's alpha x N rows)
+    coupling: Literal["delete", "subtract"] | None = None
 
 
 @dataclass

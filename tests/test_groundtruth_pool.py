@@ -1,5 +1,6 @@
 """The ground-truth job: store layout, resume after a killed worker, and bad input."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -184,7 +185,8 @@ def test_lds_runs_and_score(ray_cluster, tmp_path):
     lds = {"subsets": 6, "fraction": 0.5, "seeds": 2, "subset_block": 4, "workers": 2}
     gt = {"output": str(tmp_path / "gt"), "epochs": 2, "eval_every": 1, "lr": 0.01, "batch_size": 64, "seeds": 2}
     gt |= {"seed_block": 2, "left_out_count": 4, "left_out_block": 4, "test_points": 5, "coupling": "subtract"}
-    config = small_config(tmp_path, model={"hidden": [16]}, lds=lds, groundtruth=gt)
+    metagrad = {"rows": "all", "seeds": 1}  # every row scored: the metagradient gets an LDS too
+    config = small_config(tmp_path, model={"hidden": [16]}, lds=lds, groundtruth=gt, metagrad=metagrad)
     tdastore.train(config, progress=False)
     gt = run_groundtruth(config, progress=False)
     root = run_lds(config, gt, progress=False)
@@ -209,11 +211,36 @@ def test_lds_runs_and_score(ray_cluster, tmp_path):
                    for t in range(5)]  # fmt: skip
         np.testing.assert_allclose(found["lds"][e], np.mean(by_hand), rtol=1e-9)
 
+    # lds.coupling: delete beside a subtract ground truth: its own store, the engine's delete replicas
+    raw = tdastore.config.config_to_dict(config)
+    deleting = tdastore.load_config({**raw, "lds": {**raw["lds"], "coupling": "delete", "subsets": 2, "seeds": 1}})
+    root_delete = run_lds(deleting, gt, progress=False)
+    assert root_delete.name == "lds-delete" and root.name == "lds-subtract"
+    delete_trainer = ReplicaTrainer(
+        load_model(config, task),
+        task,
+        dataclasses.replace(config.groundtruth, coupling="delete"),
+        task.examples("train"),
+        task.examples("test").slice(0, 5),
+    )
+    subsets = json.loads((root_delete / "manifest.json").read_text())["subsets"]
+    direct = delete_trainer.run([0], subsets).numpy()  # [E, T, 1, 1 + 2]
+    stored = zarr.open_array(str(root_delete / "subsets.zarr"))[:]  # [E, T, 2, 1]
+    np.testing.assert_allclose(stored[:, :, :, 0], direct[:, :, 0, 1:], rtol=1e-6)
+
     store = build_store(config, tmp_path / "store", progress=False)
-    results = evaluate(store, gt, methods=["grad_dot", "if_gn"], out=tmp_path / "ev", progress=False,
+    results = evaluate(store, gt, methods=["grad_dot", "if_gn", "metagrad"], out=tmp_path / "ev", progress=False,
                        metrics=("cosine", "lds"), damping_grid=(10.0, 0.1, "auto"))  # fmt: skip
-    for name in ("grad_dot", "if_gn"):
+    for name in ("grad_dot", "if_gn", "metagrad"):
         assert len(results["methods"][name]["lds"]) == 2 and all(-1 <= v <= 1 for v in results["methods"][name]["lds"])
+    # the metagradient's LDS at evaluation point e uses its scores at e: Spearman by hand over the subsets
+    from tdastore.groundtruth.metagrad_pool import read_metagrad_scores
+
+    every, _ = read_metagrad_scores(gt / "metagrad-subtract")  # [E, T, N]
+    for e in range(2):
+        by_hand = [spearmanr([every[e, t, rows].sum() for rows in manifest["subsets"]], actual[e, t]).statistic
+                   for t in range(5)]  # fmt: skip
+        assert results["methods"]["metagrad"]["lds"][e] == pytest.approx(np.mean(by_hand), rel=1e-9)
     report = (tmp_path / "ev" / "report.md").read_text()
     assert "Linear datamodeling score" in report
     assert results["lds"]["subsets"] == 6

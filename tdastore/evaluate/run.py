@@ -14,7 +14,7 @@ from tdastore.attribution import Attributor, store_config
 from tdastore.errors import ConfigError, StoreError, TdaStoreError
 from tdastore.evaluate.metrics import agreement, gold_vectors, linear_datamodeling_score, seed_curve
 from tdastore.evaluate.report import write_plots, write_report
-from tdastore.groundtruth.lds import lds_root, read_lds, read_lds_manifest, run_lds
+from tdastore.groundtruth.lds import lds_coupling, lds_root, read_lds, read_lds_manifest, run_lds
 from tdastore.groundtruth.pool import read_groundtruth_manifest
 from tdastore.methods import get_method
 from tdastore.store.lease import Lease
@@ -160,7 +160,7 @@ def damping_sweep(store, gold: GoldStandard, base: Attributor, methods, path, ov
 def load_lds(store, gold: GoldStandard, overrides: dict | None, progress: bool, task=None) -> tuple:
     """The LDS job's seed-averaged actual changes [E, T, M] and manifest, run first when not finished."""
     config = store_config(store, overrides)
-    root = lds_root(gold.root, gold.manifest["groundtruth"]["coupling"])
+    root = lds_root(gold.root, lds_coupling(config, gold.manifest["groundtruth"]["coupling"]))
     if not ((root / "manifest.json").is_file() and read_lds_manifest(root).get("status") == "complete"):
         run_lds(config, gold.root, progress=progress, task=task)
     return read_lds(root)
@@ -205,7 +205,12 @@ def score_methods(
         settings = {"attribution": {**((overrides or {}).get("attribution", {})), "path": chosen}}
         try:
             if get_method(name).further_training:
-                scores, info = metagrad_scores(store, gold.root, gold.manifest, overrides, progress, task)
+                scores, info, every = metagrad_scores(store, gold.root, gold.manifest, overrides, progress, task)
+                if lds is not None and every is not None:  # metagrad.rows: all -> a prediction for every subset
+                    per_eval = [linear_datamodeling_score(lds[0][e : e + 1], every[e], lds[1]["subsets"])
+                                for e in range(every.shape[0])]  # fmt: skip
+                    info.update(lds=[float(f["lds"][0]) for f in per_eval],
+                                lds_stderr=[float(f["stderr"][0]) for f in per_eval])  # fmt: skip
             else:
                 attributor = Attributor(store, name, settings, share=shared)
                 if chosen == "exact" and shared.exact is None:
@@ -255,8 +260,9 @@ def write_results(results: dict, out) -> None:
 
 def metagrad_scores(
     store, gt_root: Path, manifest: dict, overrides: dict | None, progress: bool, task=None
-) -> tuple[np.ndarray, dict]:
-    """The metagradient scores of the ground truth's left-out rows, [E, T, L]: read from GT/metagrad-<coupling>
+) -> tuple[np.ndarray, dict, np.ndarray | None]:
+    """The metagradient scores of the ground truth's left-out rows, [E, T, L], its info and, when the job scored
+    every training row (metagrad.rows: all), all of them [E, T, N] (else None): read from GT/metagrad-<coupling>
     when finished, else computed there by the metagradient job (Ray)."""
     from tdastore.groundtruth.metagrad_pool import (
         metagrad_root,
@@ -281,4 +287,5 @@ def metagrad_scores(
         "seeds": len(mg_manifest["seeds"]),
         "store": str(root),
     }
-    return scores[:, :, columns], info
+    every = scores if mg_manifest["rows"] == list(range(store.n_rows)) else None  # metagrad.rows: all
+    return scores[:, :, columns], info, every

@@ -1,5 +1,6 @@
 """The linear datamodeling score (LDS) in the final-model-only setting: further training with random subsets
-left out, beside a finished ground truth and in its setting (optimizer, schedule, coupling, test points).
+left out, beside a finished ground truth and in its setting (optimizer, schedule, test points; its coupling
+unless `lds.coupling` names another, e.g. delete, as TRAK and datamodels train on subsets).
 
 GT/lds-<coupling>/
   manifest.json   the ground truth it belongs to (fingerprints), the subsets, seeds, evals, units, status
@@ -14,6 +15,7 @@ g(without S_j) - g(full), averaged over seeds (tdastore/evaluate/metrics.py).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -58,10 +60,19 @@ def draw_subsets(n_train: int, count: int, fraction: float, seed: int) -> list[l
     return [sorted(torch.randperm(n_train, generator=generator)[:size].tolist()) for _ in range(count)]
 
 
+def lds_coupling(config: Config, gt_coupling: str) -> str:
+    """The LDS job's coupling: `lds.coupling`, else the ground truth's."""
+    return config.lds.coupling or gt_coupling
+
+
 def prepare_lds(config: Config, groundtruth: Path, task: Task | None = None) -> tuple[Path, dict, Config]:
-    """Create (or reopen, after checking it is the same job) the LDS store of a finished ground truth."""
+    """Create (or reopen, after checking it is the same job) the LDS store of a finished ground truth; returns
+    it, its manifest and the further-training config its replicas use (the ground truth's, in its coupling)."""
     gt_manifest = read_groundtruth_manifest(groundtruth)
     gt_config = load_config(gt_manifest["config"])  # the further training of the gold standard
+    coupling = lds_coupling(config, gt_config.groundtruth.coupling)
+    further = dataclasses.replace(gt_config.groundtruth, coupling=coupling)
+    gt_config = dataclasses.replace(gt_config, groundtruth=further)
     lds = config.lds
     n_train = len(resolve_task(gt_config.task, gt_config.model, task).examples("train"))
     identity = {
@@ -164,7 +175,7 @@ def run_lds(
     from tdastore.distributed.shipping import share_task
 
     groundtruth, gt_config = finished_groundtruth(groundtruth or config.groundtruth.output)
-    output = lds_root(groundtruth, gt_config.groundtruth.coupling)
+    output = lds_root(groundtruth, lds_coupling(config, gt_config.groundtruth.coupling))
     with writing(output, "LDS job", not_an_lds_store(output)):
         root, manifest, gt_config = prepare_lds(config, groundtruth, task)
         blocks = manifest["blocks"]
