@@ -143,3 +143,28 @@ def test_text_gold_standard_pool_resumes_and_evaluates(ray_cluster, lm, tmp_path
         found = results["methods"][name]
         assert "error" not in found, found
         assert len(found["cosine"]) == 3 and np.isfinite(found["cosine"]).all() and found["seed_curve"]
+
+    # the exact path on a text model small enough for it: grad_dot equals an autograd loop over whole-model
+    # gradients, and the second-order methods score against the gold standard too
+    from tdastore.attribution import Attributor
+
+    exact = Attributor(store, "grad_dot", {"attribution": {"path": "exact"}})
+    task, model = exact.task, exact.model
+    test, train = task.examples("test").slice(0, 3), task.examples("train")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def whole_gradient(loss_fn, one) -> torch.Tensor:
+        loss = loss_fn(model(one.inputs), one.targets).sum()
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+    g_test = torch.stack([whole_gradient(task.test_function, test.slice(t, t + 1)) for t in range(3)])
+    g_train = torch.stack([whole_gradient(task.per_example_loss, train.slice(i, i + 1)) for i in range(len(train))])
+    np.testing.assert_allclose(exact.score_matrix(test), (g_test @ g_train.T / len(train)).numpy(), rtol=1e-4,
+                               atol=1e-7)  # fmt: skip
+    second = evaluate(store, root, methods=["grad_dot", "if_gn", "if_h", "datainf", "ekfac"], path="exact",
+                      progress=False)  # fmt: skip
+    for name in ("grad_dot", "if_gn", "if_h", "datainf"):
+        found = second["methods"][name]
+        assert "error" not in found and found["path"] == "exact", found
+        assert len(found["cosine"]) == 3 and np.isfinite(found["cosine"]).all()
+    assert "Narrow gradients.params" in second["methods"]["ekfac"]["error"]  # embeddings are not Linear layers
