@@ -168,3 +168,22 @@ def test_text_gold_standard_pool_resumes_and_evaluates(ray_cluster, lm, tmp_path
         assert "error" not in found and found["path"] == "exact", found
         assert len(found["cosine"]) == 3 and np.isfinite(found["cosine"]).all()
     assert "Narrow gradients.params" in second["methods"]["ekfac"]["error"]  # embeddings are not Linear layers
+
+
+def test_vectorised_steps_cut_padding_without_changing_values(lm, tmp_path):
+    """The stacked engine cuts each step's token tensors to the longest real document among its rows: the same
+    recorded test losses as with the split's full padding."""
+    from tdastore.groundtruth.engine import ReplicaTrainer
+
+    config = lm_config(lm, tmp_path, steps=4, eval_every=2)
+    config = load_config({**config_to_dict(config), "task": {**config_to_dict(config)["task"], "max_length": 64}})
+    vectorised, _ = trainers(config)
+    x, y = vectorised.train.inputs[:4][None], vectorised.train.targets[:4][None]  # [1, 4, 2, L], [1, 4, L]
+    lengths = vectorised.train.inputs[:, 1].sum(1)
+    assert int(lengths.min()) < x.shape[-1]  # some documents are shorter than the split's padding
+    cut_x, cut_y = vectorised._trim_padding(x, y)
+    assert cut_x.shape[-1] == int(lengths[:4].max()) and cut_y.shape[-1] == cut_x.shape[-1]
+    trimmed = vectorised.run([0], [3, 7])
+    padded = ReplicaTrainer(vectorised.model, vectorised.task, config.groundtruth, vectorised.train, vectorised.test)
+    padded._trim_padding = lambda x, y: (x, y)
+    torch.testing.assert_close(trimmed, padded.run([0], [3, 7]), rtol=1e-5, atol=1e-7)

@@ -106,13 +106,25 @@ class ReplicaTrainer:
                 # the left-out rows join the batch with weight -1/N: one forward pass, no second use of parameters
                 rows = torch.cat([rows, left_out.clamp(min=0)], dim=1)  # [R, b + K]
                 weights = torch.cat([weights, -(left_out >= 0).to(evals.dtype) / self.n], dim=1)
-            x, y = self.train.inputs[rows], self.train.targets[rows]  # [R, b(+1), ...]
+            x, y = self._trim_padding(self.train.inputs[rows], self.train.targets[rows])  # [R, b(+1), ...]
             grads = step_grad(params, x, y, weights)
             state.step(params, grads, active=active)
             while next_eval < len(sched.eval_steps) and sched.eval_steps[next_eval] == step + 1:
                 evals[next_eval] = self._test_values(params).T
                 next_eval += 1
         return evals
+
+    def _trim_padding(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token sequences cut to the longest real one among this step's rows of every replica (the split is padded
+        to its longest document): what the one-at-a-time loop's batches hold, and the same losses."""
+        mask = self.task.token_mask(x.reshape(-1, *x.shape[2:]))  # [R b, L] or None (not token sequences)
+        if mask is None:
+            return x, y
+        used = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
+        if used == x.shape[-1]:
+            return x, y
+        per_token = y.dim() == x.dim() - 1 and y.shape[-1] == x.shape[-1]  # causal LM targets [R, b, L]
+        return x[..., :used], (y[..., :used] if per_token else y)
 
     def _visit_order(self, perms: torch.Tensor, left_out: torch.Tensor) -> torch.Tensor:
         """Each replica's epoch order (delete mode): its seed's permutation [R, N] with its left-out rows deleted
