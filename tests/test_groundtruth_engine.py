@@ -109,3 +109,18 @@ def test_replicas_leaving_sets_out_equal_single_replicas(coupling):
     for index, rows in enumerate([[], *sets]):
         expected = reference_run(model, task, cfg, train, test, 2, rows)
         torch.testing.assert_close(got[:, :, 0, index], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["delete-sgd", "subtract-adamw"])
+def test_compiled_engine_equals_the_eager_one(case):
+    """groundtruth.compile: the replica step (gradients and the update rule) through torch.compile records the
+    same test losses as the eager engine and as plain torch.optim one replica at a time."""
+    task = TabularTask(TaskConfig(dataset="diabetes"), ModelConfig(hidden=[16, 16]))
+    model, train, test = task.make_model(), task.examples("train").slice(0, 121), task.examples("test").slice(0, 7)
+    cfg = GroundTruthConfig(**{**dict(left_out_count=None, left_out_indices=[0]), **case})
+    eager = ReplicaTrainer(model, task, cfg, train, test).run([3], [0, 57])
+    compiled = ReplicaTrainer(model, task, GroundTruthConfig(**{**cfg.__dict__, "compile": True}), train, test)
+    got = compiled.run([3], [0, 57])
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[:, :, 0, 2], reference_run(model, task, cfg, train, test, 3, 57), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip

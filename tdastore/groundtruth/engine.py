@@ -56,6 +56,8 @@ class ReplicaTrainer:
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.n = len(train)
         self.schedule = Schedule.from_config(cfg, self.n)
+        self._step_grad = vmap(grad(self._replica_loss))  # every replica's gradient of its weighted batch loss
+        self._train_step = torch.compile(train_step) if cfg.compile else train_step
 
     def run(self, seeds: list[int], left_out: list) -> torch.Tensor:
         """g for every replica of seeds x (full run + left_out): [evals, n_test, len(seeds), 1 + len(left_out)].
@@ -87,7 +89,7 @@ class ReplicaTrainer:
         params = {n: t.unsqueeze(0).repeat(r, *([1] * t.dim())) for n, t in self.theta.items()}  # [R, ...]
         state = _OptimizerState(params, cfg)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        step_grad = vmap(grad(self._replica_loss))
+        step_grad = self._step_grad
         evals = torch.empty(len(sched.eval_steps), len(self.test), r, dtype=params[self.names[0]].dtype)
         next_eval = 0
         order = None
@@ -107,8 +109,7 @@ class ReplicaTrainer:
                 rows = torch.cat([rows, left_out.clamp(min=0)], dim=1)  # [R, b + K]
                 weights = torch.cat([weights, -(left_out >= 0).to(evals.dtype) / self.n], dim=1)
             x, y = self._trim_padding(self.train.inputs[rows], self.train.targets[rows])  # [R, b(+1), ...]
-            grads = step_grad(params, x, y, weights)
-            state.step(params, grads, active=active)
+            self._train_step(step_grad, state, params, x, y, weights, active)
             while next_eval < len(sched.eval_steps) and sched.eval_steps[next_eval] == step + 1:
                 evals[next_eval] = self._test_values(params).T
                 next_eval += 1
@@ -158,6 +159,11 @@ class ReplicaTrainer:
             return vmap(one)(params)
 
 
+def train_step(step_grad, state, params: dict, x, y, weights, active) -> None:
+    """One step of every replica: gradients of the weighted batch losses, then the update rule in place."""
+    state.step(params, step_grad(params, x, y, weights), active=active)
+
+
 class _OptimizerState:
     """The update rule (optim.py) applied in place to stacked [R, ...] parameters: per-replica clipping,
     step counts and masks (a replica that is not active this step keeps its parameters and moments)."""
@@ -178,7 +184,7 @@ class _OptimizerState:
         self.steps += active.double()
         mask = {n: _expand(active.to(p.dtype), p) for n, p in params.items()}
         if not rule.adaptive:
-            every = bool(active.all())
+            every = not torch.compiler.is_compiling() and bool(active.all())  # compiled: one graph, always masked
             for n, p in params.items():
                 step = rule.sgd_step(rule.coupled_gradient(p, grads[n]))
                 p.sub_(step if every else step * mask[n])
