@@ -90,6 +90,24 @@ def test_build_query_resume_and_lease_on_s3(ray_cluster, s3, tmp_path):
     resumed = build_store(config, killed, progress=False)
     np.testing.assert_array_equal(resumed.read_rows(), local.read_rows())
 
+    # two writers started at once on a fresh URI: exactly one gets the lease (a conditional put), every time
+    import threading
+
+    for round_ in range(6):
+        start, outcomes = threading.Barrier(2), []
+
+        def contend(root=store_path(f"{s3}/race-{round_}")):
+            start.wait()
+            try:
+                outcomes.append(Lease(root, "build").acquire())
+            except StoreError as err:
+                outcomes.append(err)
+
+        threads = [threading.Thread(target=contend) for _ in range(2)]
+        [t.start() for t in threads], [t.join() for t in threads]
+        assert sorted(type(o).__name__ for o in outcomes) == ["Lease", "StoreError"], outcomes
+        [o.release() for o in outcomes if isinstance(o, Lease)]
+
     holder = Lease(store_path(uri), "build").acquire()  # another build holds the URI
     try:
         with pytest.raises(StoreError, match="being written by another build"):

@@ -3,8 +3,9 @@
 A second job on the same output is refused with the holder named. A lease whose holder is gone (its process
 no longer exists on this host, or its heartbeat is older than the timeout, e.g. a killed driver on another
 node) is taken over, with a message. On a local disk the lease is created with O_EXCL (atomic); on object
-storage it is written and read back, and a takeover re-reads after a pause, so of two racing writers only the
-last one keeps it (the other sees a foreign token and stops).
+storage with a conditional put (S3's If-None-Match: *, fsspec's mode="create"), so of two builds started at
+once exactly one gets it (filesystems without exclusive creation: written and read back). A takeover re-reads
+after a pause, so of two racing takeovers only the last one keeps it (the other sees a foreign token and stops).
 """
 
 from __future__ import annotations
@@ -81,10 +82,17 @@ class Lease:
             with os.fdopen(fd, "w") as handle:
                 json.dump(self._record(), handle)
             return True
-        if self.path.exists():
+        data = json.dumps(self._record()).encode()
+        try:  # a conditional put (S3's If-None-Match: *): exactly one of two racing writers creates it
+            self.path.fs.pipe_file(self.path.path, data, mode="create")
+            return True
+        except FileExistsError:
             return False
-        write_json_atomic(self.path, self._record())
-        return (self.read() or {}).get("token") == self.token
+        except (TypeError, NotImplementedError):  # a filesystem without exclusive creation: write, read back
+            if self.path.exists():
+                return False
+            write_json_atomic(self.path, self._record())
+            return (self.read() or {}).get("token") == self.token
 
     def read(self) -> dict | None:
         try:
