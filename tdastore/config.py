@@ -202,8 +202,8 @@ class GroundTruthConfig:
     # vectorised: replicas stacked and trained together (torch.func); sequential: one at a time with torch.optim;
     # auto: vectorised for feature-vector models up to 10M parameters, sequential for token sequences
     execution: Literal["auto", "vectorised", "sequential"] = "auto"
-    # vectorised: compile each replica step's gradients with torch.compile (fuses the element-wise work between
-    # the batched products; the first step of each shape compiles, seconds to a minute)
+    # vectorised: each replica step (gradients and the update rule, one graph) through torch.compile: fuses the
+    # element-wise work between the batched products; the first step of each shape compiles (seconds)
     compile: bool = False
     workers: int = 2
     threads_per_worker: int = 1  # CPUs (and torch threads) per unit task
