@@ -163,38 +163,62 @@ def test_gold_standard_and_evaluation_on_s3(ray_cluster, s3, tmp_path):
 
 TWO_NODES = """
 import json, sys
-import numpy as np
 import ray
-from ray.cluster_utils import Cluster
 
 import tdastore
 from tdastore.distributed.build import build_store
-
-config_path, uri, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-head = {"num_cpus": 1, "include_dashboard": False, "gcs_server_port": port}
-cluster = Cluster(initialize_head=True, head_node_args=head)
-cluster.add_node(num_cpus=1)  # a second raylet with its own object store: the nodes share only the S3 endpoint
-ray.init(address=cluster.address, log_to_driver=False)
-config = tdastore.load_config(config_path)
-store = build_store(config, uri, progress=False)
 from tdastore.groundtruth.pool import run_groundtruth
 
+config_path, uri, address = sys.argv[1], sys.argv[2], sys.argv[3]
+ray.init(address=address, log_to_driver=False)
+config = tdastore.load_config(config_path)
+store = build_store(config, uri, progress=False)
 gt = run_groundtruth(config, progress=False)  # its job store on S3 too (groundtruth.output)
-print(json.dumps({"nodes": len(ray.nodes()), "status": store.manifest["status"], "gt": str(gt)}))
-ray.shutdown()
-cluster.shutdown()
+nodes = [n for n in ray.nodes() if n["Alive"]]
+print(json.dumps({"nodes": len(nodes), "status": store.manifest["status"], "gt": str(gt)}))
 """
 
 
-def test_two_node_cluster_builds_into_s3(s3, tmp_path):
-    """A head and a second node (one CPU each, so Ray must place the two workers on different nodes) build into
-    s3:// and run the gold standard into s3:// with nothing else shared; both equal local runs byte for byte."""
-    import json
-    import socket
+def start_node(temp_dir: str, head: str | None = None) -> str:
+    """`ray start` on 127.0.0.1 with one CPU, its own temp dir and its own ports (a head when `head` is None,
+    else a node joining it); returns the head's address."""
+    import os
     import subprocess
     import sys
+    from pathlib import Path
+
+    from test_jobs import free_ports
+
+    ports = free_ports(8)
+    low = 20000 + (ports[7] % 200) * 100  # a worker-port range of its own
+    args = [str(Path(sys.executable).parent / "ray"), "start", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--node-manager-port={ports[0]}",
+            f"--object-manager-port={ports[1]}", f"--dashboard-agent-listen-port={ports[2]}",
+            f"--dashboard-agent-grpc-port={ports[3]}", f"--metrics-export-port={ports[4]}",
+            f"--runtime-env-agent-port={ports[5]}", f"--min-worker-port={low}",
+            f"--max-worker-port={low + 99}"]  # fmt: skip
+    if head is None:
+        args += ["--head", f"--port={ports[6]}", "--include-dashboard=false"]
+    else:
+        args += [f"--address={head}"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # 1: nodes may join
+    run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return head or f"127.0.0.1:{ports[6]}"
+
+
+def test_two_node_cluster_builds_into_s3(s3, tmp_path):
+    """A head and a second node, each started by `ray start` with its own temp dir and one CPU (so Ray must place
+    the two workers on different nodes), build into s3:// and run the gold standard into s3:// with nothing
+    else shared; both equal local runs byte for byte."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import uuid
 
     import yaml
+    from test_jobs import stop_head
 
     uri = f"{s3}/two-nodes"
     gt = {"epochs": 2, "eval_every": 1, "lr": 0.01, "batch_size": 64, "seeds": 2, "seed_block": 1, "workers": 2,
@@ -203,12 +227,17 @@ def test_two_node_cluster_builds_into_s3(s3, tmp_path):
     tdastore.train(config, progress=False)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(tdastore.config.config_to_dict(config)))
-    with socket.socket() as probe:  # a free port for the second cluster's head
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-c", TWO_NODES, str(path), uri, str(port)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    temp_dirs = [f"/tmp/tdastore-node-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    try:
+        address = start_node(temp_dirs[0])
+        start_node(temp_dirs[1], head=address)
+        command = [sys.executable, "-c", TWO_NODES, str(path), uri, address]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    finally:
+        for temp_dir in temp_dirs[::-1]:
+            stop_head(temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report == {"nodes": 2, "status": "complete", "gt": f"{uri}/gt"}
     local = tdastore.open_store(tdastore.build(config, tmp_path / "local", progress=False).root)
