@@ -258,3 +258,31 @@ def test_two_node_cluster_builds_into_s3(s3, tmp_path):
             zarr.open_array(store=zarr_store(store_path(f"{uri}/gt/{name}"), read_only=True), mode="r")[:],
             zarr.open_array(str(here / name), mode="r")[:],
         )
+
+
+def test_query_service_over_a_store_on_s3(ray_cluster, serve_url, s3, tmp_path):
+    """The Serve replicas open a store that lives only on S3 (its fitted operator and index saved there by the
+    driver, the index shards fetched into the node cache): the answers equal the façade's on a local copy."""
+    from test_serve import deploy, post, raw_test_rows
+
+    from tdastore.serve import application
+
+    config = small_config(tmp_path, projection={"kind": "gaussian", "dim": 32})
+    tdastore.train(config, progress=False)
+    uri = f"{s3}/served"
+    build_store(config, uri, progress=False)
+    local = build_store(config, tmp_path / "local", progress=False)
+    url = deploy(serve_url, application(uri, methods=["if_gn"]), "s3")
+    inputs, targets, _ = raw_test_rows(local, 3)
+    status, body = post(url, {"method": "if_gn", "inputs": inputs, "targets": targets, "top_k": 4, "bottom_k": 2})
+    assert status == 200, body
+    test = tdastore.Attributor(local, "if_gn").task.examples("test").slice(0, 3)
+    for key, ranked in (("top", "top_k"), ("bottom", "bottom_k")):
+        expected = getattr(tdastore.Attributor(local, "if_gn", kind="flat"), ranked)(test, 4 if key == "top" else 2)
+        hits = [hit for result in body["results"] for hit in result[key]]
+        assert [h["train_id"] for h in hits] == expected.column("train_id").to_pylist()
+        np.testing.assert_allclose([h["score"] for h in hits], expected.column("score").to_numpy(), rtol=1e-4)
+    assert (store_path(uri) / "indexes" / "if_gn-flat" / "index.json").is_file()
+    from ray import serve
+
+    serve.delete("s3")
