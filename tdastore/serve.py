@@ -479,19 +479,10 @@ def start(app, host: str = "127.0.0.1", port: int = 8000, name: str = "tdastore"
 
 
 def run_service(
-    store_path: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    replicas: int = 1,
-    kind: str = "flat",
-    methods: list[str] | None = None,
-    max_batch: int = 32,
-    batch_wait_ms: float = 5.0,
-    index_shards: int = 1,
-    address: str | None = None,
+    store_path: str, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, **options
 ) -> None:
-    """Run the service until interrupted (the CLI's `tdastore serve`). The store and the port are checked
-    before Ray starts, so a mistake costs no start-up time."""
+    """Run the service until interrupted (the CLI's `tdastore serve`); `options` are `application`'s. The store
+    and the port are checked before Ray starts, so a mistake costs no start-up time."""
     import signal
     import socket
 
@@ -499,6 +490,7 @@ def run_service(
     from tdastore.store.gradient_store import open_store
 
     open_store(store_path)  # missing, incomplete or corrupt: a clear error now
+    replicas = options.get("replicas", 1)
     if replicas < 1:
         raise ConfigError(f"--replicas {replicas}: at least one replica answers queries")
     with socket.socket() as probe:
@@ -507,15 +499,7 @@ def run_service(
         except OSError as err:
             raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}): choose another --port") from err
     with ray_session(address, num_cpus=2):
-        app = application(
-            store_path,
-            methods=methods,
-            kind=kind,
-            replicas=replicas,
-            max_batch=max_batch,
-            batch_wait_ms=batch_wait_ms,
-            index_shards=index_shards,
-        )
+        app = application(store_path, **options)  # options: those of `application`
         print(f"serving {store_path} on http://{host}:{port} ({replicas} replica(s)); docs at /docs, Ctrl-C stops")
 
         def stop(*_):  # SIGTERM (a pod being stopped) ends it like Ctrl-C
