@@ -200,7 +200,8 @@ class GroundTruthConfig:
     left_out_block: int = 50
     max_replicas: int = 4096  # replicas trained together in one vmapped group (1: one at a time)
     # vectorised: replicas stacked and trained together (torch.func); sequential: one at a time with torch.optim;
-    # auto: vectorised for feature-vector models up to 10M parameters, sequential for token sequences
+    # auto: vectorised for feature-vector models up to 10M parameters; token sequences sequential, vectorised
+    # when `compile` is on
     execution: Literal["auto", "vectorised", "sequential"] = "auto"
     # vectorised: each replica step (gradients and the update rule, one graph) through torch.compile: fuses the
     # element-wise work between the batched products; the first step of each shape compiles (seconds)

@@ -187,3 +187,20 @@ def test_vectorised_steps_cut_padding_without_changing_values(lm, tmp_path):
     padded = ReplicaTrainer(vectorised.model, vectorised.task, config.groundtruth, vectorised.train, vectorised.test)
     padded._trim_padding = lambda x, y: (x, y)
     torch.testing.assert_close(trimmed, padded.run([0], [3, 7]), rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_text_replicas_equal_torch_adamw_and_auto_chooses_them(lm, tmp_path):
+    """groundtruth.compile on a GPT-2: the compiled stacked engine records the test losses of torch.optim.AdamW
+    one replica at a time; execution auto runs token sequences vectorised only when compiled."""
+    from tdastore.groundtruth.engine import ReplicaTrainer
+    from tdastore.groundtruth.sequential import SequentialTrainer, make_trainer
+
+    config = lm_config(lm, tmp_path, steps=4, eval_every=2)
+    compiled = load_config({**config_to_dict(config), "groundtruth": {**config_to_dict(config)["groundtruth"],
+                                                                      "compile": True}})  # fmt: skip
+    eager, sequential = trainers(config)
+    fused = ReplicaTrainer(eager.model, eager.task, compiled.groundtruth, eager.train, eager.test)
+    torch.testing.assert_close(fused.run([0], [3, 7]), sequential.run([0], [3, 7]), rtol=1e-5, atol=1e-6)
+    args = (eager.model, eager.task)
+    assert isinstance(make_trainer(*args, config.groundtruth, eager.train, eager.test), SequentialTrainer)
+    assert isinstance(make_trainer(*args, compiled.groundtruth, eager.train, eager.test), ReplicaTrainer)
