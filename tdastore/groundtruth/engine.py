@@ -89,7 +89,6 @@ class ReplicaTrainer:
         params = {n: t.unsqueeze(0).repeat(r, *([1] * t.dim())) for n, t in self.theta.items()}  # [R, ...]
         state = _OptimizerState(params, cfg)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        step_grad = self._step_grad
         evals = torch.empty(len(sched.eval_steps), len(self.test), r, dtype=params[self.names[0]].dtype)
         next_eval = 0
         order = None
@@ -109,7 +108,7 @@ class ReplicaTrainer:
                 rows = torch.cat([rows, left_out.clamp(min=0)], dim=1)  # [R, b + K]
                 weights = torch.cat([weights, -(left_out >= 0).to(evals.dtype) / self.n], dim=1)
             x, y = self._trim_padding(self.train.inputs[rows], self.train.targets[rows])  # [R, b(+1), ...]
-            self._train_step(step_grad, state, params, x, y, weights, active)
+            self._train_step(self._step_grad, state, params, x, y, weights, active)
             while next_eval < len(sched.eval_steps) and sched.eval_steps[next_eval] == step + 1:
                 evals[next_eval] = self._test_values(params).T
                 next_eval += 1

@@ -23,15 +23,7 @@ IDENTITY_FIELDS = ("split", "task", "model", "gradients", "projection", "layout"
 
 def write_json_atomic(path, payload: Any) -> None:
     """Write to `.part`, fsync, then rename: a reader never sees half a file (one put on an object store)."""
-    if not isinstance(path, Path):
-        path.write_text(json.dumps(payload, indent=2))
-        return
-    tmp = temporary_name(path)
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    write_bytes_atomic(path, json.dumps(payload, indent=2).encode())
 
 
 def write_bytes_atomic(path, data: bytes) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tdastore.precond.layers import layer_groups
-from tdastore.store.manifest import write_bytes_atomic
+from tdastore.store.writer import write_npz_atomic
 
 
 @dataclass
@@ -62,9 +62,7 @@ class SpectralOperator:
             arrays[f"values_{i}"] = b.values
             if b.basis is not None:
                 arrays[f"basis_{i}"] = b.basis
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        write_bytes_atomic(path, buffer.getvalue())  # a local directory or object storage
+        write_npz_atomic(path, arrays)  # a local directory or object storage
 
     @classmethod
     def load(cls, path: Path, name: str, info: dict) -> SpectralOperator:
