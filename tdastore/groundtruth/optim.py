@@ -40,8 +40,9 @@ class UpdateRule:
             return self.cfg.lr * self.cfg.weight_decay * param
         return None
 
-    def sgd_step(self, grad: torch.Tensor) -> torch.Tensor:
-        return self.cfg.lr * grad
+    def sgd_step(self, grad: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """lr * grad; in_place: written over grad (the replica engine's [R, ...] gradients, spent after)."""
+        return grad.mul_(self.cfg.lr) if in_place else self.cfg.lr * grad
 
     @staticmethod
     def moments(m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

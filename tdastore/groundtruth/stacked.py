@@ -1,0 +1,121 @@
+"""Every replica's gradient of a Linear/activation stack by hand: batched products in their fastest layouts, no vmap.
+
+Why by hand: vmap(grad(.)) of an MLP spends about 40% of a replica step outside the matrix products on one CPU
+thread (batching rules leave strided tensors that make the element-wise kernels several times slower, bias adds
+run apart from their products, and autograd picks the slow layout for the first layer's weight gradient:
+16 vs 50 GFLOP/s). Written out, the backward pass is three products per layer on contiguous tensors and one
+in-place mask per activation; torch.compile can fuse what is left (benchmarks/groundtruth_throughput.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import grad
+
+# activation -> (forward in place on a fresh tensor, autograd's backward kernel (gradient at the output, output,
+# *extra) -> gradient at the input, extra arguments); Identity is no activation at all
+_ACTIVATIONS: dict[type, tuple[Callable, Any, tuple] | None] = {
+    nn.ReLU: (torch.relu_, torch.ops.aten.threshold_backward, (0,)),
+    nn.Tanh: (torch.tanh_, torch.ops.aten.tanh_backward, ()),
+    nn.Sigmoid: (torch.sigmoid_, torch.ops.aten.sigmoid_backward, ()),
+    nn.Identity: None,
+}
+
+
+class StackedMLP:
+    """The gradients of sum_r sum_j weights[r, j] L(f_{theta_r}(x[r, j]), y[r, j]) with respect to each replica's
+    parameters theta_r [R, ...], for an nn.Sequential of nn.Linear layers and elementwise activations."""
+
+    def __init__(self, model: nn.Module, per_example_loss: Callable, reuse_buffers: bool = True):
+        self.per_example_loss = per_example_loss
+        # reuse_buffers: write every step's activations, deltas and gradients into the same tensors. Fresh
+        # [R, b, width] tensors are large enough that the C allocator maps and unmaps them each step, and their
+        # page faults cost as much as the products (eager 0.38 -> 0.55 of mm's FLOP rate); torch.compile plans
+        # its own buffers, so the compiled step leaves this off.
+        self.reuse_buffers = reuse_buffers
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self.layers: list[tuple[str, bool, tuple | None]] = []  # (name, has bias, activation after it)
+        for name, module in model.named_children():
+            if isinstance(module, nn.Linear):
+                self.layers.append((name, module.bias is not None, None))
+            elif _ACTIVATIONS[type(module)] is not None:
+                self.layers[-1] = (*self.layers[-1][:2], _ACTIVATIONS[type(module)])  # supports(): one per Linear
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """An nn.Sequential of Linear layers, each followed by at most one supported activation, no buffers."""
+        children = list(model.children())
+        if not isinstance(model, nn.Sequential) or not children or any(True for _ in model.buffers()):
+            return False
+        previous_linear = False
+        for module in children:
+            if isinstance(module, nn.Linear):
+                previous_linear = True
+            elif type(module) in _ACTIVATIONS and previous_linear:
+                previous_linear = False
+            else:
+                return False
+        return isinstance(children[0], nn.Linear)
+
+    def forward(self, params: dict, x: torch.Tensor, keep: bool = False):
+        """x [R, b, d] -> outputs [R, b, C]; keep: also every layer's input (for the backward pass)."""
+        inputs = []
+        h = x
+        for index, (name, has_bias, activation) in enumerate(self.layers):
+            inputs.append(h)
+            weight = params[f"{name}.weight"]  # [R, out, in]
+            into = self._buffer(("out", index), (*h.shape[:2], weight.shape[1]), h) if keep else None
+            if has_bias:
+                h = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h, weight.transpose(1, 2), out=into)
+            else:
+                h = torch.bmm(h, weight.transpose(1, 2), out=into)  # [R, b, out]
+            if activation is not None:
+                h = activation[0](h)
+        return (h, inputs) if keep else h
+
+    def __call__(self, params: dict, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> dict:
+        """x [R, b, d], y [R, b, ...], weights [R, b] -> {name: gradient [R, ...]} like params."""
+        out, inputs = self.forward(params, x, keep=True)  # out [R, b, C]
+        delta = grad(self._weighted_loss)(out, y, weights)  # [R, b, C] d loss / d output
+        grads = {}
+        for index in range(len(self.layers) - 1, -1, -1):
+            name, has_bias, activation = self.layers[index]
+            if activation is not None:  # through this layer's activation, from its output
+                _, backward, extra = activation
+                output = inputs[index + 1] if index + 1 < len(inputs) else out
+                if self.reuse_buffers:
+                    delta = backward.grad_input(delta, output, *extra, grad_input=delta)
+                else:
+                    delta = backward(delta, output, *extra)
+            h = inputs[index]  # [R, b, in]
+            weight = params[f"{name}.weight"]  # [R, out, in]
+            if weight.shape[2] < weight.shape[1]:  # narrow input: h^T delta runs ~3x faster than delta^T h
+                into = self._buffer(("weight", index), weight.shape[:1] + weight.shape[2:0:-1], h)
+                grads[f"{name}.weight"] = torch.bmm(h.transpose(1, 2), delta, out=into).transpose(1, 2)
+            else:
+                grads[f"{name}.weight"] = torch.bmm(
+                    delta.transpose(1, 2), h, out=self._buffer(("weight", index), weight.shape, h)
+                )
+            if has_bias:
+                grads[f"{name}.bias"] = torch.sum(delta, 1, out=self._buffer(("bias", index), delta.shape[::2], h))
+            if index > 0:  # the gradient at the previous layer's output [R, b, in]
+                delta = torch.bmm(delta, weight, out=self._buffer(("delta", index), h.shape, h))
+        return grads
+
+    def _buffer(self, key: tuple, shape, like: torch.Tensor) -> torch.Tensor | None:
+        """The tensor this step writes `key` into: the same one every step of that shape, or None (a fresh one)."""
+        if not self.reuse_buffers:
+            return None
+        key = (*key, tuple(shape), like.dtype, like.device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return self._buffers[key]
+
+    def _weighted_loss(self, out: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        r, b = weights.shape
+        losses = self.per_example_loss(out.reshape(r * b, *out.shape[2:]), y.reshape(r * b, *y.shape[2:]))
+        return (losses.reshape(r, b) * weights).sum()
