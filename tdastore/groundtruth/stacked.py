@@ -30,13 +30,12 @@ class StackedMLP:
     """The gradients of sum_r sum_j weights[r, j] L(f_{theta_r}(x[r, j]), y[r, j]) with respect to each replica's
     parameters theta_r [R, ...], for an nn.Sequential of nn.Linear layers and elementwise activations."""
 
-    def __init__(self, model: nn.Module, per_example_loss: Callable, reuse_buffers: bool = True):
+    def __init__(self, model: nn.Module, per_example_loss: Callable, chunk_bytes: int = 1 << 21):
         self.per_example_loss = per_example_loss
-        # reuse_buffers: write every step's activations, deltas and gradients into the same tensors. Fresh
-        # [R, b, width] tensors are large enough that the C allocator maps and unmaps them each step, and their
-        # page faults cost as much as the products (eager 0.38 -> 0.55 of mm's FLOP rate); torch.compile plans
-        # its own buffers, so the compiled step leaves this off.
-        self.reuse_buffers = reuse_buffers
+        # Every step's activations, deltas and gradients are written into the same tensors: fresh [R, b, width]
+        # tensors are large enough that the C allocator maps and unmaps them each step, and their page faults
+        # cost as much as the products did (0.38 -> 0.55 of mm's FLOP rate).
+        self.chunk_bytes = chunk_bytes  # one layer's activations of a chunk of replicas
         self._buffers: dict[tuple, torch.Tensor] = {}
         self.layers: list[tuple[str, bool, tuple | None]] = []  # (name, has bias, activation after it)
         for name, module in model.named_children():
@@ -78,38 +77,55 @@ class StackedMLP:
         return (h, inputs) if keep else h
 
     def __call__(self, params: dict, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> dict:
-        """x [R, b, d], y [R, b, ...], weights [R, b] -> {name: gradient [R, ...]} like params."""
-        out, inputs = self.forward(params, x, keep=True)  # out [R, b, C]
-        delta = grad(self._weighted_loss)(out, y, weights)  # [R, b, C] d loss / d output
+        """x [R, b, d], y [R, b, ...], weights [R, b] -> {name: gradient [R, ...]} like params.
+
+        Replicas go through in chunks whose activations stay in cache: the chunks reuse the same buffers, and
+        only the gradients leave each chunk (into slices of [R, ...] tensors)."""
+        r, b = weights.shape
+        width = max(params[f"{name}.weight"].shape[1] for name, _, _ in self.layers)
+        chunk = max(1, min(r, self.chunk_bytes // (b * width * x.element_size())))
         grads = {}
+        for name, has_bias, _ in self.layers:
+            weight = params[f"{name}.weight"]  # [R, out, in]; narrow inputs get their gradient transposed
+            shape = weight.shape[:1] + weight.shape[2:0:-1] if _narrow(weight) else weight.shape
+            grads[f"{name}.weight"] = self._buffer(("weight", name), shape, weight)
+            if has_bias:
+                grads[f"{name}.bias"] = self._buffer(("bias", name), params[f"{name}.bias"].shape, weight)
+        for start in range(0, r, chunk):
+            part = slice(start, start + chunk)
+            self._chunk_grads(
+                {n: p[part] for n, p in params.items()},
+                x[part],
+                y[part],
+                weights[part],
+                {n: g[part] for n, g in grads.items()},
+            )
+        transposed = {f"{name}.weight" for name, _, _ in self.layers if _narrow(params[f"{name}.weight"])}
+        return {n: g.transpose(1, 2) if n in transposed else g for n, g in grads.items()}  # like params
+
+    def _chunk_grads(self, params: dict, x, y, weights, grads: dict) -> None:
+        """One chunk's forward and backward passes; its gradients are written into `grads`."""
+        out, inputs = self.forward(params, x, keep=True)  # out [r, b, C]
+        delta = grad(self._weighted_loss)(out, y, weights)  # [r, b, C] d loss / d output
         for index in range(len(self.layers) - 1, -1, -1):
             name, has_bias, activation = self.layers[index]
             if activation is not None:  # through this layer's activation, from its output
                 _, backward, extra = activation
                 output = inputs[index + 1] if index + 1 < len(inputs) else out
-                if self.reuse_buffers:
-                    delta = backward.grad_input(delta, output, *extra, grad_input=delta)
-                else:
-                    delta = backward(delta, output, *extra)
-            h = inputs[index]  # [R, b, in]
-            weight = params[f"{name}.weight"]  # [R, out, in]
-            if weight.shape[2] < weight.shape[1]:  # narrow input: h^T delta runs ~3x faster than delta^T h
-                into = self._buffer(("weight", index), weight.shape[:1] + weight.shape[2:0:-1], h)
-                grads[f"{name}.weight"] = torch.bmm(h.transpose(1, 2), delta, out=into).transpose(1, 2)
+                delta = backward.grad_input(delta, output, *extra, grad_input=delta)
+            h = inputs[index]  # [r, b, in]
+            weight = params[f"{name}.weight"]  # [r, out, in]
+            if _narrow(weight):  # h^T delta runs ~3x faster than delta^T h here
+                torch.bmm(h.transpose(1, 2), delta, out=grads[f"{name}.weight"])  # [r, in, out]
             else:
-                grads[f"{name}.weight"] = torch.bmm(
-                    delta.transpose(1, 2), h, out=self._buffer(("weight", index), weight.shape, h)
-                )
+                torch.bmm(delta.transpose(1, 2), h, out=grads[f"{name}.weight"])  # [r, out, in]
             if has_bias:
-                grads[f"{name}.bias"] = torch.sum(delta, 1, out=self._buffer(("bias", index), delta.shape[::2], h))
-            if index > 0:  # the gradient at the previous layer's output [R, b, in]
+                torch.sum(delta, 1, out=grads[f"{name}.bias"])  # [r, out]
+            if index > 0:  # the gradient at the previous layer's output [r, b, in]
                 delta = torch.bmm(delta, weight, out=self._buffer(("delta", index), h.shape, h))
-        return grads
 
-    def _buffer(self, key: tuple, shape, like: torch.Tensor) -> torch.Tensor | None:
-        """The tensor this step writes `key` into: the same one every step of that shape, or None (a fresh one)."""
-        if not self.reuse_buffers:
-            return None
+    def _buffer(self, key: tuple, shape, like: torch.Tensor) -> torch.Tensor:
+        """The tensor `key` is written into: the same one for every chunk and step of that shape."""
         key = (*key, tuple(shape), like.dtype, like.device)
         if key not in self._buffers:
             self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
@@ -119,3 +135,8 @@ class StackedMLP:
         r, b = weights.shape
         losses = self.per_example_loss(out.reshape(r * b, *out.shape[2:]), y.reshape(r * b, *y.shape[2:]))
         return (losses.reshape(r, b) * weights).sum()
+
+
+def _narrow(weight: torch.Tensor) -> bool:
+    """[R, out, in] with fewer inputs than outputs: its gradient is computed as h^T delta, transposed."""
+    return weight.shape[2] < weight.shape[1]
