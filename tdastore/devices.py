@@ -3,6 +3,10 @@ clearly when this machine has no such device. Ray schedules GPU workers by `buil
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
+
 import torch
 
 from tdastore.errors import ConfigError
@@ -43,3 +47,25 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def on_device(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """The model moved to the config's device (`auto` decided by this process's own hardware)."""
     return model.to(resolve_device(name))
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+@functools.cache
+def keep_cpu_allocations(limit: int = 1 << 30) -> bool:
+    """Ask glibc to serve blocks below `limit` from its heap and to keep freed ones there for the next step.
+
+    Why: glibc maps every block over its mmap threshold afresh and unmaps it on free, and returns the heap's
+    free top to the system past 128 KiB, so a training step that allocates [replicas, batch, ...] tensors
+    page-faults through all of them again every step. On the text replica engine that was 40% of the eager
+    time (22 -> 37 replica-steps/s, benchmarks/text_groundtruth.py). The cost: this process keeps up to `limit`
+    of freed memory mapped instead of returning it. Called by the training loops on the CPU (once per
+    process); does nothing where the C library is not glibc. Returns whether it applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, limit))
+    except (OSError, AttributeError):  # musl and others: no libc.so.6 or no mallopt
+        return False

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tdastore.config import GroundTruthConfig
-from tdastore.devices import model_device
+from tdastore.devices import keep_cpu_allocations, model_device
 from tdastore.groundtruth.optim import UpdateRule
 from tdastore.groundtruth.stacked import StackedMLP
 from tdastore.tasks.base import Examples, Task
@@ -50,6 +50,8 @@ class ReplicaTrainer:
 
     def __init__(self, model: nn.Module, task: Task, cfg: GroundTruthConfig, train: Examples, test: Examples):
         self.device = model_device(model)  # replicas train where the model lives (config `device`)
+        if self.device.type == "cpu":
+            keep_cpu_allocations()  # each step's large tensors reuse the last step's memory (devices.py)
         self.model, self.task, self.cfg = model, task, cfg
         self.train, self.test = train.to(self.device), test.to(self.device)
         self.names = [n for n, _ in model.named_parameters()]

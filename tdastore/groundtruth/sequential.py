@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tdastore.config import GroundTruthConfig
-from tdastore.devices import model_device
+from tdastore.devices import keep_cpu_allocations, model_device
 from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
 from tdastore.tasks.base import Examples, Task
 
@@ -34,6 +34,8 @@ class SequentialTrainer:
 
     def __init__(self, model: nn.Module, task: Task, cfg: GroundTruthConfig, train: Examples, test: Examples):
         self.device = model_device(model)
+        if self.device.type == "cpu":
+            keep_cpu_allocations()  # each step's large tensors reuse the last step's memory (devices.py)
         self.model, self.task, self.cfg = model, task, cfg
         self.train, self.test = train, test.to(self.device)
         self.start = {n: t.detach().clone() for n, t in model.state_dict().items()}

@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from tdastore.config import GroundTruthConfig
-from tdastore.devices import model_device
+from tdastore.devices import keep_cpu_allocations, model_device
 from tdastore.groundtruth.engine import Schedule
 from tdastore.groundtruth.optim import UpdateRule
 from tdastore.tasks.base import Examples, Task
@@ -36,6 +36,8 @@ class WeightedRun:
         rows: Sequence[int] | None = None,
     ):
         device = model_device(model)  # the run follows the model's device (config `device`)
+        if device.type == "cpu":
+            keep_cpu_allocations()  # each step's large tensors reuse the last step's memory (devices.py)
         self.model, self.task, self.cfg = model, task, cfg
         self.train, self.test = train.to(device), test.to(device)
         self.rule = UpdateRule(cfg)
