@@ -5,7 +5,8 @@ not change the cost), its standard-library documents truncated to 64 tokens, the
 (subtract coupling, AdamW, clipping 1.0) in batches of 16: replica-steps per second of the vectorised engine
 (replicas stacked, one vmap per step) divided by one-at-a-time torch.optim.AdamW further training
 (SequentialTrainer, the loop a user would write), both on one thread; and the vectorised engine with
-groundtruth.compile (torch.compile of the whole replica step), timed after its compiling run.
+groundtruth.compile (torch.compile of the whole replica step), timed after its compiling run; and the loop's
+own FLOP rate (torch's FlopCounterMode) against a raw torch.mm's, the ceiling of any engine's speed-up over it.
 
     python benchmarks/text_groundtruth.py [--replicas R] [--steps T]
 """
@@ -19,6 +20,18 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def mm_flops(seconds_budget: float = 1.0) -> float:
+    """A raw 1024 x 1024 torch.mm's FLOP rate on this thread: the reference for every rate above."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    count, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds_budget:
+        torch.mm(a, b)
+        count += 1
+    return count * 2 * 1024**3 / (time.perf_counter() - began)
 
 
 def main() -> None:
@@ -77,6 +90,10 @@ def main() -> None:
             trainer.run([0], left)
             rates[name] = (args.replicas + 1) * args.steps / (time.perf_counter() - began)
         vectorised, fused, sequential = rates.values()
+        with FlopCounterMode(display=False) as counter:  # what one replica-step of the loop computes
+            SequentialTrainer(model, task, config.groundtruth, train, test).run([0], left[:1])
+        step_flops = counter.get_total_flops() / (2 * args.steps)
+        mm = mm_flops()
         shape = f"GPT-2 2 x 64, batch 16 x 64 tokens, {args.replicas + 1} replicas x {args.steps} steps, one thread"
         print(
             f"text replicas ({shape}): vectorised / one-at-a-time replica-steps/s = {vectorised / sequential:.2f} "
@@ -85,6 +102,12 @@ def main() -> None:
         print(
             f"with groundtruth.compile: {fused / sequential:.2f} ({fused:.1f} replica-steps/s, "
             f"{fused / vectorised:.2f}x the eager engine; its first run, compiling, took {compiling:.0f} s)"
+        )
+        print(
+            f"one-at-a-time loop FLOP rate / raw torch.mm FLOP rate: {sequential * step_flops / mm:.2f} "
+            f"({sequential * step_flops / 1e9:.1f} vs {mm / 1e9:.1f} GFLOP/s, {step_flops / 1e9:.2f} GFLOP per "
+            f"replica-step counted by torch's FlopCounterMode), so no engine can run more than "
+            f"{mm / (sequential * step_flops):.1f}x the loop on this thread"
         )
 
 
