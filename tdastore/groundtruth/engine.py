@@ -59,9 +59,9 @@ class ReplicaTrainer:
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.n = len(train)
         self.schedule = Schedule.from_config(cfg, self.n)
-        # every replica's gradient of its weighted batch loss: written out for MLPs (stacked.py says why), else vmap
-        # groundtruth.compile: the whole step through torch.compile, or for the written-out MLP only the update
-        # rule (its products already run in their fastest layouts; compiled they ran 10-20% slower)
+        # Every replica's gradient of its weighted batch loss: written out for MLPs (stacked.py says why), else
+        # vmap. groundtruth.compile: the whole step through torch.compile, or for the written-out MLP only the
+        # update rule (its products already run in their fastest layouts; compiled whole they ran 10-20% slower).
         self._compile_update = False
         if StackedMLP.supports(model):
             self._step_grad = StackedMLP(model, task.per_example_loss)
