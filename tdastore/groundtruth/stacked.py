@@ -80,11 +80,13 @@ class StackedMLP:
     def __call__(self, params: dict, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> dict:
         """x [R, b, d], y [R, b, ...], weights [R, b] -> {name: gradient [R, ...]} like params.
 
-        Replicas go through in chunks whose activations stay in cache: the chunks reuse the same buffers, and
-        only the gradients leave each chunk (into slices of [R, ...] tensors)."""
+        On the CPU replicas go through in chunks whose activations stay in cache: the chunks reuse the same
+        buffers, and only the gradients leave each chunk (into slices of [R, ...] tensors)."""
         r, b = weights.shape
         width = max(params[f"{name}.weight"].shape[1] for name, _, _ in self.layers)
         chunk = max(1, min(r, self.chunk_bytes // (b * width * x.element_size())))
+        if x.device.type != "cpu":  # a GPU wants few large launches; its caches are not what bounds it
+            chunk = r
         grads = {}
         for name, has_bias, _ in self.layers:
             weight = params[f"{name}.weight"]  # [R, out, in]; narrow inputs get their gradient transposed
