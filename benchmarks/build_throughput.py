@@ -25,6 +25,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
+from reference import best_seconds
 
 from tdastore.tasks.synthetic import write_synthetic_regression
 
@@ -60,16 +61,6 @@ def make_config(work: Path, rows: int, features: int, hidden: list[int], project
     task = make_task(config.task, config.model)
     save_model(task.make_model(), config, Path(config.train.output_dir))
     return config
-
-
-def best_seconds(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return min(times)
 
 
 def training_step_rate(features: int, hidden: list[int], threads: int) -> float:

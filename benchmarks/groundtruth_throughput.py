@@ -28,6 +28,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
+from reference import best_seconds, mm_flops
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 import tdastore
@@ -66,26 +67,6 @@ def sequential(task, model, train, test, cfg: GroundTruthConfig, replicas) -> fl
             with torch.no_grad():
                 task.test_function(replica(test.inputs), test.targets)
     return time.perf_counter() - began
-
-
-def best_seconds(run, repeats: int = 3) -> float:
-    """The fastest of a few runs: what the code costs, less what other processes took from the core."""
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - began)
-    return min(times)
-
-
-def mm_flops(seconds_budget: float = 1.0) -> float:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    torch.mm(a, b)
-    count, began = 0, time.perf_counter()
-    while time.perf_counter() - began < seconds_budget:
-        torch.mm(a, b)
-        count += 1
-    return count * 2 * 1024**3 / (time.perf_counter() - began)
 
 
 def pool_seconds(work: Path, workers: int, threads: int, name: str) -> float:

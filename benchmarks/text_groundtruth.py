@@ -20,18 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+from reference import mm_flops
 from torch.utils.flop_counter import FlopCounterMode
-
-
-def mm_flops(seconds_budget: float = 1.0) -> float:
-    """A raw 1024 x 1024 torch.mm's FLOP rate on this thread: the reference for every rate above."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    torch.mm(a, b)
-    count, began = 0, time.perf_counter()
-    while time.perf_counter() - began < seconds_budget:
-        torch.mm(a, b)
-        count += 1
-    return count * 2 * 1024**3 / (time.perf_counter() - began)
 
 
 def main() -> None:

@@ -25,18 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from reference import best_seconds
 
 BATCH, LENGTH = 16, 128
-
-
-def best_seconds(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return min(times)
 
 
 def write_corpus(path: Path, n_docs: int, seed: int = 0) -> None:
