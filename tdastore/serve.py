@@ -16,6 +16,7 @@ what a request must hold and every malformed request is a 4xx that names the fie
 """
 
 import asyncio
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -345,12 +346,10 @@ class QueryService:
             return attributor.ranked_queries(queries, k, sign)
         from tdastore.index.faiss_index import merge_top_k
 
-        scale = np.float32(attributor.scale)
-        parts = await asyncio.gather(
-            *[shard.search.remote(attributor.method.name, sign * queries / scale, k) for shard in self.shards]
-        )
+        scaled = attributor.index_queries(queries, sign)
+        parts = await asyncio.gather(*[shard.search.remote(attributor.method.name, scaled, k) for shard in self.shards])
         found, rows = merge_top_k(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1), k)
-        return sign * found * scale, rows
+        return attributor.index_scores(found, sign), rows
 
     def hits(self, ranked: dict, sign: float, i: int, k: int) -> list[dict]:
         if k == 0:
@@ -434,13 +433,7 @@ def application(
     overrides: dict | None = None,
 ):
     """The Serve application for a store (prepares operators and indexes here, once): `serve.run(...)` it."""
-    if replicas < 1 or max_batch < 1 or index_shards < 1 or batch_wait_ms < 0:
-        raise ConfigError(
-            f"replicas ({replicas}), max_batch ({max_batch}) and index_shards ({index_shards}) must be >= 1 and "
-            f"batch_wait_ms ({batch_wait_ms}) >= 0: at least one replica answers queries"
-        )
-    if index_shards > 1 and kind is None:
-        raise ConfigError("index_shards > 1 splits a FAISS index: give an index kind (--kind flat)")
+    check_options(kind, replicas, max_batch, batch_wait_ms, index_shards)
     served = served_methods(store_path, methods, kind, overrides)
     shards = [
         IndexShard.options(name=f"IndexShard{i}").bind(store_path, served["methods"], kind, i, index_shards)
@@ -450,6 +443,17 @@ def application(
     # collapses throughput under load) and takes in enough at once to fill a batch
     front = QueryService.options(num_replicas=replicas, max_ongoing_requests=max(64, 2 * max_batch))
     return front.bind(store_path, served, kind, overrides, max_batch, batch_wait_ms, shards)
+
+
+def check_options(kind: str | None, replicas: int, max_batch: int, batch_wait_ms: float, index_shards: int) -> None:
+    """`application`'s numbers, refused with the fix before anything is prepared or started."""
+    if replicas < 1 or max_batch < 1 or index_shards < 1 or batch_wait_ms < 0:
+        raise ConfigError(
+            f"replicas ({replicas}), max_batch ({max_batch}) and index_shards ({index_shards}) must be >= 1 and "
+            f"batch_wait_ms ({batch_wait_ms}) >= 0: at least one replica answers queries"
+        )
+    if index_shards > 1 and kind is None:
+        raise ConfigError("index_shards > 1 splits a FAISS index: give an index kind (--kind flat)")
 
 
 class ServiceArgs(BaseModel):
@@ -490,9 +494,9 @@ def run_service(
     from tdastore.store.gradient_store import open_store
 
     open_store(store_path)  # missing, incomplete or corrupt: a clear error now
-    replicas = options.get("replicas", 1)
-    if replicas < 1:
-        raise ConfigError(f"--replicas {replicas}: at least one replica answers queries")
+    defaults = {n: p.default for n, p in inspect.signature(application).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    given = {**defaults, **options}
+    check_options(given["kind"], given["replicas"], given["max_batch"], given["batch_wait_ms"], given["index_shards"])
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
@@ -500,7 +504,10 @@ def run_service(
             raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}): choose another --port") from err
     with ray_session(address, num_cpus=2):
         app = application(store_path, **options)  # options: those of `application`
-        print(f"serving {store_path} on http://{host}:{port} ({replicas} replica(s)); docs at /docs, Ctrl-C stops")
+        print(
+            f"serving {store_path} on http://{host}:{port} ({given['replicas']} replica(s)); docs at /docs, "
+            "Ctrl-C stops"
+        )
 
         def stop(*_):  # SIGTERM (a pod being stopped) ends it like Ctrl-C
             raise KeyboardInterrupt

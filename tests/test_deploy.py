@@ -91,10 +91,9 @@ def check_serve_config(config: dict) -> None:
     module, name = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), name))
     args = ServiceArgs.model_validate(app["args"])
-    assert args.store == tdastore.load_config(ROOT / "configs" / "cluster_diabetes.yaml").store.path
-    assert set(args.methods) <= set(
-        tdastore.load_config(ROOT / "configs" / "cluster_diabetes.yaml").attribution.methods
-    )
+    cluster = tdastore.load_config(ROOT / "configs" / "cluster_diabetes.yaml")
+    assert args.store == cluster.store.path
+    assert set(args.methods) <= set(cluster.attribution.methods)
 
 
 def test_cluster_launcher_yaml_passes_rays_validation():

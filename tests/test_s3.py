@@ -187,7 +187,7 @@ def start_node(temp_dir: str, head: str | None = None) -> str:
     import sys
     from pathlib import Path
 
-    from test_jobs import free_ports
+    from conftest import free_ports
 
     ports = free_ports(8)
     low = 20000 + (ports[7] % 200) * 100  # a worker-port range of its own
@@ -263,7 +263,7 @@ def test_two_node_cluster_builds_into_s3(s3, tmp_path):
 def test_query_service_over_a_store_on_s3(ray_cluster, serve_url, s3, tmp_path):
     """The Serve replicas open a store that lives only on S3 (its fitted operator and index saved there by the
     driver, the index shards fetched into the node cache): the answers equal the façade's on a local copy."""
-    from test_serve import deploy, post, raw_test_rows
+    from test_serve import assert_same_answers, deploy, post, raw_test_rows
 
     from tdastore.serve import application
 
@@ -276,12 +276,7 @@ def test_query_service_over_a_store_on_s3(ray_cluster, serve_url, s3, tmp_path):
     inputs, targets, _ = raw_test_rows(local, 3)
     status, body = post(url, {"method": "if_gn", "inputs": inputs, "targets": targets, "top_k": 4, "bottom_k": 2})
     assert status == 200, body
-    test = tdastore.Attributor(local, "if_gn").task.examples("test").slice(0, 3)
-    for key, ranked in (("top", "top_k"), ("bottom", "bottom_k")):
-        expected = getattr(tdastore.Attributor(local, "if_gn", kind="flat"), ranked)(test, 4 if key == "top" else 2)
-        hits = [hit for result in body["results"] for hit in result[key]]
-        assert [h["train_id"] for h in hits] == expected.column("train_id").to_pylist()
-        np.testing.assert_allclose([h["score"] for h in hits], expected.column("score").to_numpy(), rtol=1e-4)
+    assert_same_answers(body, local, "if_gn", 4, 2, 3)
     assert (store_path(uri) / "indexes" / "if_gn-flat" / "index.json").is_file()
     from ray import serve
 

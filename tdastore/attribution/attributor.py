@@ -267,9 +267,17 @@ class Attributor:
         if self.index is None:
             blocks = projected_score_blocks(self.store, self.operator, self.method, queries)
             return stream_top_k(blocks, len(queries), k, self.store.n_rows, None, sign, False)
-        scale = np.float32(self.scale)
-        found, rows = self.index.search(sign * queries / scale, k)  # unscaled: float32 headroom
-        return sign * found * scale, rows
+        found, rows = self.index.search(self.index_queries(queries, sign), k)
+        return self.index_scores(found, sign), rows
+
+    def index_queries(self, queries: np.ndarray, sign: float = 1.0) -> np.ndarray:
+        """What an index (or an index shard) searches with: the signed queries without the score scale, which
+        would crowd float32's range in the inner products; index_scores puts it back."""
+        return sign * queries / np.float32(self.scale)
+
+    def index_scores(self, found: np.ndarray, sign: float = 1.0) -> np.ndarray:
+        """An index search's inner products of index_queries(queries, sign), as the scores of `queries`."""
+        return sign * found * np.float32(self.scale)
 
     def _ranked_on_ray(self, test: Examples, k: int, sign: float, matrix, scores_out):
         import ray
