@@ -96,10 +96,10 @@ VECTORISE_MAX_PARAMS = 10_000_000
 
 def make_trainer(model: nn.Module, task: Task, cfg: GroundTruthConfig, train: Examples, test: Examples):
     """The replica trainer groundtruth.execution asks for. auto: vectorised for feature-vector models up to 10M
-    parameters, where a step is small and stacking replicas removes per-step overhead (2.6x on the tabular MLP);
-    for token sequences vectorised only with groundtruth.compile (1.4-1.5x the loop once compiled on the demo
-    LM, 0.6x eager: a step is already large products, and vmap's batched ones run slower than plain ones on a
-    CPU), else one at a time (benchmarks/text_groundtruth.py)."""
+    parameters, where a step is small and stacking replicas removes per-step overhead (3.3x on the tabular MLP);
+    for token sequences vectorised only with groundtruth.compile (1.4x the loop once compiled on the demo LM,
+    0.93x eager: a step is already large products, and the loop itself runs at a third of the CPU's matrix-product
+    rate), else one at a time (benchmarks/text_groundtruth.py)."""
     params = sum(p.numel() for p in model.parameters())
     tokens = getattr(train, "padded", False)
     large = params > VECTORISE_MAX_PARAMS or (tokens and not cfg.compile)
