@@ -65,11 +65,16 @@ def main() -> int:
     model, task = gpu.model, gpu.task
     batches = [gpu.data.slice(i, min(i + 32, shard.stop)) for i in range(0, shard.stop, 32)]
     model.train()
+
+    def training_steps() -> None:
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            task.per_example_loss(model(batch.inputs.cuda()), batch.targets.cuda()).sum().backward()
+
+    training_steps()  # warm-up, as the build had: the first backward sets up cuBLAS and the autograd buffers
     torch.cuda.synchronize()
     began = time.perf_counter()
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        task.per_example_loss(model(batch.inputs.cuda()), batch.targets.cuda()).sum().backward()
+    training_steps()
     torch.cuda.synchronize()
     step_seconds = time.perf_counter() - began
     print(f"gpu_check: per-row cosine bf16 GPU vs fp32 CPU: min {cosine.min():.4f}, median {np.median(cosine):.4f}")

@@ -10,7 +10,10 @@
 3. 1,000 prompts scored (top-10 and the full score matrix) against a 20,000-document store by 2 Ray actors
    vs 1 (the same Ray session, actor start-up included).
 
-    python benchmarks/lm_scale.py [--parts queries,kfac,gpt2]
+With `--device cuda` part 1 runs on the GPU with the model in bfloat16, 16 x 512 tokens a batch, and its Ray
+build is one GPU worker (tokens/s end to end instead of the RSS ratio, which measures host memory).
+
+    python benchmarks/lm_scale.py [--parts queries,kfac,gpt2] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -58,11 +61,11 @@ def save_gpt2(out: Path, vocab: int, layers: int, width: int, heads: int, positi
     return out
 
 
-def text_config(model_dir: Path, corpus: Path, store_path: Path, **sections):
+def text_config(model_dir: Path, corpus: Path, store_path: Path, device: str = "cpu", **sections):
     from tdastore.config import load_config
 
     raw = {
-        "device": "cpu",
+        "device": device,
         "task": {"dataset": str(corpus), "kind": "causal_lm", "max_length": LENGTH, "id_column": "id"},
         "model": {"name_or_path": str(model_dir)},
         "gradients": {"modules": "auto", "batch_size": 2, "full_norms": False},
@@ -75,7 +78,7 @@ def text_config(model_dir: Path, corpus: Path, store_path: Path, **sections):
     return load_config(raw)
 
 
-def gpt2_small(work: Path) -> None:
+def gpt2_small(work: Path, device: str = "cpu") -> None:
     import ray
 
     from tdastore.distributed.build import build_store
@@ -84,29 +87,51 @@ def gpt2_small(work: Path) -> None:
 
     model_dir = save_gpt2(work / "gpt2-small", 50257, 12, 768, 12, 1024, 2048)
     corpus = work / "long.jsonl"
-    write_corpus(corpus, 40, 60)
-    config = text_config(model_dir, corpus, work / "small-store", task={"test_fraction": 0.2})
+    gpu = device.startswith("cuda")
+    batch = 16 if gpu else 2
+    write_corpus(corpus, 160 if gpu else 40, 60)
+    config = text_config(
+        model_dir,
+        corpus,
+        work / "small-store",
+        device=device,
+        task={"test_fraction": 0.2},
+        model={"dtype": "bfloat16", "attention": "sdpa"} if gpu else {},
+        gradients={"batch_size": batch},
+    )
     estimate = planned_worker_mb(config, work)  # first: a fresh process, as a user runs `tdastore plan`
     torch.set_num_threads(2)
     task = make_task(config.task, config.model)
-    model = task.make_model()
+    model = task.make_model().to(device)  # in the config's dtype
     params = sum(p.numel() for p in model.parameters())
     computer = make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection)
     train = task.examples("train")
-    batches = [train.slice(i * 2, i * 2 + 2) for i in range(2)]
+    batches = [train.slice(i * batch, (i + 1) * batch).to(device) for i in range(2)]
     assert all(b.inputs.shape[-1] == LENGTH for b in batches), "documents shorter than 512 tokens"
     tokens = sum(int(b.inputs[:, 1].sum()) for b in batches)
-    t_train, t_build = train_and_build_seconds(task, model, computer, batches, repeats=2)
+    t_train, t_build = train_and_build_seconds(task, model, computer, batches, repeats=2, sync=gpu)
+    where = "GPU, bfloat16" if gpu else "2 threads"
     print(
-        f"GPT-2-small shape ({params / 1e6:.0f}M parameters, {len(computer.modules)} modules auto, 2 x {LENGTH} "
-        f"tokens, 2 threads): build/train-step tokens/s = {t_train / t_build:.3f} "
+        f"GPT-2-small shape ({params / 1e6:.0f}M parameters, {len(computer.modules)} modules auto, {batch} x "
+        f"{LENGTH} tokens, {where}): build/train-step tokens/s = {t_train / t_build:.3f} "
         f"(build {tokens / t_build:,.0f} tokens/s, training step {tokens / t_train:,.0f} tokens/s)"
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        num_cpus=2, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )  # fmt: skip
     try:
+        began = time.perf_counter()
         store = build_store(config, config.store.path, progress=False)
+        seconds = time.perf_counter() - began
     finally:
         ray.shutdown()
+    if gpu:
+        print(
+            f"GPT-2-small Ray build, one GPU worker: {store.n_rows} documents x {LENGTH} tokens in {seconds:.1f} s "
+            f"end to end ({store.n_rows * LENGTH / seconds:,.0f} tokens/s, worker start-up included)"
+        )
+        return
     measured = store.manifest["summary"]["peak_worker_rss_mb"]
     print(
         f"GPT-2-small build worker peak RSS / `tdastore plan` estimate: {measured / estimate:.3f} "
@@ -214,6 +239,7 @@ def main() -> None:
     parser.add_argument(
         "--parts", default="queries,kfac,gpt2", help="comma-separated subset of queries, kfac, gpt2 (the slowest)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the GPT-2-small part on the GPU in bfloat16")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     from tdastore.tasks.text import quiet_hugging_face
@@ -226,7 +252,7 @@ def main() -> None:
         if "kfac" in parts:
             demo_lm_kfac(work)
         if "gpt2" in parts:
-            gpt2_small(work)
+            gpt2_small(work, args.device)
 
 
 if __name__ == "__main__":

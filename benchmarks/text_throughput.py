@@ -101,18 +101,23 @@ def build_vs_training_step(config) -> tuple[float, float, float]:
     return (tokens / t_build) / (tokens / t_train), tokens / t_build, tokens / t_train
 
 
-def train_and_build_seconds(task, model, computer, batches, repeats: int = 3) -> tuple[float, float]:
+def train_and_build_seconds(
+    task, model, computer, batches, repeats: int = 3, sync: bool = False
+) -> tuple[float, float]:
     """Best seconds over `batches` of plain training steps (forward + backward of the summed loss, every weight
-    gradient) and of the store's gradient computer."""
+    gradient) and of the store's gradient computer. sync: wait for the GPU at the end of each run."""
+    wait = torch.cuda.synchronize if sync else (lambda: None)
 
     def training_steps():
         for b in batches:
             model.zero_grad(set_to_none=True)
             task.per_example_loss(model(b.inputs), b.targets).sum().backward()
+        wait()
 
     def build():
         for b in batches:
             computer(b.inputs, b.targets)
+        wait()
 
     return best_seconds(training_steps, repeats), best_seconds(build, repeats)
 
