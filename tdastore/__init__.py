@@ -16,10 +16,13 @@ Python API (notebooks):
 
 from tdastore.attribution import Attributor
 from tdastore.config import Config, load_config
+from tdastore.devices import reproducible_cpu_products
 from tdastore.store.gradient_store import GradientStore, open_store
 from tdastore.tasks import ModelTask, Task
 from tdastore.training import train
 from tdastore.version import __version__
+
+reproducible_cpu_products()  # before any product runs in this process: bitwise-equal rows at any thread count
 
 
 def build(

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -69,3 +72,42 @@ def keep_cpu_allocations(limit: int = 1 << 30) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, limit))
     except (OSError, AttributeError):  # musl and others: no libc.so.6 or no mallopt
         return False
+
+
+_CBWR_AUTO, _CBWR_STRICT, _CBWR_ALL = 2, 0x10000, ~0  # mkl_cbwr.h: MKL_CBWR_AUTO, MKL_CBWR_STRICT, MKL_CBWR_ALL
+STRICT_PRODUCTS = "AUTO,STRICT"
+
+
+@functools.cache
+def reproducible_cpu_products() -> bool:
+    """Ask MKL, torch's CPU BLAS on x86, for strict conditional bitwise reproducibility (MKL_CBWR=AUTO,STRICT).
+
+    Why: by default MKL's sgemm picks its kernel and splits the work by the thread count, so one product of
+    [128, 1024] x [1024, 256] gives other last bits under 1 thread than under 2 on a CPU with AVX-512 (and
+    [7, 333] x [333, 65] does on one without), and two builds of one store differed in 65% of their rows: a Ray
+    worker with one thread, the driver with two. Strict mode makes ?gemm independent of thread count and
+    alignment and keeps the CPU's fastest instruction set (AUTO), so stores are bitwise equal across workers,
+    processes, object stores and resumed builds on one CPU; it cannot make different CPUs agree.
+
+    MKL reads the mode once, at its first product. The environment variable carries it to child processes
+    (Ray workers started from here, subprocesses), and the call below sets it in this process, which works
+    while no product has run (tdastore calls this on import). A MKL_CBWR the user set is left alone. Returns
+    whether strict mode is on; False where torch has no MKL (Arm, macOS), whose own kernels decide."""
+    user_mode = os.environ.get("MKL_CBWR")
+    os.environ.setdefault("MKL_CBWR", STRICT_PRODUCTS)
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        mkl = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        if user_mode is None:
+            mkl.mkl_serv_cbwr_set(_CBWR_AUTO | _CBWR_STRICT)  # refused (-8) once MKL has run: checked below
+        strict = bool(mkl.mkl_serv_cbwr_get(_CBWR_ALL) & _CBWR_STRICT)
+    except (OSError, AttributeError):  # another platform's library name, or an MKL without these entry points
+        return False
+    if not strict and user_mode is None:
+        warnings.warn(
+            "MKL ran a product before tdastore was imported, so its results here depend on the thread count "
+            f"(last bits only): import tdastore first, or start Python with MKL_CBWR={STRICT_PRODUCTS}",
+            stacklevel=2,
+        )
+    return strict

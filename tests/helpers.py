@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tdastore.errors import StoreError
@@ -30,3 +31,89 @@ def check_store_matches(store, identity: dict) -> None:
 def metagrad_scores(meta, seeds, mode: str = "auto") -> torch.Tensor:
     """Leave-one-out estimates a_i ~ -dg/dw_i of a MetaGradient, averaged over seeds: [E, T, R]."""
     return -torch.stack([meta.gradients(s, mode) for s in seeds]).mean(0)
+
+
+# The tolerance rule for float32 results of one computation taken along different paths (Ray actors vs in
+# process, one vs two threads, chunked vs whole, float32 vs a float64 reference, FAISS vs brute force): the
+# summands are the same, only their order and the kernel differ, so the results may differ by the rounding
+# of sums of `depth` terms of size `scale`: about eps32 * sqrt(depth) * scale (errors in another order add like
+# a random walk), times K for the few roundings of each term. `scale` is the size of the summed terms, not of
+# the result: for a product A @ B it is |A| @ |B| (elementwise) or its maximum, since a score of 1e-6 summed
+# from terms of 1e-3 carries the terms' rounding. Exact equality stays where the bits are the same by design
+# (resume, byte-identical stores, one process at fixed threads).
+EPS32 = float(np.finfo(np.float32).eps)
+K = 8.0
+
+
+def float32_atol(scale, depth: int) -> np.ndarray:
+    """The rule's absolute tolerance: K * eps32 * sqrt(depth) * scale (scale elementwise or a number)."""
+    return K * EPS32 * np.sqrt(max(int(depth), 1)) * np.asarray(scale, dtype=np.float64)
+
+
+def assert_float32_close(actual, desired, depth: int, scale=None) -> None:
+    """actual equals desired within the rule; scale defaults to max |desired| (no cancellation expected)."""
+    desired = np.asarray(desired, dtype=np.float64)
+    scale = np.abs(desired).max(initial=0.0) if scale is None else scale
+    assert_within(actual, desired, float32_atol(scale, depth))
+
+
+def assert_within(actual, desired, atol) -> None:
+    """|actual - desired| <= atol entrywise (atol a number or an array of desired's shape), named on failure."""
+    actual, desired = np.asarray(actual, dtype=np.float64), np.asarray(desired, dtype=np.float64)
+    assert actual.shape == desired.shape, f"shapes differ: {actual.shape} vs {desired.shape}"
+    atol = np.broadcast_to(np.asarray(atol, dtype=np.float64), desired.shape)
+    off = ~(np.abs(actual - desired) <= atol)  # NaN counts as off
+    if off.any():
+        where = tuple(int(i) for i in np.argwhere(off)[0])
+        raise AssertionError(
+            f"{int(off.sum())} of {off.size} entries differ by more than the tolerance; first at {where}: "
+            f"{actual[where]!r} vs {desired[where]!r} (tolerance {atol[where]:.3g})"
+        )
+
+
+def product_scale(a, b) -> np.ndarray:
+    """|a| @ |b|.T in float64: the size of the terms each entry of a @ b.T sums ([m, p] x [n, p] -> [m, n])."""
+    return np.abs(np.asarray(a, dtype=np.float64)) @ np.abs(np.asarray(b, dtype=np.float64)).T
+
+
+def assert_same_ranking(rows, reference, atol) -> None:
+    """rows [m, k] are a top-k of reference scores [m, n] up to swaps of entries closer than atol: the
+    reference score at each returned rank equals the k-th best reference score within atol (for a bottom-k,
+    pass -reference)."""
+    rows, reference = np.asarray(rows), np.asarray(reference, dtype=np.float64)
+    chosen = np.take_along_axis(reference, rows, axis=1)  # [m, k]
+    best = -np.sort(-reference, axis=1)[:, : rows.shape[1]]  # [m, k]
+    atol = np.asarray(atol, dtype=np.float64)
+    if np.ndim(atol) == 2 and atol.shape == reference.shape:
+        atol = atol.max(axis=1, keepdims=True)  # one tolerance per query: swaps happen between entries
+    off = np.abs(chosen - best) > atol
+    assert not off.any(), f"ranks differ beyond the tolerance at {np.argwhere(off)[:5].tolist()}"
+    assert all(len(set(r)) == len(r) for r in rows.tolist()), "a row is returned twice"
+
+
+def assert_same_top_k(got, want, atol) -> None:
+    """Two ranked answers (result tables: test_id, rank, train_row, score) of one query taken along different
+    paths agree up to swaps of near ties: rank by rank their scores lie within atol (a number, or [m, 1] per
+    query), and wherever the rows differ the score there ties (within 2 atol) with a neighbouring rank's, so
+    that a swap of near-equal entries explains the difference."""
+    k = int(np.asarray(want.column("rank")).max())
+    rows, want_rows = (np.asarray(t.column("train_row")).reshape(-1, k) for t in (got, want))
+    scores, want_scores = (np.asarray(t.column("score"), dtype=np.float64).reshape(-1, k) for t in (got, want))
+    np.testing.assert_array_equal(np.asarray(got.column("test_id")), np.asarray(want.column("test_id")))
+    atol = np.broadcast_to(np.asarray(atol, dtype=np.float64), want_scores.shape)
+    assert_within(scores, want_scores, atol)
+    gaps = np.abs(np.diff(want_scores, axis=1))  # [m, k - 1]
+    tied = np.zeros(want_scores.shape, dtype=bool)
+    tied[:, 1:] |= gaps <= 2 * atol[:, 1:]
+    tied[:, :-1] |= gaps <= 2 * atol[:, :-1]
+    tied[:, -1] = True  # the last rank may meet a near tie just outside the list
+    differ = rows != want_rows
+    assert not (differ & ~tied).any(), f"rows differ where no tie explains it: {np.argwhere(differ & ~tied)[:5]}"
+
+
+def ranked_atol(table, depth: int) -> np.ndarray:
+    """The rule for a ranked answer whose operands the test does not hold: per query [m, 1], scale = the
+    largest |score| of its list (top and bottom lists hold a query's largest scores, so little cancels)."""
+    k = int(np.asarray(table.column("rank")).max())
+    scores = np.abs(np.asarray(table.column("score"), dtype=np.float64)).reshape(-1, k)
+    return float32_atol(scores.max(1, keepdims=True), depth)

@@ -364,3 +364,72 @@ def test_devices_and_gpu_requests(ray_cluster, tmp_path, trained_config):
         config("gpu")
     cpu = build_store(config("cpu"), tmp_path / "cpu", progress=False)
     np.testing.assert_array_equal(cpu.read_rows(), uninterrupted(tmp_path, trained_config).read_rows())
+
+
+def test_builds_under_one_and_two_threads_are_byte_identical(ray_cluster, tmp_path):
+    """The bitwise claim on any CPU: workers of 1 thread and of 2 (and this process, with 1) write the same
+    bytes. Without MKL's strict reproducible mode the Gaussian projection's product differed in its last bits
+    between 1 and 2 threads on CPUs with AVX-512 (tdastore.devices.reproducible_cpu_products)."""
+    import torch
+
+    from tdastore.distributed.gradient_worker import ShardComputer
+    from tdastore.store.writer import Shard
+
+    config = small_config(tmp_path, projection={"kind": "gaussian", "dim": 96}, gradients={"batch_size": 353})
+    tdastore.train(config, progress=False)
+    one = build_store(config, tmp_path / "one", progress=False)  # 2 workers x 1 thread
+    two_config = small_config(
+        tmp_path,
+        projection={"kind": "gaussian", "dim": 96},
+        gradients={"batch_size": 353},
+        build={"workers": 1, "cpus_per_worker": 2},
+    )
+    two = build_store(two_config, tmp_path / "two", progress=False)  # 1 worker x 2 threads
+    assert store_bytes(one.root) == store_bytes(two.root)  # chunks and consolidated metadata
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        rows, _ = ShardComputer(config, "train").compute(Shard(0, 0, one.n_rows))
+    finally:
+        torch.set_num_threads(threads)
+    assert rows.tobytes() == one.read_rows().tobytes()
+
+
+def test_strict_reproducible_products_are_on():
+    """tdastore's import set MKL's strict mode: a product whose last bits depend on the thread count on
+    AVX-512 CPUs without it gives the same bytes under 1 and 2 threads, and Ray workers inherit the mode."""
+    import os
+
+    import torch
+
+    from tdastore.devices import STRICT_PRODUCTS, reproducible_cpu_products
+
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no MKL")
+    assert reproducible_cpu_products() and os.environ["MKL_CBWR"] == STRICT_PRODUCTS
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 1024, generator=generator), torch.randn(1024, 256, generator=generator)
+    threads = torch.get_num_threads()
+    products = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            products.append((a @ b).numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert products[0] == products[1]
+
+
+def test_a_product_before_import_is_warned_about():
+    """MKL fixes its mode at its first product: one run before tdastore's import is named, with the fix."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    code = "import torch; torch.ones(4, 4) @ torch.ones(4, 4); import tdastore"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "MKL_CBWR=AUTO,STRICT" in done.stderr
+    clean = subprocess.run([sys.executable, "-c", "import tdastore"], env=env, capture_output=True, text=True)
+    assert clean.returncode == 0 and "MKL_CBWR" not in clean.stderr
