@@ -84,7 +84,7 @@ def reproducible_cpu_products() -> bool:
 
     Why: by default MKL's sgemm picks its kernel and splits the work by the thread count, so one product of
     [128, 1024] x [1024, 256] gives other last bits under 1 thread than under 2 on a CPU with AVX-512 (and
-    [7, 333] x [333, 65] does on one without), and two builds of one store differed in 65% of their rows: a Ray
+    [7, 333] x [333, 65] does on one without), and two builds of one store differed in 65% of their entries: a Ray
     worker with one thread, the driver with two. Strict mode makes ?gemm independent of thread count and
     alignment and keeps the CPU's fastest instruction set (AUTO), so stores are bitwise equal across workers,
     processes, object stores and resumed builds on one CPU; it cannot make different CPUs agree.
