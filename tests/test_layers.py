@@ -20,6 +20,7 @@ LAYERS = [
     ["demo_text"],
     ["quickstart", "serve", "plan"],
     ["cli", "__init__"],
+    ["__main__"],
 ]
 LAYER = {component: level for level, names in enumerate(LAYERS) for component in names}
 

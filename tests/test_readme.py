@@ -29,3 +29,14 @@ def test_package_declares_a_torch_range_that_admits_the_pinned_cpu_build():
     text = (ROOT / "pyproject.toml").read_text()
     spec = re.search(r'"torch([^"]*)"', text).group(1)
     assert ">=" in spec and "<2.14" in spec  # never a range that pulls a newer (CUDA) build
+
+
+def test_python_dash_m_tdastore_is_the_cli():
+    """`python -m tdastore --help` lists the commands as `tdastore --help` does; the package ships py.typed."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tdastore", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(command in done.stdout for command in ("build", "query", "ground-truth", "quickstart"))
+    assert (ROOT / "tdastore" / "py.typed").is_file()
