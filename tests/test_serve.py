@@ -72,6 +72,8 @@ def assert_same_answers(body, store, method, top_k, bottom_k, count):
         for name in ("score", "train_row"):
             served = served.set_column(served.schema.get_field_index(name), name, pa.array([h[name] for h in hits]))
         assert_same_top_k(served, expected, ranked_atol(expected, store.dim))  # a replica's threads vs ours
+        ids = store.meta.column("example_id").to_numpy()
+        assert [h["train_id"] for h in hits] == ids[[h["train_row"] for h in hits]].tolist()
 
 
 def test_answers_equal_the_python_api(service):
