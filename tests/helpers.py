@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from tdastore.errors import StoreError
@@ -117,3 +118,13 @@ def ranked_atol(table, depth: int) -> np.ndarray:
     k = int(np.asarray(table.column("rank")).max())
     scores = np.abs(np.asarray(table.column("score"), dtype=np.float64)).reshape(-1, k)
     return float32_atol(scores.max(1, keepdims=True), depth)
+
+
+def served_table(expected, hits: list[dict]):
+    """The service's hits (dicts, rank order) as a result table shaped like `expected`: each column the hits
+    carry (score, train_row, train_id, train_text) replaced by theirs, for assert_same_top_k."""
+    for name in expected.column_names:
+        if name in hits[0]:
+            values = pa.array([hit[name] for hit in hits])
+            expected = expected.set_column(expected.schema.get_field_index(name), name, values)
+    return expected

@@ -375,15 +375,11 @@ def test_builds_under_one_and_two_threads_are_byte_identical(ray_cluster, tmp_pa
     from tdastore.distributed.gradient_worker import ShardComputer
     from tdastore.store.writer import Shard
 
-    config = small_config(tmp_path, projection={"kind": "gaussian", "dim": 96}, gradients={"batch_size": 353})
+    spec = {"projection": {"kind": "gaussian", "dim": 96}, "gradients": {"batch_size": 353}}
+    config = small_config(tmp_path, **spec)
     tdastore.train(config, progress=False)
     one = build_store(config, tmp_path / "one", progress=False)  # 2 workers x 1 thread
-    two_config = small_config(
-        tmp_path,
-        projection={"kind": "gaussian", "dim": 96},
-        gradients={"batch_size": 353},
-        build={"workers": 1, "cpus_per_worker": 2},
-    )
+    two_config = small_config(tmp_path, **spec, build={"workers": 1, "cpus_per_worker": 2})
     two = build_store(two_config, tmp_path / "two", progress=False)  # 1 worker x 2 threads
     assert store_bytes(one.root) == store_bytes(two.root)  # chunks and consolidated metadata
     threads = torch.get_num_threads()
@@ -396,8 +392,8 @@ def test_builds_under_one_and_two_threads_are_byte_identical(ray_cluster, tmp_pa
 
 
 def test_strict_reproducible_products_are_on():
-    """tdastore's import set MKL's strict mode: a product whose last bits depend on the thread count on
-    AVX-512 CPUs without it gives the same bytes under 1 and 2 threads, and Ray workers inherit the mode."""
+    """tdastore's import set MKL's strict mode (and the environment Ray workers inherit): a product whose last
+    bits depend on the thread count on AVX-512 CPUs without it gives the same bytes under 1 and 2 threads."""
     import os
 
     import torch

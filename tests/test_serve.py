@@ -9,10 +9,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from conftest import small_config
-from helpers import assert_same_top_k, ranked_atol
+from helpers import assert_same_top_k, ranked_atol, served_table
 from sklearn.datasets import load_diabetes
 
 import tdastore
@@ -68,10 +67,7 @@ def assert_same_answers(body, store, method, top_k, bottom_k, count):
     for key, k, ranked in (("top", top_k, "top_k"), ("bottom", bottom_k, "bottom_k")):
         expected = getattr(Attributor(store, method, kind="flat"), ranked)(test, k)
         hits = [hit for result in body["results"] for hit in result[key]]
-        served = expected
-        for name in ("score", "train_row"):
-            served = served.set_column(served.schema.get_field_index(name), name, pa.array([h[name] for h in hits]))
-        assert_same_top_k(served, expected, ranked_atol(expected, store.dim))  # a replica's threads vs ours
+        assert_same_top_k(served_table(expected, hits), expected, ranked_atol(expected, store.dim))  # its threads
         ids = store.meta.column("example_id").to_numpy()
         assert [h["train_id"] for h in hits] == ids[[h["train_row"] for h in hits]].tolist()
 

@@ -8,10 +8,9 @@ path; K-FAC / EK-FAC in the factored space against independent computations; bad
 import json
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
-from helpers import assert_same_top_k, ranked_atol
+from helpers import assert_same_top_k, ranked_atol, served_table
 from torch.func import functional_call, grad, vmap
 
 import tdastore
@@ -200,12 +199,8 @@ def test_end_to_end_build_index_query_by_local_path(ray_cluster, serve_url, tiny
     for key, ranked in (("top", "top_k"), ("bottom", "bottom_k")):
         expected = getattr(Attributor(store, "grad_cos", kind="flat"), ranked)(prompts, 2)
         hits = [hit for result in body["results"] for hit in result[key]]
-        served = expected
-        for name in ("score", "train_row"):
-            served = served.set_column(served.schema.get_field_index(name), name, pa.array([h[name] for h in hits]))
-        assert_same_top_k(served, expected, ranked_atol(expected, store.dim))  # a replica's threads vs ours
-        texts = dict(zip(expected.column("train_row").to_pylist(), expected.column("train_text").to_pylist()))
-        assert all(texts.get(h["train_row"], h["train_text"]) == h["train_text"] for h in hits)
+        assert_same_top_k(served_table(expected, hits), expected, ranked_atol(expected, store.dim))  # its threads
+        assert [h["train_text"] for h in hits] == [str(train.texts[h["train_row"]]) for h in hits]
     assert post(url, {"method": "kfac", "inputs": prompts[:1]})[0] == 200  # a factored store answers K-FAC
     assert post(url, {"method": "grad_cos", "inputs": [[1.0, 2.0]]})[0] == 422
     assert post(url, {"method": "grad_cos", "inputs": ["x"], "targets": [1]})[0] == 422
