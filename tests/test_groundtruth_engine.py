@@ -133,13 +133,15 @@ import resource, sys, torch
 from tdastore.devices import keep_cpu_allocations
 if sys.argv[1] == "keep":
     assert keep_cpu_allocations()
-def faults(rows):  # minor page faults of allocating and writing a [rows, 256, 1024] float32 tensor again
+def faults_once(rows):  # minor page faults of allocating and writing a [rows, 256, 1024] float32 tensor again
     x = torch.ones(rows, 256, 1024)
     del x
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(rows, 256, 1024)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults(1)
+def faults(rows):  # the least of 3: the kernel may fault a few pages by itself (NUMA hinting, page migration)
+    return min(faults_once(rows) for _ in range(3))
+faults_once(1)
 print(faults(13) + faults(64) + faults(13))
 """
 
@@ -147,7 +149,9 @@ print(faults(13) + faults(64) + faults(13))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_training_loops_reuse_freed_memory_on_the_cpu():
     """keep_cpu_allocations: a 13 or 64 MiB step tensor allocated again after a free touches the pages the last
-    one left instead of page-faulting a fresh mapping (without it: one fault per 4 KiB page)."""
+    one left instead of page-faulting a fresh mapping (without it: one fault per 4 KiB page). The least of three
+    tries per size: a CI run saw one 13 MiB tensor fault in full once (3,328 faults), which a fresh mapping
+    does every time and a kernel's own page scan (NUMA balancing, compaction) does only now and then."""
     kept, default = (
         int(subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True).stdout)
         for mode in ("keep", "default")
