@@ -248,8 +248,11 @@ def store_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_damage_is_found_by_verify_and_repaired_exactly(ray_cluster, tmp_path, trained_config):
-    """Truncated chunk, flipped byte, deleted shard metadata, deleted marker: verify names the shard, the next
-    build recomputes exactly that shard, and the store is byte-identical to a clean build."""
+    """Truncated chunk, flipped byte, deleted or flipped shard metadata with a truncated meta.parquet, deleted
+    marker, a marker whose chunk key leaves the store, a deleted zarr.json: a read is refused, verify names the
+    damage, the next build recomputes exactly the damaged shard (none for the store's own files), and the store
+    is byte-identical to a clean build."""
+    import json as _json
     import shutil
 
     from tdastore.cli import main
@@ -264,34 +267,48 @@ def test_damage_is_found_by_verify_and_repaired_exactly(ray_cluster, tmp_path, t
         path = r / "grads.zarr" / "c" / "2" / "0"
         path.write_bytes(path.read_bytes()[:100])
 
-    def flip(r):
-        path = r / "grads.zarr" / "c" / "4" / "0"
+    def flip(r, path):
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
 
-    cases = [  # (damage, shard, found by the build's cheap check)
-        (truncate, 1, True),
-        (flip, 2, False),
-        (lambda r: (r / "shards" / "000003.parquet").unlink(), 3, True),
-        (lambda r: (r / "shards" / "000004.done").unlink(), 4, True),
+    def metadata(r):  # the issue's case: a corrupt shard metadata file and a truncated meta.parquet
+        flip(r, r / "shards" / "000003.parquet")
+        (r / "meta.parquet").write_bytes((r / "meta.parquet").read_bytes()[:300])
+
+    def escape(r):  # a marker whose chunk key leaves the store: damage, never a path to open
+        marker = _json.loads((r / "shards" / "000005.done").read_text())
+        marker["chunks"] = {"../../../../../etc/hostname": [10, 0]}
+        (r / "shards" / "000005.done").write_text(_json.dumps(marker))
+
+    cases = [  # (damage, shard, found by the build's cheap check, rows whose read is refused)
+        (truncate, 1, True, (64, 96)),
+        (lambda r: flip(r, r / "grads.zarr" / "c" / "4" / "0"), 2, False, (128, 160)),
+        (lambda r: (r / "shards" / "000003.parquet").unlink(), 3, True, None),
+        (metadata, 3, True, None),
+        (lambda r: (r / "shards" / "000004.done").unlink(), 4, True, None),
+        (escape, 5, True, None),
+        (lambda r: (r / "grads.zarr" / "zarr.json").unlink(), None, True, None),
     ]
-    for damage, shard, cheap in cases:
+    for damage, shard, cheap, refused in cases:
         shutil.rmtree(root)
         shutil.copytree(pristine, root)
         damage(root)
-        if damage is truncate:
-            with pytest.raises(StoreError, match=r"rows 64\.\.96 cannot be read .*tdastore verify"):
-                tdastore.open_store(root).read_rows(64, 96)
+        if refused:  # every chunk's crc32c is checked on read: never a number from a damaged chunk
+            with pytest.raises(StoreError, match=rf"rows {refused[0]}\.\.{refused[1]} cannot be read.*tdastore verify"):
+                tdastore.open_store(root).read_rows(*refused)
         if cheap:
             assert main(["verify", str(root)]) == 2
-        assert main(["verify", str(root), "--deep"]) == (0 if cheap else 2)  # found (and marked) once
+        found_once = cheap and shard is not None  # a shard's damage is marked once; a lost zarr.json stays lost
+        assert main(["verify", str(root), "--deep"]) == (0 if found_once else 2)  # until the build restores it
         with pytest.raises(StoreError, match="incomplete"):
             tdastore.open_store(root)
         before = {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.done")}
         store = build_store(trained_config, root, progress=False)
-        assert store.manifest["summary"]["rows_computed"] == 64  # exactly the damaged shard
-        assert {p.name for p in (root / "shards").glob("*.done")} - set(before) == {f"{shard:06d}.done"}
+        rows = 0 if shard is None else min(64, store.n_rows - 64 * shard)  # exactly the damaged shard's rows
+        assert store.manifest["summary"]["rows_computed"] == rows
+        recomputed = {p.name for p in (root / "shards").glob("*.done")} - set(before)
+        assert recomputed == (set() if shard is None else {f"{shard:06d}.done"})
         assert store_bytes(root) == clean
         assert main(["verify", str(root), "--deep"]) == 0
 

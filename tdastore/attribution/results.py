@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from tdastore.errors import StoreError
 from tdastore.index.faiss_index import merge_top_k
+from tdastore.store.checksums import checksummed, read_region
 from tdastore.tasks.base import Examples
 
 
@@ -48,17 +49,25 @@ def create_scores_array(path, test_ids: np.ndarray, train_ids: np.ndarray, chunk
     test x train) beside the coordinates `test_id` [m] and `train_id` [n] (the example ids, so the matrix
     describes itself; xarray reads it with `open_zarr`). An existing path is never overwritten."""
     import zarr
+    from zarr.codecs import ZstdCodec
 
     path = Path(path)
     if path.exists():
         raise StoreError(f"--scores-out '{path}' exists: choose a new path (nothing was overwritten)")
     m, n = len(test_ids), len(train_ids)
     group = zarr.open_group(str(path), mode="w-")
+    checked = checksummed([ZstdCodec(level=0)])  # every chunk's crc32c is checked when it is read
     for name, ids, dim in (("test_id", test_ids, "test"), ("train_id", train_ids, "train")):
-        group.create_array(name, data=np.asarray(ids, dtype=np.int64), dimension_names=(dim,))
+        group.create_array(name, data=np.asarray(ids, dtype=np.int64), dimension_names=(dim,), compressors=checked)
     chunks = chunks or (min(m, 256), min(n, 8192))
     return group.create_array(
-        "scores", shape=(m, n), chunks=chunks, dtype="float32", dimension_names=("test", "train"), fill_value=np.nan
+        "scores",
+        shape=(m, n),
+        chunks=chunks,
+        dtype="float32",
+        dimension_names=("test", "train"),
+        fill_value=np.nan,
+        compressors=checked,
     )
 
 
@@ -67,7 +76,9 @@ def open_scores(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import zarr
 
     group = zarr.open_group(str(path), mode="r")
-    return group["scores"][:], group["test_id"][:], group["train_id"][:]
+    what, fix = f"score matrix '{path}'", "recompute it with `tdastore query ... --scores-out NEW_PATH`"
+    names = ("scores", "test_id", "train_id")
+    return tuple(read_region(group[name], slice(None), what=what, fix=fix) for name in names)
 
 
 class RowWindow:

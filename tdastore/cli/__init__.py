@@ -82,11 +82,13 @@ def make_parser() -> argparse.ArgumentParser:
         "verify",
         commands.cmd_verify,
         "check a store's chunks against their recorded checksums",
-        "Check every done shard: its .done marker, metadata file and chunk files (sizes; with --deep "
-        "every byte against its crc32). Damaged shards lose their marker and the next build "
-        "recomputes exactly them; exit status 2 when any is found.",
+        "Check every done shard of a gradient store (its .done marker, metadata file, chunk files: sizes, "
+        "with --deep every byte against its crc32) and the store's zarr.json and meta.parquet; or every "
+        "done unit of a ground-truth, metagradient or LDS store. Damaged shards or units lose their "
+        "marker and the next run of the same command recomputes exactly them; exit status 2 when any "
+        "is found. Every chunk also carries a crc32c that each read checks.",
     )
-    verify.add_argument("store", help="store directory or URI")
+    verify.add_argument("store", help="gradient store, ground-truth, metagradient or LDS directory (or URI)")
     verify.add_argument("--deep", action="store_true", help="read every chunk and compare its crc32")
 
     index = command(

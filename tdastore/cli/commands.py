@@ -87,15 +87,46 @@ def cmd_verify(args: argparse.Namespace) -> None:
     from tdastore.store.verify import mark_for_rebuild, verify_store
 
     root = store_path(args.store)
+    if job_kind(root) is not None:
+        return verify_job(root, job_kind(root), args.deep)
     problems = verify_store(root, deep=args.deep)
     if not problems:
         print(f"store '{root}': every done shard checks out ({'deep: checksums' if args.deep else 'sizes'})")
         return
     mark_for_rebuild(root, problems)
-    found = "\n".join(f"  shard {p.shard}: {p.reason}" for p in problems)
+    found = "\n".join(f"  {p.describe()}" for p in problems)
     raise StoreError(
-        f"store '{root}' has {len(problems)} damaged shard(s):\n{found}\ntheir markers were removed and the store "
-        "is marked incomplete: rerun the same `tdastore build` to recompute exactly these shards"
+        f"store '{root}' has {len(problems)} problem(s):\n{found}\ndamaged shards lost their markers and the store "
+        "is marked incomplete: rerun the same `tdastore build` to recompute exactly these shards and rewrite the "
+        "store's own files"
+    )
+
+
+def job_kind(root) -> str | None:
+    """The kind of a job store (groundtruth, lds, metagrad), None for a gradient store (or not a store)."""
+    import json
+
+    from tdastore.store.manifest import MANIFEST_FILE
+
+    try:
+        manifest = json.loads((root / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("kind") if isinstance(manifest, dict) else None
+
+
+def verify_job(root, kind: str, deep: bool) -> None:
+    from tdastore.store.job_store import mark_units_for_rerun, unit_problems
+
+    problems = unit_problems(root, deep=deep)
+    if not problems:
+        print(f"{kind} store '{root}': every done unit checks out ({'deep: checksums' if deep else 'sizes'})")
+        return
+    mark_units_for_rerun(root, list(problems))
+    found = "\n".join(f"  unit {name}: {reason}" for name, reason in problems.items())
+    raise StoreError(
+        f"{kind} store '{root}' has {len(problems)} damaged unit(s):\n{found}\ntheir markers were removed and the "
+        "job is marked running: rerun the same job command to recompute exactly these units"
     )
 
 

@@ -104,8 +104,8 @@ def _build_leased(config, root, split, identity, n_rows, address, workers, progr
     shards = plan_shards(n_rows, config.store.shard_rows)
     damaged = verify_store(root)  # cheap: markers, metadata files, chunk files at their written sizes
     if damaged:
-        found = "; ".join(f"{p.shard}: {p.reason}" for p in damaged)
-        print(f"store '{root}': recomputing damaged shard(s) {found}", file=sys.stderr)
+        found = "; ".join(p.describe() for p in damaged)
+        print(f"store '{root}': repairing what is damaged: {found}", file=sys.stderr)
         mark_for_rebuild(root, damaged)
         manifest = read_manifest(root)
     done = done_shards(root)

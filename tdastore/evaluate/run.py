@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from tdastore.attribution import Attributor, store_config
 from tdastore.errors import ConfigError, StoreError, TdaStoreError
@@ -17,8 +16,9 @@ from tdastore.evaluate.report import write_plots, write_report
 from tdastore.groundtruth.lds import lds_coupling, lds_root, read_lds, read_lds_manifest, run_lds
 from tdastore.groundtruth.pool import read_groundtruth_manifest
 from tdastore.methods import get_method
+from tdastore.store.checksums import JOB_REPAIR, read_array
 from tdastore.store.lease import Lease
-from tdastore.store.location import store_path, zarr_store
+from tdastore.store.location import store_path
 from tdastore.store.manifest import write_bytes_atomic
 
 DEFAULT_METHODS = [
@@ -76,8 +76,8 @@ def load_gold(store, groundtruth: str | Path) -> GoldStandard:
             )
     if manifest.get("status") != "complete":
         raise StoreError(f"ground truth '{gt_root}' is incomplete: rerun `tdastore ground-truth` to finish it")
-    loo = zarr.open_array(store=zarr_store(gt_root / "loo.zarr"), mode="r")[:]
-    full = zarr.open_array(store=zarr_store(gt_root / "full.zarr"), mode="r")[:]
+    loo = read_array(gt_root / "loo.zarr", what=f"ground truth '{gt_root}'", fix=JOB_REPAIR)
+    full = read_array(gt_root / "full.zarr", what=f"ground truth '{gt_root}'", fix=JOB_REPAIR)
     return GoldStandard(gt_root, manifest, loo, full, gold_vectors(loo, full), np.asarray(manifest["left_out"]))
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-import zarr
 
 from tdastore.config import Config, config_to_dict, load_config
 from tdastore.devices import on_device
@@ -38,8 +37,9 @@ from tdastore.groundtruth.pool import (
     store_unit,
 )
 from tdastore.groundtruth.sequential import SequentialTrainer, make_trainer
+from tdastore.store.checksums import JOB_REPAIR, create_array, read_array
 from tdastore.store.job_store import open_job, read_job_manifest, writing
-from tdastore.store.location import store_path, zarr_store
+from tdastore.store.location import store_path
 from tdastore.store.manifest import SCHEMA_VERSION
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Task
@@ -97,9 +97,7 @@ def prepare_lds(config: Config, groundtruth: Path, task: Task | None = None) -> 
             ("subsets.zarr", (n_eval, n_test, m, seeds), (n_eval, n_test, min(lds.subset_block, m), seed_block)),
             ("full.zarr", (n_eval, n_test, seeds), (n_eval, n_test, seed_block)),
         ):
-            zarr.create_array(
-                store=zarr_store(root / name), shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan
-            )
+            create_array(root / name, shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan)
         return {
             "schema_version": SCHEMA_VERSION,
             "status": "running",
@@ -208,6 +206,6 @@ def read_lds(root: Path) -> tuple[np.ndarray, dict]:
     manifest = read_lds_manifest(root)
     if manifest.get("status") != "complete":
         raise StoreError(f"LDS store '{root}' is incomplete: rerun `tdastore lds` to finish it")
-    subsets = zarr.open_array(store=zarr_store(root / "subsets.zarr"), mode="r")[:].astype(np.float64)  # [E, T, M, S]
-    full = zarr.open_array(store=zarr_store(root / "full.zarr"), mode="r")[:].astype(np.float64)  # [E, T, S]
+    read = lambda name: read_array(root / name, what=f"LDS store '{root}'", fix=JOB_REPAIR).astype(np.float64)  # noqa: E731
+    subsets, full = read("subsets.zarr"), read("full.zarr")  # [E, T, M, S], [E, T, S]
     return (subsets - full[:, :, None, :]).mean(-1), manifest

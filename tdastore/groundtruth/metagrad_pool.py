@@ -27,6 +27,7 @@ from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
 from tdastore.groundtruth.pool import check_fingerprint, finished_groundtruth, read_groundtruth_manifest, run_job_units
+from tdastore.store.checksums import JOB_REPAIR, create_array, read_array, written_chunks
 from tdastore.store.job_store import mark_done, open_job, read_job_manifest, writing
 from tdastore.store.location import absolute, store_path, zarr_store
 from tdastore.store.manifest import SCHEMA_VERSION
@@ -83,8 +84,8 @@ def prepare_metagrad(config: Config, groundtruth: str | Path, task: Task | None 
 
     def create() -> dict:
         (root / "units").mkdir(exist_ok=True)
-        zarr.create_array(
-            store=zarr_store(root / "scores.zarr"),
+        create_array(
+            root / "scores.zarr",
             shape=(n_eval, n_test, len(rows), len(seeds)),
             chunks=(n_eval, min(mg.test_block or n_test, n_test), len(rows), min(mg.seed_block, len(seeds))),
             dtype="float32",
@@ -144,8 +145,14 @@ def run_metagrad_unit(
     if not np.isfinite(scores).all():
         raise StoreError(f"metagradients are not finite in unit {unit.name}: lower groundtruth.lr")
     out = zarr.open_array(store=zarr_store(root / "scores.zarr"), mode="r+")
-    out[:, test_lo : test_lo + len(test), :, seed_lo : seed_lo + len(seeds)] = scores
-    payload = {"unit": unit.name, "seconds": time.perf_counter() - began, "mode": meta.choose_mode(mg.mode)}
+    region = (slice(None), slice(test_lo, test_lo + len(test)), slice(None), slice(seed_lo, seed_lo + len(seeds)))
+    out[region] = scores
+    payload = {
+        "unit": unit.name,
+        "seconds": time.perf_counter() - began,
+        "mode": meta.choose_mode(mg.mode),
+        "chunks": written_chunks(root, "scores.zarr", out, region),
+    }
     mark_done(root / "units", unit.name, payload)
     return time.perf_counter() - began
 
@@ -209,4 +216,5 @@ def read_metagrad_scores(root: Path) -> tuple[np.ndarray, dict]:
     manifest = read_metagrad_manifest(root)
     if manifest.get("status") != "complete":
         raise StoreError(f"metagradient store '{root}' is incomplete: rerun `tdastore metagrad` to finish it")
-    return zarr.open_array(store=zarr_store(root / "scores.zarr"), mode="r")[:].astype(np.float64).mean(-1), manifest
+    scores = read_array(root / "scores.zarr", what=f"metagradient store '{root}'", fix=JOB_REPAIR)
+    return scores.astype(np.float64).mean(-1), manifest

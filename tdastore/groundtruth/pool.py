@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +32,14 @@ from tdastore.distributed.shipping import share_task
 from tdastore.errors import ConfigError, StoreError
 from tdastore.groundtruth.engine import ReplicaTrainer, Schedule
 from tdastore.groundtruth.sequential import SequentialTrainer, make_trainer
+from tdastore.store.checksums import create_array, written_chunks
 from tdastore.store.job_store import (
     done_markers,
     mark_done,
+    mark_units_for_rerun,
     open_job,
     read_job_manifest,
+    unit_problems,
     writing,
 )
 from tdastore.store.location import store_path, zarr_store
@@ -121,15 +125,15 @@ def prepare_groundtruth(config: Config, task: Task | None = None) -> tuple[Path,
     def create() -> dict:
         (root / "units").mkdir()
         evals, seeds = len(schedule.eval_steps), gt.seeds
-        zarr.create_array(
-            store=zarr_store(root / "loo.zarr"),
+        create_array(
+            root / "loo.zarr",
             shape=(evals, n_test, len(left), seeds),
             chunks=(evals, n_test, min(gt.left_out_block, len(left)), min(gt.seed_block, seeds)),
             dtype="float32",
             fill_value=np.nan,
         )
-        zarr.create_array(
-            store=zarr_store(root / "full.zarr"),
+        create_array(
+            root / "full.zarr",
             shape=(evals, n_test, seeds),
             chunks=(evals, n_test, min(gt.seed_block, seeds)),
             dtype="float32",
@@ -195,11 +199,15 @@ def store_unit(root, name: str, unit: Unit, values: np.ndarray, seed_lo: int, ro
         raise StoreError(f"further training diverged (NaN/Inf test losses) in {what} {unit.name}: lower groundtruth.lr")
     seeds, rows = values.shape[2], values.shape[3] - 1
     out = zarr.open_array(store=zarr_store(root / name), mode="r+")
-    out[:, :, row_lo : row_lo + rows, seed_lo : seed_lo + seeds] = values[:, :, :, 1:].transpose(0, 1, 3, 2)
+    region = (slice(None), slice(None), slice(row_lo, row_lo + rows), slice(seed_lo, seed_lo + seeds))
+    out[region] = values[:, :, :, 1:].transpose(0, 1, 3, 2)
+    chunks = written_chunks(root, name, out, region)
     if unit.left_block == 0:
         full = zarr.open_array(store=zarr_store(root / "full.zarr"), mode="r+")
         full[:, :, seed_lo : seed_lo + seeds] = values[:, :, :, 0]
-    mark_done(root / "units", unit.name, {"unit": unit.name, "seconds": time.perf_counter() - began})
+        chunks |= written_chunks(root, "full.zarr", full, region[:2] + region[3:])
+    payload = {"unit": unit.name, "seconds": time.perf_counter() - began, "chunks": chunks}
+    mark_done(root / "units", unit.name, payload)
     return time.perf_counter() - began
 
 
@@ -292,7 +300,13 @@ def run_job_units(
     progress: bool,
 ) -> None:
     """The units of a job store that are not done, on Ray actors (`actors()` -> a maker of one, called inside
-    the session); the store is marked complete once every unit is."""
+    the session); the store is marked complete once every unit is. Done units whose chunks no longer match
+    their markers' checksums are recomputed first (deep: a job's arrays are small)."""
+    damaged = unit_problems(root, deep=True)
+    if damaged:
+        found = "; ".join(f"unit {name}: {reason}" for name, reason in damaged.items())
+        print(f"{what} '{root}': recomputing damaged unit(s): {found}", file=sys.stderr)
+        mark_units_for_rerun(root, list(damaged))
     pending = [u for u in units if u.name not in done_units(root)]
     if pending:
         with ray_session(address, num_cpus=num_cpus):

@@ -14,6 +14,7 @@ import torch
 import zarr
 
 from tdastore.errors import StoreError
+from tdastore.store.checksums import read_region
 from tdastore.store.location import read_parquet, store_path, zarr_store
 from tdastore.store.manifest import (
     GRADS_DIR,
@@ -47,7 +48,8 @@ class GradientStore:
             self.grads = zarr.open_array(store=zarr_store(self.root / GRADS_DIR, read_only=True), mode="r")
         except Exception as err:  # zarr raises several kinds for missing/corrupt metadata
             raise StoreError(
-                f"store '{self.root}': gradient array is missing or corrupt ({err}); rebuild the store"
+                f"store '{self.root}': the gradient array's metadata is missing or corrupt ({err}); rerun the "
+                "same `tdastore build` command: it restores it from the manifest and keeps the rows"
             ) from err
         expected = (self.manifest["n_rows"], self.manifest["dim"])
         if tuple(self.grads.shape) != expected:
@@ -73,13 +75,13 @@ class GradientStore:
     def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) as float32 [n, k]."""
         stop = self.n_rows if stop is None else stop
-        try:
-            raw = self.grads[start:stop]
-        except Exception as err:  # zarr raises several kinds for truncated or corrupt chunks
-            raise StoreError(
-                f"store '{self.root}': rows {start}..{stop} cannot be read ({type(err).__name__}: {err}); run "
-                f"`tdastore verify {self.root}` (it marks the damaged shards) and rerun the build to recompute them"
-            ) from err
+        raw = read_region(
+            self.grads,
+            slice(start, stop),
+            what=f"store '{self.root}': rows {start}..{stop}",
+            fix=f"run `tdastore verify {self.root}` (it marks the damaged shards) and rerun the build to recompute "
+            "them",
+        )
         if raw.dtype == np.float16:  # torch's vectorised half -> float is ~3x numpy's astype
             return torch.from_numpy(raw).float().numpy()
         return np.asarray(raw, dtype=np.float32)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tdastore.errors import StoreError
+from tdastore.store.checksums import chunk_table_problem
 from tdastore.store.lease import LEASE_FILE, Lease
 from tdastore.store.location import StorePath, store_path
 from tdastore.store.manifest import MANIFEST_FILE, write_json_atomic
@@ -137,3 +138,34 @@ def mark_done(folder: StorePath, name: str, payload: dict) -> None:
 def differing_keys(manifest: dict, identity: dict) -> list[str]:
     """The identity keys whose stored value differs."""
     return [key for key in identity if manifest.get(key) != identity[key]]
+
+
+def unit_problems(root: StorePath, deep: bool = False) -> dict[str, str]:
+    """{unit: why} for the done units of a job store whose chunk files differ from the chunk tables their
+    `.done` markers recorded (cheap: presence and sizes; deep: every byte's crc32). Markers of older jobs, with
+    no table, are trusted here; their chunks' own crc32c still fails any read of a flipped byte."""
+    problems = {}
+    for name in sorted(done_markers(root / "units")):
+        try:
+            marker = json.loads((root / "units" / f"{name}{DONE}").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            problems[name] = "its .done marker is corrupt"
+            continue
+        reason = chunk_table_problem(root, marker.get("chunks", {}) if isinstance(marker, dict) else None, deep)
+        if reason:
+            problems[name] = reason
+    return problems
+
+
+def mark_units_for_rerun(root: StorePath, units: list[str]) -> None:
+    """Remove these units' markers and mark the job running: its outputs are refused until the next run of the
+    same command recomputes exactly these units."""
+    if not units:
+        return
+    for name in units:
+        marker = root / "units" / f"{name}{DONE}"
+        if marker.exists():
+            marker.unlink()
+    manifest = json.loads((root / MANIFEST_FILE).read_text())
+    manifest["status"] = "running"
+    write_json_atomic(root / MANIFEST_FILE, manifest)

@@ -1,33 +1,39 @@
 """Checking what was written: every done shard's chunk files against the sizes and crc32s its `.done` marker
-recorded, its metadata file, and the manifest's shard table. A bad shard loses its marker (the store becomes
-incomplete, so it is never served) and the next build recomputes exactly that shard."""
+recorded, its metadata file (size and crc32), the gradient array's zarr.json (against the manifest's copy), the
+consolidated meta.parquet (against the manifest's crc32), and the manifest's shard table. A bad shard loses its
+marker (the store becomes incomplete, so it is never served) and the next build recomputes exactly that shard;
+a bad zarr.json or meta.parquet is rewritten by the next build from what the store still holds."""
 
 from __future__ import annotations
 
 import json
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zarr
 
+from tdastore.store.checksums import FILE_NAME, chunk_table_problem, confined, file_crc
 from tdastore.store.location import StorePath, zarr_store
 from tdastore.store.manifest import GRADS_DIR, MANIFEST_FILE, META_FILE, SHARDS_DIR, read_manifest, write_json_atomic
-from tdastore.store.writer import done_shards, shard_marker, shard_meta_path
+from tdastore.store.writer import ZARR_JSON, done_shards, shard_marker, shard_meta_path
 
 
 @dataclass(frozen=True)
 class ShardProblem:
-    shard: int
+    shard: int | None  # None: the store as a whole (zarr.json, meta.parquet)
     reason: str
+
+    def describe(self) -> str:
+        return f"shard {self.shard}: {self.reason}" if self.shard is not None else self.reason
 
 
 def verify_store(root: StorePath, deep: bool = False) -> list[ShardProblem]:
-    """Problems of the done shards (cheap: markers, metadata files, chunk files present at their recorded
-    sizes; deep: also every chunk's crc32, and the decoded rows' crc32 where a marker has no chunk table)."""
+    """Problems of the done shards and of the store's own files (cheap: markers, metadata files and their
+    crc32, chunk files present at their recorded sizes; deep: also every chunk's crc32, and the decoded rows'
+    crc32 where a marker has no chunk table)."""
     manifest = read_manifest(root)
-    done, problems = done_shards(root), []
+    done, problems = done_shards(root), _store_problems(root, manifest)
     for entry in manifest["shards"]:
         index = entry["shard"]
         if index not in done:
@@ -40,25 +46,47 @@ def verify_store(root: StorePath, deep: bool = False) -> list[ShardProblem]:
     return problems
 
 
+def _store_problems(root: StorePath, manifest: dict) -> list[ShardProblem]:
+    problems = []
+    try:
+        array_meta = json.loads((root / GRADS_DIR / ZARR_JSON).read_text())
+    except (OSError, ValueError):
+        array_meta = None
+    if array_meta is None or ("array" in manifest and array_meta != manifest["array"]):
+        state = "missing or unreadable" if array_meta is None else "changed since the build"
+        problems.append(ShardProblem(None, f"{GRADS_DIR}/{ZARR_JSON} is {state}"))
+    meta = root / META_FILE
+    if manifest.get("status") == "complete":
+        if not meta.is_file():
+            problems.append(ShardProblem(None, f"{META_FILE} is missing"))
+        elif "meta_checksum" in manifest and file_crc(meta) != manifest["meta_checksum"]:
+            problems.append(ShardProblem(None, f"{META_FILE} does not match its checksum (truncated or corrupt)"))
+    return problems
+
+
 def _shard_problem(root: StorePath, index: int, deep: bool) -> str | None:
     try:
         marker = json.loads(shard_marker(root, index).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "its .done marker is corrupt"
-    if not shard_meta_path(root, index).is_file():
-        return f"its metadata file {shard_meta_path(root, index).name} is missing"
-    if "statistics" in marker and not (root / SHARDS_DIR / marker["statistics"]).is_file():
-        return f"its K-FAC statistics file {marker['statistics']} is missing"
-    for key, (size, crc) in marker.get("chunks", {}).items():
-        path = root / GRADS_DIR / key
+    if not isinstance(marker, dict):
+        return "its .done marker is corrupt"
+    meta_path = shard_meta_path(root, index)
+    if not meta_path.is_file():
+        return f"its metadata file {meta_path.name} is missing"
+    if "meta" in marker and file_crc(meta_path) != marker["meta"]:
+        return f"its metadata file {meta_path.name} does not match its checksum (truncated or corrupt)"
+    if "statistics" in marker:
+        path = confined(root / SHARDS_DIR, marker["statistics"], FILE_NAME)
+        if path is None:
+            return f"its marker names a file outside the store ({str(marker['statistics'])[:80]!r})"
         if not path.is_file():
-            return f"chunk {key} is missing"
-        data = path.read_bytes() if deep else None
-        actual = len(data) if data is not None else _size(path)
-        if actual != size:
-            return f"chunk {key} has {actual} bytes, {size} were written (truncated or replaced)"
-        if deep and zlib.crc32(data) != crc:
-            return f"chunk {key} does not match its checksum (corrupt)"
+            return f"its K-FAC statistics file {marker['statistics']} is missing"
+        if "statistics_crc" in marker and file_crc(path) != marker["statistics_crc"]:
+            return f"its K-FAC statistics file {marker['statistics']} does not match its checksum"
+    reason = chunk_table_problem(root / GRADS_DIR, marker.get("chunks", {}), deep)
+    if reason:
+        return reason
     if deep and "chunks" not in marker:  # markers of older builds: the decoded rows' checksum
         array = zarr.open_array(store=zarr_store(root / GRADS_DIR, read_only=True), mode="r")
         try:
@@ -70,16 +98,15 @@ def _shard_problem(root: StorePath, index: int, deep: bool) -> str | None:
     return None
 
 
-def _size(path) -> int:
-    return path.stat().st_size if isinstance(path, Path) else int(path.fs.size(path.path))
-
-
 def mark_for_rebuild(root: StorePath, problems: list[ShardProblem]) -> None:
     """Remove the bad shards' markers and mark the store incomplete: it is not served, and the next build
-    recomputes exactly these shards and rewrites the consolidated metadata."""
+    recomputes exactly these shards, restores zarr.json from the manifest and rewrites the consolidated
+    metadata."""
     if not problems:
         return
     for problem in problems:
+        if problem.shard is None:
+            continue
         marker = shard_marker(root, problem.shard)
         if marker.exists():
             marker.unlink()

@@ -19,6 +19,7 @@ import pyarrow as pa
 import zarr
 
 from tdastore.errors import StoreError
+from tdastore.store.checksums import FILE_NAME, checksummed, confined, file_crc
 from tdastore.store.job_store import create_or_reopen, done_markers
 from tdastore.store.location import StorePath, is_local, read_parquet, write_parquet_atomic, zarr_store
 from tdastore.store.manifest import (
@@ -68,11 +69,12 @@ def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype:
             chunks=(layout["chunk_rows"], chunk_cols),
             dtype=dtype,
             fill_value=0,
-            compressors=_compressors(layout["compressor"]),
+            compressors=checksummed(_compressors(layout["compressor"])),
             overwrite=False,
         )
         shards = plan_shards(n_rows, layout["shard_rows"])
         return {
+            "array": json.loads((root / GRADS_DIR / ZARR_JSON).read_text()),  # restores a lost zarr.json
             "schema_version": SCHEMA_VERSION,
             "status": "building",
             "n_rows": n_rows,
@@ -85,7 +87,7 @@ def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype:
             "indexes": {},
         }
 
-    return create_or_reopen(
+    manifest = create_or_reopen(
         root,
         read_manifest,
         lambda manifest: identity_mismatches(manifest, identity),
@@ -97,6 +99,27 @@ def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype:
         ),
         not_ours=not_a_store(root),
     )
+    restore_array_metadata(root, manifest)
+    return manifest
+
+
+ZARR_JSON = "zarr.json"
+
+
+def restore_array_metadata(root: StorePath, manifest: dict) -> bool:
+    """Rewrite grads.zarr/zarr.json from the manifest's copy when it is missing or differs (damaged): the
+    chunks are kept. Returns whether it did; stores from before the copy are left as they are."""
+    wanted = manifest.get("array")
+    if wanted is None:
+        return False
+    path = root / GRADS_DIR / ZARR_JSON
+    try:
+        if json.loads(path.read_text()) == wanted:
+            return False
+    except (OSError, ValueError):  # missing, unreadable or not JSON: damaged
+        pass
+    write_json_atomic(path, wanted)
+    return True
 
 
 def not_a_store(root: StorePath) -> str:
@@ -141,7 +164,10 @@ def read_shard_statistics(root: StorePath, manifest: dict) -> list[dict] | None:
         marker = json.loads(shard_marker(root, entry["shard"]).read_text())
         if "statistics" not in marker:
             return None
-        with np.load(io.BytesIO((root / SHARDS_DIR / marker["statistics"]).read_bytes())) as data:
+        path = confined(root / SHARDS_DIR, marker["statistics"], FILE_NAME)
+        if path is None:
+            raise StoreError(f"store '{root}': the marker of shard {entry['shard']} is damaged: run `tdastore verify`")
+        with np.load(io.BytesIO(path.read_bytes())) as data:
             parts.append({key: data[key] for key in data.files})
     return parts
 
@@ -174,7 +200,9 @@ def write_shard(
         "stop": shard.stop,
         "crc32": zlib.crc32(rows.data),  # of the rows as stored (decoded)
         "chunks": chunk_table(root, range(shard.start // chunk_rows, -(-shard.stop // chunk_rows))),
+        "meta": file_crc(meta_path),
         **({"statistics": shard_statistics_path(root, shard.index).name} if statistics is not None else {}),
+        **({"statistics_crc": file_crc(shard_statistics_path(root, shard.index))} if statistics is not None else {}),
     }
     write_json_atomic(shard_marker(root, shard.index), marker)
     return marker
@@ -213,7 +241,8 @@ def update_shard_table(root: StorePath, manifest: dict) -> dict:
 
 
 def finalize_store(root: StorePath, manifest: dict, summary: dict) -> dict:
-    """All shards done: consolidate metadata into meta.parquet and mark the store complete."""
+    """All shards done: consolidate metadata into meta.parquet (its size and crc32 recorded in the manifest, for
+    verify) and mark the store complete."""
     missing = [e["shard"] for e in manifest["shards"] if e["shard"] not in done_shards(root)]
     if missing:
         raise StoreError(f"store '{root}' cannot be finalised: shards {missing[:10]} are not done; rerun the build")
@@ -223,6 +252,7 @@ def finalize_store(root: StorePath, manifest: dict, summary: dict) -> dict:
         raise StoreError(f"store '{root}': metadata has {meta.num_rows} rows, expected {manifest['n_rows']}")
     write_parquet_atomic(meta, root / META_FILE)
     manifest = update_shard_table(root, manifest)
+    manifest["meta_checksum"] = file_crc(root / META_FILE)
     manifest["status"] = "complete"
     manifest["summary"] = summary
     write_json_atomic(root / MANIFEST_FILE, manifest)
