@@ -128,3 +128,47 @@ def served_table(expected, hits: list[dict]):
             values = pa.array([hit[name] for hit in hits])
             expected = expected.set_column(expected.schema.get_field_index(name), name, values)
     return expected
+
+
+def job_damage_is_refused_and_repaired(root, array: str, read, rerun) -> None:
+    """A same-size byte flip in one chunk of a job store's `array`: `read()` refuses it (the chunk's crc32c),
+    `rerun()` recomputes exactly the unit that wrote it to the same bytes; then again found by `verify --deep`
+    (which marks the unit and makes the job incomplete) instead of the rerun's own check."""
+    import json
+    import zlib
+    from pathlib import Path
+
+    import pytest
+
+    from tdastore.cli import main
+
+    def chunk_bytes() -> dict:
+        files = sorted(p for p in Path(root, array, "c").rglob("*") if p.is_file())
+        return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+    def markers() -> dict:
+        return {p.name: p.read_text() for p in Path(root, "units").glob("*.done")}
+
+    clean, before = chunk_bytes(), markers()
+    key = next(iter(clean))
+    owners = [n for n, m in before.items() if key in json.loads(m).get("chunks", {})]
+    assert len(owners) == 1, owners  # each chunk is one unit's, recorded in its marker
+    for found_by_verify in (False, True):
+        data = bytearray(clean[key])
+        data[len(data) // 2] ^= 0x01
+        Path(root, key).write_bytes(bytes(data))
+        assert zlib.crc32(bytes(data)) != zlib.crc32(clean[key])
+        if found_by_verify:
+            assert main(["verify", str(root)]) == 0  # the cheap check sees sizes only
+            assert main(["verify", str(root), "--deep"]) == 2
+            with pytest.raises(StoreError, match="incomplete"):
+                read()
+        else:
+            with pytest.raises(StoreError, match=r"corrupt \(its crc32c does not match"):
+                read()
+        rerun()
+        assert chunk_bytes() == clean
+        after = markers()
+        assert [n for n in before if after[n] != before[n]] == owners  # exactly the damaged unit recomputed
+        before = after
+        read()

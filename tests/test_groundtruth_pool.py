@@ -9,6 +9,7 @@ import pytest
 import torch
 import zarr
 from conftest import small_config
+from helpers import job_damage_is_refused_and_repaired
 
 import tdastore
 from tdastore.config import load_config
@@ -79,6 +80,17 @@ def test_killed_worker_then_rerun_resumes_to_the_same_result(ray_cluster, tmp_pa
     resumed = arrays(root)
     np.testing.assert_array_equal(resumed[0], reference[0])
     np.testing.assert_array_equal(resumed[1], reference[1])
+
+
+def test_a_flipped_value_is_refused_and_the_rerun_recomputes_its_unit(ray_cluster, trained):
+    """The issue's case: one value of loo.zarr flipped in place. Every read refuses it (its chunk's crc32c);
+    rerunning ground-truth (or verify --deep, then the rerun) recomputes exactly that unit, bit for bit."""
+    from tdastore.groundtruth.pool import finished_groundtruth
+    from tdastore.store.checksums import read_array
+
+    root = run_groundtruth(trained, progress=False)
+    read = lambda: (finished_groundtruth(root), read_array(root / "loo.zarr", what="gt", fix="rerun"))  # noqa: E731
+    job_damage_is_refused_and_repaired(root, "loo.zarr", read, lambda: run_groundtruth(trained, progress=False))
 
 
 @pytest.mark.parametrize(
@@ -200,6 +212,9 @@ def test_lds_runs_and_score(ray_cluster, tmp_path):
     direct = trainer.run([1], manifest["subsets"][4:6]).numpy()  # seed 1, subsets 4 and 5 (the second unit)
     stored = zarr.open_array(str(root / "subsets.zarr"))[:]
     np.testing.assert_allclose(stored[:, :, 4:6, 1], direct[:, :, 0, 1:], rtol=1e-6)
+    job_damage_is_refused_and_repaired(
+        root, "subsets.zarr", lambda: read_lds(root), lambda: run_lds(config, gt, progress=False)
+    )
     actual, _ = read_lds(root)  # [E, T, M]
     full = zarr.open_array(str(root / "full.zarr"))[:]
     np.testing.assert_allclose(actual[:, :, 5], (stored[:, :, 5, :] - full).mean(-1), rtol=1e-6)

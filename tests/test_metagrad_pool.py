@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import small_config
+from helpers import job_damage_is_refused_and_repaired
 
 import tdastore
 from tdastore.config import config_to_dict, load_config
@@ -14,7 +15,7 @@ from tdastore.errors import ConfigError, StoreError
 from tdastore.evaluate.metrics import cosine_rows, gold_vectors
 from tdastore.evaluate.run import evaluate
 from tdastore.groundtruth.metagrad import MetaGradient
-from tdastore.groundtruth.metagrad_pool import metagrad_root, run_metagrad
+from tdastore.groundtruth.metagrad_pool import metagrad_root, read_metagrad_scores, run_metagrad
 from tdastore.groundtruth.pool import run_groundtruth
 from tdastore.tasks import TabularTask
 from tdastore.training import load_model
@@ -71,6 +72,8 @@ def test_stored_scores_are_the_engines(finished):
     marker = (root / "units" / "0001-0001.done").read_text()
     run_metagrad(config, gt_root, progress=False)  # everything done: nothing recomputed
     assert (root / "units" / "0001-0001.done").read_text() == marker
+    rerun = lambda: run_metagrad(config, gt_root, progress=False)  # noqa: E731
+    job_damage_is_refused_and_repaired(root, "scores.zarr", lambda: read_metagrad_scores(root), rerun)
 
 
 def test_evaluate_scores_metagrad_against_the_gold_vectors(finished):
