@@ -235,6 +235,19 @@ def test_one_writer_per_output(tmp_path, trained_config):
     (root / LEASE_FILE).write_text(_json.dumps({**old._record(), "host": "elsewhere", "heartbeat": 0, "token": "x"}))
     with Lease(root, "build"):  # a holder on another node whose heartbeat stopped
         pass
+    future = {**old._record(), "host": "elsewhere", "heartbeat": old._record()["heartbeat"] + 28 * 3600}
+    for text, words in (  # the cases: refused with the file's path and the fix, never taken over silently
+        (_json.dumps(future), r"heartbeat 1008\d\d s in the future .*delete '.*\.lease' and rerun"),
+        ("{not json", r"lease file '.*\.lease' is unreadable \(damaged\).*delete '.*\.lease' and rerun"),
+        (_json.dumps({**old._record(), "heartbeat": "soon"}), "is unreadable"),
+    ):
+        (root / LEASE_FILE).write_text(text)
+        with pytest.raises(StoreError, match=words):
+            Lease(root, "build").acquire()
+        assert (root / LEASE_FILE).read_text() == text
+    (root / LEASE_FILE).write_text(_json.dumps({**future, "host": old._record()["host"], "pid": dead.pid}))
+    with Lease(root, "build"):  # a future heartbeat of a process that has exited here: stale all the same
+        pass
     (tmp_path / "store.txt").write_text("someone's file")
     with pytest.raises(StoreError, match="is a file"):
         build_store(trained_config, tmp_path / "store.txt")

@@ -51,7 +51,14 @@ class Lease:
     def acquire(self) -> Lease:
         self.root.mkdir(parents=True, exist_ok=True)
         if not self._create():
-            holder = self.read()
+            holder = self._holder()
+            ahead = holder.get("heartbeat", 0) - time.time() if holder is not None else 0.0
+            if holder is not None and ahead > self.timeout_s and not self._dead_here(holder):
+                raise StoreError(
+                    f"the lease file '{self.path}' has a heartbeat {ahead:.0f} s in the future ({holder.get('owner')}"
+                    f"): a clock ahead on {holder.get('host')} or a damaged file; if no job is writing '{self.root}', "
+                    f"delete '{self.path}' and rerun"
+                )
             if holder is not None and not self._stale(holder):
                 raise StoreError(
                     f"'{self.root}' is being written by another {holder.get('job', 'job')} ({holder.get('owner')}, "
@@ -97,11 +104,35 @@ class Lease:
     def read(self) -> dict | None:
         try:
             return json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
 
+    def _holder(self) -> dict | None:
+        """The lease file's record; None when it vanished. One that stays unreadable (a lease is written whole
+        within milliseconds) is damage, reported rather than taken over."""
+        for attempt in range(5):
+            try:
+                text = self.path.read_text()
+            except FileNotFoundError:
+                return None
+            try:
+                holder = json.loads(text)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                holder = None
+            if isinstance(holder, dict) and isinstance(holder.get("heartbeat", 0), (int, float)):
+                return holder
+            time.sleep(0.1 * (attempt + 1))
+        raise StoreError(
+            f"the lease file '{self.path}' is unreadable (damaged): if no job is writing '{self.root}', delete "
+            f"'{self.path}' and rerun"
+        )
+
+    def _dead_here(self, holder: dict) -> bool:
+        pid = holder.get("pid", -1)
+        return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+
     def _stale(self, holder: dict) -> bool:
-        if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid", -1)):
+        if self._dead_here(holder):
             return True
         return time.time() - holder.get("heartbeat", 0) > self.timeout_s
 
