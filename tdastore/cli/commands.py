@@ -87,8 +87,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
     from tdastore.store.verify import mark_for_rebuild, verify_store
 
     root = store_path(args.store)
-    if job_kind(root) is not None:
-        return verify_job(root, job_kind(root), args.deep)
+    kind = job_kind(root)
+    if kind is not None:
+        return verify_job(root, kind, args.deep)
     problems = verify_store(root, deep=args.deep)
     if not problems:
         print(f"store '{root}': every done shard checks out ({'deep: checksums' if args.deep else 'sizes'})")

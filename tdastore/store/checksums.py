@@ -31,8 +31,8 @@ class BatchedCrc32cCodec(Crc32cCodec):
     """Zarr's crc32c codec (same name, same bytes), decoding and encoding a batch of chunks in one loop.
 
     Why: Zarr runs a bytes-to-bytes codec as one asyncio task per chunk, and that scheduling, not the crc32c
-    (~30 GB/s), was the whole cost: +13% on a streamed pass of a zstd store, +18% uncompressed. In one loop it
-    is within noise with zstd and ~+6% uncompressed (benchmarks/checksum_cost.py). Registered for the name
+    (~30 GB/s), was the whole cost: +13% on a streamed pass of a float16 zstd store, +18% uncompressed. In one
+    loop: +3% to +5% with zstd, +6% to +8% uncompressed (benchmarks/checksum_cost.py). Registered for the name
     "crc32c" when this module is imported, so every array tdastore opens checks its chunks through it."""
 
     async def decode(self, chunks_and_specs):
@@ -58,10 +58,6 @@ def create_array(path: StorePath, **kwargs) -> zarr.Array:
     """zarr.create_array at `path` with a crc32c on every chunk; compressors default to Zarr's zstd."""
     compressors = kwargs.pop("compressors", [ZstdCodec(level=0)])
     return zarr.create_array(store=zarr_store(path), compressors=checksummed(compressors), **kwargs)
-
-
-def has_checksums(array: zarr.Array) -> bool:
-    return any(isinstance(codec, Crc32cCodec) for codec in array.compressors)
 
 
 def read_array(path: StorePath, selection=slice(None), *, what: str, fix: str) -> np.ndarray:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import zarr
 
 from tdastore.errors import StoreError
-from tdastore.store.checksums import FILE_NAME, checksummed, confined, file_crc
+from tdastore.store.checksums import FILE_NAME, checksummed, chunk_table, confined, file_crc, region_chunk_keys
 from tdastore.store.job_store import create_or_reopen, done_markers
 from tdastore.store.location import StorePath, is_local, read_parquet, write_parquet_atomic, zarr_store
 from tdastore.store.manifest import (
@@ -187,9 +187,9 @@ def write_shard(
         raise StoreError(f"shard {shard.index}: rows of shape {rows.shape}, expected {(shard.rows, array.shape[1])}")
     rows = np.ascontiguousarray(rows, dtype=array.dtype)
     array[shard.start : shard.stop] = rows
-    chunk_rows = array.chunks[0]
+    keys = region_chunk_keys(array, (slice(shard.start, shard.stop), slice(None)))  # this shard's chunks
     if is_local(root):  # object stores have no fsync: a finished put is durable
-        _fsync_chunks(root / GRADS_DIR, range(shard.start // chunk_rows, -(-shard.stop // chunk_rows)))
+        _fsync_chunks(root / GRADS_DIR, keys)
     meta_path = shard_meta_path(root, shard.index)
     write_parquet_atomic(meta, meta_path)
     if statistics is not None:  # durable before the marker, like the rows
@@ -199,7 +199,7 @@ def write_shard(
         "start": shard.start,
         "stop": shard.stop,
         "crc32": zlib.crc32(rows.data),  # of the rows as stored (decoded)
-        "chunks": chunk_table(root, range(shard.start // chunk_rows, -(-shard.stop // chunk_rows))),
+        "chunks": chunk_table(root / GRADS_DIR, keys),
         "meta": file_crc(meta_path),
         **({"statistics": shard_statistics_path(root, shard.index).name} if statistics is not None else {}),
         **({"statistics_crc": file_crc(shard_statistics_path(root, shard.index))} if statistics is not None else {}),
@@ -208,23 +208,11 @@ def write_shard(
     return marker
 
 
-def chunk_table(root: StorePath, row_chunks: range) -> dict[str, list[int]]:
-    """{chunk key: [size, crc32]} of the encoded chunk files of these row chunks, as written (all-zero chunks
-    have no file, so the table says which files must exist)."""
-    table = {}
-    for row_chunk in row_chunks:
-        folder = root / GRADS_DIR / "c" / str(row_chunk)
-        for path in sorted(folder.iterdir(), key=lambda p: p.name) if folder.is_dir() else ():
-            data = path.read_bytes()
-            table[f"c/{row_chunk}/{path.name}"] = [len(data), zlib.crc32(data)]
-    return table
-
-
-def _fsync_chunks(array_dir: Path, row_chunks: range) -> None:
-    """Flush this shard's chunk files (Zarr v3 keys c/<row chunk>/<col chunk>) before it is declared done."""
-    for row_chunk in row_chunks:
-        folder = array_dir / "c" / str(row_chunk)
-        for path in folder.iterdir() if folder.is_dir() else ():
+def _fsync_chunks(array_dir: Path, keys: list[str]) -> None:
+    """Flush this shard's chunk files before it is declared done (all-zero chunks have none)."""
+    for key in keys:
+        path = array_dir / key
+        if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
