@@ -1,11 +1,14 @@
 """A real Ray head on 127.0.0.1, the build job submitted through the job API, its store checked row for row."""
 
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +23,30 @@ ROOT = Path(__file__).parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def stop_head(temp_dir: str) -> None:
-    """Kill only this head's processes (`ray stop` would also end the test session's own cluster)."""
+def stop_head(temp_dir: str, only: bytes = b"") -> int:
+    """Kill only this head's processes (`ray stop` would also end the test session's own cluster); only: just
+    those whose command line also holds these bytes. Returns how many were killed."""
     import signal
 
+    killed = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if temp_dir.encode() in (entry / "cmdline").read_bytes():
+            cmdline = (entry / "cmdline").read_bytes()
+            if temp_dir.encode() in cmdline and only in cmdline:
                 os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
         except (OSError, ProcessLookupError):
             pass
+    return killed
+
+
+@dataclass
+class Head:
+    dashboard: str  # http://127.0.0.1:PORT, the job API
+    address: str  # 127.0.0.1:PORT, what a driver joins
+    temp_dir: str
 
 
 @pytest.fixture
@@ -62,7 +77,7 @@ def ray_head(tmp_path):
         capture_output=True,
     )
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        yield Head(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}", temp_dir)
     finally:
         stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -75,7 +90,7 @@ def test_build_job_submitted_to_a_ray_head(ray_head, ray_cluster, tmp_path):
     tdastore.train(config, progress=False)
     config_path = tmp_path / "job.yaml"
     save_config(config, config_path)
-    client = JobSubmissionClient(ray_head)
+    client = JobSubmissionClient(ray_head.dashboard)
     deadline = time.time() + 120
     while True:  # the head's job agent takes a few seconds after `ray start` returns
         try:
@@ -103,3 +118,50 @@ def test_build_job_submitted_to_a_ray_head(ray_head, ray_cluster, tmp_path):
     local = build_store(config, tmp_path / "local_store", progress=False)
     np.testing.assert_array_equal(submitted.read_rows(), local.read_rows())
     assert submitted.meta.equals(local.meta)
+
+
+def test_a_job_whose_ray_node_dies_exits_within_two_minutes_and_resumes(ray_head, ray_cluster, tmp_path):
+    """The head's raylet killed under a running gold-standard job: the driver stops waiting, releases its lease
+    and exits 2 with the resume message; the rerun keeps the units finished before the kill."""
+    from test_groundtruth_pool import gt_config
+
+    from tdastore.groundtruth.pool import run_groundtruth
+
+    config = gt_config(tmp_path, epochs=1500, seeds=4, seed_block=1)  # units of ~1.5 s
+    config = dataclasses.replace(config, build=dataclasses.replace(config.build, max_retries=2))
+    tdastore.train(config, progress=False)
+    config_path = tmp_path / "gt.yaml"
+    save_config(config, config_path)
+    root = Path(config.groundtruth.output)
+    env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ADDRESS": ""}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tdastore", "ground-truth", "--config", str(config_path), "--address", ray_head.address],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while not list(root.glob("units/*.done")):
+            assert driver.poll() is None, driver.communicate()
+            assert time.time() < deadline, "no unit finished in 3 minutes"
+            time.sleep(0.2)
+        assert stop_head(ray_head.temp_dir, only=b"raylet/raylet") == 1
+        killed = time.time()
+        _, stderr = driver.communicate(timeout=120)
+        took = time.time() - killed
+    finally:
+        driver.kill()
+    assert driver.returncode == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "the Ray cluster went away" in lines[-1] and "rerun the same command to resume" in lines[-1], stderr
+    assert "Traceback" not in stderr
+    assert not (root / ".lease").exists()
+    print(f"exited {took:.1f} s after the node died")
+    kept = {path.name: path.stat().st_mtime_ns for path in root.glob("units/*.done")}
+    units = len(json.loads((root / "manifest.json").read_text())["units"])
+    assert 0 < len(kept) < units
+    run_groundtruth(config, progress=False)  # the rerun, on the test session's cluster
+    assert len(list(root.glob("units/*.done"))) == units
+    assert all((root / "units" / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import ray
 import torch
 
+from tdastore.distributed.pool import get_alive
 from tdastore.distributed.ray_session import ray_session
 from tdastore.store.gradient_store import open_store
 
@@ -45,6 +46,6 @@ def ray_block_map(store, workers: int, threads: int = 1, address: str | None = N
                 _apply_to_rows.options(num_cpus=threads).remote(fn_ref, str(store.root), lo, hi, step, threads)
                 for lo, hi in row_ranges(store.n_rows, chunk, 4 * workers)
             ]
-            return [result for part in ray.get(refs) for result in part]
+            return [result for part in get_alive(refs) for result in part]
 
     return map_blocks

@@ -9,7 +9,9 @@ own region and then its `.done` marker), so a job stopped for any reason resumes
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,6 +23,58 @@ from tqdm import tqdm
 import tdastore.errors as errors
 from tdastore.devices import wants_gpu
 from tdastore.errors import ConfigError, StoreError, TdaStoreError
+
+POLL_S = 10.0  # a driver waiting on Ray checks at least this often that its cluster still has a live node
+PROBE_S = 20.0  # a cluster whose control store (GCS) does not answer within this is gone (Ray itself waits 60 s)
+
+
+class ClusterGoneError(StoreError):
+    """The Ray cluster under a running job died: the job stops (and releases its lease) instead of waiting."""
+
+
+def cluster_problem(probe_s: float = PROBE_S) -> str | None:
+    """Why the connected Ray cluster cannot run anything (no live node, a control store that does not answer),
+    or None. Asked in a thread so a dead GCS costs probe_s, never a hang."""
+    answer: list = []
+
+    def ask() -> None:
+        try:
+            answer.append([node for node in ray.nodes() if node.get("Alive")])
+        except Exception as err:  # noqa: BLE001 - any failure to reach the GCS means the same thing here
+            answer.append(err)
+
+    thread = threading.Thread(target=ask, daemon=True, name="tdastore-cluster-probe")
+    thread.start()
+    thread.join(probe_s)
+    if not answer:
+        return f"its control store (GCS) did not answer for {probe_s:.0f} s"
+    if isinstance(answer[0], Exception):
+        return f"its control store (GCS) cannot be reached ({type(answer[0]).__name__})"
+    return None if answer[0] else "no node of it is alive"
+
+
+def check_cluster(what: str = "finished units are kept") -> None:
+    problem = cluster_problem()
+    if problem is not None:
+        raise ClusterGoneError(f"the Ray cluster went away ({problem}): {what}; rerun the same command to resume")
+
+
+def wait_alive(refs: list, num_returns: int = 1) -> tuple[list, list]:
+    """ray.wait that checks the cluster every POLL_S while nothing is ready, so a job whose cluster died stops
+    within POLL_S + PROBE_S (+ Ray's own ~15 s to declare a killed node dead) instead of waiting for ever."""
+    while True:
+        ready, rest = ray.wait(refs, num_returns=num_returns, timeout=POLL_S)
+        if ready:
+            return ready, rest
+        check_cluster()
+
+
+def get_alive(refs: list) -> list:
+    """ray.get of every ref, checking the cluster while waiting (see wait_alive)."""
+    waiting = list(refs)
+    while waiting:
+        _, waiting = wait_alive(waiting, num_returns=len(waiting))
+    return ray.get(refs)
 
 
 def run_pool(
@@ -62,18 +116,21 @@ def run_pool(
             while idle and pending:
                 actor, unit = idle.pop(), pending.popleft()
                 in_flight[call(actor, unit)] = (actor, unit)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = wait_alive(list(in_flight))
             actor, unit = in_flight.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except (RayActorError, WorkerCrashedError) as err:
                 if isinstance(err, RayActorError) and err.actor_init_failed:
                     raise startup_error(err, describe(unit)) from None
+                check_cluster()  # a dead node: retry on another one; a dead cluster: stop, never wait
                 attempts[id(unit)] = attempts.get(id(unit), 0) + 1
                 if attempts[id(unit)] > max_retries:
+                    unreachable = ": its node stopped answering" if "Unavailable" in type(err).__name__ else ""
                     raise StoreError(
                         f"{describe(unit)} failed {attempts[id(unit)]} time(s) because its worker died "
-                        f"({type(err).__name__}); finished units are kept: rerun the same command to resume"
+                        f"({type(err).__name__}{unreachable}); finished units are kept: rerun the same command "
+                        "to resume"
                     ) from err
                 pending.appendleft(unit)
                 actors.remove(actor)
@@ -100,7 +157,8 @@ def run_pool(
         bar.close()
         if keep is None or not finished:
             for actor in actors:  # also stops units still in flight after an error
-                ray.kill(actor)
+                with contextlib.suppress(Exception):  # a dead cluster's actors are gone already
+                    ray.kill(actor)
             actors.clear()
     return results
 
