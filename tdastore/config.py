@@ -267,12 +267,24 @@ class Config:
         _require(all(h > 0 for h in self.model.hidden), "model.hidden", "sizes must be positive")
         _require(self.train.lr > 0, "train.lr", "must be positive")
         _require(self.train.batch_size > 0, "train.batch_size", "must be positive")
-        _require(self.train.epochs >= 0, "train.epochs", "must be >= 0")
+        _require(0 < self.train.epochs <= MAX_EPOCHS, "train.epochs",
+                 f"must lie in 1..{MAX_EPOCHS:,} (0 would save an untrained model)")  # fmt: skip
+        _require(0.0 <= self.train.momentum < 1.0, "train.momentum", "must lie in [0, 1)")
+        _require(self.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(self.task.max_length > 0, "task.max_length", "must be positive (tokens per example)")
         _require(self.gradients.batch_size > 0, "gradients.batch_size", "must be positive")
         _require(self.gradients.max_tokens is None or self.gradients.max_tokens > 0, "gradients.max_tokens",
                  "must be positive (or null: batches of gradients.batch_size)")  # fmt: skip
         _require(len(self.gradients.params) > 0, "gradients.params", "needs at least one pattern")
-        _require(self.projection.dim > 0, "projection.dim", "must be positive")
+        _require(0 < self.projection.dim <= MAX_PROJECTION_DIM, "projection.dim",
+                 f"must lie in 1..{MAX_PROJECTION_DIM:,} (stored rows are this wide; projection.kind none keeps "
+                 "the exact gradients)")  # fmt: skip
+        _require(self.projection.cache_mb >= 0, "projection.cache_mb", "must be >= 0")
+        _require(
+            all(len(f) == 2 and min(f) > 0 for f in self.projection.module_factors.values()),
+            "projection.module_factors",
+            "values must be two positive sizes [k_out, k_in]",
+        )
         _require(self.projection.nonzeros > 0, "projection.nonzeros", "must be positive")
         if self.projection.kind == "sparse":
             _require(
@@ -296,10 +308,24 @@ class Config:
         _require(self.query.workers >= 0, "query.workers", "must be 0 (in process) or a number of Ray actors")
         _require(self.query.threads_per_worker > 0, "query.threads_per_worker", "must be positive")
         _require(self.build.gpus_per_worker > 0, "build.gpus_per_worker", "must be positive")
+        _require(self.build.cpus_per_worker > 0, "build.cpus_per_worker", "must be positive (Ray CPUs per worker)")
+        _require(self.query.top_k > 0, "query.top_k", "must be positive")
+        _require(self.query.ray_min_inputs >= 0, "query.ray_min_inputs", "must be >= 0")
         _require(self.device.partition(":")[0] in ("auto", "cpu", "cuda", "mps"), "device",
                  "must be auto, cpu, cuda, cuda:N or mps")  # fmt: skip
         _require(self.metagrad.seeds is None or self.metagrad.seeds > 0, "metagrad.seeds", "must be positive")
         _require(self.metagrad.seed_block > 0, "metagrad.seed_block", "must be positive")
+        _require(
+            self.metagrad.seeds is None or self.metagrad.seeds <= self.groundtruth.seeds,
+            "metagrad.seeds",
+            f"must be at most groundtruth.seeds={self.groundtruth.seeds} (it takes the first n of the ground "
+            "truth's seeds)",
+        )
+        _require(
+            self.metagrad.checkpoint_every is None or self.metagrad.checkpoint_every > 0,
+            "metagrad.checkpoint_every",
+            "must be positive (or null: from metagrad.memory_mb)",
+        )
         _require(
             self.metagrad.test_block is None or self.metagrad.test_block > 0, "metagrad.test_block", "must be positive"
         )
@@ -319,7 +345,20 @@ class Config:
         _require(a.lissa_scale is None or a.lissa_scale > 0, "attribution.lissa_scale", "must be positive")
         _require(a.cg_max_iter > 0 and a.cg_tol > 0, "attribution.cg_max_iter", "and cg_tol must be positive")
         _require(a.batch_size > 0, "attribution.batch_size", "must be positive")
+        _require(a.lissa_batch_size is None or a.lissa_batch_size > 0, "attribution.lissa_batch_size",
+                 "must be positive (or null: full-batch products)")  # fmt: skip
+        _require(a.kfac_examples is None or a.kfac_examples > 0, "attribution.kfac_examples",
+                 "must be positive (or null: all training examples)")  # fmt: skip
+        _require(a.max_exact_params > 0, "attribution.max_exact_params", "must be positive")
+        _require(a.max_dense_dim > 0, "attribution.max_dense_dim", "must be positive")
+        _require(len(a.methods) > 0, "attribution.methods", "needs at least one method")
         _require(self.index.shard_rows > 0, "index.shard_rows", "must be positive")
+        index = self.index
+        _require(index.nlist is None or index.nlist > 0, "index.nlist", "must be positive (or null: 4 x sqrt(rows))")
+        _require(index.pq_m is None or index.pq_m > 0, "index.pq_m",
+                 "must be positive and divide the store's dim (or null: dim / 4)")  # fmt: skip
+        _require(2 <= index.hnsw_m <= 256, "index.hnsw_m", "must lie in 2..256 (neighbours per HNSW node)")
+        _require(index.refine > 0, "index.refine", "must be positive (1: no re-ranking beyond top_k)")
         gt = self.groundtruth
         _require(
             (gt.epochs is None) != (gt.steps is None),
@@ -347,8 +386,19 @@ class Config:
             "left_out_block, max_replicas and workers must be positive",
         )
         _require(gt.clip_norm is None or gt.clip_norm > 0, "groundtruth.clip_norm", "must be positive")
+        _require(gt.weight_decay >= 0, "groundtruth.weight_decay", "must be >= 0")
+        _require(gt.threads_per_worker > 0, "groundtruth.threads_per_worker", "must be positive")
+        _require(gt.test_points is None or gt.test_points > 0, "groundtruth.test_points",
+                 "must be positive (or null: every test row)")  # fmt: skip
+        _require(gt.left_out_count is None or gt.left_out_count > 0, "groundtruth.left_out_count",
+                 "must be positive (rows left out, one replica each)")  # fmt: skip
         _require(self.index.nprobe > 0 and self.index.ef_search > 0, "index.nprobe", "and ef_search must be positive")
         return self
+
+
+MAX_EPOCHS = 1_000_000
+MAX_PROJECTION_DIM = 1 << 20  # a million stored columns per row; beyond it no store fits a disk
+MAX_INT = (1 << 63) - 1  # every integer of a config fits torch's and numpy's int64
 
 
 def _require(ok: bool, key: str, problem: str) -> None:
@@ -472,10 +522,18 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         value = _number_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        return number
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"config key '{key}' is out of range ({value}): integers must fit in 64 bits")
         return value
     if hint is bool:
         if not isinstance(value, bool):

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from tdastore.atomic import temporary_name
 from tdastore.config import Config, save_config
+from tdastore.devices import resolve_device
 from tdastore.errors import ConfigError, StoreError
 from tdastore.tasks.base import Task, model_fingerprint
 
@@ -24,6 +25,7 @@ def train(config: Config, progress: bool = True, task: Task | None = None, overw
     refuse the new ones)."""
     from tdastore.tasks import resolve_task
 
+    resolve_device(config.device)  # a device this machine lacks is refused before anything else
     path = Path(config.train.output_dir) / WEIGHTS_FILE
     if path.exists() and not overwrite:
         raise ConfigError(
@@ -41,8 +43,10 @@ def train_final_model(config: Config, task: Task, progress: bool = True) -> nn.M
             "there is nothing to train here; fine-tune it with your trainer and point name_or_path at it"
         )
     cfg = config.train
-    model = task.make_model()
+    device = resolve_device(config.device)
+    model = task.make_model().to(device)
     data = task.examples("train")
+    inputs, targets = data.inputs.to(device), data.targets.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     history = []
@@ -51,12 +55,13 @@ def train_final_model(config: Config, task: Task, progress: bool = True) -> nn.M
         total = 0.0
         for start in range(0, len(data), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
-            losses = task.per_example_loss(model(data.inputs[batch]), data.targets[batch])  # [b]
+            losses = task.per_example_loss(model(inputs[batch]), targets[batch])  # [b]
             optimizer.zero_grad(set_to_none=True)
             losses.mean().backward()
             optimizer.step()
             total += float(losses.detach().sum())
         history.append(total / len(data))
+    model = model.cpu()  # weights are saved, evaluated and returned on the CPU
     save_model(model, config, Path(cfg.output_dir), {"train_loss": history, "test_loss": evaluate_loss(model, task)})
     return model
 

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+import torch
 import yaml
 from conftest import small_config
 from test_build import tree_digest
@@ -33,6 +34,7 @@ def world(ray_cluster, tmp_path_factory):
         "list.yaml": "- 1\n- 2\n",
         "empty.csv": "",
         "noheader.csv": "1,2\n3,4\n",
+        "null_train.yaml": "train: null\n",
     }.items():
         (tmp / name).write_text(text)
     rows = 30
@@ -51,6 +53,8 @@ def world(ray_cluster, tmp_path_factory):
     text_first = {c: ["abc"] * 3 if i == 0 else [0.0] * 3 for i, c in enumerate(features)}
     pacsv.write_csv(pa.table(text_first | {"target": [1.0] * 3}), tmp / "text_feature.csv")
     pacsv.write_csv(pa.table({c: [0.0] * 3 for c in features[:-1]} | {"target": [1.0] * 3}), tmp / "narrow.csv")
+    header = ",".join([*features, features[0], "target"])
+    (tmp / "same_columns.csv").write_text(header + "\n" + ",".join(["0.5"] * (len(features) + 2)) + "\n")
     (tmp / "empty_inputs.csv").write_text("")
     (tmp / "a_file").write_text("not a store")
     (tmp / "damaged").mkdir()
@@ -85,7 +89,7 @@ def cases(w) -> list[tuple[list[str], str]]:
         (["train", "--config", str(t / "missing.yaml")], "does not exist"),
         (["train", *c, "--train.epochs", "two"], "must be an integer"),
         (["train", *c, "--train.lr", "-1"], "train.lr' must be positive"),
-        (["train", *c, "--train.epochs", "-3"], "train.epochs' must be >= 0"),
+        (["train", *c, "--train.epochs", "-3"], "train.epochs' must lie in 1.."),
         (["train", *c, "--train.batch_size", "0"], "train.batch_size' must be positive"),
         (["train", *c, "--model.hidden", "[0]"], "model.hidden' sizes must be positive"),
         (["train", *c, "--model.hidden", "32"], "must be a list"),
@@ -186,25 +190,161 @@ def cases(w) -> list[tuple[list[str], str]]:
         (["metagrad", *c, "--ground-truth", store], "not a ground-truth store"),
         (["serve", str(t / "nostore")], "does not exist"),
         (["serve", store, "--replicas", "0"], "at least one replica"),
+        # nonsense once accepted, tracebacks and an abort (issue 24, list 7)
+        (["train", *c, "--train.epochs", "0"], "would save an untrained model"),
+        (["train", "--config", str(t / "null_train.yaml")], "'train' must be a mapping"),
+        (["query", store, "--split", "test", "--kind", "ivf", "--index.nlist", "0"], "index.nlist"),
+        (["query", store, "--split", "test", "--kind", "pq", "--index.pq_m", "7"], "index.pq_m 7"),
+        (
+            [
+                "build",
+                *c,
+                "--projection.kind",
+                "gaussian",
+                "--projection.dim",
+                "1000000000000",
+                "--output",
+                str(t / "never"),
+            ],
+            "projection.dim",
+        ),  # noqa: E501
+        (["ground-truth", *g, "--groundtruth.test_points", "0"], "groundtruth.test_points"),
+        (["metagrad", *c, "--ground-truth", store, "--metagrad.seeds", "99"], "metagrad.seeds"),
+        (["build", *c, "--build.cpus_per_worker", "0", "--output", str(t / "never")], "build.cpus_per_worker"),
+        (["train", *c, "--train.epochs", "99999999999999999999999"], "train.epochs"),
+        (["train", *c, "--train.momentum", "-3"], "train.momentum"),
+        (["query", store, "--inputs", str(t / "same_columns.csv")], "more than once"),
+        (["serve", store, "--port", "-1"], "port"),
+        (["serve", store, "--port", "70000"], "port"),
+        (["index", store, "--method", "grad_dot", "--kind", "hnsw", "--index.hnsw_m", "0"], "index.hnsw_m"),
+        (["build", *c, "--address", "127.0.0.1:1", "--output", str(t / "never")], "no Ray cluster answers"),
+        *([(["train", *c, "--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else []),
+        # every config section's fields, one wrong value each
+        *[(["train", *c, f"--{key}", value], words) for key, value, words in BAD_FIELDS],
     ]
 
 
-def test_every_mistake_is_a_clear_error(world, capsys):
+BAD_FIELDS = [  # (key, a wrong value, words of the message)
+    ("device", "tpu", "must be auto, cpu"),
+    ("device", "cuda:x", "not one of auto, cpu"),
+    ("task.test_fraction", "0", "task.test_fraction"),
+    ("task.split_seed", "x", "must be an integer"),
+    ("task.max_length", "0", "task.max_length"),
+    ("task.standardize_target", "maybe", "true or false"),
+    ("task.features", "x0", "must be a list"),
+    ("model.hidden", "[-1]", "model.hidden"),
+    ("model.hidden", "[a]", "must be an integer"),
+    ("model.dtype", "int8", "must be one of"),
+    ("model.attention", "flash", "must be one of"),
+    ("train.weight_decay", "-1", "train.weight_decay"),
+    ("train.lr", ".inf", "finite"),
+    ("train.lr", ".nan", "finite"),
+    ("train.batch_size", "-5", "train.batch_size"),
+    ("train.momentum", "1", "train.momentum"),
+    ("train.epochs", "2000000", "train.epochs"),
+    ("gradients.batch_size", "0", "gradients.batch_size"),
+    ("gradients.max_tokens", "0", "gradients.max_tokens"),
+    ("gradients.params", "[]", "gradients.params"),
+    ("gradients.modules", "5", "gradients.modules"),
+    ("gradients.full_norms", "7", "true or false"),
+    ("projection.dim", "0", "projection.dim"),
+    ("projection.dim", "-5", "projection.dim"),
+    ("projection.nonzeros", "0", "projection.nonzeros"),
+    ("projection.block_rows", "0", "projection.block_rows"),
+    ("projection.cache_mb", "-1", "projection.cache_mb"),
+    ("projection.factors", "[0, 4]", "projection.factors"),
+    ("projection.factors", "[1, 2, 3]", "projection.factors"),
+    ("projection.module_factors", "{fc1: [0, 2]}", "projection.module_factors"),
+    ("projection.kind", "fourier", "must be one of"),
+    ("store.dtype", "int8", "must be one of"),
+    ("store.chunk_rows", "0", "store.chunk_rows"),
+    ("store.compressor", "gzip", "must be one of"),
+    ("build.workers", "0", "build.workers"),
+    ("build.gpus_per_worker", "0", "build.gpus_per_worker"),
+    ("build.max_retries", "-1", "build.max_retries"),
+    ("build.cpus_per_worker", "-1", "build.cpus_per_worker"),
+    ("attribution.path", "other", "must be one of"),
+    ("attribution.lissa_depth", "0", "attribution.lissa_depth"),
+    ("attribution.lissa_scale", "0", "attribution.lissa_scale"),
+    ("attribution.lissa_batch_size", "0", "attribution.lissa_batch_size"),
+    ("attribution.cg_tol", "0", "cg_tol"),
+    ("attribution.cg_max_iter", "0", "attribution.cg_max_iter"),
+    ("attribution.batch_size", "0", "attribution.batch_size"),
+    ("attribution.max_dense_dim", "0", "attribution.max_dense_dim"),
+    ("attribution.max_exact_params", "0", "attribution.max_exact_params"),
+    ("attribution.kfac_examples", "0", "attribution.kfac_examples"),
+    ("attribution.damping_factor", "lots", "attribution.damping_factor"),
+    ("attribution.methods", "[]", "attribution.methods"),
+    ("index.kind", "annoy", "must be one of"),
+    ("index.nprobe", "0", "index.nprobe"),
+    ("index.ef_search", "0", "ef_search"),
+    ("index.refine", "0", "index.refine"),
+    ("index.pq_m", "0", "index.pq_m"),
+    ("index.nlist", "-4", "index.nlist"),
+    ("index.hnsw_m", "1", "index.hnsw_m"),
+    ("groundtruth.coupling", "swap", "must be one of"),
+    ("groundtruth.optimizer", "rmsprop", "must be one of"),
+    ("groundtruth.lr", "0", "groundtruth.lr"),
+    ("groundtruth.batch_size", "0", "batch_size"),
+    ("groundtruth.weight_decay", "-1", "groundtruth.weight_decay"),
+    ("groundtruth.clip_norm", "0", "groundtruth.clip_norm"),
+    ("groundtruth.epochs", "0", "groundtruth.epochs"),
+    ("groundtruth.seeds", "0", "groundtruth.seeds"),
+    ("groundtruth.seed_block", "0", "groundtruth.seed_block"),
+    ("groundtruth.left_out_block", "0", "left_out_block"),
+    ("groundtruth.max_replicas", "0", "max_replicas"),
+    ("groundtruth.workers", "0", "workers"),
+    ("groundtruth.threads_per_worker", "0", "groundtruth.threads_per_worker"),
+    ("groundtruth.execution", "fast", "must be one of"),
+    ("groundtruth.left_out_count", "0", "groundtruth.left_out_count"),
+    ("groundtruth.compile", "sometimes", "true or false"),
+    ("query.top_k", "0", "query.top_k"),
+    ("query.workers", "-1", "query.workers"),
+    ("query.threads_per_worker", "0", "query.threads_per_worker"),
+    ("query.ray_min_inputs", "-1", "query.ray_min_inputs"),
+    ("query.split", "validation", "must be one of"),
+    ("metagrad.mode", "sideways", "must be one of"),
+    ("metagrad.seed_block", "0", "metagrad.seed_block"),
+    ("metagrad.test_block", "0", "metagrad.test_block"),
+    ("metagrad.checkpoint_every", "0", "metagrad.checkpoint_every"),
+    ("metagrad.memory_mb", "0", "metagrad.memory_mb"),
+    ("metagrad.workers", "0", "metagrad.workers"),
+    ("metagrad.rows", "some", "must be one of"),
+    ("lds.subsets", "1", "lds.subsets"),
+    ("lds.fraction", "1", "lds.fraction"),
+    ("lds.seeds", "0", "lds.seeds"),
+    ("lds.subset_block", "0", "subset_block"),
+    ("lds.workers", "0", "workers"),
+]
+
+
+def files_under(root) -> dict:
+    """Every file under root with its size and modification time: what a case must leave as it found it."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_every_mistake_is_a_clear_error(world, capsys, monkeypatch):
     (world["tmp"] / "ok.txt").write_text("not a table")
     (world["tmp"] / "missing.csv").unlink(missing_ok=True)
+    monkeypatch.chdir(world["tmp"])  # a default output (runs/...) would land here and be seen
     before = tree_digest(world["store"])
     found = cases(world)
-    assert len(found) >= 60
+    assert len(found) >= 150
     failures = []
     for argv, words in found:
+        files = files_under(world["tmp"])
         try:
             status = main(argv)
         except SystemExit as done:  # argparse's own usage errors
             status = done.code
         err = capsys.readouterr().err
-        if status != 2 or words not in err or "Traceback" in err:
-            failures.append(f"{argv[:2]} ... -> {status}: {err.strip()[-300:]!r} (wanted {words!r})")
-    assert not failures, "\n".join(failures)
+        lines = [line for line in err.splitlines() if line.strip()]
+        if status != 2 or words not in err or "Traceback" in err or len(lines) != 1:
+            failures.append(f"{argv[:2]} {argv[-2:]} -> {status}: {err.strip()[-300:]!r} (wanted {words!r})")
+        elif files_under(world["tmp"]) != files:
+            changed = set(files_under(world["tmp"]).items()) ^ set(files.items())
+            failures.append(f"{argv[:2]} {argv[-2:]} wrote {sorted(changed)[:3]}")
+    assert not failures, f"{len(failures)} of {len(found)}:\n" + "\n".join(failures)
     assert tree_digest(world["store"]) == before
     tmp = world["tmp"]
     for left_behind in ("never", "nomodel", "badw", "ev", "gt-never"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 
 from tdastore.cli import commands
 from tdastore.cli.flags import add_config_flags, suggestion
@@ -34,14 +35,32 @@ def _address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line naming the command, the problem and where help is (exit 2, as argparse)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def port(text: str) -> int:
+    """--port: a TCP port, 0..65535 (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number (0..65535)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0..65535)")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tdastore",
         description="Training data attribution at scale: per-example gradient stores built with Ray.",
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"tdastore {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     def command(name: str, func, help: str, description: str) -> argparse.ArgumentParser:
         usage = f"tdastore {name} [options]" + (" [--section.field VALUE ...]" if name in CONFIG_COMMANDS else "")
@@ -259,7 +278,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("store", help="store directory or URI")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=port, default=8000, help="TCP port (default 8000; 0: any free one)")
     srv.add_argument("--replicas", type=int, default=1, help="Serve replicas answering queries")
     srv.add_argument("--kind", choices=KINDS, default="flat", help="FAISS index kind")
     srv.add_argument("--methods", default=None, help="comma-separated methods to serve (default: all it can)")
@@ -308,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tdastore {args.command}: error: {suggestion(unknown, subparser)}", file=sys.stderr)
         return 2
     try:
+        if getattr(args, "address", None):  # a cluster nobody answers at is refused before any output is made
+            from tdastore.distributed.ray_session import check_reachable
+
+            check_reachable(args.address)
         args.func(args)
     except TdaStoreError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import ray
 from tdastore.config import Config, config_to_dict
 from tdastore.distributed.gradient_worker import GradientWorker
 from tdastore.distributed.pool import device_options, run_pool
-from tdastore.distributed.ray_session import ray_session
+from tdastore.distributed.ray_session import check_reachable, ray_session
 from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
 from tdastore.grads.computer import make_gradient_computer
@@ -78,6 +79,7 @@ def build_store(
     """
     if split not in ("train", "test"):
         raise StoreError(f"unknown split '{split}': use --split train or --split test")
+    check_reachable(address or config.build.address or os.environ.get("RAY_ADDRESS", ""))  # before any write
     root = store_path(output)
     identity = store_identity(config, split, task)
     n_rows = identity.pop("_n_rows")

@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import ray
+
+from tdastore.errors import ConfigError
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A host:port (or ray://host:port) that nothing answers on is refused in seconds: ray.init would retry
+    for minutes without a word."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}): start one there (ray start --head "
+            "--port PORT) or give the right --address / RAY_ADDRESS, or none for a local cluster"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -17,10 +35,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     Only a cluster started here is shut down on exit. A local cluster stays on loopback, with its dashboard on
     127.0.0.1:8265; workers' output (warnings, errors) is shown in this process, as a user expects.
     """
+    if address:
+        check_reachable(address)
     if ray.is_initialized():
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
     if address:
         # workers on other nodes receive the package itself (merged with a submitted job's working_dir)
         package = str(Path(__file__).resolve().parents[1])  # the tdastore package directory

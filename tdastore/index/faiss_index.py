@@ -39,8 +39,14 @@ def _nlist(config: IndexConfig, rows: int) -> int:
 
 
 def _pq_m(config: IndexConfig, dim: int) -> int:
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    if config.pq_m is not None and config.pq_m not in divisors:
+        raise ConfigError(
+            f"index.pq_m {config.pq_m} does not divide the pq index's width {dim} (every sub-quantizer takes "
+            f"an equal slice): use one of {divisors[:12]}, or null for the largest divisor <= {max(1, dim // 4)}"
+        )
     wanted = config.pq_m or max(1, dim // 4)
-    return max(m for m in range(1, min(wanted, dim) + 1) if dim % m == 0)
+    return max(m for m in divisors if m <= wanted)
 
 
 # Clustering (IVF) assigns vectors by distance, which fails for maximum inner product: the top scores
@@ -193,6 +199,8 @@ def build_index(
         "settings": _kind_settings(kind, config),
         "shard_rows": config.shard_rows,
     }
+    if kind == "pq":
+        _pq_m(config, reduced_width(store.dim))  # a pq_m that does not divide the width: refused before any work
     existing = load_index(store, method.name, kind)
     if existing is not None and existing.description == description:
         return existing

@@ -93,9 +93,9 @@ def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype:
         lambda manifest: identity_mismatches(manifest, identity),
         create,
         refused=lambda problems: (
-            f"store '{root}' was built with a different setup and was left unchanged:\n  - "
-            + "\n  - ".join(problems)
-            + "\nbuild into a new --output directory, or rebuild with the store's config"
+            f"store '{root}' was built with a different setup and was left unchanged ("
+            + "; ".join(problems)
+            + "): build into a new --output directory, or rebuild with the store's config"
         ),
         not_ours=not_a_store(root),
     )

@@ -224,9 +224,13 @@ def _read_any(path: Path):
     if path.stat().st_size == 0:
         raise DataError(f"data file '{path}' is empty (0 bytes): point at a file with a header and rows")
     try:
-        return pacsv.read_csv(path) if path.suffix == ".csv" else pq.read_table(path)
+        table = pacsv.read_csv(path) if path.suffix == ".csv" else pq.read_table(path)
     except pa.ArrowException as err:  # malformed CSV or Parquet
         raise DataError(f"'{path}' cannot be read as {path.suffix[1:]} ({err}): fix or re-export the file") from err
+    twice = sorted({name for name in table.column_names if table.column_names.count(name) > 1})
+    if twice:
+        raise DataError(f"'{path}' has column(s) {twice} more than once: rename or drop the copies")
+    return table
 
 
 def _read_file(cfg: TaskConfig):
