@@ -114,6 +114,9 @@ class StoreConfig:
     shard_rows: int = 1024  # rows per unit of work (a multiple of chunk_rows)
     compressor: Literal["zstd", "lz4", "none"] = "zstd"
     path: str | None = None  # where the store lives (jobs read it; `tdastore build --output` overrides)
+    # readers never write into the store: fitted operators and indexes not saved there are kept in memory
+    # (a served store on a read-only mount or bucket; `tdastore index` prepares them beforehand)
+    read_only: bool = False
 
 
 @dataclass
@@ -315,12 +318,6 @@ class Config:
                  "must be auto, cpu, cuda, cuda:N or mps")  # fmt: skip
         _require(self.metagrad.seeds is None or self.metagrad.seeds > 0, "metagrad.seeds", "must be positive")
         _require(self.metagrad.seed_block > 0, "metagrad.seed_block", "must be positive")
-        _require(
-            self.metagrad.seeds is None or self.metagrad.seeds <= self.groundtruth.seeds,
-            "metagrad.seeds",
-            f"must be at most groundtruth.seeds={self.groundtruth.seeds} (it takes the first n of the ground "
-            "truth's seeds)",
-        )
         _require(
             self.metagrad.checkpoint_every is None or self.metagrad.checkpoint_every > 0,
             "metagrad.checkpoint_every",

@@ -16,6 +16,9 @@ what a request must hold and every malformed request is a 4xx that names the fie
 """
 
 import asyncio
+import contextlib
+import hashlib
+import hmac
 import inspect
 import os
 from dataclasses import dataclass
@@ -281,6 +284,8 @@ class QueryService:
                 f"task '{base.task.name}' does not describe its raw inputs: implement Task.describe_inputs and "
                 "encode_request (features or text) to serve it"
             )
+        self.token_sha256 = served.get("token_sha256")
+        served = {k: v for k, v in served.items() if k != "token_sha256"}
         self.meta = {**described, "rows": self.store.n_rows, "index": kind, **served}
         self.train_ids = self.store.meta.column("example_id").to_numpy()
         self.texts = None
@@ -378,6 +383,23 @@ def build_api(service: QueryService) -> FastAPI:
     )
     api.router.route_class = GuardedRoute
 
+    if service.token_sha256:
+
+        @api.middleware("http")
+        async def bearer_token(request: Request, call_next):
+            """Every path but /health (the orchestrator's probe) needs `Authorization: Bearer TOKEN`."""
+            if request.url.path.rstrip("/").endswith("/health"):
+                return await call_next(request)
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            digest = hashlib.sha256(given.strip().encode()).hexdigest()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, service.token_sha256):
+                return JSONResponse(
+                    {"error": "missing or wrong bearer token: send 'Authorization: Bearer TOKEN'"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            return await call_next(request)
+
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
@@ -431,10 +453,17 @@ def application(
     batch_wait_ms: float = 5.0,
     index_shards: int = 1,
     overrides: dict | None = None,
+    read_only: bool = False,
+    token_sha256: str | None = None,
 ):
-    """The Serve application for a store (prepares operators and indexes here, once): `serve.run(...)` it."""
+    """The Serve application for a store (prepares operators and indexes here, once): `serve.run(...)` it.
+    read_only: nothing is written into the store (operators and indexes it lacks are fitted in memory, by every
+    replica); token_sha256: the SHA-256 (hex) of a bearer token every request but /health must carry."""
     check_options(kind, replicas, max_batch, batch_wait_ms, index_shards)
+    if read_only:
+        overrides = {**(overrides or {}), "store": {**(overrides or {}).get("store", {}), "read_only": True}}
     served = served_methods(store_path, methods, kind, overrides)
+    served = {**served, "token_sha256": token_sha256}
     shards = [
         IndexShard.options(name=f"IndexShard{i}").bind(store_path, served["methods"], kind, i, index_shards)
         for i in range(index_shards if index_shards > 1 else 0)
@@ -467,12 +496,30 @@ class ServiceArgs(BaseModel):
     max_batch: int = 32
     batch_wait_ms: float = 5.0
     index_shards: int = 1
+    read_only: bool = False  # never write into the store (operators, indexes it lacks: fitted in memory)
+    token_file: str | None = None  # a file (e.g. a mounted Kubernetes secret) holding the bearer token
 
 
 def app_builder(args: dict):
     """`import_path: tdastore.serve:app_builder` in a Serve config (RayService)."""
     given = ServiceArgs.model_validate(args)
-    return application(given.store, **given.model_dump(exclude={"store"}))
+    token = token_digest(given.token_file) if given.token_file else None
+    return application(given.store, token_sha256=token, **given.model_dump(exclude={"store", "token_file"}))
+
+
+def token_digest(path: str) -> str:
+    """The SHA-256 (hex) of the bearer token in a file: only the digest travels to the replicas."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--token-file '{path}' does not exist: write the token into it (e.g. openssl rand -hex 32)")
+    token = file.read_text().strip()
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ConfigError(
+            f"the token in '{path}' must be one word of at least 16 characters (e.g. openssl rand -hex 32)"
+        )
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def start(app, host: str = "127.0.0.1", port: int = 8000, name: str = "tdastore", blocking: bool = False) -> str:
@@ -482,17 +529,69 @@ def start(app, host: str = "127.0.0.1", port: int = 8000, name: str = "tdastore"
     return f"http://{host}:{port}"
 
 
+def start_within(app, host: str, port: int, timeout_s: float, name: str = "tdastore") -> str:
+    """`start`, then wait until GET /health answers 200 through the proxy; a start-up that fails or takes longer
+    than timeout_s is a ConfigError naming what was slow (Ray's own fixed waits are not the limit)."""
+    import threading
+    import time
+    import urllib.request
+
+    failure: list = []
+
+    def deploy() -> None:
+        try:
+            start(app, host, port, name)
+        except Exception as err:  # noqa: BLE001 - reported below as one line
+            failure.append(err)
+
+    began = time.monotonic()
+    thread = threading.Thread(target=deploy, daemon=True, name="tdastore-serve-start")
+    thread.start()
+    probe = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/health"
+    while time.monotonic() - began < timeout_s:
+        if failure:
+            lines = [line for line in str(failure[0]).splitlines() if line.strip()]
+            raise ConfigError(
+                f"the service did not start ({type(failure[0]).__name__}: {lines[-1] if lines else ''}); "
+                "see the Ray Serve logs under /tmp/ray/session_latest/logs/serve"
+            )
+        if not thread.is_alive():
+            try:
+                with urllib.request.urlopen(probe, timeout=5) as answer:
+                    if answer.status == 200:
+                        return f"http://{host}:{port}"
+            except OSError:
+                pass
+        time.sleep(0.5)
+    stage = "a replica or the HTTP proxy" if not thread.is_alive() else "Serve's controller, proxy or a replica"
+    raise ConfigError(
+        f"the service was not ready within --startup-timeout {timeout_s:.0f} s ({stage} still starting): raise "
+        "--startup-timeout on a loaded machine, or give the cluster more CPUs"
+    )
+
+
 def run_service(
-    store_path: str, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, **options
+    store_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    startup_timeout_s: float = 300.0,
+    token_file: str | None = None,
+    **options,
 ) -> None:
-    """Run the service until interrupted (the CLI's `tdastore serve`); `options` are `application`'s. The store
-    and the port are checked before Ray starts, so a mistake costs no start-up time."""
+    """Run the service until interrupted (the CLI's `tdastore serve`); `options` are `application`'s. The store,
+    the port and the token are checked before Ray starts, so a mistake costs no start-up time; "serving on" is
+    printed once a request would be answered."""
     import signal
     import socket
+    import time
 
     from tdastore.distributed.ray_session import ray_session
     from tdastore.store.gradient_store import open_store
 
+    if startup_timeout_s <= 0:
+        raise ConfigError(f"--startup-timeout must be positive seconds, got {startup_timeout_s}")
+    token = token_digest(token_file) if token_file else None
     open_store(store_path)  # missing, incomplete or corrupt: a clear error now
     defaults = {n: p.default for n, p in inspect.signature(application).parameters.items() if p.kind == p.KEYWORD_ONLY}
     given = {**defaults, **options}
@@ -502,19 +601,25 @@ def run_service(
             probe.bind((host, port))
         except OSError as err:
             raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}): choose another --port") from err
+
+    def stop(*_):  # SIGTERM (a pod being stopped) ends it like Ctrl-C
+        raise KeyboardInterrupt
+
     with ray_session(address, num_cpus=2):
-        app = application(store_path, **options)  # options: those of `application`
-        print(
-            f"serving {store_path} on http://{host}:{port} ({given['replicas']} replica(s)); docs at /docs, "
-            "Ctrl-C stops"
-        )
-
-        def stop(*_):  # SIGTERM (a pod being stopped) ends it like Ctrl-C
-            raise KeyboardInterrupt
-
+        app = application(store_path, token_sha256=token, **options)  # options: those of `application`
         signal.signal(signal.SIGTERM, stop)
         try:
-            start(app, host, port, blocking=True)
+            url = start_within(app, host, port, startup_timeout_s)
+            print(
+                f"serving {store_path} on {url} ({given['replicas']} replica(s)"
+                f"{', bearer token required' if token else ''}{', read-only' if given['read_only'] else ''}); "
+                "docs at /docs, Ctrl-C stops",
+                flush=True,
+            )
+            while True:
+                time.sleep(3600)
         except KeyboardInterrupt:
             print("stopping the service")
-            serve.shutdown()
+        finally:
+            with contextlib.suppress(Exception):
+                serve.shutdown()

@@ -66,8 +66,12 @@ def world(ray_cluster, tmp_path_factory):
     bad_weights.mkdir()
     weights = (tmp / "model" / "model.safetensors").read_bytes()
     (bad_weights / "model.safetensors").write_bytes(weights[: len(weights) // 2])
-    gt_store = tmp / "store"
-    return {"tmp": tmp, "cfg": tmp / "cfg.yaml", "store": gt_store, "features": features}
+    from tdastore.groundtruth.pool import run_groundtruth
+
+    tiny_gt = {"output": str(tmp / "gt"), "epochs": 1, "seeds": 2, "seed_block": 2, "left_out_count": 2,
+               "left_out_block": 2, "test_points": 2, "workers": 1}  # fmt: skip
+    run_groundtruth(small_config(tmp, groundtruth=tiny_gt), progress=False)
+    return {"tmp": tmp, "cfg": tmp / "cfg.yaml", "store": tmp / "store", "features": features, "gt": tmp / "gt"}
 
 
 def data_flags(world, name: str, kind: str = "classification", extra: tuple = ()) -> list[str]:
@@ -209,12 +213,16 @@ def cases(w) -> list[tuple[list[str], str]]:
             "projection.dim",
         ),  # noqa: E501
         (["ground-truth", *g, "--groundtruth.test_points", "0"], "groundtruth.test_points"),
-        (["metagrad", *c, "--ground-truth", store, "--metagrad.seeds", "99"], "metagrad.seeds"),
+        (["metagrad", *c, "--ground-truth", str(w["gt"]), "--metagrad.seeds", "99"], "metagrad.seeds 99 exceeds the 2"),
         (["build", *c, "--build.cpus_per_worker", "0", "--output", str(t / "never")], "build.cpus_per_worker"),
         (["train", *c, "--train.epochs", "99999999999999999999999"], "train.epochs"),
         (["train", *c, "--train.momentum", "-3"], "train.momentum"),
         (["query", store, "--inputs", str(t / "same_columns.csv")], "more than once"),
         (["serve", store, "--port", "-1"], "port"),
+        (["serve", store, "--token-file", str(t / "no_token")], "--token-file"),
+        (["serve", store, "--token-file", str(t / "empty.csv")], "at least 16 characters"),
+        (["serve", store, "--startup-timeout", "0"], "--startup-timeout must be positive"),
+        (["serve", store, "--startup-timeout", "soon"], "invalid float value"),
         (["serve", store, "--port", "70000"], "port"),
         (["index", store, "--method", "grad_dot", "--kind", "hnsw", "--index.hnsw_m", "0"], "index.hnsw_m"),
         (["build", *c, "--address", "127.0.0.1:1", "--output", str(t / "never")], "no Ray cluster answers"),

@@ -326,6 +326,51 @@ def test_damage_is_found_by_verify_and_repaired_exactly(ray_cluster, tmp_path, t
         assert main(["verify", str(root), "--deep"]) == 0
 
 
+def test_damaged_operators_and_indexes_are_found_refused_and_refitted_exactly(ray_cluster, tmp_path, trained_config):
+    """A flipped byte in a fitted operator and in an index shard: a read-only reader refuses each, a writable one
+    refits it (same answers), verify names both and drops them without touching the rows, and `tdastore index`
+    refits them byte for byte."""
+    import dataclasses
+
+    from tdastore.cli import main
+
+    config = dataclasses.replace(trained_config, projection=dataclasses.replace(trained_config.projection,
+                                 kind="gaussian", dim=32))  # fmt: skip
+    store = build_store(config, tmp_path / "store", progress=False)
+    root = store.root
+    test = tdastore.Attributor(store, "if_gn").task.examples("test").slice(0, 4)
+    expected = tdastore.Attributor(store, "if_gn", kind="flat").top_k(test, 5)
+    operator = next((root / "precond").glob("*.npz"))
+    shard = root / "indexes" / "if_gn-flat" / "shard-0000.faiss"
+    originals = {operator: operator.read_bytes(), shard: shard.read_bytes()}
+    read_only = {"store": {"read_only": True}}
+
+    def flip(path):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    flip(shard)
+    with pytest.raises(StoreError, match="index .* is damaged .*sha256"):
+        tdastore.Attributor(tdastore.open_store(root), "if_gn", read_only, kind="flat")
+    flip(operator)
+    with pytest.raises(StoreError, match="operator .* does not match its checksum"):
+        tdastore.Attributor(tdastore.open_store(root), "if_gn", read_only)
+    assert operator.read_bytes() != originals[operator]  # a read-only reader leaves them as it found them
+    repaired = tdastore.Attributor(tdastore.open_store(root), "if_gn", kind="flat").top_k(test, 5)  # refits both
+    assert repaired.equals(expected)
+    assert all(path.read_bytes() == data for path, data in originals.items())
+    flip(operator)
+    flip(shard)
+    chunks = store_bytes(root)
+    assert main(["verify", str(root)]) == 2
+    assert main(["verify", str(root)]) == 0  # both dropped from the manifest, the store still complete
+    assert not operator.exists() and not shard.exists() and store_bytes(root) == chunks
+    assert main(["index", str(root), "--method", "if_gn", "--quiet"]) == 0
+    assert all(path.read_bytes() == data for path, data in originals.items())
+    assert main(["verify", str(root), "--deep"]) == 0
+
+
 def test_two_builds_into_one_output_at_once(ray_cluster, tmp_path, trained_config):
     """The second build is refused with the first's lease holder named; the first finishes untouched."""
     import threading

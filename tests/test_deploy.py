@@ -44,9 +44,11 @@ def test_dockerfile_copies_what_the_jobs_need():
 
 
 def test_kuberay_manifests():
-    kinds = {}
+    kinds, policies = {}, []
     for name, doc in manifests():
         kinds.setdefault(doc["kind"], []).append(name)
+        if doc["kind"] == "NetworkPolicy":
+            policies.append(doc)
         if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
             assert doc["apiVersion"] == "ray.io/v1"
             found = set(images(doc))
@@ -73,6 +75,9 @@ def test_kuberay_manifests():
         if doc["kind"] == "RayService":
             check_serve_config(yaml.safe_load(doc["spec"]["serveConfigV2"]))
     assert set(kinds) >= {"RayCluster", "RayJob", "RayService", "PersistentVolumeClaim", "Kustomization"}
+    (policy,) = policies  # who may reach the Ray pods: the service port only from named clients
+    admitted = {p["port"]: rule["from"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+    assert admitted[8000] == [{"podSelector": {"matchLabels": {"tdastore-client": "true"}}}]
     assert len(kinds["RayJob"]) == 2
 
 
@@ -91,6 +96,7 @@ def check_serve_config(config: dict) -> None:
     module, name = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), name))
     args = ServiceArgs.model_validate(app["args"])
+    assert args.read_only and args.token_file  # the served store is never written; callers need the token
     cluster = tdastore.load_config(ROOT / "configs" / "cluster_diabetes.yaml")
     assert args.store == cluster.store.path
     assert set(args.methods) <= set(cluster.attribution.methods)
@@ -101,6 +107,7 @@ def test_cluster_launcher_yaml_passes_rays_validation():
 
     config = yaml.safe_load((DEPLOY / "cluster-aws.yaml").read_text())
     validate_config(prepare_config(config))
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])  # reached by `ray dashboard`
     assert config["docker"]["image"] == image_tag()
     assert config["available_node_types"]["ray.worker.gpu"]["resources"] == {"GPU": 1}
     broken = {**config, "head_node_type": "ray.head.missing"}

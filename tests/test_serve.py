@@ -235,3 +235,71 @@ def test_load_2000_mixed_requests_from_32_clients(service):
     growth = max(after.get(pid, 0) - before.get(pid, 0) for pid in after)
     print(f"2000 requests in {elapsed:.1f} s; replica RSS growth {growth:.1f} MiB ({before} -> {after})")
     assert growth < 150
+
+
+def test_read_only_service_with_a_token(serve_url, tmp_path):
+    """--read-only: the store's bytes stay as they were though nothing was fitted beforehand (operators and
+    indexes in memory); --token-file: every path but /health needs the bearer token, and the answers are the
+    Python API's."""
+    import hashlib
+
+    from ray import serve
+    from test_build import tree_digest
+
+    from tdastore.serve import application
+
+    config = small_config(tmp_path, projection={"kind": "gaussian", "dim": 32})
+    tdastore.train(config, progress=False)
+    store = build_store(config, tmp_path / "store", progress=False)
+    before = tree_digest(store.root)
+    token = "s3cret-token-0123456789"
+    app = application(
+        str(store.root),
+        methods=["grad_dot", "if_gn"],
+        read_only=True,
+        token_sha256=hashlib.sha256(token.encode()).hexdigest(),
+    )
+    url = deploy(serve_url, app, "locked")
+    try:
+        inputs, targets, _ = raw_test_rows(store, 3)
+        body = {"method": "if_gn", "inputs": inputs, "targets": targets, "top_k": 4, "bottom_k": 2}
+        assert post(url, body)[0] == 401
+        for wrong in ("Bearer nope", f"Basic {token}", token):
+            request = urllib.request.Request(
+                url + "/query", json.dumps(body).encode(), {"Content-Type": "application/json", "Authorization": wrong}
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=60)
+            assert refused.value.code == 401
+        with pytest.raises(urllib.error.HTTPError):
+            get(url, "/docs")
+        assert get(url, "/health")["status"] == "ok"  # the orchestrator's probe needs no token
+        request = urllib.request.Request(
+            url + "/query",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        assert tree_digest(store.root) == before  # nothing written: not the operator, not the index
+        assert_same_answers(answer, store, "if_gn", 4, 2, 3)
+    finally:
+        serve.delete("locked")
+
+
+def test_start_up_is_bounded_by_our_own_timeout(monkeypatch):
+    import tdastore.serve as service_module
+    from tdastore.errors import ConfigError
+
+    monkeypatch.setattr(service_module, "start", lambda *args: time.sleep(30))
+    began = time.monotonic()
+    with pytest.raises(ConfigError, match="not ready within --startup-timeout 2 s"):
+        service_module.start_within(None, "127.0.0.1", 1, timeout_s=2)
+    assert time.monotonic() - began < 5
+
+    def proxy_too_slow(*args):
+        raise TimeoutError("Traceback ...\nProxy actor did not become ready within 60 s")
+
+    monkeypatch.setattr(service_module, "start", proxy_too_slow)
+    with pytest.raises(ConfigError, match="did not start .TimeoutError: Proxy actor did not become ready"):
+        service_module.start_within(None, "127.0.0.1", 1, timeout_s=10)

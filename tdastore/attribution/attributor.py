@@ -39,10 +39,14 @@ def store_config(store, overrides: None | dict | Config = None) -> Config:
     """The store's own config (it built the rows), with query-time sections (attribution, index) overridden."""
     config = load_config(store.manifest["config"])
     if isinstance(overrides, Config):
-        overrides = {section: getattr(overrides, section).__dict__ for section in QUERY_SECTIONS}
+        read_only = {"store": {"read_only": True}} if overrides.store.read_only else {}
+        overrides = {section: getattr(overrides, section).__dict__ for section in QUERY_SECTIONS} | read_only
     for section, values in (overrides or {}).items():
-        if section not in QUERY_SECTIONS:
-            raise ConfigError(f"a query may override the attribution and index sections only, not '{section}'")
+        reader_setting = section == "store" and set(values) <= {"read_only"}  # the store's one reader setting
+        if section not in QUERY_SECTIONS and not reader_setting:
+            raise ConfigError(
+                f"a query may override the attribution and index sections (and store.read_only) only, not '{section}'"
+            )
         config = load_config({**config_to_dict(config), section: {**getattr(config, section).__dict__, **values}})
     return config
 
@@ -147,7 +151,16 @@ class Attributor:
             raise StoreError(
                 f"the {name}/{kind} index was built for another projection: rebuild it with `tdastore index`"
             )
-        handle = build_index(store, self.method, self.operator, key, kind, self.config.index, progress=self.progress)
+        handle = build_index(
+            store,
+            self.method,
+            self.operator,
+            key,
+            kind,
+            self.config.index,
+            progress=self.progress,
+            read_only=self.config.store.read_only,
+        )
         handle.device = self.config.device  # GPU FAISS where the installed faiss has it and the device is CUDA
         return handle
 

@@ -291,6 +291,23 @@ def make_parser() -> argparse.ArgumentParser:
         help="split each index over this many shard deployments (scatter-gather top-k) for indexes above a "
         "replica's memory",
     )
+    srv.add_argument(
+        "--read-only",
+        action="store_true",
+        help="never write into the store: operators and indexes it lacks are fitted in memory by every replica "
+        "(prepare them beforehand with `tdastore index` to start fast)",
+    )
+    srv.add_argument(
+        "--token-file",
+        default=None,
+        help="a file holding a bearer token; every request but /health must send 'Authorization: Bearer TOKEN'",
+    )
+    srv.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for Serve's proxy and every replica to answer /health before giving up (default 300)",
+    )
     _address(srv)
 
     demo = command(

@@ -289,6 +289,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         batch_wait_ms=args.batch_wait_ms,
         index_shards=args.index_shards,
         address=args.address,
+        read_only=args.read_only,
+        token_file=args.token_file,
+        startup_timeout_s=args.startup_timeout,
     )
 
 

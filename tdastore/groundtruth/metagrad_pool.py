@@ -24,7 +24,7 @@ from tdastore.config import Config, config_to_dict, load_config
 from tdastore.devices import on_device
 from tdastore.distributed.pool import device_options
 from tdastore.distributed.shipping import share_task
-from tdastore.errors import StoreError
+from tdastore.errors import ConfigError, StoreError
 from tdastore.groundtruth.metagrad import MetaGradient
 from tdastore.groundtruth.pool import check_fingerprint, finished_groundtruth, read_groundtruth_manifest, run_job_units
 from tdastore.store.checksums import JOB_REPAIR, create_array, read_array, written_chunks
@@ -66,6 +66,12 @@ def prepare_metagrad(config: Config, groundtruth: str | Path, task: Task | None 
     coupling = mg.coupling or gt_config.groundtruth.coupling
     n_train = len(resolve_task(gt_config.task, gt_config.model, task).examples("train"))
     rows = list(gt_manifest["left_out"]) if mg.rows == "left_out" else list(range(n_train))
+    if mg.seeds is not None and mg.seeds > len(gt_manifest["seeds"]):
+        raise ConfigError(
+            f"metagrad.seeds {mg.seeds} exceeds the {len(gt_manifest['seeds'])} seeds of the ground truth at "
+            f"'{groundtruth}' (it differentiates the first n of them): set metagrad.seeds <= "
+            f"{len(gt_manifest['seeds'])}, or null for all of them"
+        )
     seeds = gt_manifest["seeds"][: mg.seeds] if mg.seeds is not None else gt_manifest["seeds"]
     n_eval, n_test = len(gt_manifest["evals"]["steps"]), len(gt_manifest["test_rows"])
     identity = {

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,6 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from tdastore.atomic import temporary_name
 from tdastore.config import IndexConfig
 from tdastore.errors import ConfigError, StoreError
 from tdastore.store.location import writable
@@ -135,19 +135,40 @@ def read_shard(path, description: dict, digest: str | None = None) -> faiss.Inde
     keyed by its content hash (recorded at build; a download that does not match it is refused), or, for
     indexes built before hashes were recorded, by the index's description and the shard's name."""
     if isinstance(path, Path):
-        return faiss.read_index(str(path))
+        if digest is None:  # indexes built before local shards had hashes
+            return faiss.read_index(str(path))
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StoreError(index_damage(path))
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     key = digest or hashlib.sha256(json.dumps([description, str(path)], sort_keys=True).encode()).hexdigest()[:24]
     cache = Path(os.environ.get("TDASTORE_CACHE", Path.home() / ".cache" / "tdastore")) / "indexes" / f"{key}.faiss"
     if not cache.is_file():
         data = path.read_bytes()
         if digest is not None and hashlib.sha256(data).hexdigest() != digest:
-            raise StoreError(
-                f"index shard {path} does not match the hash its index.json records (overwritten or truncated): "
-                "rebuild the index with `tdastore index`"
-            )
+            raise StoreError(index_damage(path))
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(cache, data)
     return faiss.read_index(str(cache))
+
+
+def index_damage(path) -> str:
+    return (
+        f"index shard {path} does not match the hash its index.json records (overwritten, truncated or corrupt): "
+        "rebuild the index with `tdastore index STORE --method M --kind K` (the store's rows are intact)"
+    )
+
+
+def index_problems(handle: IndexHandle) -> list[str]:
+    """What is wrong with an index's files: a shard missing, or not matching the sha256 recorded at build."""
+    problems = []
+    for _, _, name, _ in handle.shards:
+        path = handle.directory / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif name in handle.digests and hashlib.sha256(path.read_bytes()).hexdigest() != handle.digests[name]:
+            problems.append(f"{name} does not match its sha256 (corrupt)")
+    return problems
 
 
 def faiss_gpus() -> int:
@@ -184,7 +205,14 @@ def index_shards(store, shard_rows: int) -> list[tuple[int, int]]:
 
 
 def build_index(
-    store, method, operator, operator_key: str, kind: str, config: IndexConfig, progress: bool = True
+    store,
+    method,
+    operator,
+    operator_key: str,
+    kind: str,
+    config: IndexConfig,
+    progress: bool = True,
+    read_only: bool = False,
 ) -> IndexHandle:
     """Transform every row with the operator (and normalise for cosine), add them to FAISS, shard by shard."""
     directory = store.root / INDEX_DIR / f"{method.name}-{kind}"
@@ -202,9 +230,15 @@ def build_index(
     if kind == "pq":
         _pq_m(config, reduced_width(store.dim))  # a pq_m that does not divide the width: refused before any work
     existing = load_index(store, method.name, kind)
+    persist = writable(store.root) and not read_only  # a read-only store (e.g. one being served): in memory
     if existing is not None and existing.description == description:
-        return existing
-    persist = writable(store.root)  # a read-only store (e.g. one being served) gets its index in memory
+        damage = index_problems(existing)
+        if not damage:
+            return existing
+        if not persist:
+            raise StoreError(f"the {method.name}/{kind} index of '{store.root}' is damaged ({damage[0]}): "
+                             + index_damage(existing.directory).split(": ", 1)[1])  # fmt: skip
+        print(f"the {method.name}/{kind} index is damaged ({'; '.join(damage)}): rebuilding it", file=sys.stderr)
     if persist:
         directory.mkdir(parents=True, exist_ok=True)
     shards, loaded, digests = [], {}, {}
@@ -221,14 +255,10 @@ def build_index(
             index.train(rows)
         index.add(rows)
         name = f"shard-{number:04d}.faiss"
-        if persist and isinstance(directory, Path):
-            tmp = temporary_name(directory / name)
-            faiss.write_index(index, str(tmp))
-            tmp.replace(directory / name)
-        elif persist:  # object storage: one put of the serialised index; nodes cache it under its content hash
+        if persist:  # one atomic write (object storage: one put; nodes cache it under its content hash)
             data = faiss.serialize_index(index).tobytes()
             write_bytes_atomic(directory / name, data)
-            digests[name] = hashlib.sha256(data).hexdigest()
+            digests[name] = hashlib.sha256(data).hexdigest()  # checked on every read and by verify
         else:
             loaded[name] = index
         shards.append((start, stop, name, max_norm))

@@ -47,6 +47,7 @@ zarr.config.set({"codecs.crc32c": f"{__name__}.BatchedCrc32cCodec"})
 
 CHUNK_KEY = re.compile(r"^(?:[A-Za-z0-9_]+\.zarr/)?c(?:/\d+)+$")  # Zarr v3 default keys: [array/]c/i/j/...
 FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain file name, no separators, no '..'
+RELATIVE_PATH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.=+-]*)*$")  # no '..', no '/x'
 
 
 def checksummed(compressors: list | None) -> list:

@@ -6,6 +6,7 @@ a bad zarr.json or meta.parquet is rewritten by the next build from what the sto
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from tdastore.store.checksums import FILE_NAME, chunk_table_problem, confined, file_crc
+from tdastore.store.checksums import FILE_NAME, RELATIVE_PATH, chunk_table_problem, confined, file_crc
 from tdastore.store.location import StorePath, zarr_store
 from tdastore.store.manifest import GRADS_DIR, MANIFEST_FILE, META_FILE, SHARDS_DIR, read_manifest, write_json_atomic
 from tdastore.store.writer import ZARR_JSON, done_shards, shard_marker, shard_meta_path
@@ -21,8 +22,9 @@ from tdastore.store.writer import ZARR_JSON, done_shards, shard_marker, shard_me
 
 @dataclass(frozen=True)
 class ShardProblem:
-    shard: int | None  # None: the store as a whole (zarr.json, meta.parquet)
+    shard: int | None  # None: the store as a whole (zarr.json, meta.parquet) or a derived artefact
     reason: str
+    derived: tuple[str, str] | None = None  # (manifest section, key) of a damaged fitted operator or index
 
     def describe(self) -> str:
         return f"shard {self.shard}: {self.reason}" if self.shard is not None else self.reason
@@ -33,7 +35,7 @@ def verify_store(root: StorePath, deep: bool = False) -> list[ShardProblem]:
     crc32, chunk files present at their recorded sizes; deep: also every chunk's crc32, and the decoded rows'
     crc32 where a marker has no chunk table)."""
     manifest = read_manifest(root)
-    done, problems = done_shards(root), _store_problems(root, manifest)
+    done, problems = done_shards(root), _store_problems(root, manifest) + _derived_problems(root, manifest)
     for entry in manifest["shards"]:
         index = entry["shard"]
         if index not in done:
@@ -61,6 +63,42 @@ def _store_problems(root: StorePath, manifest: dict) -> list[ShardProblem]:
             problems.append(ShardProblem(None, f"{META_FILE} is missing"))
         elif "meta_checksum" in manifest and file_crc(meta) != manifest["meta_checksum"]:
             problems.append(ShardProblem(None, f"{META_FILE} does not match its checksum (truncated or corrupt)"))
+    return problems
+
+
+def _derived_problems(root: StorePath, manifest: dict) -> list[ShardProblem]:
+    """Fitted operators (precond/*.npz: [size, crc32] in the manifest) and FAISS indexes (index.json and the
+    sha256 of every shard file): missing, outside the store, or changed since they were written."""
+    problems = []
+    for key, entry in manifest.get("preconditioners", {}).items():
+        path = confined(root, str(entry.get("file", "")), RELATIVE_PATH)
+        if path is None or not path.is_file():
+            reason = "is missing" if path is not None else "lies outside the store"
+        elif "checksum" in entry and file_crc(path) != entry["checksum"]:
+            reason = "does not match its checksum (corrupt)"
+        else:
+            continue
+        problems.append(ShardProblem(None, f"fitted operator {entry.get('file')} {reason}", ("preconditioners", key)))
+    for key, entry in manifest.get("indexes", {}).items():
+        folder = confined(root, str(entry.get("directory", "")), RELATIVE_PATH)
+        reason = None if folder is not None else "lies outside the store"
+        try:
+            description = json.loads((folder / "index.json").read_text()) if folder is not None else {}
+        except (OSError, ValueError):
+            reason = "has a missing or unreadable index.json"
+            description = {}
+        digests = description.get("shard_sha256", {})
+        for shard in description.get("shards", []) if reason is None else []:
+            name = str(shard[2])
+            path = confined(folder, name, FILE_NAME)
+            if path is None or not path.is_file():
+                reason = f"lacks its shard {name[:80]!r}"
+            elif name in digests and hashlib.sha256(path.read_bytes()).hexdigest() != digests[name]:
+                reason = f"has a shard {name} that does not match its sha256 (corrupt)"
+            if reason:
+                break
+        if reason:
+            problems.append(ShardProblem(None, f"index {key} {reason}", ("indexes", key)))
     return problems
 
 
@@ -104,6 +142,21 @@ def mark_for_rebuild(root: StorePath, problems: list[ShardProblem]) -> None:
     metadata."""
     if not problems:
         return
+    derived = [p.derived for p in problems if p.derived is not None]
+    if derived:  # a damaged operator or index is dropped: the next `tdastore index` or query refits it
+        manifest = read_manifest(root)
+        for section, key in derived:
+            entry = manifest.get(section, {}).pop(key, {})
+            target = confined(root, str(entry.get("file") or entry.get("directory") or ""), RELATIVE_PATH)
+            if target is not None and target.is_file():
+                target.unlink()
+            elif target is not None and target.is_dir():
+                for path in sorted(target.iterdir()):
+                    path.unlink()
+        write_json_atomic(root / MANIFEST_FILE, manifest)
+        problems = [p for p in problems if p.derived is None]
+        if not problems:
+            return
     for problem in problems:
         if problem.shard is None:
             continue

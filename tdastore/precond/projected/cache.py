@@ -3,6 +3,7 @@ the operator and the settings it depends on, so a second query with the same set
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from tdastore.config import AttributionConfig
 from tdastore.errors import StoreError
 from tdastore.precond.projected.spectral import SpectralOperator
 from tdastore.precond.registry import FitInputs, operator_class
+from tdastore.store.checksums import file_crc
 from tdastore.store.location import writable
 
 PRECOND_DIR = "precond"
@@ -27,12 +29,22 @@ def fit_or_load(name: str, inputs: FitInputs) -> SpectralOperator:
     cls = operator_class("projected", name)
     key = cls.key(config)
     entry = store.manifest.get("preconditioners", {}).get(key)
+    persist = name != "identity" and writable(store.root) and not inputs.config.store.read_only
     if entry:
-        return SpectralOperator.load(_inside(store, entry["file"]), name, entry["info"])
+        path = _inside(store, entry["file"])
+        if "checksum" not in entry or file_crc(path) == entry["checksum"]:
+            return SpectralOperator.load(path, name, entry["info"])
+        if not persist:
+            raise StoreError(
+                f"store '{store.root}': the fitted {name} operator {entry['file']} does not match its checksum "
+                f"(corrupt): run `tdastore verify {store.root}` (it drops it) and refit it with `tdastore index "
+                f"{store.root} --method ...` where the store is writable"
+            )
+        print(f"the fitted {name} operator {entry['file']} is damaged (checksum): refitting it", file=sys.stderr)
     operator = cls()
     operator.check_size(store, config)
     fitted = operator.fit(inputs)
-    if name != "identity" and writable(store.root):  # read-only local stores: fitted per process, not cached
+    if persist:  # else (read-only): kept in memory by this process
         folder = store.root / PRECOND_DIR
         folder.mkdir(exist_ok=True)
         fitted.save(folder / f"{key}.npz")
@@ -44,6 +56,7 @@ def fit_or_load(name: str, inputs: FitInputs) -> SpectralOperator:
                 "file": f"{PRECOND_DIR}/{key}.npz",
                 "params": cls.params(config),
                 "info": _jsonable(fitted.info),
+                "checksum": file_crc(folder / f"{key}.npz"),  # [size, crc32], checked on every load and by verify
             },
         )
     return fitted
