@@ -223,7 +223,8 @@ class MetagradConfig:
     mode: Literal["auto", "forward", "reverse"] = "auto"  # auto: fewer vectors (rows vs evals x test points)
     coupling: Literal["delete", "subtract"] | None = None  # None: the ground truth's coupling
     rows: Literal["left_out", "all"] = "left_out"  # which training rows get scores
-    seeds: int | None = 5  # the first n of the ground truth's seeds (None: all of them)
+    # the first n of the ground truth's seeds (at most as many as it has); None: the first min(5, all); all: every one
+    seeds: int | Literal["all"] | None = None
     seed_block: int = 1  # a unit of work: seed_block seeds x test_block test points
     test_block: int | None = None  # None: all test points in one block (forward mode's cost ignores them)
     checkpoint_every: int | None = None  # reverse mode's trajectory checkpoints; None: from memory_mb
@@ -316,7 +317,8 @@ class Config:
         _require(self.query.ray_min_inputs >= 0, "query.ray_min_inputs", "must be >= 0")
         _require(self.device.partition(":")[0] in ("auto", "cpu", "cuda", "mps"), "device",
                  "must be auto, cpu, cuda, cuda:N or mps")  # fmt: skip
-        _require(self.metagrad.seeds is None or self.metagrad.seeds > 0, "metagrad.seeds", "must be positive")
+        _require(self.metagrad.seeds in (None, "all") or self.metagrad.seeds > 0, "metagrad.seeds",
+                 "must be positive, all, or null (the first five)")  # fmt: skip
         _require(self.metagrad.seed_block > 0, "metagrad.seed_block", "must be positive")
         _require(
             self.metagrad.checkpoint_every is None or self.metagrad.checkpoint_every > 0,

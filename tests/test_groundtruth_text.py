@@ -135,6 +135,7 @@ def test_text_gold_standard_pool_resumes_and_evaluates(ray_cluster, lm, tmp_path
     store = build_store(config, config.store.path, progress=False)
     methods = ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf", "trak1", "kfac", "ekfac", "metagrad"]
     results = evaluate(store, root, methods=methods, path="projected", progress=False)
+    assert not [entry for entry in results["methods"].values() if "error" in entry], results["methods"]
     cosines = {name: np.asarray(entry["cosine"]) for name, entry in results["methods"].items()}
     print({name: np.round(c, 3).tolist() for name, c in cosines.items()})
     others = np.max([c for name, c in cosines.items() if name != "metagrad"], axis=0)

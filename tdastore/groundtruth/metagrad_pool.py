@@ -58,6 +58,9 @@ def _plan(n_seeds: int, n_test: int, seed_block: int, test_block: int | None) ->
     return [MetagradUnit(a, b) for a in range(-(-n_seeds // seed_block)) for b in range(-(-n_test // test_block))]
 
 
+DEFAULT_SEEDS = 5  # metagrad.seeds: null differentiates this many of the ground truth's seeds (fewer if it has fewer)
+
+
 def prepare_metagrad(config: Config, groundtruth: str | Path, task: Task | None = None) -> tuple[Path, dict, Config]:
     """Create (or reopen, after checking it is the same job) the metagradient store of a ground truth."""
     gt_manifest = read_groundtruth_manifest(store_path(groundtruth))
@@ -66,13 +69,14 @@ def prepare_metagrad(config: Config, groundtruth: str | Path, task: Task | None 
     coupling = mg.coupling or gt_config.groundtruth.coupling
     n_train = len(resolve_task(gt_config.task, gt_config.model, task).examples("train"))
     rows = list(gt_manifest["left_out"]) if mg.rows == "left_out" else list(range(n_train))
-    if mg.seeds is not None and mg.seeds > len(gt_manifest["seeds"]):
+    available = len(gt_manifest["seeds"])
+    if isinstance(mg.seeds, int) and mg.seeds > available:
         raise ConfigError(
-            f"metagrad.seeds {mg.seeds} exceeds the {len(gt_manifest['seeds'])} seeds of the ground truth at "
-            f"'{groundtruth}' (it differentiates the first n of them): set metagrad.seeds <= "
-            f"{len(gt_manifest['seeds'])}, or null for all of them"
+            f"metagrad.seeds {mg.seeds} exceeds the {available} seeds of the ground truth at '{groundtruth}' (it "
+            f"differentiates the first n of them): set metagrad.seeds <= {available}, or all"
         )
-    seeds = gt_manifest["seeds"][: mg.seeds] if mg.seeds is not None else gt_manifest["seeds"]
+    count = {None: min(DEFAULT_SEEDS, available), "all": available}.get(mg.seeds, mg.seeds)
+    seeds = gt_manifest["seeds"][:count]
     n_eval, n_test = len(gt_manifest["evals"]["steps"]), len(gt_manifest["test_rows"])
     identity = {
         "kind": METAGRAD_KIND,
