@@ -148,6 +148,11 @@ class AttributionConfig:
     max_dense_dim: int = 8192  # projected preconditioners are k x k: refused above this k
     kfac_examples: int | None = None  # projected kfac / ekfac: training examples for the factors (None: all)
     batch_size: int = 256  # train examples per block when scoring
+    # adam_dot / adam_cos: Adam's eps in diag(1 / (sqrt(v) + eps)), and where v comes from: a saved torch optimizer
+    # state_dict (e.g. a Hugging Face Trainer's optimizer.pt; exp_avg_sq by parameter name), or None: estimated at
+    # the final model from the further training's batches (tdastore/precond/exact/diagonal.py)
+    adam_eps: float = 1e-8
+    optimizer_state: str | None = None
     methods: list[str] = field(default_factory=lambda: ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf"])
 
 
@@ -349,6 +354,7 @@ class Config:
         _require(a.kfac_examples is None or a.kfac_examples > 0, "attribution.kfac_examples",
                  "must be positive (or null: all training examples)")  # fmt: skip
         _require(a.max_exact_params > 0, "attribution.max_exact_params", "must be positive")
+        _require(a.adam_eps > 0, "attribution.adam_eps", "must be positive (Adam's eps, 1e-8 by default)")
         _require(a.max_dense_dim > 0, "attribution.max_dense_dim", "must be positive")
         _require(len(a.methods) > 0, "attribution.methods", "needs at least one method")
         _require(self.index.shard_rows > 0, "index.shard_rows", "must be positive")

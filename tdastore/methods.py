@@ -34,6 +34,7 @@ class Method:
     projected: str | None  # operator on the projected path (None: not available there)
     exact: str | None  # operator on the exact path (None: not available there)
     normalise: bool = False  # unit-normalise train and test gradients (cosine)
+    normalise_metric: bool = False  # unit-normalise in the operator's metric, g / sqrt(g^T K g) (adam_cos)
     learning_rate: bool = False  # multiply by the training learning rate (TracIn)
     further_training: bool = False  # scores a ground truth's further-training run, not a single query
     summary: str = ""
@@ -63,7 +64,20 @@ METHODS: dict[str, Method] = {
         Method(
             "if_gn", "fisher", "gauss_newton", summary="damped Gauss-Newton influence (projected: empirical Fisher)"
         ),
-        Method("if_diag", "diagonal", None, summary="influence with a damped diagonal empirical Fisher"),
+        Method("if_diag", "diagonal", "diagonal", summary="influence with a damped diagonal empirical Fisher"),
+        Method(
+            "adam_dot",
+            None,
+            "adam",
+            summary="optimizer-aware: g^T diag(1/(sqrt(v)+eps)) g_i, v Adam's second moment at the final model",
+        ),
+        Method(
+            "adam_cos",
+            None,
+            "adam",
+            normalise_metric=True,
+            summary="adam_dot of gradients unit-normalised in Adam's metric (TrackStar's form)",
+        ),
         Method(
             "if_h", None, "hessian", summary="damped true-Hessian influence; needs Hessian-vector products on the model"
         ),

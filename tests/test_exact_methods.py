@@ -257,3 +257,74 @@ def test_exact_path_refuses_large_models(setup):
 
     with pytest.raises(ConfigError, match="max_exact_params"):
         scorer_for(setup, max_exact_params=100)
+
+
+def reference_second_moment(ref, gt) -> np.ndarray:
+    """Adam's v by a plain loop: squared minibatch gradients (clip_grad_norm_) of the seed-0 epoch, averaged."""
+    order = torch.randperm(ref.n, generator=torch.Generator().manual_seed(0))
+    total, batches = 0.0, 0
+    for start in range(0, ref.n, gt.batch_size):
+        ref.model.zero_grad()
+        ref.loss(ref.train.take(order[start : start + gt.batch_size])).backward()
+        torch.nn.utils.clip_grad_norm_(ref.params, gt.clip_norm)
+        total = total + torch.cat([p.grad.reshape(-1) for p in ref.params]).numpy() ** 2
+        batches += 1
+    return total / batches
+
+
+def test_optimizer_aware_and_diagonal_methods(setup):
+    """adam_dot = g^T diag(1/(sqrt(v)+eps)) g_i with v from the further training's clipped batches, adam_cos its
+    cosine in that metric, if_diag the damped diagonal empirical Fisher: each equals numpy from a loop."""
+    config, task, model, ref, g_train, g_test, lambda_0 = setup
+    config = copy.deepcopy(config)
+    config.groundtruth.batch_size, config.groundtruth.clip_norm = 32, 0.05  # clipping bites on most batches
+    scorer = ExactScorer(model, task, config)
+    d = 1.0 / (np.sqrt(reference_second_moment(ref, config.groundtruth)) + config.attribution.adam_eps)
+    assert rel_err(scorer.scores(get_method("adam_dot"), ref.test), (g_test * d) @ g_train.T / ref.n) <= REL
+    norms_test, norms_train = np.sqrt((g_test**2 * d).sum(1)), np.sqrt((g_train**2 * d).sum(1))
+    cos = (g_test * d) @ g_train.T / np.outer(norms_test, norms_train)
+    assert rel_err(scorer.scores(get_method("adam_cos"), ref.test), cos / ref.n) <= REL
+    assert scorer.info["second_moment"] == "further-training schedule"
+    fisher = (g_train**2).mean(0)
+    expected = (g_test / (fisher + 10 * lambda_0)) @ g_train.T / ref.n
+    assert rel_err(scorer_for(setup, damping_factor=10.0).scores(get_method("if_diag"), ref.test), expected) <= REL
+
+
+def test_second_moment_from_a_saved_optimizer_state_by_name(setup, tmp_path):
+    """A Hugging Face Trainer-style AdamW state (no-decay group first, so positions differ from the model's
+    order) is matched by parameter name, bias-corrected, and gives the scores of numpy with that v; another
+    model's state and a state without names are refused."""
+    from tdastore.errors import ConfigError
+
+    config, task, model, ref, g_train, g_test, _ = setup
+    trained = copy.deepcopy(model)
+    named = list(trained.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [(n, p) for n, p in named if "bias" in n], "weight_decay": 0.0},
+            {"params": [(n, p) for n, p in named if "bias" not in n]},
+        ],  # fmt: skip
+        lr=1e-4,
+        betas=(0.9, 0.99),
+    )
+    data = task.examples("train")
+    for step in range(3):
+        optimizer.zero_grad()
+        task.per_example_loss(trained(data.inputs[step::3]), data.targets[step::3]).mean().backward()
+        optimizer.step()
+    path = tmp_path / "optimizer.pt"
+    torch.save(optimizer.state_dict(), path)
+    v = {n: optimizer.state[p]["exp_avg_sq"] / (1 - 0.99**3) for n, p in named}
+    flat_v = torch.cat([v[n].reshape(-1) for n, _ in model.named_parameters()]).double().numpy()
+    d = 1.0 / (np.sqrt(flat_v) + 1e-8)
+    scorer = scorer_for(setup, optimizer_state=str(path))
+    assert rel_err(scorer.scores(get_method("adam_dot"), ref.test), (g_test * d) @ g_train.T / ref.n) <= REL
+    assert scorer.info["second_moment"] == str(path)
+
+    torch.save({"module.0.weight": torch.ones(3, 3)}, tmp_path / "other.pt")  # a prefix is fine, the shape not
+    with pytest.raises(ConfigError, match="has no entry for parameter|has shape"):
+        scorer_for(setup, optimizer_state=str(tmp_path / "other.pt")).scores(get_method("adam_dot"), ref.test)
+    unnamed = torch.optim.Adam(trained.parameters())
+    torch.save(unnamed.state_dict(), tmp_path / "unnamed.pt")
+    with pytest.raises(ConfigError, match="does not name its parameters"):
+        scorer_for(setup, optimizer_state=str(tmp_path / "unnamed.pt")).scores(get_method("adam_dot"), ref.test)

@@ -32,6 +32,9 @@ DEFAULT_METHODS = [
     "ekfac",
     "if_gen",
     "if_h",
+    "if_diag",
+    "adam_dot",
+    "adam_cos",
     "metagrad",
 ]
 

@@ -32,6 +32,7 @@ class ExactScorer:
             config.attribution,
         )
         self.info: dict = {"path": "exact", "params": self.space.p}
+        self.cache: dict = {}  # what an operator computed once for this model (a diagonal, ...)
         self._lowest = None
 
     def test_gradients(self, test: Examples) -> torch.Tensor:
@@ -44,6 +45,8 @@ class ExactScorer:
         if method.normalise:
             g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
         x = check_solution(self._apply_operator(method, g), method.name)
+        if method.normalise_metric:  # x = K g / sqrt(g^T K g)
+            x = x / (g * x).sum(1, keepdim=True).clamp_min(1e-30).sqrt()
         scale = 1.0 / self.space.n
         if method.learning_rate:
             scale *= self.config.train.lr
@@ -68,8 +71,12 @@ class ExactScorer:
 
     def train_rows(self, method: Method) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, train-side rows [b, p]) in store order."""
-        for start, block in self.operator(method).train_rows(self):
-            yield start, self._normalised(method, block)
+        operator = self.operator(method)
+        for start, block in operator.train_rows(self):
+            block = self._normalised(method, block)
+            if method.normalise_metric:  # g_i / sqrt(g_i^T K g_i)
+                block = block / (block * operator.apply(self, block)).sum(1, keepdim=True).clamp_min(1e-30).sqrt()
+            yield start, block
 
     @staticmethod
     def _normalised(method: Method, block: torch.Tensor) -> torch.Tensor:
