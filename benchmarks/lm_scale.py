@@ -4,7 +4,8 @@
    documents of 512 tokens, `modules: auto`, factored 16 x 16, full_norms false: build tokens/s divided by a
    plain training step's tokens/s (forward + backward of the summed loss, every weight gradient) on the same
    batches, in process, 2 threads. Then a one-worker Ray build of 8 documents: the worker's peak RSS against
-   `tdastore plan`'s per-worker estimate.
+   `tdastore plan`'s per-worker estimate, and the build with the adafactor normaliser (gradients.normalizer)
+   against without.
 2. The demo LM (`tdastore demo-lm` defaults: GPT-2 2 x 64, its 1,684 standard-library documents): the first
    K-FAC and EK-FAC query, fitting included, divided by the build's time (2 workers).
 3. 1,000 prompts scored (top-10 and the full score matrix) against a 20,000-document store by 2 Ray actors
@@ -116,6 +117,11 @@ def gpt2_small(work: Path, device: str = "cpu") -> None:
         f"{LENGTH} tokens, {where}): build/train-step tokens/s = {t_train / t_build:.3f} "
         f"(build {tokens / t_build:,.0f} tokens/s, training step {tokens / t_train:,.0f} tokens/s)"
     )
+    normalised = make_gradient_computer(
+        model, task.per_example_loss, config.gradients, config.projection, unit_normaliser(model, computer)
+    )
+    _, t_normalised = train_and_build_seconds(task, model, normalised, batches, repeats=2, sync=gpu)
+    print(f"the same build with the adafactor normaliser / without, tokens/s: {t_build / t_normalised:.3f}")
     ray.init(
         num_cpus=2, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False,
         _node_ip_address="127.0.0.1",
@@ -137,6 +143,15 @@ def gpt2_small(work: Path, device: str = "cpu") -> None:
         f"GPT-2-small build worker peak RSS / `tdastore plan` estimate: {measured / estimate:.3f} "
         f"({measured:,.0f} MB measured, {estimate:,.0f} MB planned, {store.n_rows} documents)"
     )
+
+
+def unit_normaliser(model, computer):
+    """An adafactor normaliser of the computer's parameters (its cost does not depend on v's values)."""
+    from tdastore.grads.normaliser import Normaliser
+
+    params = dict(model.named_parameters())
+    moments = {n: torch.ones(params[n].shape) for n in computer.param_spec()["params"]}
+    return Normaliser("adafactor", moments, 1e-8, "benchmark").bind(model)
 
 
 def planned_worker_mb(config, work: Path) -> float:

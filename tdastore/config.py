@@ -89,6 +89,10 @@ class GradientConfig:
     batch_size: int = 256
     max_tokens: int | None = None  # token sequences: batches of at most this many padded tokens (length-sorted)
     full_norms: bool = True  # factored: record the full gradient's norm (false: the stored row's; faster, long docs)
+    # scale every row by Adam's second moment before projecting it (adam_dot / adam_cos on the projected path):
+    # adam, the full diagonal (dense, sparse, none); adafactor, its rank-one form (keeps factored projections
+    # factored). v: attribution.optimizer_state, else the further training's batches (tdastore/grads/normaliser.py)
+    normalizer: Literal["none", "adam", "adafactor"] = "none"
 
 
 @dataclass

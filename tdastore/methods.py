@@ -35,9 +35,15 @@ class Method:
     exact: str | None  # operator on the exact path (None: not available there)
     normalise: bool = False  # unit-normalise train and test gradients (cosine)
     normalise_metric: bool = False  # unit-normalise in the operator's metric, g / sqrt(g^T K g) (adam_cos)
+    normalised_store: bool = False  # projected path: a store built with gradients.normalizer (adam_dot, adam_cos)
     learning_rate: bool = False  # multiply by the training learning rate (TracIn)
     further_training: bool = False  # scores a ground truth's further-training run, not a single query
     summary: str = ""
+
+    def unit_rows(self) -> bool:
+        """Projected path: unit-normalise stored and test rows (in a normalised store's space that is the
+        operator's metric, so adam_cos is TrackStar's form there)."""
+        return self.normalise or self.normalise_metric
 
     def operator(self, path: str) -> str:
         op = self.projected if path == "projected" else self.exact
@@ -67,14 +73,16 @@ METHODS: dict[str, Method] = {
         Method("if_diag", "diagonal", "diagonal", summary="influence with a damped diagonal empirical Fisher"),
         Method(
             "adam_dot",
-            None,
+            "identity",
             "adam",
+            normalised_store=True,
             summary="optimizer-aware: g^T diag(1/(sqrt(v)+eps)) g_i, v Adam's second moment at the final model",
         ),
         Method(
             "adam_cos",
-            None,
+            "identity",
             "adam",
+            normalised_store=True,
             normalise_metric=True,
             summary="adam_dot of gradients unit-normalised in Adam's metric (TrackStar's form)",
         ),

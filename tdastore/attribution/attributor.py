@@ -28,6 +28,7 @@ from tdastore.methods import Method, get_method
 from tdastore.precond.exact.scorer import ExactScorer
 from tdastore.precond.projected.cache import fit_or_load, operator_key
 from tdastore.precond.registry import FitInputs
+from tdastore.store.normalisers import store_normaliser
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Examples, Task, model_fingerprint
 from tdastore.training import load_model
@@ -123,6 +124,19 @@ class Attributor:
     def _prepare_projected(self) -> None:
         """Fit (or load) the operator once and open (or build) the index once."""
         name = self.method.operator("projected")
+        normaliser = self.store.manifest["projection"].get("normaliser")
+        if self.method.normalised_store and normaliser is None:
+            raise ConfigError(
+                f"method '{self.method.name}' on the projected path needs a store whose rows were scaled by Adam's "
+                f"second moment: rebuild with gradients.normalizer: adam (adafactor for a factored projection), "
+                "or use attribution.path: exact"
+            )
+        if normaliser is not None and not self.method.normalised_store:
+            raise ConfigError(
+                f"store '{self.store.root}' holds rows scaled by Adam's second moment ({normaliser['kind']} "
+                f"normaliser): its projected methods are adam_dot and adam_cos; '{self.method.name}' needs a store "
+                "built with gradients.normalizer: none (or attribution.path: exact)"
+            )
         inputs = FitInputs(self.store, self.config, self.model, self.task, self.progress, self._block_map())
         self.operator = fit_or_load(name, inputs)
         key = operator_key(name, self.config.attribution)
@@ -178,8 +192,13 @@ class Attributor:
     def test_rows(self, test: Examples) -> np.ndarray:
         """Test-function gradients [m, k] in the store's space (same gradient computer, projection, seed)."""
         if self._computer is None:  # built once: a projector caches its generated matrix blocks
+            normaliser = store_normaliser(self.store.root)  # test rows scaled as the store's rows were
             self._computer = make_gradient_computer(
-                self.model, self.task.test_function, self.config.gradients, self.config.projection
+                self.model,
+                self.task.test_function,
+                self.config.gradients,
+                self.config.projection,
+                normaliser.bind(self.model) if normaliser is not None else None,
             )
             if self._computer.spec() != self.store.manifest["projection"]:
                 raise StoreError("this query's projection differs from the store's; the store's config was edited")
@@ -196,7 +215,7 @@ class Attributor:
     def queries(self, test: Examples) -> np.ndarray:
         """Projected path: eps * K^(1/2) grad g(z) for each test input, [m, k]."""
         rows = self.test_rows(test)
-        if self.method.normalise:
+        if self.method.unit_rows():
             rows = normalise_rows(rows)
         return self.operator.transform(rows) * np.float32(self.scale)
 

@@ -16,10 +16,12 @@ from tdastore.distributed.ray_session import check_reachable, ray_session
 from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
 from tdastore.grads.computer import make_gradient_computer
+from tdastore.grads.normaliser import make_normaliser
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.job_store import writing
 from tdastore.store.location import store_path
 from tdastore.store.manifest import read_manifest
+from tdastore.store.normalisers import save_normaliser
 from tdastore.store.verify import mark_for_rebuild, verify_store
 from tdastore.store.writer import (
     done_shards,
@@ -40,9 +42,12 @@ def store_identity(config: Config, split: str, task: Task | None = None) -> dict
     task = resolve_task(config.task, config.model, task)
     model = load_model(config, task)
     loss_fn = task.per_example_loss if split == "train" else task.test_function
-    computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection)
+    names = make_gradient_computer(model, loss_fn, config.gradients, config.projection).param_spec()["params"]
+    normaliser = make_normaliser(config, model, task, list(names))  # None without gradients.normalizer
+    computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection, normaliser)
     description = task.description()
     return {
+        "_normaliser": normaliser,
         "split": split,
         "task": {
             "name": task.name,
@@ -83,9 +88,10 @@ def build_store(
     root = store_path(output)
     identity = store_identity(config, split, task)
     n_rows = identity.pop("_n_rows")
+    normaliser = identity.pop("_normaliser")
     check_not_empty(n_rows, f"the {split} split of '{config.task.dataset}'")
     with writing(root, "build", not_a_store(root)):
-        return _build_leased(config, root, split, identity, n_rows, address, workers, progress, fault, task)
+        return _build_leased(config, root, split, identity, n_rows, address, workers, progress, fault, task, normaliser)
 
 
 def worker_options(config: Config, cluster_gpus: float) -> dict:
@@ -100,9 +106,13 @@ def padding_fraction(reports: list[dict]) -> float:
     return 1.0 - real / padded if padded else 0.0
 
 
-def _build_leased(config, root, split, identity, n_rows, address, workers, progress, fault, task) -> GradientStore:
+def _build_leased(
+    config, root, split, identity, n_rows, address, workers, progress, fault, task, normaliser=None
+) -> GradientStore:
     extra = {"config": config_to_dict(config), "tdastore_version": __version__, "created": time.time()}
     manifest = prepare_store(root, identity, n_rows, identity["projection"]["out_dim"], config.store.dtype, extra)
+    if normaliser is not None:  # the second moments the workers (and every query) scale rows by
+        save_normaliser(root, normaliser)
     shards = plan_shards(n_rows, config.store.shard_rows)
     damaged = verify_store(root)  # cheap: markers, metadata files, chunk files at their written sizes
     if damaged:

@@ -23,9 +23,11 @@ from tdastore.errors import GradientError, StoreError
 from tdastore.grads.batching import padded_tokens, plan_batches
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.factored import FactoredLinearGradients, KroneckerStatistics
+from tdastore.grads.normaliser import Normaliser
 from tdastore.grads.per_example import all_finite, check_finite
 from tdastore.store.location import store_path, zarr_store
 from tdastore.store.manifest import GRADS_DIR
+from tdastore.store.normalisers import store_normaliser
 from tdastore.store.writer import Shard, write_shard
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Task, model_fingerprint
@@ -37,14 +39,15 @@ FLOAT16_MAX = 65504.0
 class ShardComputer:
     """Everything a worker needs, loaded once: task, model and the (projected) gradient computer."""
 
-    def __init__(self, config: Config, split: str, task: Task | None = None):
+    def __init__(self, config: Config, split: str, task: Task | None = None, normaliser: Normaliser | None = None):
         self.config = config
         self.split = split
         self.task = resolve_task(config.task, config.model, task)
         self.device = resolve_device(config.device)  # the worker's own hardware decides `auto`
         self.model = load_model(config, self.task).to(self.device)
         loss_fn = self.task.per_example_loss if split == "train" else self.task.test_function
-        self.gradients = make_gradient_computer(self.model, loss_fn, config.gradients, config.projection)
+        normaliser = normaliser.bind(self.model) if normaliser is not None else None
+        self.gradients = make_gradient_computer(self.model, loss_fn, config.gradients, config.projection, normaliser)
         self.data = self.task.examples(split)
         self.dtype = getattr(torch, config.store.dtype)
         self.unprojected = self.gradients.spec()["kind"] == "none"
@@ -127,7 +130,7 @@ class GradientWorker:
     ):
         torch.set_num_threads(max(1, threads))
         self.root = store_path(root)
-        self.computer = ShardComputer(load_config(config_dict), split, task)
+        self.computer = ShardComputer(load_config(config_dict), split, task, store_normaliser(self.root))
         if model_fingerprint(self.computer.model) != model_fp:
             raise StoreError("the model weights changed on disk while the build ran: restart the build")
         self.fault = fault

@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 from tdastore.config import GradientConfig, ProjectionConfig
+from tdastore.errors import GradientError
 from tdastore.grads.factored import (
     ExactLinearGradients,
     FactoredLinearGradients,
     only_linear_parameters,
     select_parameters,
 )
+from tdastore.grads.normaliser import Normaliser
 from tdastore.grads.per_example import LossFn, PerExampleGradients, squared_norms
 from tdastore.grads.projection import make_projector
 
@@ -44,14 +46,24 @@ class GradientComputer(Protocol):
 class VmapProjectedGradients:
     """Exact per-example gradients (torch.func) followed by a block-wise seeded projection."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, patterns: list[str], projection: ProjectionConfig):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        patterns: list[str],
+        projection: ProjectionConfig,
+        normaliser: Normaliser | None = None,
+    ):
         self.gradients = PerExampleGradients(model, loss_fn, patterns)
         self.projector = make_projector(projection, self.gradients.shapes)
         self.out_dim = self.projector.out_dim
         self.numel = self.gradients.numel
+        self.normaliser = normaliser
+        device = next(model.parameters()).device
+        self.scales = {n: normaliser.scale(n).to(device) for n in self.gradients.names} if normaliser else None
 
     def spec(self) -> dict:
-        return self.projector.spec()
+        return with_normaliser(self.projector.spec(), self.normaliser)
 
     def param_spec(self) -> dict:
         return self.gradients.spec()
@@ -60,15 +72,32 @@ class VmapProjectedGradients:
         self, inputs: torch.Tensor, targets: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grads, losses = self.gradients(inputs, targets)  # {name: [B, ...]}, [B]
+        if self.scales is not None:  # S = D^(1/2) before the projection
+            grads = {n: g * self.scales[n] for n, g in grads.items()}
         return self.projector.project(grads, out), losses, squared_norms(grads)
 
 
+def with_normaliser(spec: dict, normaliser: Normaliser | None) -> dict:
+    """A computer's spec, naming the normaliser its rows were scaled by (none: the spec as before)."""
+    return spec if normaliser is None else {**spec, "normaliser": normaliser.spec()}
+
+
 def make_gradient_computer(
-    model: nn.Module, loss_fn: LossFn, gradients: GradientConfig, projection: ProjectionConfig
+    model: nn.Module,
+    loss_fn: LossFn,
+    gradients: GradientConfig,
+    projection: ProjectionConfig,
+    normaliser: Normaliser | None = None,
 ) -> GradientComputer:
+    """normaliser: rows scaled by Adam's second moment before projection (gradients.normalizer; the store's)."""
+    if normaliser is not None and normaliser.kind == "adam" and projection.kind == "factored":
+        raise GradientError(
+            "gradients.normalizer: adam needs the full diagonal, which a factored projection cannot apply: use "
+            "adafactor (its rank-one form keeps the projection factored), or a gaussian / sparse projection"
+        )
     if projection.kind == "factored":
         return FactoredLinearGradients(
-            model, loss_fn, gradients.params, projection, gradients.modules, gradients.full_norms
+            model, loss_fn, gradients.params, projection, gradients.modules, gradients.full_norms, normaliser
         )
     if gradients.modules:  # module patterns name the parameters for the other computers too
         gradients = GradientConfig(
@@ -77,5 +106,5 @@ def make_gradient_computer(
             full_norms=gradients.full_norms,
         )
     if projection.kind == "none" and only_linear_parameters(model, gradients.params):
-        return ExactLinearGradients(model, loss_fn, gradients.params, projection)  # same rows, ~3x faster
-    return VmapProjectedGradients(model, loss_fn, gradients.params, projection)
+        return ExactLinearGradients(model, loss_fn, gradients.params, projection, normaliser)  # same rows, ~3x faster
+    return VmapProjectedGradients(model, loss_fn, gradients.params, projection, normaliser)

@@ -179,12 +179,29 @@ class ExactLinearGradients(LinearHookGradients):
     """Unprojected per-example gradients of Linear layers, written straight into the output rows in the
     layout of PerExampleGradients.flatten (weight [out, in] row-major, then bias): no vmap, one pass."""
 
-    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], config: ProjectionConfig):
+    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], config: ProjectionConfig, normaliser=None):
         super().__init__(model, loss_fn, patterns, "the hook-based exact gradient")
         self.out_dim = self.numel
+        self.normaliser = normaliser
+        self.flat_scale = None  # [numel] S = D^(1/2) in the rows' layout
+        if normaliser is not None:
+            parts = []
+            for name, _, with_bias in self.modules:
+                parts.append(normaliser.scale(f"{name}.weight").reshape(-1))
+                if with_bias:
+                    parts.append(normaliser.scale(f"{name}.bias").reshape(-1))
+            self.flat_scale = torch.cat(parts).to(next(model.parameters()).device)
 
     def spec(self) -> dict:
-        return {"kind": "none", "in_dim": self.numel, "out_dim": self.numel}
+        spec = {"kind": "none", "in_dim": self.numel, "out_dim": self.numel}
+        return spec if self.normaliser is None else {**spec, "normaliser": self.normaliser.spec()}
+
+    def __call__(self, inputs, targets, out=None):
+        rows, losses, sq_norms = super().__call__(inputs, targets, out)
+        if self.flat_scale is None:
+            return rows, losses, sq_norms
+        rows.mul_(self.flat_scale)  # the full gradient, scaled: its norm is the row's
+        return rows, losses, rows.pow(2).sum(1)
 
     def _write_module(self, index, acts, grads, rows, col, sq_norms) -> int:
         _, module, with_bias = self.modules[index]
@@ -220,9 +237,18 @@ class FactoredLinearGradients(LinearHookGradients):
         config: ProjectionConfig,
         module_patterns=None,
         full_norms: bool = True,
+        normaliser=None,
     ):
         super().__init__(model, loss_fn, patterns, "projection.kind 'factored'", module_patterns)
         self.config = config
+        self.normaliser = normaliser
+        device = next(model.parameters()).device
+        # adafactor: (s_out [out], s_in [in (+1)]) per layer, applied to d_t and [a_t; 1] before the projection
+        self.layer_scales = (
+            [tuple(s.to(device) for s in normaliser.layer_scales(name)) for name, _, _ in self.modules]
+            if normaliser is not None
+            else None
+        )
         self.full_norms = full_norms  # |full per-example gradient|^2 per row: B T^2 (d_in + d_out) extra work
         self.p_out, self.p_in, self.dims = [], [], []
         device = next(model.parameters()).device  # the projections live where the activations are
@@ -238,7 +264,7 @@ class FactoredLinearGradients(LinearHookGradients):
         self.out_dim = sum(o * i for o, i in self.dims)
 
     def spec(self) -> dict:
-        return {
+        spec = {
             "kind": "factored",
             "in_dim": self.numel,
             "out_dim": self.out_dim,
@@ -246,24 +272,30 @@ class FactoredLinearGradients(LinearHookGradients):
             "factors": list(self.config.factors),
             "modules": {name: list(dims) for (name, _, _), dims in zip(self.modules, self.dims)},
         }
+        return spec if self.normaliser is None else {**spec, "normaliser": self.normaliser.spec()}
 
     def _write_module(self, index, acts, grads, rows, col, sq_norms) -> int:
         with_bias, p_out, p_in = self.modules[index][2], self.p_out[index], self.p_in[index]
         k_out, k_in = self.dims[index]
         batch = rows.shape[0]
         target = rows[:, col : col + k_out * k_in].view(batch, k_out, k_in)
+        one = 1.0  # the input side's constant for the bias column
+        if self.layer_scales is not None:  # rank-one S: d_t (x) s_out and [a_t; 1] (x) s_in
+            s_out, s_in = self.layer_scales[index]
+            grads, acts = grads.float() * s_out, acts.float() * s_in[: acts.shape[-1]]
+            one = s_in[-1] if with_bias else 1.0
         if acts.dim() == 2:  # one position per example: a plain outer product
             acts, grads = acts.float(), grads.float()  # half-precision models: projections sum in float32
             if self.full_norms:
-                sq_norms += grads.pow(2).sum(1) * (acts.pow(2).sum(1) + float(with_bias))
+                sq_norms += grads.pow(2).sum(1) * (acts.pow(2).sum(1) + float(with_bias) * one**2)
             left = grads if p_out is None else grads @ p_out  # [B, k_out]
-            right = _project_inputs(acts, p_in, with_bias)  # [B, k_in]
+            right = _project_inputs(acts, p_in, with_bias, one)  # [B, k_in]
             torch.mul(left.unsqueeze(2), right.unsqueeze(1), out=target)
             return col + k_out * k_in
         acts = acts.reshape(batch, -1, acts.shape[-1]).float()  # [B, T, in]
         grads = grads.reshape(batch, -1, grads.shape[-1]).float()  # [B, T, out]
         if with_bias:
-            acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1)], dim=2)  # [B, T, in+1]
+            acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1) * one], dim=2)  # [B, T, in+1]
         if self.full_norms:
             sq_norms += _squared_norm_of_sum_of_outer_products(grads, acts)
         left = grads if p_out is None else grads @ p_out  # [B, T, k_out]
@@ -282,12 +314,12 @@ def module_factors(config: ProjectionConfig, name: str) -> tuple[int, int]:
     return int(config.factors[0]), int(config.factors[1])
 
 
-def _project_inputs(acts: torch.Tensor, p_in: torch.Tensor | None, with_bias: bool) -> torch.Tensor:
-    """[a; 1] @ P_in without concatenating the constant: the bias row of P_in is added instead."""
+def _project_inputs(acts: torch.Tensor, p_in: torch.Tensor | None, with_bias: bool, one=1.0) -> torch.Tensor:
+    """[a; one] @ P_in without concatenating the constant: the bias row of P_in (times one) is added instead."""
     if p_in is None:
-        return torch.cat([acts, acts.new_ones(acts.shape[0], 1)], dim=1) if with_bias else acts
+        return torch.cat([acts, acts.new_ones(acts.shape[0], 1) * one], dim=1) if with_bias else acts
     if with_bias:
-        return torch.addmm(p_in[-1], acts, p_in[:-1])  # [B, k_in]
+        return torch.addmm(p_in[-1] * one, acts, p_in[:-1])  # [B, k_in]
     return acts @ p_in
 
 

@@ -285,7 +285,7 @@ def transformed_rows(store, operator, method, start: int, stop: int) -> np.ndarr
 
 def transform_block(rows: np.ndarray, operator, method) -> np.ndarray:
     """Train-side rows as the index holds them: unit-normalised for cosine methods, then K^(1/2)."""
-    if method.normalise:
+    if method.unit_rows():
         rows = normalise_rows(rows)
     return np.ascontiguousarray(operator.transform(rows), dtype=np.float32)
 

@@ -17,15 +17,11 @@ diagonal        K = diag(1 / (F + lambda)), F the mean squared per-example gradi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from tdastore.errors import ConfigError
+from tdastore.grads.normaliser import second_moment, state_second_moment
 from tdastore.precond.exact.operators import ExactOperator
 from tdastore.precond.registry import register
-
-CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 
 
 class DiagonalOperator(ExactOperator):
@@ -74,80 +70,7 @@ class DiagonalFisher(DiagonalOperator):
         return 1.0 / (fisher + damping)
 
 
-def schedule_second_moment(space, gt, seed: int = 0) -> torch.Tensor:
-    """v [p]: the mean over one epoch of the further training's squared minibatch gradients at the final model
-    (batch size, seed-0 batch order, Adam's coupled weight decay and gradient clipping as the gold standard)."""
-    order = torch.randperm(space.n, generator=torch.Generator().manual_seed(seed))
-    total = torch.zeros(space.p, dtype=torch.float64, device=space.device)
-    batches = 0
-    for start in range(0, space.n, gt.batch_size):
-        part = space.train.take(order[start : start + gt.batch_size])
-        g = torch.cat([block for _, block in space.example_grads(part)]).mean(0)  # [p]: the batch's mean gradient
-        if gt.weight_decay and gt.optimizer == "adam":  # Adam adds decay to the gradient; AdamW decays weights
-            g = g + gt.weight_decay * space.theta
-        if gt.clip_norm is not None:
-            g = g * (gt.clip_norm / (g.norm() + CLIP_EPS)).clamp(max=1.0)
-        total += g.double().pow(2)
-        batches += 1
-    return (total / batches).float()
-
-
-def state_second_moment(path: str | Path, names: list[str], shapes: list[tuple]) -> torch.Tensor:
-    """v [p] from a saved torch optimizer state_dict: each group's `param_names` (optimizers built over
-    model.named_parameters(), as recent Hugging Face Trainers do) matched to the model's parameter names (a
-    prefix such as 'module.' or 'base_model.model.' is allowed on either side), exp_avg_sq divided by Adam's
-    bias correction 1 - beta2^step. A plain {name: tensor} file of second moments is taken as it is."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"attribution.optimizer_state '{path}' does not exist: point at a saved optimizer state")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors alike
-        raise ConfigError(f"attribution.optimizer_state '{path}' cannot be read by torch.load ({err})") from None
-    moments = _named_moments(state, path)
-    v = []
-    for name, shape in zip(names, shapes):
-        found = [k for k in moments if k == name or k.endswith("." + name) or name.endswith("." + k)]
-        if len(found) != 1:
-            why = "no entry" if not found else f"several entries {found[:3]}"
-            raise ConfigError(
-                f"attribution.optimizer_state '{path}' has {why} for parameter '{name}' (it holds "
-                f"{sorted(moments)[:6]}...): save the state of an optimizer over this model's parameters"
-            )
-        tensor = moments[found[0]]
-        if tuple(tensor.shape) != tuple(shape):
-            raise ConfigError(
-                f"attribution.optimizer_state '{path}': '{found[0]}' has shape {tuple(tensor.shape)}, the model's "
-                f"'{name}' {tuple(shape)}: it is another model's optimizer state"
-            )
-        v.append(tensor.float().reshape(-1))
-    return torch.cat(v)
-
-
-def _named_moments(state, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        return {str(k): v for k, v in state.items()}  # {name: v} as saved by a user
-    if not (isinstance(state, dict) and "state" in state and "param_groups" in state):
-        raise ConfigError(
-            f"attribution.optimizer_state '{path}' is neither a torch optimizer state_dict nor a {{name: tensor}} "
-            "file of second moments"
-        )
-    moments = {}
-    for group in state["param_groups"]:
-        names = group.get("param_names")
-        if names is None:
-            raise ConfigError(
-                f"attribution.optimizer_state '{path}' does not name its parameters (no param_names): build the "
-                "optimizer over model.named_parameters() (torch >= 2.6) or save {name: exp_avg_sq} yourself"
-            )
-        beta2 = float(group.get("betas", (0.9, 0.999))[1])
-        for index, name in zip(group["params"], names):
-            entry = state["state"].get(index, {})
-            if "exp_avg_sq" not in entry:
-                continue  # a parameter the optimizer never stepped
-            step = float(entry.get("step", 0))
-            correction = 1.0 - beta2**step if step > 0 else 1.0
-            moments[name] = entry["exp_avg_sq"] / correction
-    if not moments:
-        raise ConfigError(f"attribution.optimizer_state '{path}' holds no exp_avg_sq: is it an Adam optimizer's?")
-    return moments
+def schedule_second_moment(space, gt) -> torch.Tensor:
+    """v [p] in the full space's parameter order (tdastore/grads/normaliser.py: second_moment)."""
+    moments = second_moment(space.model, space.loss_fn, space.train, space.names, gt)
+    return torch.cat([moments[n].reshape(-1) for n in space.names])
