@@ -244,7 +244,8 @@ def test_lds_runs_and_score(ray_cluster, tmp_path):
     np.testing.assert_allclose(stored[:, :, :, 0], direct[:, :, 0, 1:], rtol=1e-6)
 
     store = build_store(config, tmp_path / "store", progress=False)
-    results = evaluate(store, gt, methods=["grad_dot", "if_gn", "metagrad"], out=tmp_path / "ev", progress=False,
+    methods = ["grad_dot", "if_gn", "adam_dot", "metagrad"]
+    results = evaluate(store, gt, methods=methods, out=tmp_path / "ev", progress=False,
                        metrics=("cosine", "lds"), damping_grid=(10.0, 0.1, "auto"))  # fmt: skip
     for name in ("grad_dot", "if_gn", "metagrad"):
         assert len(results["methods"][name]["lds"]) == 2 and all(-1 <= v <= 1 for v in results["methods"][name]["lds"])
@@ -261,7 +262,10 @@ def test_lds_runs_and_score(ray_cluster, tmp_path):
     assert results["lds"]["subsets"] == 6
     # the damping sweep: damped methods only, the default factor reproduces the main table, lambda follows the factor
     sweep = results["damping_sweep"]
-    assert set(sweep) == {"if_gn"} and set(sweep["if_gn"]) == {"10.0", "0.1", "auto"}
+    assert set(sweep) == {"if_gn", "adam_dot"} and set(sweep["if_gn"]) == {"10.0", "0.1", "auto"}
+    assert set(sweep["adam_dot"]) == {"10.0", "0.1"}  # Adam's eps = factor x mean sqrt(v)
+    assert sweep["adam_dot"]["10.0"]["eps"] == pytest.approx(100 * sweep["adam_dot"]["0.1"]["eps"])
+    assert len(results["methods"]["adam_dot"]["cosine"]) == 2
     np.testing.assert_allclose(sweep["if_gn"]["10.0"]["cosine"], results["methods"]["if_gn"]["cosine"], rtol=1e-6)
     assert sweep["if_gn"]["10.0"]["damping"] == pytest.approx(100 * sweep["if_gn"]["0.1"]["damping"])
     assert sweep["if_gn"]["auto"]["damping"] >= 0 and len(sweep["if_gn"]["auto"]["lds"]) == 2

@@ -131,6 +131,10 @@ def test_a_normalised_store_scores_adam_dot_on_the_projected_path(ray_cluster, t
         np.testing.assert_allclose(projected, exact, rtol=2e-4, atol=1e-6 * np.abs(exact).max())
     with pytest.raises(ConfigError, match="its projected methods are adam_dot and adam_cos"):
         tdastore.Attributor(store, "grad_dot")
+    from tdastore.cli import main
+
+    assert main(["index", str(store.root), "--quiet"]) == 0  # the default methods of a normalised store
+    assert {p.name for p in (store.root / "indexes").iterdir()} == {"adam_dot-flat", "adam_cos-flat"}
     plain = build_store(small_config(tmp_path, attribution={"path": "projected"}), tmp_path / "plain", progress=False)
     with pytest.raises(ConfigError, match="gradients.normalizer: adam"):
         tdastore.Attributor(plain, "adam_dot")

@@ -141,9 +141,15 @@ def cmd_index(args: argparse.Namespace) -> None:
     overrides.setdefault("attribution", {})["path"] = "projected"
     kind = overrides.get("index", {}).get("kind", "flat")
     methods = [args.method] if args.method else (overrides["attribution"].get("methods") or ["grad_dot"])
+    normalised = "normaliser" in store.manifest["projection"]  # rows scaled by Adam's v: adam_dot / adam_cos
+    if args.method is None and normalised:
+        methods = [m for m in methods if get_method(m).normalised_store] or ["adam_dot", "adam_cos"]
     for name in methods:
         if args.method is None and get_method(name).projected is None:
             print(f"{name}: no projected path, nothing to index")
+            continue
+        if args.method is None and get_method(name).normalised_store and not normalised:
+            print(f"{name}: needs a store built with gradients.normalizer, nothing to index")
             continue
         attributor = Attributor(store, name, overrides, kind=kind, progress=not args.quiet)
         handle = attributor.index

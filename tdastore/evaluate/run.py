@@ -139,7 +139,11 @@ def damping_sweep(store, gold: GoldStandard, base: Attributor, methods, path, ov
         if method.further_training:
             continue
         chosen = choose_path(store, name, path)
-        if "damping_factor" not in operator_class(chosen, method.operator(chosen)).settings:
+        settings = operator_class(chosen, method.operator(chosen)).settings
+        if "adam_eps" in settings:  # adam_dot / adam_cos: eps = factor x mean sqrt(v), as lambda = factor x lambda_0
+            sweep[name] = eps_sweep(store, gold, base, name, chosen, overrides, grid, test, lds)
+            continue
+        if "damping_factor" not in settings:
             continue
         shared = base
         for factor in grid:
@@ -158,6 +162,29 @@ def damping_sweep(store, gold: GoldStandard, base: Attributor, methods, path, ov
                 entry["lds"] = linear_datamodeling_score(lds[0], every_row, lds[1]["subsets"])["lds"].tolist()
             sweep.setdefault(name, {})[str(factor)] = entry
     return sweep
+
+
+def eps_sweep(store, gold: GoldStandard, base: Attributor, name, path, overrides, grid, test, lds) -> dict:
+    """Adam's eps swept like a damping: eps = factor x eps_0, eps_0 = the mean of sqrt(v) (exact path; "auto"
+    has no spectral rule here and is skipped)."""
+    attribution = {**((overrides or {}).get("attribution", {})), "path": path}
+    first = Attributor(store, name, {"attribution": attribution}, share=base)
+    first.score_matrix(test.slice(0, 1))  # computes v
+    eps_0 = first.info.get("sqrt_v_mean")
+    found: dict = {}
+    for factor in (f for f in grid if f != "auto"):
+        if eps_0 is None:
+            found[str(factor)] = {"error": "the projected path takes eps from the store's normaliser"}
+            continue
+        eps = float(factor) * eps_0
+        attributor = Attributor(store, name, {"attribution": {**attribution, "adam_eps": eps}}, share=base)
+        every_row = attributor.score_matrix(test)  # [T, N]
+        entry = {"damping": eps, "eps": eps, "path": path}
+        entry["cosine"] = agreement(gold.vectors, every_row[:, gold.left])["cosine"].tolist()
+        if lds is not None:
+            entry["lds"] = linear_datamodeling_score(lds[0], every_row, lds[1]["subsets"])["lds"].tolist()
+        found[str(factor)] = entry
+    return found
 
 
 def load_lds(store, gold: GoldStandard, overrides: dict | None, progress: bool, task=None) -> tuple:

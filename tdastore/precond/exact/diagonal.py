@@ -50,7 +50,7 @@ class AdamSecondMoment(DiagonalOperator):
         else:
             v, source = schedule_second_moment(space, scorer.config.groundtruth), "further-training schedule"
         v = v.to(space.theta)
-        scorer.info.update(adam_eps=cfg.adam_eps, second_moment=source, second_moment_mean=float(v.mean()))
+        scorer.info.update(adam_eps=cfg.adam_eps, second_moment=source, sqrt_v_mean=float(v.sqrt().mean()))
         return 1.0 / (v.sqrt() + cfg.adam_eps)
 
 
