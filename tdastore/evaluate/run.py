@@ -110,7 +110,8 @@ def evaluate(
     def run() -> dict:
         for name in methods:
             get_method(name)  # unknown names fail before any work
-        base = Attributor(store, "grad_dot", {"attribution": {"path": "projected"}}, task=task)  # loaded once
+        first = "adam_dot" if "normaliser" in store.manifest["projection"] else "grad_dot"  # what the store answers
+        base = Attributor(store, first, {"attribution": {"path": "projected"}}, task=task)  # loaded once
         results = score_methods(store, gold, base, methods, path, overrides, progress, task, lds)
         if damping_grid:
             results["damping_sweep"] = damping_sweep(store, gold, base, methods, path, overrides, damping_grid, lds)
