@@ -42,9 +42,10 @@ def store_identity(config: Config, split: str, task: Task | None = None) -> dict
     task = resolve_task(config.task, config.model, task)
     model = load_model(config, task)
     loss_fn = task.per_example_loss if split == "train" else task.test_function
-    names = make_gradient_computer(model, loss_fn, config.gradients, config.projection).param_spec()["params"]
-    normaliser = make_normaliser(config, model, task, list(names))  # None without gradients.normalizer
-    computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection, normaliser)
+    computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection)
+    normaliser = make_normaliser(config, model, task, list(computer.param_spec()["params"]))  # None: no normalizer
+    if normaliser is not None:  # the same parameters, rows scaled by D^(1/2)
+        computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection, normaliser)
     description = task.description()
     return {
         "_normaliser": normaliser,

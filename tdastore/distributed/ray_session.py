@@ -35,13 +35,13 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     Only a cluster started here is shut down on exit. A local cluster stays on loopback, with its dashboard on
     127.0.0.1:8265; workers' output (warnings, errors) is shown in this process, as a user expects.
     """
-    if address:
+    if address:  # refused even when a session runs already: the caller named a cluster
         check_reachable(address)
     if ray.is_initialized():
         yield
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
         check_reachable(address)
     if address:
         # workers on other nodes receive the package itself (merged with a submitted job's working_dir)

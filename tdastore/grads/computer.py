@@ -22,6 +22,7 @@ from tdastore.grads.factored import (
     FactoredLinearGradients,
     only_linear_parameters,
     select_parameters,
+    with_normaliser,
 )
 from tdastore.grads.normaliser import Normaliser
 from tdastore.grads.per_example import LossFn, PerExampleGradients, squared_norms
@@ -75,11 +76,6 @@ class VmapProjectedGradients:
         if self.scales is not None:  # S = D^(1/2) before the projection
             grads = {n: g * self.scales[n] for n, g in grads.items()}
         return self.projector.project(grads, out), losses, squared_norms(grads)
-
-
-def with_normaliser(spec: dict, normaliser: Normaliser | None) -> dict:
-    """A computer's spec, naming the normaliser its rows were scaled by (none: the spec as before)."""
-    return spec if normaliser is None else {**spec, "normaliser": normaliser.spec()}
 
 
 def make_gradient_computer(

@@ -29,6 +29,12 @@ def _side_matrix(seed: int, name: str, dim: int, k: int) -> torch.Tensor | None:
     return torch.randn(dim, k, generator=generator).mul_(1.0 / math.sqrt(k))
 
 
+def with_normaliser(spec: dict, normaliser) -> dict:
+    """A gradient computer's spec, naming the normaliser (tdastore/grads/normaliser.py) its rows were scaled by
+    (none: the spec as before)."""
+    return spec if normaliser is None else {**spec, "normaliser": normaliser.spec()}
+
+
 def only_linear_parameters(model: nn.Module, patterns: list[str]) -> bool:
     """Whether every selected parameter is a weight or bias of an nn.Linear (hooks can then replace vmap)."""
     owners = {
@@ -194,7 +200,7 @@ class ExactLinearGradients(LinearHookGradients):
 
     def spec(self) -> dict:
         spec = {"kind": "none", "in_dim": self.numel, "out_dim": self.numel}
-        return spec if self.normaliser is None else {**spec, "normaliser": self.normaliser.spec()}
+        return with_normaliser(spec, self.normaliser)
 
     def __call__(self, inputs, targets, out=None):
         rows, losses, sq_norms = super().__call__(inputs, targets, out)
@@ -272,7 +278,7 @@ class FactoredLinearGradients(LinearHookGradients):
             "factors": list(self.config.factors),
             "modules": {name: list(dims) for (name, _, _), dims in zip(self.modules, self.dims)},
         }
-        return spec if self.normaliser is None else {**spec, "normaliser": self.normaliser.spec()}
+        return with_normaliser(spec, self.normaliser)
 
     def _write_module(self, index, acts, grads, rows, col, sq_norms) -> int:
         with_bias, p_out, p_in = self.modules[index][2], self.p_out[index], self.p_in[index]
