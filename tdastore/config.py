@@ -83,9 +83,10 @@ class GradientConfig:
     """Which parameters' per-example gradients are taken, and in what batches."""
 
     params: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on parameter names
-    # or: fnmatch patterns on Linear / Conv1D module names (weights + biases); "auto": every Linear / Conv1D
-    # inside the transformer blocks (not embeddings, not the LM head or pooler / classifier)
-    modules: list[str] | Literal["auto"] | None = None  # patterns, or auto: the blocks' Linear / Conv1D layers
+    # or: fnmatch patterns on Linear / Conv1D / Embedding module names (weights + biases); "auto": every Linear /
+    # Conv1D inside the transformer blocks (not embeddings, not the LM head or pooler / classifier); "all": every
+    # Linear / Conv1D / Embedding, the LM head included (tied to the input embedding: one block); not norm layers
+    modules: list[str] | Literal["auto", "all"] | None = None
     batch_size: int = 256
     max_tokens: int | None = None  # token sequences: batches of at most this many padded tokens (length-sorted)
     full_norms: bool = True  # factored: record the full gradient's norm (false: the stored row's; faster, long docs)

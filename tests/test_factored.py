@@ -81,7 +81,7 @@ def test_factored_inner_products_are_unbiased():
 def test_factored_refuses_non_linear_parameters():
     model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4, 2))
     loss_fn = lambda out, y: out.sum(1)  # noqa: E731
-    with pytest.raises(GradientError, match="Linear / Conv1D layers only.*0.weight"):
+    with pytest.raises(GradientError, match="Linear / Conv1D / Embedding layers only.*0.weight"):
         FactoredLinearGradients(model, loss_fn, ["*"], ProjectionConfig(kind="factored"))
     fac = FactoredLinearGradients(model, loss_fn, ["2.*"], ProjectionConfig(kind="factored", factors=[2, 4]))
     assert fac.out_dim == 2 * 4 and fac.numel == 2 * 12 + 2

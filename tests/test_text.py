@@ -48,9 +48,9 @@ def text_config(root, tmp_path=None, **sections):
     return load_config(raw)
 
 
-def dense_projected(task, model, computer, examples) -> torch.Tensor:
+def dense_projected(task, model, computer, examples, scales=None) -> torch.Tensor:
     """Per-example gradients by torch.func (one example at a time, no padding), each module's [out, in+1]
-    block projected with the computer's own P_out, P_in: [B, K]."""
+    block (times scales[parameter], if given) projected with the computer's own P_out, P_in: [B, K]."""
     params = {n: p.detach() for n, p in model.named_parameters()}
 
     def loss(p, x, y):
@@ -60,10 +60,13 @@ def dense_projected(task, model, computer, examples) -> torch.Tensor:
     for i in range(len(examples)):
         one = examples.slice(i, i + 1)  # trimmed to its own length
         g = vmap(grad(loss), in_dims=(None, 0, 0))(params, one.inputs, one.targets)
-        parts = []
-        for (name, module, with_bias), p_out, p_in in zip(computer.modules, computer.p_out, computer.p_in):
-            weight = g[f"{name}.weight"][0].double()
-            weight = weight.T if is_conv1d(module) else weight  # [out, in]
+        if scales is not None:
+            g = {n: v * scales[n] if n in scales else v for n, v in g.items()}
+        parts, modules = [], dict(model.named_modules())
+        for (name, _, d_in), p_out, p_in in zip(computer.blocks, computer.p_out, computer.p_in):
+            weight = g[f"{name}.weight"][0].double()  # a tied weight's gradient holds both of its uses
+            weight = weight.T if is_conv1d(modules[name]) else weight  # [out, in]
+            with_bias = d_in == weight.shape[1] + 1
             full = torch.cat([weight, g[f"{name}.bias"][0].double()[:, None]], 1) if with_bias else weight
             left = full if p_out is None else p_out.double().T @ full
             parts.append((left if p_in is None else left @ p_in.double()).reshape(-1))
@@ -97,6 +100,44 @@ def test_hook_factored_gradients_equal_dense_projected(tiny_lm):
         if any(n == f"{name}.{w}" for name, _, _ in computer.modules for w in ("weight", "bias"))
     ]
     assert abs(float(sum(g.pow(2).sum() for g in selected)) - float(sq_norms[3])) <= 1e-4 * float(sq_norms[3])
+
+
+@pytest.mark.parametrize("normalizer", [None, "adafactor"])
+def test_modules_all_covers_embeddings_and_the_tied_head_exactly(tiny_lm, normalizer):
+    """modules: all: the token and position embeddings and the LM head tied to the token embedding, one block per
+    weight; rows equal the projected autograd gradient of every matrix (the tied weight's holds both uses), with
+    the Adafactor normaliser too, and the norms are the full gradient's."""
+    from tdastore.grads.normaliser import Normaliser
+
+    config = text_config(tiny_lm, gradients={"modules": "all"}, projection={"factors": [8, 8], "module_factors": {}})
+    task = make_task(config.task, config.model)
+    model = task.make_model()
+    moments = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(2)) + 0.1 for n, p in
+               model.named_parameters()}  # fmt: skip
+    normaliser = None if normalizer is None else Normaliser(normalizer, moments, 1e-8, "test").bind(model)
+    computer = make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection, normaliser)
+    names = [name for name, _, _ in computer.blocks]
+    assert names[:2] == ["model.transformer.wte", "model.transformer.wpe"] and "model.lm_head" not in names
+    assert computer.tied == {"model.lm_head": "model.transformer.wte"} and computer.spec()["tied"] == computer.tied
+    assert len(names) == 2 + 8  # embeddings + 4 layers per block; norm layers' vectors are not matrices
+    examples = task.examples("train").slice(0, 6)
+    rows, _, sq_norms = computer(examples.inputs, examples.targets)
+    if normaliser is None:
+        expected = dense_projected(task, model, computer, examples)
+    else:  # project the gradient scaled by Adafactor's rank-one S, block by block, from the same dense gradients
+        scaled = {n: normaliser.scale(n) for n in computer.param_shapes}
+        expected = dense_projected(task, model, computer, examples, scaled)
+    rel = float((rows.double() - expected).norm(dim=1).max() / expected.norm(dim=1).min())
+    assert rel <= 1e-4, rel
+    one = examples.slice(2, 3)
+    model.zero_grad()
+    task.per_example_loss(model(one.inputs), one.targets).sum().backward()
+    full = sum(
+        float((p.grad * (1 if normaliser is None else normaliser.scale(n))).pow(2).sum())
+        for n, p in model.named_parameters()
+        if n in computer.param_shapes
+    )
+    assert abs(full - float(sq_norms[2])) <= 1e-4 * full
 
 
 def test_padding_and_batch_composition_do_not_change_rows(tiny_lm):

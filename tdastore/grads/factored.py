@@ -5,11 +5,18 @@ For a Linear layer with input a_t and output gradient d_t at position t, the per
 P_out (x) P_in gives P_out^T G P_in = sum_t (P_out^T d_t)(P_in^T [a_t; 1])^T, so each side is projected
 first (cheap) and only the small [k_out, k_in] product is formed per example. The cost is one forward
 and one backward pass that computes activation gradients only (no weight gradients).
+
+An embedding table E [num, dim] looked up at ids i_t with output gradient d_t has the gradient
+G = sum_t e_(i_t) d_t^T ([num, dim], the weight's own orientation): its projected out side is the row
+P_out[i_t] (a gather, never a one-hot product), its in side P_in^T d_t. A weight tied to an LM head
+(GPT-2's lm_head.weight is transformer.wte.weight, [vocab, dim] in both) gets one block: the two uses' terms
+are in the same orientation and add, so the block is the projection of the parameter's whole gradient.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 
 import numpy as np
@@ -51,14 +58,25 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_hookable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """A layer whose per-example gradient is a sum of outer products the hooks can see: Linear, Conv1D,
+    Embedding."""
+    return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module)
 
 
 def module_dims(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a Linear or Conv1D layer."""
+    """(d_in, d_out) of a Linear or Conv1D layer; (dim, num) of an Embedding (its weight [num, dim] is [out, in])."""
     if is_conv1d(module):
         return int(module.weight.shape[0]), int(module.nf)
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim, module.num_embeddings
     return module.in_features, module.out_features
+
+
+def all_modules(model: nn.Module) -> list[str]:
+    """`modules: all`: every Linear / Conv1D / Embedding of the model, LM head included (a head tied to the
+    input embedding is that embedding's parameter, covered once). Norm layers' gains and biases are vectors,
+    not matrices: a factored projection has no place for them and they are left out."""
+    return [name for name, m in model.named_modules() if is_hookable(m)]
 
 
 def block_modules(model: nn.Module) -> list[str]:
@@ -70,17 +88,24 @@ def block_modules(model: nn.Module) -> list[str]:
         raise GradientError("gradients.modules: auto needs a model with a stack of blocks (an nn.ModuleList); name "
                             "the modules with patterns instead")  # fmt: skip
     prefix = max(stacks, key=lambda item: len(item[1]))[0] + "."
-    return [name for name, m in model.named_modules() if is_hookable(m) and name.startswith(prefix)]
+    return [
+        name
+        for name, m in model.named_modules()
+        if is_hookable(m) and not isinstance(m, nn.Embedding) and name.startswith(prefix)
+    ]
 
 
 def select_parameters(
     model: nn.Module, patterns: list[str], module_patterns: list[str] | str | None = None
 ) -> list[str]:
     """Parameter names chosen by gradients.params, or by gradients.modules (every weight and bias of the
-    Linear / Conv1D modules whose names match, or "auto": those of the transformer blocks), with an error
-    naming what exists when nothing matches."""
+    Linear / Conv1D / Embedding modules whose names match, "auto": the transformer blocks' Linear / Conv1D, "all":
+    every one), with an error naming what exists when nothing matches. A weight tied to another module's (an LM
+    head's) is named once, by its first owner, as named_parameters names it."""
     if module_patterns == "auto":
         module_patterns = block_modules(model)
+    elif module_patterns == "all":
+        module_patterns = all_modules(model)
     if module_patterns:
         chosen = [
             name
@@ -90,10 +115,17 @@ def select_parameters(
         if not chosen:
             names = [name for name, m in model.named_modules() if is_hookable(m)]
             raise GradientError(
-                f"gradients.modules {module_patterns} match no Linear / Conv1D module; the model's are: {names[:12]}"
-                f"{' ...' if len(names) > 12 else ''}"
+                f"gradients.modules {module_patterns} match no Linear / Conv1D / Embedding module; the model's are: "
+                f"{names[:12]}{' ...' if len(names) > 12 else ''}"
             )
-        owned = {f"{name}.weight" for name in chosen} | {f"{name}.bias" for name in chosen}
+        canonical = parameter_names(model)
+        modules = dict(model.named_modules())
+        owned = set()
+        for name in chosen:
+            for kind in ("weight", "bias"):
+                param = getattr(modules[name], kind, None)
+                if isinstance(param, nn.Parameter):
+                    owned.add(canonical[id(param)])
         return [n for n, _ in model.named_parameters() if n in owned]
     selected = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
     if not selected:
@@ -105,64 +137,97 @@ def select_parameters(
     return selected
 
 
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name in named_parameters (a tied parameter's first owner)."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
 def linear_modules(
-    model: nn.Module, patterns: list[str], what: str, module_patterns: list[str] | None = None
+    model: nn.Module, patterns: list[str], what: str, module_patterns: list[str] | None = None, embeddings=False
 ) -> list[tuple[str, nn.Module, bool]]:
-    """(module name, module, bias selected) for every Linear / Conv1D layer whose weight is selected; an
-    error when a selected parameter belongs to anything else, since hooks only see those layers."""
+    """(module name, module, bias selected) for every Linear / Conv1D (and, with embeddings, Embedding) layer
+    whose weight is selected, a layer sharing a tied weight included; an error when a selected parameter belongs
+    to anything else, since hooks only see those layers."""
     selected = set(select_parameters(model, patterns, module_patterns))
+    canonical = parameter_names(model)
     modules, covered = [], set()
     for name, module in model.named_modules():
-        if is_hookable(module) and f"{name}.weight" in selected:
-            with_bias = module.bias is not None and f"{name}.bias" in selected
+        if not is_hookable(module) or isinstance(module, nn.Embedding) and not embeddings:
+            continue
+        weight = canonical.get(id(module.weight))
+        if weight in selected:
+            bias = canonical.get(id(module.bias)) if getattr(module, "bias", None) is not None else None
+            with_bias = bias in selected
             modules.append((name, module, with_bias))
-            covered |= {f"{name}.weight"} | ({f"{name}.bias"} if with_bias else set())
+            covered |= {weight} | ({bias} if with_bias else set())
     if selected - covered:
         raise GradientError(
-            f"{what} handles the weights (and biases) of Linear / Conv1D layers only; these selected parameters are "
-            f"not: {sorted(selected - covered)[:8]}. Narrow gradients.params (or use gradients.modules), or use "
-            "projection.kind sparse/gaussian"
+            f"{what} handles the weights (and biases) of Linear / Conv1D{' / Embedding' if embeddings else ''} "
+            f"layers only; these selected parameters are not: {sorted(selected - covered)[:8]}. Narrow "
+            "gradients.params (or use gradients.modules), or use projection.kind sparse/gaussian"
         )
     return modules
 
 
 class LinearHookGradients:
-    """Shared machinery: capture each selected Linear layer's inputs and output gradients in one pass."""
+    """Shared machinery: capture each selected layer's inputs and output gradients in one pass."""
 
-    def __init__(self, model: nn.Module, loss_fn, patterns: list[str], what: str, module_patterns=None):
+    def __init__(
+        self, model: nn.Module, loss_fn, patterns: list[str], what: str, module_patterns=None, embeddings=False
+    ):
         self.model, self.loss_fn = model, loss_fn
-        self.modules = linear_modules(model, patterns, what, module_patterns)
+        self.modules = linear_modules(model, patterns, what, module_patterns, embeddings)
         self.statistics: KroneckerStatistics | None = None
-        self.numel = sum(m.weight.numel() + (module_dims(m)[1] if b else 0) for _, m, b in self.modules)
+        canonical = parameter_names(model)
+        self.param_shapes: dict[str, list[int]] = {}  # every selected parameter once, a tied weight too
+        for _, module, with_bias in self.modules:
+            self.param_shapes.setdefault(canonical[id(module.weight)], list(module.weight.shape))
+            if with_bias:
+                self.param_shapes.setdefault(canonical[id(module.bias)], list(module.bias.shape))
+        self.numel = sum(math.prod(shape) for shape in self.param_shapes.values())
 
     def param_spec(self) -> dict:
-        shapes = {}
-        for name, module, with_bias in self.modules:
-            shapes[f"{name}.weight"] = list(module.weight.shape)
-            if with_bias:
-                shapes[f"{name}.bias"] = list(module.bias.shape)
-        return {"params": shapes, "numel": self.numel}
+        return {"params": dict(self.param_shapes), "numel": self.numel}
 
     def capture(self, inputs: torch.Tensor, targets: torch.Tensor):
-        """-> (losses [B], [(inputs [B, (T,) in], output grads [B, (T,) out]) per module])."""
-        captured_inputs: list[torch.Tensor] = []
-        captured_outputs: list[torch.Tensor] = []
+        """-> (losses [B], [(inputs [B, (T,) in] (an Embedding's: ids [B, T]), output grads [B, (T,) out]) per
+        module, in self.modules' order])."""
+        batch = inputs.shape[0]
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def hook(module, args, output):
-            captured_inputs.append(args[0].detach())
-            captured_outputs.append(output)
+        def hook(index, module, args, output):
+            ids_or_inputs = args[0].detach()
+            if isinstance(module, nn.Embedding) and output.shape[0] == 1 and batch > 1:
+                # a table looked up once for the whole batch (GPT-2's positions): each example's own copy, so its
+                # output gradient is per example; the values downstream are unchanged
+                output = output.expand(batch, *output.shape[1:])
+                ids_or_inputs = ids_or_inputs.expand(batch, *ids_or_inputs.shape[1:])
+            if index in captured:
+                raise GradientError(f"module '{self.modules[index][0]}' is called more than once per forward pass (a "
+                                    "shared layer): hooks cannot separate its uses; leave it out of gradients.modules "
+                                    "or use projection.kind gaussian / sparse")  # fmt: skip
+            captured[index] = (ids_or_inputs, output)
+            return output
 
-        handles = [module.register_forward_hook(hook) for _, module, _ in self.modules]
+        handles = [
+            module.register_forward_hook(functools.partial(hook, index))
+            for index, (_, module, _) in enumerate(self.modules)
+        ]
         try:
             with torch.enable_grad():
                 losses = self.loss_fn(self.model(inputs), targets)  # [B]
+                missing = [self.modules[i][0] for i in range(len(self.modules)) if i not in captured]
+                if missing:
+                    raise GradientError(f"the selected modules {missing[:4]} were not called by the model's forward "
+                                        "pass: leave them out of gradients.modules")  # fmt: skip
+                outputs = [captured[i][1] for i in range(len(self.modules))]
                 # examples are independent, so d(sum of losses)/d(output_b) = d(loss_b)/d(output_b);
                 # only activation gradients are computed, never the weight gradients
-                out_grads = torch.autograd.grad(losses.sum(), captured_outputs)
+                out_grads = torch.autograd.grad(losses.sum(), outputs)
         finally:
             for handle in handles:
                 handle.remove()
-        return losses.detach(), list(zip(captured_inputs, out_grads))
+        return losses.detach(), [(captured[i][0], g) for i, g in enumerate(out_grads)]
 
     def __call__(
         self, inputs: torch.Tensor, targets: torch.Tensor, out: torch.Tensor | None = None
@@ -233,7 +298,8 @@ class ExactLinearGradients(LinearHookGradients):
 
 
 class FactoredLinearGradients(LinearHookGradients):
-    """(projected rows [B, K], losses [B], squared full-gradient norms [B]) for the selected Linear layers."""
+    """(projected rows [B, K], losses [B], squared full-gradient norms [B]) for the selected Linear / Conv1D /
+    Embedding layers: one [k_out, k_in] block per weight (a tied weight's uses add into one)."""
 
     def __init__(
         self,
@@ -245,29 +311,49 @@ class FactoredLinearGradients(LinearHookGradients):
         full_norms: bool = True,
         normaliser=None,
     ):
-        super().__init__(model, loss_fn, patterns, "projection.kind 'factored'", module_patterns)
+        super().__init__(model, loss_fn, patterns, "projection.kind 'factored'", module_patterns, embeddings=True)
         self.config = config
         self.normaliser = normaliser
-        device = next(model.parameters()).device
-        # adafactor: (s_out [out], s_in [in (+1)]) per layer, applied to d_t and [a_t; 1] before the projection
+        self.full_norms = full_norms  # |full per-example gradient|^2 per row: B T^2 (d_in + d_out) extra work
+        canonical = parameter_names(model)
+        self.blocks: list[tuple[str, int, int]] = []  # (owner module, d_out, d_in (+1 with a bias)) per weight
+        self.block_of: list[int] = []  # per module: its block
+        self.tied: dict[str, str] = {}  # module -> the owner of the weight it shares
+        index_of: dict[str, int] = {}
+        for name, module, with_bias in self.modules:
+            d_in, d_out = module_dims(module)
+            weight = canonical[id(module.weight)]
+            if weight in index_of:
+                block = index_of[weight]
+                if self.blocks[block][1:] != (d_out, d_in + int(with_bias)):
+                    raise GradientError(f"module '{name}' shares the weight '{weight}' in another orientation or with "
+                                        "a bias: a factored block cannot hold both uses; leave one out of "
+                                        "gradients.modules")  # fmt: skip
+                self.block_of.append(block)
+                self.tied[name] = self.blocks[block][0]
+                continue
+            index_of[weight] = len(self.blocks)
+            self.block_of.append(len(self.blocks))
+            self.blocks.append((weight.rsplit(".", 1)[0], d_out, d_in + int(with_bias)))
+        device = next(model.parameters()).device  # the projections live where the activations are
+        # adafactor: (s_out [out], s_in [in (+1)]) per block, applied to each side before the projection
         self.layer_scales = (
-            [tuple(s.to(device) for s in normaliser.layer_scales(name)) for name, _, _ in self.modules]
+            [tuple(s.to(device) for s in normaliser.layer_scales(name)) for name, _, _ in self.blocks]
             if normaliser is not None
             else None
         )
-        self.full_norms = full_norms  # |full per-example gradient|^2 per row: B T^2 (d_in + d_out) extra work
-        self.p_out, self.p_in, self.dims = [], [], []
-        device = next(model.parameters()).device  # the projections live where the activations are
-        for name, module, with_bias in self.modules:
+        self.p_out, self.p_in, self.dims, self.offsets = [], [], [], []
+        col = 0
+        for name, d_out, d_in in self.blocks:
             k_out, k_in = module_factors(config, name)
-            d_in, d_out = module_dims(module)
-            d_in += int(with_bias)
             p_out = _side_matrix(config.seed, f"{name}.out", d_out, k_out)  # generated on the CPU: same bits
             p_in = _side_matrix(config.seed, f"{name}.in", d_in, k_in)
             self.p_out.append(None if p_out is None else p_out.to(device))
             self.p_in.append(None if p_in is None else p_in.to(device))
             self.dims.append((min(d_out, k_out), min(d_in, k_in)))
-        self.out_dim = sum(o * i for o, i in self.dims)
+            self.offsets.append(col)
+            col += self.dims[-1][0] * self.dims[-1][1]
+        self.out_dim = col
 
     def spec(self) -> dict:
         spec = {
@@ -276,38 +362,70 @@ class FactoredLinearGradients(LinearHookGradients):
             "out_dim": self.out_dim,
             "seed": self.config.seed,
             "factors": list(self.config.factors),
-            "modules": {name: list(dims) for (name, _, _), dims in zip(self.modules, self.dims)},
+            "modules": {name: list(dims) for (name, _, _), dims in zip(self.blocks, self.dims)},
         }
+        if self.tied:
+            spec["tied"] = dict(self.tied)
         return with_normaliser(spec, self.normaliser)
 
-    def _write_module(self, index, acts, grads, rows, col, sq_norms) -> int:
-        with_bias, p_out, p_in = self.modules[index][2], self.p_out[index], self.p_in[index]
-        k_out, k_in = self.dims[index]
-        batch = rows.shape[0]
-        target = rows[:, col : col + k_out * k_in].view(batch, k_out, k_in)
-        one = 1.0  # the input side's constant for the bias column
-        if self.layer_scales is not None:  # rank-one S: d_t (x) s_out and [a_t; 1] (x) s_in
-            s_out, s_in = self.layer_scales[index]
-            grads, acts = grads.float() * s_out, acts.float() * s_in[: acts.shape[-1]]
-            one = s_in[-1] if with_bias else 1.0
-        if acts.dim() == 2:  # one position per example: a plain outer product
-            acts, grads = acts.float(), grads.float()  # half-precision models: projections sum in float32
-            if self.full_norms:
-                sq_norms += grads.pow(2).sum(1) * (acts.pow(2).sum(1) + float(with_bias) * one**2)
-            left = grads if p_out is None else grads @ p_out  # [B, k_out]
-            right = _project_inputs(acts, p_in, with_bias, one)  # [B, k_in]
-            torch.mul(left.unsqueeze(2), right.unsqueeze(1), out=target)
-            return col + k_out * k_in
-        acts = acts.reshape(batch, -1, acts.shape[-1]).float()  # [B, T, in]
-        grads = grads.reshape(batch, -1, grads.shape[-1]).float()  # [B, T, out]
+    def __call__(self, inputs, targets, out=None):
+        losses, captured = self.capture(inputs, targets)
+        if self.statistics is not None:  # K-FAC factors gathered in the same pass (the build)
+            self.statistics.add(captured, inputs)
+        batch = inputs.shape[0]
+        rows = torch.empty(batch, self.out_dim, device=inputs.device) if out is None else out  # [B, K]
+        sq_norms = torch.zeros(batch, device=inputs.device)  # [B]
+        uses: dict[int, list] = {}  # per block, its modules' scaled sides so far (a tied weight has two)
+        for index, (acts, grads) in enumerate(captured):
+            block = self.block_of[index]
+            k_out, k_in = self.dims[block]
+            target = rows[:, self.offsets[block] : self.offsets[block] + k_out * k_in].view(batch, k_out, k_in)
+            u, w = self._scaled_sides(index, acts, grads)
+            earlier = uses.setdefault(block, [])
+            if self.full_norms:  # |sum of the uses|^2 = each one's + twice every pair's inner product
+                sq_norms += _squared_norm_of_sum_of_outer_products(u, w)
+                for u_other, w_other in earlier:
+                    sq_norms += 2 * (_gram(u, u_other) * _gram(w, w_other)).sum((1, 2))
+            left, right = self.projected_sides(block, u, w)
+            product = torch.bmm(left.transpose(1, 2), right)  # [B, k_out, k_in]
+            target.add_(product) if earlier else target.copy_(product)
+            earlier.append((u, w) if self.full_norms and self.tied else None)
+        if not self.full_norms:  # the stored row's own norm (gradients.full_norms: false)
+            sq_norms = rows.pow(2).sum(1)
+        return rows, losses, sq_norms
+
+    def _scaled_sides(self, index, acts, grads):
+        """One module's unprojected sides in its weight's orientation, scaled by the block's normaliser: (out
+        side, in side), each [B, T, d] (T = 1 for feature vectors), the out side of an embedding as (ids [B, T],
+        per-id scale [num] or None) since its one-hot vectors are never formed."""
+        module, with_bias = self.modules[index][1], self.modules[index][2]
+        block = self.block_of[index]
+        batch = grads.shape[0]
+        s_out, s_in = self.layer_scales[block] if self.layer_scales is not None else (None, None)
+        if isinstance(module, nn.Embedding):
+            ids = acts.reshape(batch, -1).long()  # [B, T]
+            w = grads.reshape(batch, ids.shape[1], -1).float()  # [B, T, dim]
+            return (ids, s_out), (w if s_in is None else w * s_in)
+        acts = acts.reshape(batch, -1, acts.shape[-1]).float()  # [B, T, in]; half-precision models sum in float32
+        u = grads.reshape(batch, -1, grads.shape[-1]).float()  # [B, T, out]
         if with_bias:
-            acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1) * one], dim=2)  # [B, T, in+1]
-        if self.full_norms:
-            sq_norms += _squared_norm_of_sum_of_outer_products(grads, acts)
-        left = grads if p_out is None else grads @ p_out  # [B, T, k_out]
-        right = acts if p_in is None else acts @ p_in  # [B, T, k_in]
-        target.copy_(torch.bmm(left.transpose(1, 2), right))  # [B, k_out, k_in]
-        return col + k_out * k_in
+            acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1)], dim=2)  # [B, T, in+1]
+        if s_out is not None:  # rank-one S: d_t (x) s_out and [a_t; 1] (x) s_in
+            u, acts = u * s_out, acts * s_in
+        return u, acts
+
+    def projected_sides(self, block: int, u, w):
+        """(P_out^T u_t [B, T, k_out], P_in^T w_t [B, T, k_in]) of a module's scaled sides: the per-token terms
+        whose outer products sum to its part of the block."""
+        p_out, p_in = self.p_out[block], self.p_in[block]
+        if isinstance(u, tuple):
+            ids, scale = u
+            left = p_out[ids] if p_out is not None else nn.functional.one_hot(ids, self.blocks[block][1]).float()
+            if scale is not None:
+                left = left * scale[ids].unsqueeze(-1)
+        else:
+            left = u if p_out is None else u @ p_out
+        return left, (w if p_in is None else w @ p_in)
 
 
 def module_factors(config: ProjectionConfig, name: str) -> tuple[int, int]:
@@ -320,20 +438,27 @@ def module_factors(config: ProjectionConfig, name: str) -> tuple[int, int]:
     return int(config.factors[0]), int(config.factors[1])
 
 
-def _project_inputs(acts: torch.Tensor, p_in: torch.Tensor | None, with_bias: bool, one=1.0) -> torch.Tensor:
-    """[a; one] @ P_in without concatenating the constant: the bias row of P_in (times one) is added instead."""
-    if p_in is None:
-        return torch.cat([acts, acts.new_ones(acts.shape[0], 1) * one], dim=1) if with_bias else acts
-    if with_bias:
-        return torch.addmm(p_in[-1] * one, acts, p_in[:-1])  # [B, k_in]
-    return acts @ p_in
+def _gram(x, y) -> torch.Tensor:
+    """[B, T, S] inner products x_t . y_s of two sides, either dense [B, T, d] or an embedding's (ids [B, T],
+    per-id scale [num] or None), one-hot vectors never formed."""
+    if isinstance(x, tuple) and isinstance(y, tuple):
+        (ids_x, scale), (ids_y, _) = x, y  # the same table: the same scale
+        same = (ids_x.unsqueeze(2) == ids_y.unsqueeze(1)).float()  # [B, T, S]
+        return same if scale is None else same * scale[ids_x].pow(2).unsqueeze(2)
+    if isinstance(x, tuple):
+        return _gram(y, x).transpose(1, 2)
+    if isinstance(y, tuple):  # x_t [d = num] at the ids: x_t[id_s] scale[id_s]
+        ids, scale = y
+        picked = torch.gather(x, 2, ids.unsqueeze(1).expand(-1, x.shape[1], -1))  # [B, T, S]
+        return picked if scale is None else picked * scale[ids].unsqueeze(1)
+    return torch.bmm(x, y.transpose(1, 2))
 
 
-def _squared_norm_of_sum_of_outer_products(grads: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-    """|| sum_t d_t a_t^T ||_F^2 per example = sum_{t,s} (d_t . d_s)(a_t . a_s); [B, T, *] -> [B]."""
-    if grads.shape[1] == 1:
-        return grads.pow(2).sum((1, 2)) * acts.pow(2).sum((1, 2))
-    return (torch.bmm(grads, grads.transpose(1, 2)) * torch.bmm(acts, acts.transpose(1, 2))).sum((1, 2))
+def _squared_norm_of_sum_of_outer_products(u, w) -> torch.Tensor:
+    """|| sum_t u_t w_t^T ||_F^2 per example = sum_{t,s} (u_t . u_s)(w_t . w_s); -> [B]."""
+    if not isinstance(u, tuple) and u.shape[1] == 1:
+        return u.pow(2).sum((1, 2)) * w.pow(2).sum((1, 2))
+    return (_gram(u, u) * _gram(w, w)).sum((1, 2))
 
 
 class KroneckerStatistics:
@@ -353,17 +478,24 @@ class KroneckerStatistics:
         computer, batch = self.computer, inputs.shape[0]
         mask = self.token_mask(inputs) if self.token_mask is not None else None  # [B, T] or None
         for index, (acts, grads) in enumerate(captured):
-            with_bias = computer.modules[index][2]
-            p_out, p_in = computer.p_out[index], computer.p_in[index]
-            acts = acts.reshape(batch, -1, acts.shape[-1]).double()  # [B, T, in]
-            grads = grads.reshape(batch, -1, grads.shape[-1]).double()  # [B, T, out]
-            if with_bias:
-                acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1)], dim=2)
+            _, module, with_bias = computer.modules[index]
+            block = computer.block_of[index]  # a tied weight's uses add into its block's factors
+            p_out, p_in = computer.p_out[block], computer.p_in[block]
+            if isinstance(module, nn.Embedding):  # the weight's orientation: out side one-hot ids, in side d_t
+                ids = acts.reshape(batch, -1).long()  # [B, T]
+                acts = grads.reshape(batch, ids.shape[1], -1).double()  # [B, T, dim]
+                d = p_out.double()[ids] if p_out is not None else nn.functional.one_hot(ids, module.num_embeddings)
+                d = d.double()  # [B, T, k_out]
+            else:
+                acts = acts.reshape(batch, -1, acts.shape[-1]).double()  # [B, T, in]
+                grads = grads.reshape(batch, -1, grads.shape[-1]).double()  # [B, T, out]
+                if with_bias:
+                    acts = torch.cat([acts, acts.new_ones(*acts.shape[:2], 1)], dim=2)
+                d = grads if p_out is None else grads @ p_out.double()  # [B, T, k_out]
             a = acts if p_in is None else acts @ p_in.double()  # [B, T, k_in]
-            d = grads if p_out is None else grads @ p_out.double()  # [B, T, k_out]
             weight = a.new_ones(*a.shape[:2], 1) if mask is None else mask.double()[:, : a.shape[1], None]
-            self.a[index] += torch.einsum("bti,btj->ij", a * weight, a).cpu().numpy()
-            self.s[index] += torch.einsum("bto,btp->op", d, d).cpu().numpy()
+            self.a[block] += torch.einsum("bti,btj->ij", a * weight, a).cpu().numpy()
+            self.s[block] += torch.einsum("bto,btp->op", d, d).cpu().numpy()
             if index == 0:
                 self.tokens += float(weight.sum())
         self.examples += batch
