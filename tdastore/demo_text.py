@@ -134,9 +134,11 @@ def make_tiny_lm(
     batch_size: int = 16,
     max_length: int = 64,
     progress: bool = False,
+    train_rows: list[int] | None = None,
 ) -> Path:
-    """Write OUT/model (a GPT-2 trained `train_steps` AdamW steps on the corpus), OUT/corpus.jsonl and
-    OUT/prompts.jsonl."""
+    """Write OUT/model (a GPT-2 trained `train_steps` AdamW steps on the corpus, or on its documents
+    `train_rows` only, so the ones a task holds out for testing stay unseen), OUT/corpus.jsonl and
+    OUT/prompts.jsonl; OUT/model/train_loss.json records the training loss per step."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     out = Path(out)
@@ -154,10 +156,13 @@ def make_tiny_lm(
         pad_token_id=tokenizer.eos_token_id,
     )
     model = GPT2LMHeadModel(config)
+    losses = []
     if train_steps:
-        _train(model, tokenizer, docs, train_steps, batch_size, max_length, seed, progress)
+        seen = docs if train_rows is None else [docs[i] for i in train_rows]
+        losses = _train(model, tokenizer, seen, train_steps, batch_size, max_length, seed, progress)
     model.eval()
     (out / "model").mkdir(parents=True, exist_ok=True)
+    (out / "model" / "train_loss.json").write_text(json.dumps(losses))
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     with open(out / "corpus.jsonl", "w") as f:
@@ -169,7 +174,7 @@ def make_tiny_lm(
     return out
 
 
-def _train(model, tokenizer, docs, steps, batch_size, max_length, seed, progress) -> None:
+def _train(model, tokenizer, docs, steps, batch_size, max_length, seed, progress) -> list[float]:
     from tqdm import tqdm
 
     encoded = tokenizer(docs, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
@@ -178,9 +183,12 @@ def _train(model, tokenizer, docs, steps, batch_size, max_length, seed, progress
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     model.train()
+    losses = []
     for _ in tqdm(range(steps), desc="train demo LM", disable=not progress):
         batch = torch.randint(0, len(docs), (batch_size,), generator=generator)
         loss = model(input_ids=ids[batch], attention_mask=mask[batch], labels=labels[batch]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses

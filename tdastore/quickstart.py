@@ -38,14 +38,15 @@ QUICKSTART = {
 }
 
 
-def quickstart_config(name: str, output: Path) -> Config:
+def quickstart_config(name: str, output: Path, seed: int = 0) -> Config:
+    """seed: the final model's initialisation and batch order."""
     spec = QUICKSTART[name]
     root = output / name
     return load_config(
         {
             "task": spec["task"],
-            "model": {"hidden": [128, 128]},
-            "train": {**spec["train"], "output_dir": str(root / "model")},
+            "model": {"hidden": [128, 128], "seed": seed},
+            "train": {**spec["train"], "output_dir": str(root / "model"), "seed": seed},
             "gradients": {"batch_size": 128},
             "projection": {"kind": "gaussian", "dim": 256, "seed": 0},  # the projected space trak1 needs (k < N)
             "store": {"chunk_rows": 64, "shard_rows": 64},
@@ -83,12 +84,18 @@ def subtract_config(config: Config, root: Path) -> Config:
 
 TEXT_DEMO = "text-demo"
 TEXT_METHODS = ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf", "trak1", "kfac", "ekfac", "metagrad"]
+# the demo LM (about 137k parameters) is small enough for the exact path over all of them; the CG and LiSSA solves
+# (if_gn, lissa, if_h) are left out there (a thousand Gauss-Newton products over every document per query block),
+# and so is ekfac, whose exact path covers Linear / Conv1D layers only, not the embeddings and norm layers
+TEXT_EXACT_METHODS = ["grad_dot", "grad_cos", "if_diag", "adam_dot", "adam_cos", "datainf"]
+TEXT_LM_STEPS = 4000  # AdamW steps of the demo LM on the training documents: its loss has flattened (README)
 
 
 def text_demo_config(output: Path, n_train: int | None = None) -> Config:
     """The paper's text setting (PAPER.md, SST-2) on the offline demo LM: subtract coupling, AdamW at a tenth of
     the demo LM's training rate (3e-3), clipping 1.0, one epoch in batches of 8, an evaluation every 5 steps,
-    8 seeds, 50 left-out documents, 50 test documents; a factored 16 x 16 store over every block Linear."""
+    8 seeds, 50 left-out documents, 50 test documents; a factored 16 x 16 store over every matrix of the model
+    (modules: all: embeddings, the tied head and every block Linear)."""
     root = output / TEXT_DEMO
     steps = -(-n_train // 8) if n_train else 1  # one epoch
     return load_config(
@@ -102,7 +109,7 @@ def text_demo_config(output: Path, n_train: int | None = None) -> Config:
                 "test_fraction": 0.15,
             },  # fmt: skip
             "model": {"name_or_path": str(root / "model")},
-            "gradients": {"modules": "auto", "batch_size": 32},
+            "gradients": {"modules": "all", "batch_size": 32},
             "projection": {"kind": "factored", "factors": [16, 16]},
             "store": {"chunk_rows": 128, "shard_rows": 128, "path": str(root / "store")},
             "build": {"workers": 2},
@@ -131,38 +138,68 @@ def text_demo_config(output: Path, n_train: int | None = None) -> Config:
     )
 
 
-def run_text_demo(out: Path, progress: bool) -> dict:
-    """The demo LM (trained here, offline), its store, the text gold standard, every method with a projected path
-    and the metagradient, evaluated by cosine and LDS; returns the evaluation results. The LDS subsets are
-    dropped from further training (lds.coupling: delete): in the gold standard's subtract coupling each subset's
-    N/2 rows would join every step, about 20x its cost."""
+def run_text_demo(out: Path, progress: bool, seed: int = 0) -> dict:
+    """The demo LM (trained here, offline, on the training documents only), its store, the text gold standard,
+    and three evaluations by cosine and LDS: every method with a projected path and the metagradient on the
+    factored store; the same store built with the Adafactor normaliser for adam_dot / adam_cos; and the exact
+    path over all parameters. Returns {label: evaluation results}. The LDS subsets are dropped from further
+    training (lds.coupling: delete): in the gold standard's subtract coupling each subset's N/2 rows would join
+    every step, about 20x its cost."""
     from tdastore.demo_text import make_tiny_lm
     from tdastore.distributed.build import build_store
     from tdastore.evaluate.run import evaluate
     from tdastore.groundtruth.pool import run_groundtruth
     from tdastore.tasks import make_task
-    from tdastore.tasks.text import quiet_hugging_face
+    from tdastore.tasks.text import quiet_hugging_face, split_rows
 
     quiet_hugging_face()
     root = out / TEXT_DEMO
-    if not (root / "model" / "config.json").is_file():
-        make_tiny_lm(root, vocab_size=512, n_positions=64, train_steps=150, documents=400, max_length=32,
-                     progress=progress)  # fmt: skip
     draft = text_demo_config(out)
+    if not (root / "model" / "config.json").is_file():
+        train_rows, _ = split_rows(400, draft.task.test_fraction, draft.task.split_seed)  # test documents unseen
+        make_tiny_lm(root, vocab_size=512, n_positions=64, train_steps=TEXT_LM_STEPS, documents=400, max_length=32,
+                     progress=progress, train_rows=train_rows.tolist(), seed=seed)  # fmt: skip
     n_train = len(make_task(draft.task, draft.model).examples("train"))
     config = text_demo_config(out, n_train)
     save_config(config, root / "config.yaml")
     store = build_store(config, config.store.path, progress=progress)
     gt_root = run_groundtruth(config, progress=progress)
-    return evaluate(
-        store,
-        gt_root,
-        methods=TEXT_METHODS,
-        out=root / "evaluation",
-        path="projected",
-        progress=progress,
-        metrics=("cosine", "lds"),
-    )
+    metrics = ("cosine", "lds")
+    found = {}
+    found[TEXT_DEMO] = evaluate(store, gt_root, methods=TEXT_METHODS, out=root / "evaluation", path="projected",
+                                progress=progress, metrics=metrics)  # fmt: skip
+    normalised = load_config({**config_to_dict(config), "gradients": {**config_to_dict(config)["gradients"],
+                              "normalizer": "adafactor"}})  # fmt: skip
+    adam_store = build_store(normalised, root / "store-adafactor", progress=progress)
+    found[f"{TEXT_DEMO} (adafactor store)"] = evaluate(
+        adam_store, gt_root, methods=["adam_dot", "adam_cos"], out=root / "evaluation-adafactor", path="projected",
+        progress=progress, metrics=metrics,
+    )  # fmt: skip
+    found[f"{TEXT_DEMO} (exact, all parameters)"] = evaluate(
+        store, gt_root, methods=TEXT_EXACT_METHODS, out=root / "evaluation-exact", path="exact", progress=progress,
+        metrics=metrics,
+    )  # fmt: skip
+    explain_prompts(store, found[TEXT_DEMO], root)
+    return found
+
+
+def explain_prompts(store, results: dict, root: Path, prompts: int = 2, k: int = 3) -> None:
+    """Token-level attribution of the demo's first prompts by the projected method that agreed best with the gold
+    standard: the top-k documents with their ten highest-scoring tokens printed, every share written to
+    ROOT/tokens/ (Parquet, HTML, PNG)."""
+    import json
+
+    from tdastore.attribution import Attributor
+    from tdastore.attribution.render import strongest_tokens, write_token_scores
+
+    ranked = [(max(e["cosine"]), name) for name, e in results["methods"].items()
+              if "cosine" in e and e["path"] == "projected"]  # fmt: skip
+    method = max(ranked)[1]
+    texts = [json.loads(line)["text"] for line in (root / "prompts.jsonl").read_text().splitlines()[:prompts]]
+    tokens = Attributor(store, method).token_scores(texts, k=k)
+    write_token_scores(tokens, str(root / "tokens"))
+    print(f"-- token-level attribution ({method}) of {texts}:\n{strongest_tokens(tokens)}")
+    print(f"token shares: {root / 'tokens'}/tokens.html, tokens.png, tokens.parquet")
 
 
 def run_quickstart(
@@ -170,7 +207,10 @@ def run_quickstart(
     datasets: list[str] | None = None,
     address: str | None = None,
     progress: bool = True,
+    seed: int = 0,
 ) -> dict:
+    """seed: the final models' (and the demo LM's) initialisation and batch order; the gold standard's own seeds
+    are the config's."""
     from tdastore.distributed.build import build_store
     from tdastore.distributed.ray_session import ray_session
     from tdastore.evaluate.run import evaluate
@@ -187,11 +227,12 @@ def run_quickstart(
         for name in datasets or [*QUICKSTART, TEXT_DEMO]:
             if name == TEXT_DEMO:
                 print(f"\n== {name}: demo LM, factored store, text gold standard (subtract, AdamW), evaluation ==")
-                results = summaries[name] = run_text_demo(out, progress)
-                print(_table(results))
-                print(f"report: {out / TEXT_DEMO / 'evaluation' / 'report.md'}")
+                for label, results in run_text_demo(out, progress, seed).items():
+                    summaries[label] = results
+                    print(f"-- {label}\n{_table(results)}")
+                print(f"reports: {out / TEXT_DEMO}/evaluation*/report.md")
                 continue
-            config = quickstart_config(name, out)
+            config = quickstart_config(name, out, seed)
             root = out / name
             root.mkdir(parents=True, exist_ok=True)
             save_config(config, root / "config.yaml")

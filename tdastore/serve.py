@@ -78,11 +78,19 @@ def projected_overrides(overrides: dict | None) -> dict:
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # a JSON number (not a string, bool, NaN)
 
 
+class TokenShare(BaseModel):
+    side: Literal["train", "test"] = Field(description="a token of the training document, or a target of the query")
+    position: int
+    token: str
+    score: float = Field(description="its share of the hit's score (each side's shares sum to the score)")
+
+
 class Hit(BaseModel):
     train_id: int
     train_row: int
     score: float
     train_text: str | None = None
+    tokens: list[TokenShare] | None = None
 
 
 class Ranked(BaseModel):
@@ -140,6 +148,16 @@ def request_model(meta: dict) -> type[BaseModel]:
         targets=target,
         top_k=(int, Field(10, ge=0, le=k_max, strict=True, description="most positive rows per input")),
         bottom_k=(int, Field(0, ge=0, le=k_max, strict=True, description="most negative rows per input")),
+        **(
+            {
+                "tokens": (
+                    bool,
+                    Field(False, strict=True, description="each top hit's token-level shares (factored store)"),
+                )
+            }
+            if meta["kind"] == "causal_lm"
+            else {}
+        ),
     )
 
 
@@ -229,6 +247,7 @@ class Job:
     targets: list | None
     top_k: int
     bottom_k: int
+    tokens: bool = False
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -326,7 +345,8 @@ class QueryService:
 
         # computed on the replica's event loop, not in a thread: requests queue there meanwhile and the next batch
         # takes them all (a worker thread fought the loop for the GIL: batches of 3, batching gained 1.5x, not 3.45x)
-        queries = attributor.queries(attributor.task.encode_request(inputs, targets))  # [m, k]
+        test = attributor.task.encode_request(inputs, targets)
+        queries = attributor.queries(test)  # [m, k]
         ranked = {}
         for sign, k in ((1.0, max(j.top_k for j in jobs)), (-1.0, max(j.bottom_k for j in jobs))):
             if k > 0:
@@ -342,6 +362,8 @@ class QueryService:
                         "bottom": self.hits(ranked, -1.0, i, job.bottom_k),
                     }
                 )
+            if job.tokens:
+                self.add_tokens(attributor, test, range(first, first + len(job.inputs)), results)
             first += len(job.inputs)
             out.append({**{k: v for k, v in info.items() if k in QueryResponse.model_fields}, "results": results})
         return out
@@ -355,6 +377,29 @@ class QueryService:
         parts = await asyncio.gather(*[shard.search.remote(attributor.method.name, scaled, k) for shard in self.shards])
         found, rows = merge_top_k(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1), k)
         return attributor.index_scores(found, sign), rows
+
+    def add_tokens(self, attributor, test, positions, results: list[dict]) -> None:
+        """Each top hit's token shares (Attributor.token_scores_of), into the hits of `results`."""
+        import pyarrow as pa
+
+        positions = list(positions)
+        part = test.take(np.asarray(positions))
+        hits = [(i, rank, hit) for i, result in zip(range(len(positions)), results)
+                for rank, hit in enumerate(result["top"], 1)]  # fmt: skip
+        if not hits:
+            return
+        table = pa.table({
+            "test_id": [int(part.ids[i]) for i, _, _ in hits], "rank": [rank for _, rank, _ in hits],
+            "train_id": [h["train_id"] for _, _, h in hits], "train_row": [h["train_row"] for _, _, h in hits],
+        })  # fmt: skip
+        shares = attributor.token_scores_of(part, table).to_pydict()
+        by_hit: dict = {}
+        for j in range(len(shares["side"])):
+            by_hit.setdefault((shares["test_id"][j], shares["rank"][j]), []).append(
+                {k: shares[k][j] for k in ("side", "position", "token", "score")}
+            )
+        for i, rank, hit in hits:
+            hit["tokens"] = by_hit.get((int(part.ids[i]), rank), [])
 
     def hits(self, ranked: dict, sign: float, i: int, k: int) -> list[dict]:
         if k == 0:
@@ -412,7 +457,8 @@ def build_api(service: QueryService) -> FastAPI:
         )
 
     async def query(body: Query) -> QueryResponse:  # type: ignore[valid-type]
-        job = Job(body.method, positional(body.inputs), body.targets, body.top_k, body.bottom_k)
+        job = Job(body.method, positional(body.inputs), body.targets, body.top_k, body.bottom_k,
+                  getattr(body, "tokens", False))  # fmt: skip
         answer = await service.answer(job)
         if isinstance(answer, TdaStoreError):
             return JSONResponse({"error": str(answer)}, status_code=400)

@@ -243,6 +243,26 @@ def test_end_to_end_build_index_query_by_local_path(ray_cluster, serve_url, tiny
         assert_same_top_k(served_table(expected, hits), expected, ranked_atol(expected, store.dim))  # its threads
         assert [h["train_text"] for h in hits] == [str(train.texts[h["train_row"]]) for h in hits]
     assert post(url, {"method": "kfac", "inputs": prompts[:1]})[0] == 200  # a factored store answers K-FAC
+    # token-level shares through the service equal the Python API's, and each side sums to the hit's score
+    status, body = post(url, {"method": "grad_cos", "inputs": prompts[:2], "top_k": 2, "tokens": True})
+    assert status == 200, body
+    expected = Attributor(store, "grad_cos").token_scores(prompts[:2], k=2).to_pydict()
+    served = [(h, share) for r in body["results"] for h in r["top"] for share in h["tokens"]]
+    assert len(served) == len(expected["score"])
+    np.testing.assert_allclose([s["score"] for _, s in served], expected["score"], rtol=1e-4, atol=1e-9)
+    for hit in (h for r in body["results"] for h in r["top"]):
+        for side in ("train", "test"):
+            total = sum(s["score"] for s in hit["tokens"] if s["side"] == side)
+            assert abs(total - hit["score"]) <= 1e-3 * abs(hit["score"]) + 1e-6
+    assert post(url, {"method": "grad_cos", "inputs": prompts[:1], "tokens": "yes"})[0] == 422
+    # and through the CLI: a folder gets the table, the HTML and the PNG
+    assert main(["query", str(store.root), "--method", "grad_dot", "--inputs", str(prompt), "--top-k", "2",
+                 "--tokens", str(tmp_path / "tokens"), "--quiet"]) == 0  # fmt: skip
+    tokens = pq.read_table(tmp_path / "tokens" / "tokens.parquet")
+    assert set(tokens.column("rank").to_pylist()) == {1, 2}
+    page = (tmp_path / "tokens" / "tokens.html").read_text()
+    assert "training document tokens" in page and "background:rgb(" in page
+    assert (tmp_path / "tokens" / "tokens.png").stat().st_size > 1000
     assert post(url, {"method": "grad_cos", "inputs": [[1.0, 2.0]]})[0] == 422
     assert post(url, {"method": "grad_cos", "inputs": ["x"], "targets": [1]})[0] == 422
     assert post(url, {"method": "grad_cos", "inputs": ["   "]})[0] == 422
@@ -513,3 +533,124 @@ def test_kfac_factors_gathered_in_the_build_equal_a_separate_pass(ray_cluster, t
     for (a1, s1), (a2, s2) in zip(gathered, again):
         np.testing.assert_allclose(a2, a1, rtol=1e-12)
         np.testing.assert_allclose(s2, s1, rtol=1e-12)
+
+
+def per_position_terms(model, task, computer, one) -> torch.Tensor:
+    """[T, K] by autograd alone: for each position t, a zero perturbation Delta of every covered weight (one per
+    tied weight) added to its use at position t only; d loss / d Delta is position t's term of the gradient, then
+    projected block by block with the computer's P_out, P_in."""
+    length = int(one.inputs[0, 1].sum())
+    inputs, targets = one.inputs[:, :, :length], one.targets[:, :length]
+    terms = []
+    for t in range(length):
+        deltas = {name: torch.zeros(d_out, d_in, requires_grad=True) for name, d_out, d_in in computer.blocks}
+        handles = []
+        for (_, module, with_bias), block in zip(computer.modules, computer.block_of):
+            delta = deltas[computer.blocks[block][0]]
+
+            def hook(module, args, output, delta=delta, with_bias=with_bias, t=t):
+                output = output.clone()
+                if isinstance(module, torch.nn.Embedding):
+                    output[:, t] = output[:, t] + delta[args[0][:, t]]
+                else:
+                    x = args[0][:, t]
+                    output[:, t] = output[:, t] + x @ delta[:, : x.shape[-1]].T + (delta[:, -1] if with_bias else 0)
+                return output
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            loss = task.per_example_loss(model(inputs), targets).sum()
+            grads = torch.autograd.grad(loss, list(deltas.values()))
+        finally:
+            for handle in handles:
+                handle.remove()
+        parts = []
+        for g, p_out, p_in in zip(grads, computer.p_out, computer.p_in):
+            g = g.double()
+            left = g if p_out is None else p_out.double().T @ g
+            parts.append((left if p_in is None else left @ p_in.double()).reshape(-1))
+        terms.append(torch.cat(parts))
+    return torch.stack(terms)
+
+
+def per_token_query_rows(model, task, computer, one) -> tuple[list[int], torch.Tensor]:
+    """(target positions, [n, K]): the gradient of each target token's loss / n by a plain backward pass over the
+    model's parameters, projected block by block (the query's gradient is their sum)."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    positions = [j for j in range(1, one.targets.shape[1]) if int(one.targets[0, j]) != -100]
+    rows = []
+    for j in positions:
+        logits = model(one.inputs)
+        loss = torch.nn.functional.cross_entropy(logits[0, j - 1 : j].float(), one.targets[0, j : j + 1]) / len(
+            positions
+        )
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        parts = []
+        for (name, _, d_in), p_out, p_in in zip(computer.blocks, computer.p_out, computer.p_in):
+            w = grads[f"{name}.weight"].double()
+            w = w.T if is_conv1d(modules[name]) else w
+            full = torch.cat([w, grads[f"{name}.bias"].double()[:, None]], 1) if d_in == w.shape[1] + 1 else w
+            left = full if p_out is None else p_out.double().T @ full
+            parts.append((left if p_in is None else left @ p_in.double()).reshape(-1))
+        rows.append(torch.cat(parts))
+    return positions, torch.stack(rows)
+
+
+@pytest.mark.parametrize("method", ["grad_dot", "grad_cos", "kfac"])
+def test_token_scores_sum_to_the_score_and_equal_an_autograd_loop(ray_cluster, tiny_lm, tmp_path_factory, method):
+    """Token-level attribution, both directions, on a factored `modules: all` store: each training-document token's
+    and each query target token's share equals an autograd per-position (per-token) loop's gradient projected and
+    put through the method's operator (1e-5), and each side sums to the document's score in the score matrix."""
+    root = tmp_path_factory.getbasetemp() / "token_store"
+    corpus = root / "corpus.jsonl"
+    if not corpus.exists():
+        root.mkdir(exist_ok=True)
+        lines = (tiny_lm / "corpus.jsonl").read_text().splitlines()[:40]
+        corpus.write_text("\n".join(lines) + "\n")
+    config = text_config(
+        tiny_lm,
+        task={"dataset": str(corpus), "max_length": 24},
+        gradients={"modules": "all"},
+        projection={"factors": [6, 6], "module_factors": {}},
+    )
+    store = build_store(config, root / "store", progress=False)
+    attributor = Attributor(store, method)
+    prompts = ["Return the number of items", "Open a file and read it"]
+    table = attributor.token_scores(prompts, k=2)
+    assert set(table.column("side").to_pylist()) == {"train", "test"}
+    matrix = attributor.score_matrix(prompts)
+    test = attributor.examples(prompts)
+    model, task = attributor.model, attributor.task
+    computer = attributor._gradient_computer(task.per_example_loss)
+    operator, unit, scale = attributor.operator, attributor.method.unit_rows(), attributor.scale
+
+    def through(rows, norm):  # the method's map on the rows of one gradient whose whole norm is norm
+        rows = rows / norm if unit else rows
+        return torch.as_tensor(operator.transform(rows.float().numpy())).double()
+
+    df = table.to_pandas()
+    for j in range(len(prompts)):
+        one = test.take(np.array([j]))
+        positions, query_terms = per_token_query_rows(model, task, computer, one)
+        query = query_terms.sum(0)
+        q_norm = float(query.norm())
+        hits = df[(df.test_id == int(test.ids[j]))]
+        for row in sorted(set(hits.train_row)):
+            doc = task.examples("train").take(np.array([row]))
+            terms = per_position_terms(model, task, computer, doc)  # [T, K]
+            t_norm = float(terms.sum(0).norm())
+            document = through(terms.sum(0, keepdim=True), t_norm)[0]
+            expected_train = through(terms, t_norm) @ (through(query[None], q_norm)[0] * scale)
+            expected_test = (through(query_terms, q_norm) * scale) @ document
+            mine = hits[hits.train_row == row]
+            got_train = mine[mine.side == "train"].sort_values("position")
+            got_test = mine[mine.side == "test"].sort_values("position")
+            assert got_test.position.tolist() == positions
+            tol = 1e-5 * float(expected_train.abs().sum())
+            np.testing.assert_allclose(got_train.score.to_numpy(), expected_train.numpy(), rtol=0, atol=tol)
+            np.testing.assert_allclose(got_test.score.to_numpy(), expected_test.numpy(), rtol=0, atol=tol)
+            whole = float(matrix[j, row])  # the stored row's score
+            for side in (got_train, got_test):
+                assert abs(side.score.sum() - whole) <= 1e-4 * abs(whole) + 1e-6 * np.abs(matrix[j]).max()
+            assert got_train.token.tolist()[0] == task.tokenizer.decode([int(doc.inputs[0, 0, 0])])

@@ -189,28 +189,81 @@ class Attributor:
             return inputs
         return self.task.encode(inputs)
 
+    def _gradient_computer(self, loss_fn):
+        """The store's gradient computer (projection, seed, normaliser) over `loss_fn`, checked against its spec."""
+        normaliser = store_normaliser(self.store.root)  # test rows scaled as the store's rows were
+        computer = make_gradient_computer(
+            self.model,
+            loss_fn,
+            self.config.gradients,
+            self.config.projection,
+            normaliser.bind(self.model) if normaliser is not None else None,
+        )
+        if computer.spec() != self.store.manifest["projection"]:
+            raise StoreError("this query's projection differs from the store's; the store's config was edited")
+        return computer
+
     def test_rows(self, test: Examples) -> np.ndarray:
         """Test-function gradients [m, k] in the store's space (same gradient computer, projection, seed)."""
+        return self.test_rows_of(test.inputs, test.targets, test.ids)
+
+    def test_rows_of(self, inputs: torch.Tensor, targets: torch.Tensor, ids=None) -> np.ndarray:
+        """Test-function gradients [m, k] of input and target tensors, in batches of gradients.batch_size."""
         if self._computer is None:  # built once: a projector caches its generated matrix blocks
-            normaliser = store_normaliser(self.store.root)  # test rows scaled as the store's rows were
-            self._computer = make_gradient_computer(
-                self.model,
-                self.task.test_function,
-                self.config.gradients,
-                self.config.projection,
-                normaliser.bind(self.model) if normaliser is not None else None,
-            )
-            if self._computer.spec() != self.store.manifest["projection"]:
-                raise StoreError("this query's projection differs from the store's; the store's config was edited")
+            self._computer = self._gradient_computer(self.task.test_function)
         rows = []
         batch, device = self.config.gradients.batch_size, model_device(self.model)
-        for start in range(0, len(test), batch):
-            part = test.slice(start, min(start + batch, len(test)))
-            projected, values, sq_norms = self._computer(part.inputs.to(device), part.targets.to(device))
-            check_finite(values, part.ids, "the test function")
-            check_finite(sq_norms, part.ids, "the test gradient")
+        ids = np.arange(len(inputs)) if ids is None else ids
+        for start in range(0, len(inputs), batch):
+            stop = min(start + batch, len(inputs))
+            part_inputs, part_targets = inputs[start:stop], targets[start:stop]
+            projected, values, sq_norms = self._computer(part_inputs.to(device), part_targets.to(device))
+            check_finite(values, ids[start:stop], "the test function")
+            check_finite(sq_norms, ids[start:stop], "the test gradient")
             rows.append(projected.float().cpu().numpy())  # [b, k]
         return np.concatenate(rows)
+
+    # -- token-level attribution (tdastore/attribution/tokens.py) -------------------------------------------
+    def train_token_rows(self, rows: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """{store row: (token ids [T], per-position terms [T, K] summing to the row)} of training documents,
+        recomputed on demand (never stored)."""
+        computer = self._gradient_computer(self.task.per_example_loss)
+        train, device = self.task.examples("train"), model_device(self.model)
+        found = {}
+        for row in rows:
+            one = train.take(np.asarray([row]))
+            length = int(one.inputs[0, 1].sum())
+            terms = computer.token_rows(one.inputs.to(device), one.targets.to(device))[0, :length]  # [T, K]
+            found[row] = (one.inputs[0, 0, :length].numpy(), terms.double().cpu().numpy())
+        return found
+
+    def token_scores(self, inputs=None, k: int = 3, *, split: str | None = None, train_rows=None) -> pa.Table:
+        """Each token's share of the scores of the top-k training documents per test input (or of the store rows
+        `train_rows` for every input): a table test_id, rank, train_id, train_row, side ("train": a token of
+        the training document, "test": a target token of the query), position, token_id, token (its text),
+        score (shares sum to document_score over each side), document_score."""
+        test = self.examples(inputs, split)
+        if train_rows is None:
+            hits = self.top_k(test, k)
+        else:
+            rows = np.asarray([int(r) for r in train_rows], dtype=np.int64)
+            if len(rows) == 0 or rows.min() < 0 or rows.max() >= self.store.n_rows:
+                raise ConfigError(f"train_rows must be store rows in [0, {self.store.n_rows}): got {rows.tolist()[:8]}")
+            train_ids = self.store.meta.column("example_id").to_numpy()
+            hits = pa.table({
+                "test_id": np.repeat(test.ids, len(rows)), "rank": np.tile(np.arange(1, len(rows) + 1), len(test)),
+                "train_id": np.tile(train_ids[rows], len(test)), "train_row": np.tile(rows, len(test)),
+            })  # fmt: skip
+        return self.token_scores_of(test, hits)
+
+    def token_scores_of(self, test: Examples, hits: pa.Table) -> pa.Table:
+        """Token shares (see `token_scores`) of given hits: a table with test_id, rank, train_id, train_row, as
+        `top_k` returns it."""
+        from tdastore.attribution.tokens import require_tokens, token_table
+
+        require_tokens(self)
+        tokenizer = self.task.tokenizer
+        return token_table(self, test, hits, lambda ids: [tokenizer.decode([int(t)]) for t in ids])
 
     def queries(self, test: Examples) -> np.ndarray:
         """Projected path: eps * K^(1/2) grad g(z) for each test input, [m, k]."""

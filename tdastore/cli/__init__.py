@@ -161,6 +161,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="Ray actors scoring input blocks x store row ranges when there are at least query.ray_min_inputs "
         "inputs (default query.workers, 0: in process)",
     )
+    query.add_argument(
+        "--tokens",
+        default=None,
+        metavar="OUT",
+        help="token-level scores of every top-k hit (causal LM stores, factored): each training-document token's and "
+        "each query target token's share of the score, written to OUT (.parquet table, .html or .png coloured tokens; "
+        "a folder gets all three); the ten strongest tokens per hit are printed",
+    )
     _address(query)
     _config_option(query, what=": its query, attribution and index sections apply")
     _quiet(query)
@@ -263,6 +271,13 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated subset of diabetes,breast_cancer,text-demo (default: all three; text-demo: the "
         "demo LM on Python's docstrings in the paper's text setting)",
+    )
+    quick.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the final models' initialisation and batch order (and the demo LM's): another seed is another "
+        "final model, the spread benchmarks/spread.py reports",
     )
     _address(quick)
     _quiet(quick)

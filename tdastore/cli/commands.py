@@ -183,6 +183,10 @@ def cmd_query(args: argparse.Namespace) -> None:
         threads=q.threads_per_worker,
         address=args.address,
     )
+    if args.tokens:
+        from tdastore.attribution.tokens import require_tokens
+
+        require_tokens(attributor)  # before the search, not after it
     answer = attributor.bottom_k if args.bottom else attributor.top_k
     table = answer(inputs, top_k, split=split, out=out, scores_out=args.scores_out)
     meta = {k.decode().split(".", 1)[1]: v.decode() for k, v in (table.schema.metadata or {}).items()}
@@ -194,6 +198,17 @@ def cmd_query(args: argparse.Namespace) -> None:
     print("  ".join(f"{c:>10}" for c in shown))
     for row in zip(*shown.values()):
         print("  ".join(f"{v:>10.4g}" if isinstance(v, float) else f"{v:>10}" for v in row))
+    if args.tokens:
+        from tdastore.attribution.render import strongest_tokens, write_token_scores
+
+        if args.bottom:
+            raise ConfigError("--tokens explains the top-k hits: leave out --bottom")
+        rows = table.column("train_row").to_numpy()[: table.num_rows]
+        test = attributor.examples(inputs, split)
+        tokens = attributor.token_scores_of(test, table)
+        write_token_scores(tokens, args.tokens)
+        print(strongest_tokens(tokens))
+        print(f"token scores of {len(set(rows.tolist()))} documents written to {args.tokens}")
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
@@ -278,7 +293,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     from tdastore.quickstart import run_quickstart
 
     datasets = args.datasets.split(",") if args.datasets else None
-    run_quickstart(args.output, datasets=datasets, address=args.address, progress=not args.quiet)
+    run_quickstart(args.output, datasets=datasets, address=args.address, progress=not args.quiet, seed=args.seed)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

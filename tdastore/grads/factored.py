@@ -394,6 +394,22 @@ class FactoredLinearGradients(LinearHookGradients):
             sq_norms = rows.pow(2).sum(1)
         return rows, losses, sq_norms
 
+    def token_rows(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[B, T, K]: position t's terms of each row, P_out^T u_t (x) P_in^T w_t block by block; their sum over t
+        is the row (token-level attribution of training documents)."""
+        _, captured = self.capture(inputs, targets)
+        batch = inputs.shape[0]
+        out = None
+        for index, (acts, grads) in enumerate(captured):
+            block = self.block_of[index]
+            k_out, k_in = self.dims[block]
+            left, right = self.projected_sides(block, *self._scaled_sides(index, acts, grads))  # [B, T, k]
+            if out is None:
+                out = torch.zeros(batch, left.shape[1], self.out_dim, device=left.device)
+            terms = (left.unsqueeze(3) * right.unsqueeze(2)).reshape(batch, left.shape[1], k_out * k_in)
+            out[:, :, self.offsets[block] : self.offsets[block] + k_out * k_in] += terms
+        return out
+
     def _scaled_sides(self, index, acts, grads):
         """One module's unprojected sides in its weight's orientation, scaled by the block's normaliser: (out
         side, in side), each [B, T, d] (T = 1 for feature vectors), the out side of an embedding as (ids [B, T],

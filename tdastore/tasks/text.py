@@ -28,6 +28,14 @@ IGNORE = -100  # target id of tokens without a loss (padding, prompt)
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
+def split_rows(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows) of a corpus of n documents split by task.test_fraction and task.split_seed, sorted:
+    the text task's own split (the demo LM trains on the train rows only)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(test_fraction * n)))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
 class HFModel(nn.Module):
     """A transformers model taking one tensor [B, 2, L] (token ids, attention mask) and returning logits,
     so the rest of tdastore sees an ordinary module."""
@@ -110,13 +118,9 @@ class TextTask(Task):
             )
             split_ids = {"train": np.arange(len(train_records)), "test": np.arange(len(test_records))}
         else:
-            order = np.random.default_rng(task.split_seed).permutation(len(records))
-            n_test = max(1, int(round(task.test_fraction * len(records))))
-            train_records, test_records = (
-                records.select(np.sort(order[n_test:])),
-                records.select(np.sort(order[:n_test])),
-            )
-            split_ids = {"train": np.sort(order[n_test:]), "test": np.sort(order[:n_test])}
+            train_rows, test_rows = split_rows(len(records), task.test_fraction, task.split_seed)
+            train_records, test_records = records.select(train_rows), records.select(test_rows)
+            split_ids = {"train": train_rows, "test": test_rows}
         self.classes = None
         if self.kind == "sequence_classification":
             if task.label_column not in records.column_names:
