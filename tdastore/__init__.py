@@ -5,6 +5,7 @@ Python API (notebooks):
     tdastore.train(config)
     store = tdastore.build(config, "runs/diabetes/store")
     store = tdastore.build(config, "runs/mine", task=MyTask())   # or model=net, loss=per_example_loss, data=dataset
+    store.attributor("grad_dot").top_k((X_new, y_new), k=5)     # a built store queries with the same objects
     store = tdastore.open_store("runs/diabetes/store"); store.grads, store.meta, store.manifest
     attributor = tdastore.Attributor(store, "if_gn")           # task, model, fitted operator (and index) held once
     top = attributor.top_k(split="test", k=10)                 # a pyarrow Table: test_id, rank, train_id, score
@@ -19,6 +20,7 @@ from tdastore.config import Config, load_config
 from tdastore.devices import reproducible_cpu_products
 from tdastore.store.gradient_store import GradientStore, open_store
 from tdastore.tasks import ModelTask, Task
+from tdastore.tasks.objects import to_examples
 from tdastore.training import train
 from tdastore.version import __version__
 
@@ -55,7 +57,9 @@ def build(
     output = output if output is not None else config.store.path
     if output is None:
         raise ConfigError("say where the store goes: output=, or store.path in the config")
-    return build_store(config, output, split=split, address=address, workers=workers, progress=progress, task=task)
+    store = build_store(config, output, split=split, address=address, workers=workers, progress=progress, task=task)
+    store.task = task  # store.attributor(method) and Attributor(store, ...) score with the same objects
+    return store
 
 
 def query(
@@ -89,5 +93,6 @@ __all__ = [
     "query",
     "ModelTask",
     "Task",
+    "to_examples",
     "__version__",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -457,6 +458,43 @@ def config_to_dict(config: Config) -> dict:
 def yaml_key(field: dataclasses.Field) -> str:
     """A field's name in YAML files and flags (its metadata "key" where the name is a Python keyword)."""
     return field.metadata.get("key", field.name)
+
+
+LOCAL_PATH_FIELDS = (
+    ("task", "dataset"),
+    ("task", "test_dataset"),
+    ("model", "name_or_path"),
+    ("model", "tokenizer"),
+    ("train", "output_dir"),
+    ("attribution", "optimizer_state"),
+)  # settings that may name a local file or folder a store's queries read again
+
+
+def with_absolute_paths(settings: dict) -> dict:
+    """A config dict whose path settings that name an existing local file or folder are made absolute, so the
+    store that records it answers from any working directory (hub names and URIs stay as they are)."""
+    settings = {section: dict(values) if isinstance(values, dict) else values for section, values in settings.items()}
+    for section, key in LOCAL_PATH_FIELDS:
+        value = settings.get(section, {}).get(key)
+        if isinstance(value, str) and "://" not in value and Path(value).exists():
+            settings[section][key] = str(Path(value).resolve())
+    return settings
+
+
+def relocated_paths(settings: dict, built_at: str | None, root: Path) -> dict:
+    """A recorded config dict read from a store now at `root`: a path that no longer exists but lies beside a
+    store that was at `built_at` is looked up at the same place beside `root` (a store copied with its model)."""
+    if built_at is None:
+        return settings
+    settings = {section: dict(values) if isinstance(values, dict) else values for section, values in settings.items()}
+    for section, key in LOCAL_PATH_FIELDS:
+        value = settings.get(section, {}).get(key)
+        if not (isinstance(value, str) and Path(value).is_absolute()) or Path(value).exists():
+            continue
+        moved = (Path(root).resolve() / os.path.relpath(value, built_at)).resolve()
+        if moved.exists():
+            settings[section][key] = str(moved)
+    return settings
 
 
 def save_config(config: Config, path: str | Path) -> None:

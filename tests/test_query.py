@@ -420,3 +420,42 @@ def test_scores_on_ray_equal_in_process(built, tmp_path):
             assert_within(full, want, atol)
             np.testing.assert_array_equal(test_ids, test.ids)
             np.testing.assert_array_equal(train_ids, store.meta.column("example_id").to_numpy())
+
+
+def test_a_store_built_with_relative_paths_answers_from_anywhere_and_after_a_copy(ray_cluster, tmp_path, monkeypatch):
+    """The manifest records resolved paths (and where the store was), so a query from another directory, or of
+    the store copied with its model beside it after the originals are gone, answers as the first query did."""
+    import shutil
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    config = small_config(Path("."), model={"hidden": [8]}, train={"epochs": 1})
+    assert config.train.output_dir == "model"  # relative, as a user writes it
+    tdastore.train(config, progress=False)
+    expected = tdastore.query(tdastore.build(config, "store", progress=False), split="test", top_k=3)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    from_elsewhere = tdastore.query(tdastore.open_store(tmp_path / "store"), split="test", top_k=3)
+    assert from_elsewhere.equals(expected)
+    for part in ("store", "model"):
+        shutil.copytree(tmp_path / part, tmp_path / "copy" / part)
+        shutil.rmtree(tmp_path / part)
+    copied = tdastore.query(tdastore.open_store(tmp_path / "copy" / "store"), split="test", top_k=3)
+    assert copied.equals(expected)
+    shutil.rmtree(tmp_path / "copy" / "model")
+    with pytest.raises(StoreError, match="no trained weights"):
+        tdastore.query(tdastore.open_store(tmp_path / "copy" / "store"), split="test", top_k=3)
+
+
+def test_file_system_errors_name_their_own_cause():
+    import errno
+
+    from tdastore.cli import os_error_message
+
+    missing = os_error_message(FileNotFoundError(errno.ENOENT, "No such file or directory", "b/store"))
+    assert (
+        missing
+        == "No such file or directory (b/store): check the path (relative paths are read from the current directory)"
+    )
+    assert "read-only" in os_error_message(OSError(errno.EROFS, "Read-only file system", "/x"))
+    assert os_error_message(OSError("can't load tokenizer for 'gpt2tiny'")) == "can't load tokenizer for 'gpt2tiny'"

@@ -40,3 +40,52 @@ def test_python_dash_m_tdastore_is_the_cli():
     assert done.returncode == 0, done.stderr
     assert all(command in done.stdout for command in ("build", "query", "ground-truth", "quickstart"))
     assert (ROOT / "tdastore" / "py.typed").is_file()
+
+
+def readme_object_route() -> str:
+    blocks = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    return next(b for b in blocks if "model=net" in b)
+
+
+def test_the_readme_object_route_runs_as_written_and_scores_like_an_autograd_loop(ray_cluster, tmp_path, monkeypatch):
+    """The README's notebook route: build from objects, query new (X, y) points through the returned store,
+    then the same store reopened with the objects handed again, as tensors, a list of pairs or a Dataset."""
+    import numpy as np
+    import pytest
+    import torch
+
+    import tdastore
+    from tdastore.errors import ConfigError, DataError
+
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_object_route(), "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+    net, loss, X, y, top = scope["net"], scope["per_example_loss"], scope["X"], scope["y"], scope["top"]
+
+    def gradient(i: int) -> np.ndarray:  # one autograd call per example
+        net.zero_grad()
+        loss(net(X[i : i + 1]), y[i : i + 1]).sum().backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters()]).numpy().copy()
+
+    train = np.stack([gradient(i) for i in range(400)])  # [400, p]
+    test = np.stack([gradient(i) for i in range(400, len(X))])  # [m, p]
+    expected = test @ train.T / 400  # grad_dot with the paper's 1/n
+    ranked = np.argsort(-expected, axis=1)[:, :3]
+    got = top.to_pandas()
+    assert len(got) == 3 * len(test)
+    np.testing.assert_array_equal(got["train_id"].to_numpy().reshape(-1, 3), ranked)
+    np.testing.assert_allclose(got["score"].to_numpy().reshape(-1, 3), np.take_along_axis(expected, ranked, 1),
+                               rtol=1e-4, atol=1e-7)  # fmt: skip
+
+    reopened = tdastore.open_store("runs/mine")
+    with pytest.raises(ConfigError, match="model=net, loss=per_example_loss"):
+        tdastore.Attributor(reopened, "grad_dot")
+    again = tdastore.Attributor(reopened, "grad_dot", model=net, loss=loss, data=(X[:400], y[:400]))
+    assert "grad_dot" in repr(again) and "400 rows" in repr(reopened)
+    pairs = [(X[i], y[i]) for i in range(400, 410)]
+    dataset = torch.utils.data.TensorDataset(X[400:410], y[400:410])
+    for points in (pairs, dataset, (X[400:410].numpy(), y[400:410].numpy())):
+        table = again.top_k(points, k=3).to_pandas()
+        np.testing.assert_array_equal(table["train_id"].to_numpy().reshape(-1, 3), ranked[:10])
+    with pytest.raises(DataError, match="without targets"):
+        again.top_k(X[400:410], k=3)

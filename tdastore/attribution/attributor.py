@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tdastore.attribution.results import create_scores_array, result_table, stream_top_k
-from tdastore.config import Config, config_to_dict, load_config
+from tdastore.config import Config, config_to_dict, load_config, relocated_paths
 from tdastore.devices import model_device, on_device
 from tdastore.errors import ConfigError, StoreError
 from tdastore.grads.computer import make_gradient_computer
@@ -28,9 +28,11 @@ from tdastore.methods import Method, get_method
 from tdastore.precond.exact.scorer import ExactScorer
 from tdastore.precond.projected.cache import fit_or_load, operator_key
 from tdastore.precond.registry import FitInputs
+from tdastore.store.location import is_local
 from tdastore.store.normalisers import store_normaliser
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Examples, Task, model_fingerprint
+from tdastore.tasks.objects import ModelTask
 from tdastore.training import load_model
 
 QUERY_SECTIONS = ("attribution", "index")
@@ -38,7 +40,8 @@ QUERY_SECTIONS = ("attribution", "index")
 
 def store_config(store, overrides: None | dict | Config = None) -> Config:
     """The store's own config (it built the rows), with query-time sections (attribution, index) overridden."""
-    config = load_config(store.manifest["config"])
+    recorded, built_at = store.manifest["config"], store.manifest.get("location")
+    config = load_config(relocated_paths(recorded, built_at, store.root) if is_local(store.root) else recorded)
     if isinstance(overrides, Config):
         read_only = {"store": {"read_only": True}} if overrides.store.read_only else {}
         overrides = {section: getattr(overrides, section).__dict__ for section in QUERY_SECTIONS} | read_only
@@ -52,6 +55,33 @@ def store_config(store, overrides: None | dict | Config = None) -> Config:
     return config
 
 
+def handed_over_task(store, task: Task | None, model, loss, data) -> Task | None:
+    """The task of a query: the one handed over, one made of model= / loss= / data=, or the one the store was
+    built with in this process (`tdastore.build` returns the store with it)."""
+    if model is not None or loss is not None:
+        if task is not None or model is None or loss is None:
+            raise ConfigError("pass either task= or model= with loss= (and data=), not both")
+        return ModelTask(model, loss, data)
+    return task if task is not None else getattr(store, "task", None)
+
+
+def check_task_is_the_stores(store, task: Task, given: bool) -> None:
+    """A store built from a task handed over in Python cannot rebuild it from its config: say what to pass."""
+    built = store.manifest["task"]
+    if given or built.get("name") == task.name:
+        return
+    how = (
+        "model=net, loss=per_example_loss (and data=train_data)"
+        if built.get("kind") == "objects"
+        else f"task=<the {built.get('name')} task object>"
+    )
+    raise ConfigError(
+        f"store '{store.root}' was built from a task handed over in Python ('{built.get('name')}'), which its "
+        f"config cannot rebuild: pass it again, Attributor(store, method, {how}), or use the store object "
+        "tdastore.build returned"
+    )
+
+
 class Attributor:
     """Attribution of test inputs to a store's training rows by one method of the unified view.
 
@@ -59,7 +89,9 @@ class Attributor:
     "index": {...}} on top of the store's config. kind: answer top-k from a FAISS index of this kind (built on
     first use); None scores exactly by streaming the store. share: another Attributor of the same store whose
     task, model and (same settings) exact-path scorer are reused, so many methods cost one model load. task: the
-    task object a store was built from with the Python API (else the one the store's config names).
+    task object a store was built from with the Python API (else the one the store's config names); or the
+    objects it was built from, model= and loss= (and data=, the training data, where an operator or the exact
+    path reads it); a store returned by `tdastore.build` remembers its own.
     workers >= 1: top-k / bottom-k of at least `ray_min_inputs` inputs (and their full score matrix) are computed
     by that many Ray actors over input blocks x store row ranges (`address`: the cluster, else a local one);
     fewer inputs stay in process.
@@ -79,8 +111,12 @@ class Attributor:
         ray_min_inputs: int = 256,
         threads: int = 1,
         address: str | None = None,
+        model=None,
+        loss=None,
+        data=None,
     ):
         self.store, self.kind, self.progress = store, kind, progress
+        task = handed_over_task(store, task, model, loss, data)
         if workers < 0 or threads < 1:
             raise ConfigError(f"query workers ({workers}) must be >= 0 (0: in process), threads ({threads}) >= 1")
         self.workers, self.ray_min_inputs, self.threads, self.address = workers, ray_min_inputs, threads, address
@@ -104,6 +140,7 @@ class Attributor:
             self.task, self.model, self._computer = share.task, share.model, share._computer
         else:
             self.task = resolve_task(self.config.task, self.config.model, task)
+            check_task_is_the_stores(store, self.task, given=task is not None)
             self.model = load_model(self.config, self.task)
             self._computer = None
             if model_fingerprint(self.model) != store.manifest["model"]["fingerprint"]:
@@ -120,6 +157,13 @@ class Attributor:
             self.exact = share.exact if same else ExactScorer(self.model, self.task, self.config)
         else:
             self._prepare_projected()
+
+    def __repr__(self) -> str:
+        where = f", index {self.kind}" if self.kind else ""
+        return (
+            f"Attributor({self.method.name} on the {self.path} path of '{self.store.root}' "
+            f"({self.store.n_rows:,} rows){where}, task {self.task.name})"
+        )
 
     def _prepare_projected(self) -> None:
         """Fit (or load) the operator once and open (or build) the index once."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import typing
 
@@ -367,11 +368,27 @@ def main(argv: list[str] | None = None) -> int:
     except TdaStoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # the file system refused: permissions, a read-only mount, a full disk
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}: check the path's permissions and free space", file=sys.stderr)
+    except OSError as err:  # the file system refused, or a library could not find or read a file
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def os_error_message(err: OSError) -> str:
+    """The OS's own reason and the path, with the fix that reason calls for (not one blanket suffix)."""
+    where = f" ({err.filename})" if err.filename else ""
+    fixes = {
+        errno.ENOENT: "check the path (relative paths are read from the current directory)",
+        errno.EACCES: "check the path's permissions",
+        errno.EPERM: "check the path's permissions",
+        errno.EROFS: "the file system is mounted read-only: write elsewhere",
+        errno.ENOSPC: "free some space or write elsewhere",
+        errno.EDQUOT: "free some space or write elsewhere",
+    }
+    fix = fixes.get(err.errno)
+    if err.errno is None:  # raised with a message only (e.g. a library's "can't load ..." OSError)
+        return str(err)
+    return f"{err.strerror or err}{where}" + (f": {fix}" if fix else "")
 
 
 if __name__ == "__main__":

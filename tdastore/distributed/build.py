@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ray
 
-from tdastore.config import Config, config_to_dict
+from tdastore.config import Config, config_to_dict, load_config, with_absolute_paths
 from tdastore.distributed.gradient_worker import GradientWorker
 from tdastore.distributed.pool import device_options, run_pool
 from tdastore.distributed.ray_session import check_reachable, ray_session
@@ -19,7 +19,7 @@ from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.normaliser import make_normaliser
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.job_store import writing
-from tdastore.store.location import store_path
+from tdastore.store.location import absolute, is_local, store_path
 from tdastore.store.manifest import read_manifest
 from tdastore.store.normalisers import save_normaliser
 from tdastore.store.verify import mark_for_rebuild, verify_store
@@ -87,6 +87,7 @@ def build_store(
         raise StoreError(f"unknown split '{split}': use --split train or --split test")
     check_reachable(address or config.build.address or os.environ.get("RAY_ADDRESS", ""))  # before any write
     root = store_path(output)
+    config = load_config(with_absolute_paths(config_to_dict(config)))  # workers (and later queries) run elsewhere
     identity = store_identity(config, split, task)
     n_rows = identity.pop("_n_rows")
     normaliser = identity.pop("_normaliser")
@@ -110,7 +111,12 @@ def padding_fraction(reports: list[dict]) -> float:
 def _build_leased(
     config, root, split, identity, n_rows, address, workers, progress, fault, task, normaliser=None
 ) -> GradientStore:
-    extra = {"config": config_to_dict(config), "tdastore_version": __version__, "created": time.time()}
+    extra = {
+        "config": config_to_dict(config),  # paths resolved: a store answers from any working directory
+        "location": str(absolute(root)) if is_local(root) else None,  # and, copied with its model, from elsewhere
+        "tdastore_version": __version__,
+        "created": time.time(),
+    }
     manifest = prepare_store(root, identity, n_rows, identity["projection"]["out_dim"], config.store.dtype, extra)
     if normaliser is not None:  # the second moments the workers (and every query) scale rows by
         save_normaliser(root, normaliser)
@@ -168,7 +174,13 @@ def _run_pool(
     return run_pool(
         pending,
         lambda: GradientWorker.options(**options).remote(
-            config_dict, str(root), split, model_fp, threads, fault, shared
+            config_dict,
+            str(absolute(root)),
+            split,
+            model_fp,
+            threads,
+            fault,
+            shared,  # workers run elsewhere
         ),
         workers=n_workers,
         max_retries=config.build.max_retries,

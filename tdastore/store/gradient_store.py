@@ -29,6 +29,9 @@ from tdastore.store.writer import done_shards
 class GradientStore:
     """A directory of per-example gradients: row r of `grads` is example `meta['example_id'][r]`."""
 
+    task = None  # the task object `tdastore.build` was handed (Python API): queries of this object reuse it
+    attributor_class = None  # tdastore.attribution.Attributor, set by that package (it sits above this layer)
+
     def __init__(self, root: str | Path, allow_incomplete: bool = False):
         self.root = store_path(root)  # a Path, or a UPath for fsspec URIs (memory://, s3://, ...)
         self.manifest = read_manifest(self.root)
@@ -56,6 +59,18 @@ class GradientStore:
             raise StoreError(
                 f"store '{self.root}': gradient array has shape {self.grads.shape}, manifest says {expected}"
             )
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"GradientStore('{self.root}': {m['n_rows']:,} rows x {m['dim']:,} {m['dtype']}, "
+            f"{m['projection']['kind']} projection, task {m['task']['name']}, {m['status']})"
+        )
+
+    def attributor(self, method: str = "grad_dot", **options):
+        """An Attributor of this store (the task object it was built with, if any, comes along); options as
+        Attributor's: overrides, kind, model=, loss=, data=, workers, ..."""
+        return type(self).attributor_class(self, method, **options)
 
     @property
     def n_rows(self) -> int:

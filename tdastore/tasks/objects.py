@@ -27,16 +27,23 @@ class ModelTask(Task):
         self,
         model: nn.Module,
         loss: LossFn,
-        train,
+        train=None,
         test=None,
         *,
         test_function: LossFn | None = None,
         name: str = "model_task",
         columns: tuple[str, str] = ("input", "target"),
     ):
-        self.model, self.loss, self.name = model, loss, name
+        if not isinstance(model, nn.Module) or not callable(loss):
+            raise DataError(
+                f"model= must be a torch nn.Module (got {type(model).__name__}) and loss= a per-example loss "
+                "(outputs, targets) -> [B]"
+            )
+        self.model, self.loss, self.name, self.columns = model, loss, name, columns
         self._test_function = test_function
-        self._splits = {"train": to_examples(train, columns, "train"), "test": to_examples(test, columns, "test")}
+        test = train if test is None else test  # scoring the training data against itself, as the build does
+        handed = {"train": train, "test": test}
+        self._splits = {split: to_examples(data, columns, split) for split, data in handed.items() if data is not None}
 
     def make_model(self) -> nn.Module:
         return copy.deepcopy(self.model).eval()
@@ -48,9 +55,24 @@ class ModelTask(Task):
         return (self._test_function or self.loss)(outputs, targets)
 
     def examples(self, split: Split) -> Examples:
-        if split not in self._splits:
+        if split not in ("train", "test"):
             raise DataError(f"unknown split '{split}': use 'train' or 'test'")
+        if split not in self._splits:
+            raise DataError(
+                f"no {split} data was handed over: pass data= (the training data, which operators such as K-FAC "
+                f"and the exact path's curvature read) or test inputs to the query itself"
+            )
         return self._splits[split]
+
+    def encode(self, inputs) -> Examples:
+        """Test points handed to a query: (inputs, targets) tensors or arrays, a list of (input, target) pairs,
+        a torch Dataset, a datasets.Dataset or a Ray Dataset."""
+        if isinstance(inputs, torch.Tensor | np.ndarray):
+            raise DataError(
+                f"test inputs of shape {tuple(inputs.shape)} came without targets: the loss needs them, so pass "
+                "(inputs, targets)"
+            )
+        return to_examples(inputs, self.columns, "query")
 
     def description(self) -> dict:
         return {"name": self.name, "kind": "objects", "model": type(self.model).__name__}
@@ -73,6 +95,8 @@ def to_examples(data, columns: tuple[str, str] = ("input", "target"), where: str
         inputs, targets = (torch.as_tensor(np.asarray([r[c] for r in rows])) for c in columns)
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):  # a torch map-style Dataset
         items = [data[i] for i in range(len(data))]
+        if not all(isinstance(item, tuple | list) and len(item) == 2 for item in items):
+            raise DataError(f"each item of the {where} data must be an (input, target) pair")
         inputs = torch.stack([torch.as_tensor(np.asarray(x)) for x, _ in items]) if items else torch.empty(0)
         targets = torch.as_tensor(np.asarray([np.asarray(y) for _, y in items]))
     else:
