@@ -504,3 +504,19 @@ def test_a_product_before_import_is_warned_about():
     assert "MKL_CBWR=AUTO,STRICT" in done.stderr
     clean = subprocess.run([sys.executable, "-c", "import tdastore"], env=env, capture_output=True, text=True)
     assert clean.returncode == 0 and "MKL_CBWR" not in clean.stderr
+
+
+def test_a_local_cluster_runs_its_workers_at_the_drivers_priority():
+    """Ray's default starts workers at nice 15, behind every other process on the machine."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, ray\nfrom tdastore.distributed.ray_session import ray_session\n"
+        "with ray_session(num_cpus=1):\n    print('worker nice', ray.get(ray.remote(lambda: os.nice(0)).remote()))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"worker nice {os.nice(0)}" in done.stdout
