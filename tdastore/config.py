@@ -61,7 +61,10 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [128, 128])
     seed: int = 0
     name_or_path: str | None = None  # text tasks: a transformers model (hub name or local directory)
-    tokenizer: str | None = None  # None: the model's own
+    tokenizer: str | None = None  # None: the model's own (an adapter folder's, when it holds one)
+    # a PEFT adapter (e.g. LoRA) folder on top of name_or_path; or name_or_path itself names the adapter folder
+    # (its adapter_config.json names the base). modules: auto then takes the adapter's LoRA layers only
+    adapter: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # text models' weights (projections sum in float32)
     attention: Literal["eager", "sdpa"] = "eager"  # text models: sdpa for the hook path (eager works under vmap)
 
@@ -465,6 +468,7 @@ LOCAL_PATH_FIELDS = (
     ("task", "test_dataset"),
     ("model", "name_or_path"),
     ("model", "tokenizer"),
+    ("model", "adapter"),
     ("train", "output_dir"),
     ("attribution", "optimizer_state"),
 )  # settings that may name a local file or folder a store's queries read again

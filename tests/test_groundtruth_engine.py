@@ -157,3 +157,22 @@ def test_training_loops_reuse_freed_memory_on_the_cpu():
         for mode in ("keep", "default")
     )
     assert kept < 100 and default > (13 + 64) * 256 // 2, (kept, default)
+
+
+@pytest.mark.parametrize("case", CASES[2:], ids=lambda c: f"{c['coupling']}-{c['optimizer']}")
+def test_frozen_parameters_stay_fixed_as_in_a_torch_optim_loop(case):
+    """A model with frozen parameters (a PEFT model's base): the replicas further-train only what requires grad,
+    as torch.optim does with the same model (clipping over the trained parameters only)."""
+    task = TabularTask(TaskConfig(dataset="diabetes"), ModelConfig(hidden=[16, 16]))
+    model = task.make_model()
+    model[0].requires_grad_(False)
+    train, test = task.examples("train").slice(0, 90), task.examples("test").slice(0, 5)
+    cfg = GroundTruthConfig(**{**dict(left_out_count=None, left_out_indices=[0]), **case})
+    got = ReplicaTrainer(model, task, cfg, train, test).run([5], [7])
+    for li, i in enumerate([-1, 7]):
+        torch.testing.assert_close(got[:, :, 0, li], reference_run(model, task, cfg, train, test, 5, i),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+    unfrozen = task.make_model()
+    assert not torch.allclose(
+        got[:, :, 0, 0], ReplicaTrainer(unfrozen, task, cfg, train, test).run([5], [7])[:, :, 0, 0]
+    )

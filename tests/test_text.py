@@ -654,3 +654,54 @@ def test_token_scores_sum_to_the_score_and_equal_an_autograd_loop(ray_cluster, t
             for side in (got_train, got_test):
                 assert abs(side.score.sum() - whole) <= 1e-4 * abs(whole) + 1e-6 * np.abs(matrix[j]).max()
             assert got_train.token.tolist()[0] == task.tokenizer.decode([int(doc.inputs[0, 0, 0])])
+
+
+def make_lora_adapter(tiny_lm, folder) -> None:
+    """A LoRA adapter of the tiny GPT-2 saved as a fine-tuning run saves one (B moved off its zero start)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm / "model")
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    adapted = get_peft_model(base, lora)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    adapted.save_pretrained(folder)
+
+
+def test_a_lora_adapter_folder_attributes_the_adapters_own_parameters(tiny_lm, tmp_path):
+    """An adapter folder as model.name_or_path loads base + adapter; modules: auto takes the LoRA layers only,
+    and the rows equal projected autograd gradients over the adapter's parameters; the gold standard's
+    further training changes the adapter only; the fingerprint covers the adapter."""
+    from tdastore.groundtruth.engine import trainable_parameters
+    from tdastore.tasks.base import model_fingerprint
+
+    make_lora_adapter(tiny_lm, tmp_path / "adapter")
+    projection = {"factors": [4, 4], "module_factors": {}}
+    config = text_config(tiny_lm, model={"name_or_path": str(tmp_path / "adapter")}, gradients={"modules": "auto"},
+                         projection=projection)  # fmt: skip
+    task = make_task(config.task, config.model)
+    model = task.make_model()
+    computer = make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection)
+    names = [name for name, _, _ in computer.blocks]
+    assert len(names) == 2 * 2 * 2 and all(".lora_A." in n or ".lora_B." in n for n in names), names
+    adapter_parameters = set(trainable_parameters(model)[0])
+    assert set(computer.param_shapes) == adapter_parameters and all("lora_" in n for n in adapter_parameters)
+    examples = task.examples("train").slice(0, 5)
+    rows = computer(examples.inputs, examples.targets)[0]
+    expected = dense_projected(task, model, computer, examples)
+    rel = float((rows.double() - expected).norm(dim=1).max() / expected.norm(dim=1).min())
+    assert rel <= 1e-4, rel
+    base = make_task(config.task, ModelConfig(name_or_path=str(tiny_lm / "model"))).make_model()
+    base_loss = task.per_example_loss(base(examples.inputs), examples.targets)
+    adapted_loss = task.per_example_loss(model(examples.inputs), examples.targets)
+    assert not torch.allclose(base_loss, adapted_loss)  # the adapter was loaded, not only the base
+    assert model_fingerprint(base) != model_fingerprint(model)
+    same = text_config(tiny_lm, model={"name_or_path": str(tiny_lm / "model"), "adapter": str(tmp_path / "adapter")})
+    on_top = make_task(same.task, same.model).make_model()
+    assert model_fingerprint(on_top) == model_fingerprint(model)  # model.adapter on a base: the same model
+    with pytest.raises(ConfigError, match="adapter_config.json"):
+        make_task(same.task, ModelConfig(name_or_path=str(tiny_lm / "model"), adapter=str(tmp_path))).make_model()

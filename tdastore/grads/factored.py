@@ -76,23 +76,35 @@ def all_modules(model: nn.Module) -> list[str]:
     """`modules: all`: every Linear / Conv1D / Embedding of the model, LM head included (a head tied to the
     input embedding is that embedding's parameter, covered once). Norm layers' gains and biases are vectors,
     not matrices: a factored projection has no place for them and they are left out."""
-    return [name for name, m in model.named_modules() if is_hookable(m)]
+    return trained_only(model, [name for name, m in model.named_modules() if is_hookable(m)])
+
+
+def trained_only(model: nn.Module, names: list[str]) -> list[str]:
+    """Of these modules, the ones whose weight trains, where some do and some do not: a PEFT model's LoRA
+    layers (its base frozen), so `auto` / `all` attribute the adapter a fine-tuning changed."""
+    modules = dict(model.named_modules())
+    trained = [name for name in names if modules[name].weight.requires_grad]
+    return trained if trained else names
 
 
 def block_modules(model: nn.Module) -> list[str]:
     """`modules: auto`: every Linear / Conv1D inside the model's stack of transformer blocks (its longest
     ModuleList: GPT-2 transformer.h, GPT-NeoX gpt_neox.layers, Llama / Mistral model.layers, BERT
-    encoder.layer), so embeddings, the LM head and pooler / classifier heads are left out."""
+    encoder.layer), so embeddings, the LM head and pooler / classifier heads are left out; of a PEFT model, the
+    LoRA layers (lora_A, lora_B) only."""
     stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not stacks:
         raise GradientError("gradients.modules: auto needs a model with a stack of blocks (an nn.ModuleList); name "
                             "the modules with patterns instead")  # fmt: skip
     prefix = max(stacks, key=lambda item: len(item[1]))[0] + "."
-    return [
-        name
-        for name, m in model.named_modules()
-        if is_hookable(m) and not isinstance(m, nn.Embedding) and name.startswith(prefix)
-    ]
+    return trained_only(
+        model,
+        [
+            name
+            for name, m in model.named_modules()
+            if is_hookable(m) and not isinstance(m, nn.Embedding) and name.startswith(prefix)
+        ],
+    )
 
 
 def select_parameters(

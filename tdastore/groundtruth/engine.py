@@ -45,6 +45,14 @@ class Schedule:
         return cls(per_epoch, cfg.steps, labels, labels)
 
 
+def trainable_parameters(model: nn.Module) -> tuple[dict, dict]:
+    """({name: parameter} that further training changes, {name: detached parameter} it holds fixed): a PEFT
+    model's adapter trains and its base does not, as the fine-tuning that made it."""
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    return trained, frozen
+
+
 class ReplicaTrainer:
     """Trains replicas [(seed, left_out)] from the final model's parameters and returns g at each evaluation."""
 
@@ -54,9 +62,10 @@ class ReplicaTrainer:
             keep_cpu_allocations()  # each step's large tensors reuse the last step's memory (devices.py)
         self.model, self.task, self.cfg = model, task, cfg
         self.train, self.test = train.to(self.device), test.to(self.device)
-        self.names = [n for n, _ in model.named_parameters()]
-        self.theta = {n: p.detach().clone() for n, p in model.named_parameters()}
-        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
+        trained, frozen = trainable_parameters(model)  # a LoRA adapter's own; the base model stays fixed
+        self.names = list(trained)
+        self.theta = {n: p.detach().clone() for n, p in trained.items()}
+        self.buffers = {n: b.detach() for n, b in model.named_buffers()} | frozen
         self.n = len(train)
         self.schedule = Schedule.from_config(cfg, self.n)
         # Every replica's gradient of its weighted batch loss: written out for MLPs (stacked.py says why), else

@@ -47,10 +47,13 @@ class StackedMLP:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """An nn.Sequential of Linear layers, each followed by at most one supported activation, no buffers."""
+        """An nn.Sequential of Linear layers, each followed by at most one supported activation, no buffers,
+        every parameter trained."""
         children = list(model.children())
         if not isinstance(model, nn.Sequential) or not children or any(True for _ in model.buffers()):
             return False
+        if not all(p.requires_grad for p in model.parameters()):
+            return False  # a frozen layer: the general engine trains only what requires grad
         previous_linear = False
         for module in children:
             if isinstance(module, nn.Linear):

@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from tdastore.config import GroundTruthConfig
 from tdastore.devices import keep_cpu_allocations, model_device
-from tdastore.groundtruth.engine import Schedule
+from tdastore.groundtruth.engine import Schedule, trainable_parameters
 from tdastore.groundtruth.optim import UpdateRule
 from tdastore.tasks.base import Examples, Task
 
@@ -41,11 +41,12 @@ class WeightedRun:
         self.model, self.task, self.cfg = model, task, cfg
         self.train, self.test = train.to(device), test.to(device)
         self.rule = UpdateRule(cfg)
-        self.names = [n for n, _ in model.named_parameters()]
-        self.shapes = [p.shape for _, p in model.named_parameters()]
-        self.sizes = [p.numel() for _, p in model.named_parameters()]
-        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
-        self.theta0 = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])  # [p]
+        trained, frozen = trainable_parameters(model)  # a LoRA adapter's own; the base model stays fixed
+        self.names = list(trained)
+        self.shapes = [p.shape for p in trained.values()]
+        self.sizes = [p.numel() for p in trained.values()]
+        self.buffers = {n: b.detach() for n, b in model.named_buffers()} | frozen
+        self.theta0 = torch.cat([p.detach().reshape(-1) for p in trained.values()])  # [p]
         self.n = len(train)
         self.rows = torch.arange(self.n) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)  # [R]
         self.rows = self.rows.to(device)

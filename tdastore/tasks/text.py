@@ -12,6 +12,7 @@ too with completion_only), so padding and batch composition never change an exam
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,7 @@ class TextTask(Task):
     def _model_config_context(self) -> int:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(self.model_config.name_or_path)
+        cfg = AutoConfig.from_pretrained(base_and_adapter(self.model_config)[0])
         context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         self._vocab = getattr(cfg, "vocab_size", None)
         if self._vocab is not None and len(self.tokenizer) > self._vocab:
@@ -157,9 +158,9 @@ class TextTask(Task):
 
     def make_model(self) -> nn.Module:
         cfg = self.model_config
-        return _load_model(
-            cfg.name_or_path, self.kind, len(self.classes or []), self.tokenizer.pad_token_id, cfg.dtype, cfg.attention
-        )
+        base, adapter = base_and_adapter(cfg)
+        n_classes, pad_id = len(self.classes or []), self.tokenizer.pad_token_id
+        return _load_model(base, self.kind, n_classes, pad_id, cfg.dtype, cfg.attention, adapter)
 
     def per_example_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         outputs = outputs if outputs.dtype == torch.float64 else outputs.float()  # half-precision logits: float32
@@ -333,6 +334,7 @@ class TextTask(Task):
             "kind": self.kind,
             "dataset": str(cfg.dataset),
             "model": self.model_config.name_or_path,
+            "adapter": base_and_adapter(self.model_config)[1],  # None: the model itself
             "max_length": cfg.max_length,
             "packing": cfg.packing,
             "completion_only": cfg.completion_only,
@@ -360,10 +362,36 @@ def pack(tok, documents: list[list[int]], max_length: int) -> tuple[list[list[in
     return blocks, [tok.decode(b) for b in blocks]
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def base_and_adapter(model: ModelConfig) -> tuple[str, str | None]:
+    """(base model, PEFT adapter folder or None): model.adapter on top of name_or_path, or name_or_path itself
+    an adapter folder whose adapter_config.json names its base (as a fine-tuning run saves it)."""
+    if model.adapter:
+        if not (Path(model.adapter) / ADAPTER_CONFIG).is_file():
+            raise ConfigError(
+                f"model.adapter '{model.adapter}' has no {ADAPTER_CONFIG}: point it at a saved PEFT adapter"
+            )
+        return str(model.name_or_path), model.adapter
+    folder = Path(str(model.name_or_path))
+    if (folder / ADAPTER_CONFIG).is_file():
+        base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(
+                f"the adapter at '{folder}' does not name its base model: set model.name_or_path to the base and "
+                "model.adapter to the adapter folder"
+            )
+        return base, str(folder)
+    return str(model.name_or_path), None
+
+
 def _load_tokenizer(model: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model.tokenizer or model.name_or_path)
+    base, adapter = base_and_adapter(model)
+    own = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
+    tokenizer = AutoTokenizer.from_pretrained(model.tokenizer or own)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has neither a pad nor an EOS token: give it a pad token")
@@ -393,10 +421,27 @@ def _instantiate(
     return model
 
 
+def _with_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    """The base model with a PEFT adapter: the adapter's parameters trainable (the gold standard further-trains
+    them), the base's frozen, as in the fine-tuning that made it."""
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise ConfigError(f"model adapter '{adapter}' needs the peft library: pip install peft") from err
+    return PeftModel.from_pretrained(model, adapter, is_trainable=True).eval()
+
+
 def _load_model(
-    name_or_path: str, kind: str, n_classes: int, pad_id: int, dtype: str = "float32", attention: str = "eager"
+    name_or_path: str,
+    kind: str,
+    n_classes: int,
+    pad_id: int,
+    dtype: str = "float32",
+    attention: str = "eager",
+    adapter: str | None = None,
 ) -> nn.Module:
-    return HFModel(_instantiate(name_or_path, kind, n_classes, pad_id, dtype, attention)).eval()
+    model = _instantiate(name_or_path, kind, n_classes, pad_id, dtype, attention)
+    return HFModel(_with_adapter(model, adapter) if adapter else model).eval()
 
 
 class TokenExamples:
