@@ -104,6 +104,24 @@ def test_every_config_field_is_a_flag(tmp_path, capsys):
     assert done.value.code == 0 and capsys.readouterr().out.startswith("tdastore ")
 
 
+def test_list_flags_take_words_commas_or_yaml_and_yaml_errors_are_shown(capsys):
+    """`*` starts a YAML alias: list items are read as words, so globs need no quoting inside quotes."""
+    from tdastore.cli import make_parser
+    from tdastore.cli.commands import run_config
+
+    def modules(*words):
+        return run_config(make_parser().parse_args(["build", "--gradients.modules", *words])).gradients.modules
+
+    assert modules("*lora_B*", "*lora_A*") == ["*lora_B*", "*lora_A*"]
+    assert modules("*.c_attn,*.c_fc") == ["*.c_attn", "*.c_fc"]
+    assert modules("[a, b]") == ["a", "b"] and modules("auto") == "auto" and modules("null") is None
+    parsed = make_parser().parse_args(["train", "--projection.factors", "8", "4", "--model.hidden", "16,8"])
+    assert run_config(parsed).projection.factors == [8, 4] and run_config(parsed).model.hidden == [16, 8]
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["train", "--attribution.cg_tol", "[1e-6"])
+    assert "is not a YAML value" in capsys.readouterr().err
+
+
 def test_task_class_errors_name_the_fix():
     from tdastore.config import ModelConfig, TaskConfig
     from tdastore.tasks import make_task

@@ -52,8 +52,45 @@ def flag_value(text: str, hint: Any) -> Any:
         return None if text in ("null", "none", "None") else text
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text  # load_config names the key and the type it wants
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a YAML value ({problem}): quote it, or give list items as separate words"
+        ) from None
+
+
+def list_item_hint(hint: Any) -> Any | None:
+    """The item type of a list field (list[str], or a union holding one), else None."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    for option in options:
+        if typing.get_origin(option) is list:
+            return (typing.get_args(option) or (Any,))[0]
+    return None
+
+
+def list_flag_value(texts: list[str], hint: Any) -> Any:
+    """A list field's words: `--gradients.modules '*lora_A*' '*lora_B*'`, a comma list `a,b`, a YAML list
+    `[a, b]`, or one of the field's other values (`auto`, `null`). Items are taken as text (no YAML: `*` is a
+    glob here, not an alias)."""
+    item = list_item_hint(hint)
+    if len(texts) == 1:
+        text = texts[0].strip()
+        if text.startswith("["):
+            return flag_value(text, list)
+        if text in ("null", "none", "None"):
+            return None
+        choices = [v for o in typing.get_args(hint) if typing.get_origin(o) is Literal for v in typing.get_args(o)]
+        if text in choices:
+            return text
+        texts = [part for part in text.split(",") if part.strip()]
+    return [word.strip() if item is str else flag_value(word, item) for word in texts]
+
+
+class ListFlag(argparse.Action):
+    """Collects a list field's words (nargs="+") into its config value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, list_flag_value(list(values), self.hint))
 
 
 def add_config_flags(
@@ -75,13 +112,19 @@ def add_config_flags(
             key = f"{section}{SEP}{yaml_key(field)}"
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
             names = [f"--{key}"] + ([by_key[key]] if key in by_key else [])
+            hint, text = hints[field.name], f"{docs.get(field.name, '')} (default: {default!r})".strip()
+            if list_item_hint(hint) is not None:  # words, a comma list or a YAML list
+                action = group.add_argument(*names, dest=key, default=argparse.SUPPRESS, nargs="+", action=ListFlag,
+                                            metavar="ITEM", help=text)  # fmt: skip
+                action.hint = hint
+                continue
             group.add_argument(
                 *names,
                 dest=key,
                 default=argparse.SUPPRESS,
-                metavar=_metavar(hints[field.name]),
-                type=lambda text, hint=hints[field.name]: flag_value(text, hint),
-                help=f"{docs.get(field.name, '')} (default: {default!r})".strip(),
+                metavar=_metavar(hint),
+                type=lambda text, hint=hint: flag_value(text, hint),
+                help=text,
             )
 
 
