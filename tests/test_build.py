@@ -520,3 +520,41 @@ def test_a_local_cluster_runs_its_workers_at_the_drivers_priority():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"worker nice {os.nice(0)}" in done.stdout
+
+
+def test_sigterm_stops_a_job_between_units_with_a_resume_hint(tmp_path):
+    """SIGTERM to a running `tdastore ground-truth` (a scheduler's stop): exit 143, one line naming how far it
+    got and how to resume, no traceback and no Ray stack lines."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    settings = {
+        "task": {"dataset": "diabetes"}, "model": {"hidden": [16]},
+        "train": {"epochs": 2, "output_dir": str(tmp_path / "model")},
+        "groundtruth": {"lr": 0.01, "batch_size": 32, "epochs": 30, "eval_every": 10, "seeds": 20, "seed_block": 1,
+                        "left_out_count": 20, "left_out_block": 2, "test_points": 8, "workers": 1,
+                        "output": str(tmp_path / "gt")},
+    }  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings))
+    cli = [sys.executable, "-m", "tdastore"]
+    subprocess.run([*cli, "train", "--config", str(tmp_path / "c.yaml"), "--quiet"], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    err = tmp_path / "err.txt"
+    with err.open("w") as stderr:
+        job = subprocess.Popen([*cli, "ground-truth", "--config", str(tmp_path / "c.yaml")], stderr=stderr, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline and "units done" not in err.read_text() and "/200 [" not in err.read_text():
+            time.sleep(0.5)
+        time.sleep(1.0)
+        job.send_signal(signal.SIGTERM)
+        code = job.wait(timeout=60)
+    text = err.read_text()
+    assert code == 143, text[-2000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("interrupted at 'ground truth' with ") and "rerun the same command to resume" in last
+    assert "Traceback" not in text and "logging.cc" not in text

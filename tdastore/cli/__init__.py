@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import signal
 import sys
+import threading
 import typing
 
 from tdastore.cli import commands
 from tdastore.cli.flags import add_config_flags, suggestion
 from tdastore.config import INDEX_KINDS, Config
-from tdastore.errors import TdaStoreError
+from tdastore.errors import Interrupted, TdaStoreError, Terminated
 from tdastore.version import __version__
 
 ALL_SECTIONS = list(Config.__dataclass_fields__)  # every section of the config, in order
@@ -359,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         subparser = parser._subparsers._group_actions[0].choices[args.command]
         print(f"tdastore {args.command}: error: {suggestion(unknown, subparser)}", file=sys.stderr)
         return 2
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)  # SIGTERM stops a job as Ctrl-C does
     try:
         if getattr(args, "address", None):  # a cluster nobody answers at is refused before any output is made
             from tdastore.distributed.ray_session import check_reachable
@@ -371,7 +377,38 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # the file system refused, or a library could not find or read a file
         print(f"error: {os_error_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C (130) or SIGTERM (143), between or inside a job's units
+        if previous is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal does not cut the shutdown short
+        print(f"\n{err if isinstance(err, Interrupted) else Interrupted('this step', 130)}", file=sys.stderr)
+        _quiet_shutdown()
+        return Terminated.exit_code if signal.SIGTERM in _signals_seen else getattr(err, "exit_code", 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+_signals_seen: list[int] = []  # Ray's calls may turn the raised Terminated into a plain KeyboardInterrupt
+
+
+def _raise_terminated(signum, frame) -> None:
+    _signals_seen.append(signum)
+    raise Terminated()
+
+
+def _quiet_shutdown() -> None:
+    """Stop a Ray session this process started without Ray's own lines about the interrupted calls."""
+    import logging
+
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    logging.getLogger("ray").setLevel(logging.CRITICAL)
+    with contextlib.suppress(Exception):
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def os_error_message(err: OSError) -> str:

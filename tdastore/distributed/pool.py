@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import tdastore.errors as errors
 from tdastore.devices import wants_gpu
-from tdastore.errors import ConfigError, StoreError, TdaStoreError
+from tdastore.errors import ConfigError, Interrupted, StoreError, TdaStoreError
 
 POLL_S = 10.0  # a driver waiting on Ray checks at least this often that its cluster still has a live node
 PROBE_S = 20.0  # a cluster whose control store (GCS) does not answer within this is gone (Ray itself waits 60 s)
@@ -153,6 +153,11 @@ def run_pool(
                 on_result(unit, result)
             bar.update(size(unit))
         finished = True
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the CLI's handler: name where it stopped
+        if isinstance(err, Interrupted):
+            raise
+        where = f"'{desc}' with {int(bar.n):,}/{total:,} {unit_name}s done"
+        raise Interrupted(where, getattr(err, "exit_code", 130)) from None
     finally:
         bar.close()
         if keep is None or not finished:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +42,25 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():
         yield
         return
+    with _keeping_sigterm_handler():
+        _init(address, num_cpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """ray.init installs its C++ failure handler for SIGTERM (it prints stack lines and ends the process): the
+    Python handler a caller set before (the CLI's: stop between units, "rerun to resume") is put back."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    if callable(before) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, before)
+
+
+def _init(address: str | None, num_cpus: int | None) -> None:
     if not address and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
         check_reachable(address)
@@ -59,7 +80,3 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             log_to_driver=True,
             _node_ip_address="127.0.0.1",
         )
-    try:
-        yield
-    finally:
-        ray.shutdown()
