@@ -163,6 +163,9 @@ class AttributionConfig:
     adam_eps: float = 1e-8
     optimizer_state: str | None = None
     methods: list[str] = field(default_factory=lambda: ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf"])
+    # paper: scores carry the paper's 1/n (the first-order change of g when one of n rows is left out); raw: the
+    # inner products themselves (bergson's and most LLM tools' numbers). Rankings are the same
+    scale: Literal["paper", "raw"] = "paper"
 
 
 @dataclass

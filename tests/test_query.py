@@ -459,3 +459,32 @@ def test_file_system_errors_name_their_own_cause():
     )
     assert "read-only" in os_error_message(OSError(errno.EROFS, "Read-only file system", "/x"))
     assert os_error_message(OSError("can't load tokenizer for 'gpt2tiny'")) == "can't load tokenizer for 'gpt2tiny'"
+
+
+def test_raw_scale_and_aggregation_over_a_set_of_queries(built, tmp_path, capsys):
+    """attribution.scale raw: the inner products without the paper's 1/n, on both paths; --aggregate ranks rows
+    by the mean / sum / max of their scores over the test inputs, as numpy does from the full matrix."""
+    config, store, task, test, t, g, tmp = built
+    paper = attributor_of(store, "grad_dot").score_matrix(test)
+    raw = attributor_of(store, "grad_dot", {"attribution": {"scale": "raw"}}).score_matrix(test)
+    np.testing.assert_allclose(raw, paper * store.n_rows, rtol=1e-5, atol=1e-6 * np.abs(raw).max())
+    np.testing.assert_allclose(raw, t @ g.T, rtol=1e-4, atol=1e-4 * np.abs(raw).max())
+    exact = {"attribution": {"path": "exact"}}
+    exact_paper = attributor_of(store, "grad_dot", exact).score_matrix(test)
+    exact_raw = attributor_of(store, "grad_dot", {"attribution": {"path": "exact", "scale": "raw"}}).score_matrix(test)
+    np.testing.assert_allclose(exact_raw, exact_paper * store.n_rows, rtol=1e-5)
+    attributor = attributor_of(store, "if_gn")
+    full = attributor.score_matrix(test).astype(np.float64)  # [m, N]
+    for how, reduce in (("mean", np.mean), ("sum", np.sum), ("max", np.max)):
+        table = attributor.aggregate_top_k(test, 7, how)
+        expected = reduce(full, axis=0)
+        ranked = np.argsort(-expected, kind="stable")[:7]
+        np.testing.assert_array_equal(table.column("train_row").to_numpy(), ranked)
+        np.testing.assert_allclose(table.column("score").to_numpy(), expected[ranked], rtol=1e-5)
+        assert table.column("rank").to_pylist() == list(range(1, 8)) and "test_id" not in table.column_names
+    assert cli_main(["query", str(store.root), "--split", "test", "--aggregate", "max", "--top-k", "3", "--quiet"]) == 0
+    assert "highest max score over the test inputs" in capsys.readouterr().out
+
+
+def attributor_of(store, method, overrides=None):
+    return tdastore.Attributor(store, method, overrides)

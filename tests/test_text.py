@@ -189,12 +189,14 @@ def _sections(config):
     return config.task, config.model
 
 
-def test_end_to_end_build_index_query_by_local_path(ray_cluster, serve_url, tiny_lm, tmp_path):
+def test_end_to_end_build_index_query_by_local_path(ray_cluster, serve_url, tiny_lm, tmp_path, capsys):
     config = text_config(tiny_lm)
     store = build_store(config, tmp_path / "store", progress=False)
     task = make_task(config.task, config.model)
     train = task.examples("train")
     assert store.n_rows == len(train) and store.dim == 6 * 64 + 2 * 72
+    left_out = len(task.examples("test"))  # test_fraction's documents are not in the store, and the build says so
+    assert f"{left_out:,} of {left_out + len(train):,} documents" in capsys.readouterr().err
     meta = store.meta
     assert meta.column("text").to_pylist()[:3] == [str(t) for t in train.texts[:3]]
     # a training document queried against the store: its own row comes first

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -149,7 +150,8 @@ class Attributor:
                     "from (fingerprints differ): restore them or rebuild the store"
                 )
             self.model = on_device(self.model, self.config.device)  # test gradients and fitting passes run there
-        self.scale = 1.0 / store.n_rows * (self.config.train.lr if self.method.learning_rate else 1.0)
+        per_row = 1.0 / store.n_rows if self.config.attribution.scale == "paper" else 1.0  # attribution.scale
+        self.scale = per_row * (self.config.train.lr if self.method.learning_rate else 1.0)
         self.info: dict = {"method": self.method.name, "path": self.path}
         self.operator = self.index = self.exact = None
         if self.path == "exact":
@@ -349,6 +351,28 @@ class Attributor:
     def score_matrix(self, inputs=None, split: str | None = None) -> np.ndarray:
         """The whole [m, N] score matrix in memory (use `scores` to stream it)."""
         return np.concatenate([block for _, block in self.scores(inputs, split)], axis=1)
+
+    def aggregate_top_k(self, inputs=None, k: int = 10, how: str = "mean", *, split: str | None = None) -> pa.Table:
+        """The k training rows with the highest score aggregated over a set of test inputs (the mean, sum or
+        max of each row's scores, as bergson's query aggregation): rank, train_id, score, train_row (+
+        train_text). Streams the store; memory [m, block] + k."""
+        reducers = {"mean": np.mean, "sum": np.sum, "max": np.max}
+        if how not in reducers:
+            raise ConfigError(f"aggregate '{how}': use one of {sorted(reducers)}")
+        if not 1 <= k <= self.store.n_rows:
+            raise ConfigError(f"top-k {k} must lie in 1..{self.store.n_rows} (the store's row count)")
+        test = self.examples(inputs, split)
+        best_scores, best_rows = np.empty(0, np.float64), np.empty(0, np.int64)
+        for start, block in self.score_blocks(test):
+            values = reducers[how](torch.as_tensor(block).double().numpy(), axis=0)  # [b]
+            scores = np.concatenate([best_scores, values])
+            rows = np.concatenate([best_rows, np.arange(start, start + len(values))])
+            keep = np.lexsort((rows, -scores))[:k]  # highest first, ties by row
+            best_scores, best_rows = scores[keep], rows[keep]
+        single = SimpleNamespace(ids=np.asarray([-1]), texts=None)  # the aggregate stands for one test input
+        table = result_table(self.store, single, best_scores[None, :], best_rows[None, :], {
+            **self.info, "aggregate": how, "test_inputs": len(test)})  # fmt: skip
+        return table.drop_columns([c for c in ("test_id", "test_text") if c in table.column_names])
 
     def top_k(self, inputs=None, k: int = 10, *, split: str | None = None, out=None, scores_out=None) -> pa.Table:
         """The k most positive training rows per test input (removing them raises the test loss the most):

@@ -147,6 +147,12 @@ def make_parser() -> argparse.ArgumentParser:
     query.add_argument("--top-k", type=int, default=None, help="training rows per test input (default 10)")
     query.add_argument("--bottom", action="store_true", help="the most negative scores (opponents) instead")
     query.add_argument(
+        "--aggregate",
+        choices=("mean", "sum", "max"),
+        default=None,
+        help="one ranking for the whole set of test inputs: each training row's mean / sum / max score over them",
+    )
+    query.add_argument(
         "--kind",
         choices=KINDS,
         default=None,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from tdastore.attribution import Attributor
 from tdastore.cli.flags import config_overrides
 from tdastore.config import Config, QueryConfig, load_config
@@ -187,6 +189,20 @@ def cmd_query(args: argparse.Namespace) -> None:
         from tdastore.attribution.tokens import require_tokens
 
         require_tokens(attributor)  # before the search, not after it
+    if args.aggregate:
+        if args.bottom or args.tokens or args.scores_out:
+            raise ConfigError(
+                "--aggregate ranks rows by one aggregated score: leave out --bottom, --tokens, --scores-out"
+            )
+        table = attributor.aggregate_top_k(inputs, top_k, args.aggregate, split=split)
+        if out:
+            pq.write_table(table, out)
+        print(f"{table.num_rows} rows with the highest {args.aggregate} score over the test inputs"
+              + (f", written to {out}" if out else ""))  # fmt: skip
+        shown = table.drop_columns([c for c in ("train_text",) if c in table.column_names]).to_pydict()
+        for row in zip(*shown.values()):
+            print("  ".join(f"{v:>10.4g}" if isinstance(v, float) else f"{v:>10}" for v in row))
+        return
     answer = attributor.bottom_k if args.bottom else attributor.top_k
     table = answer(inputs, top_k, split=split, out=out, scores_out=args.scores_out)
     meta = {k.decode().split(".", 1)[1]: v.decode() for k, v in (table.schema.metadata or {}).items()}

@@ -47,6 +47,8 @@ def store_identity(config: Config, split: str, task: Task | None = None) -> dict
     if normaliser is not None:  # the same parameters, rows scaled by D^(1/2)
         computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection, normaliser)
     description = task.description()
+    if split == "train" and getattr(task, "held_out", None):
+        print(f"note: {task.held_out}", file=sys.stderr)  # documents a user may expect in the store are not
     return {
         "_normaliser": normaliser,
         "split": split,

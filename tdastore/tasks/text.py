@@ -93,6 +93,7 @@ class TextTask(Task):
     """Causal LM (loss: mean next-token cross-entropy over target tokens) or sequence classification."""
 
     pretrained = True  # the final model is model.name_or_path itself: nothing to train
+    held_out: str | None = None  # what a test_fraction split leaves out of the training split (said at build)
 
     def __init__(self, task: TaskConfig, model: ModelConfig, dataset=None, test_dataset=None):
         if not model.name_or_path:
@@ -122,6 +123,11 @@ class TextTask(Task):
             train_rows, test_rows = split_rows(len(records), task.test_fraction, task.split_seed)
             train_records, test_records = records.select(train_rows), records.select(test_rows)
             split_ids = {"train": train_rows, "test": test_rows}
+            self.held_out = (
+                f"task.test_fraction {task.test_fraction}: {len(test_rows):,} of {len(records):,} documents of "
+                f"'{task.dataset}' are test documents, left out of the training split; give the test prompts as "
+                "task.test_dataset to keep every document"
+            )
         self.classes = None
         if self.kind == "sequence_classification":
             if task.label_column not in records.column_names:

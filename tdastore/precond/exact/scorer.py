@@ -47,7 +47,7 @@ class ExactScorer:
         x = check_solution(self._apply_operator(method, g), method.name)
         if method.normalise_metric:  # x = K g / sqrt(g^T K g)
             x = x / (g * x).sum(1, keepdim=True).clamp_min(1e-30).sqrt()
-        scale = 1.0 / self.space.n
+        scale = 1.0 / self.space.n if self.config.attribution.scale == "paper" else 1.0
         if method.learning_rate:
             scale *= self.config.train.lr
         return x * scale
