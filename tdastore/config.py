@@ -52,6 +52,10 @@ class TaskConfig:
     truncation: bool = True  # cut longer documents at max_length (false: longer documents are an error)
     packing: bool = False  # causal_lm: concatenate documents (EOS between) and cut into max_length blocks
     completion_only: bool = False  # causal_lm: loss on the text after the prompt only
+    # causal_lm: a document's loss is the mean over its target tokens (every document weighs the same, as a
+    # training loss over documents of similar length; the paper's), or their sum (bergson's default: a long
+    # document weighs by its length, as in token-level pretraining losses)
+    loss_reduction: Literal["mean", "sum"] = "mean"
 
 
 @dataclass

@@ -707,3 +707,20 @@ def test_a_lora_adapter_folder_attributes_the_adapters_own_parameters(tiny_lm, t
     assert model_fingerprint(on_top) == model_fingerprint(model)  # model.adapter on a base: the same model
     with pytest.raises(ConfigError, match="adapter_config.json"):
         make_task(same.task, ModelConfig(name_or_path=str(tiny_lm / "model"), adapter=str(tmp_path))).make_model()
+
+
+def test_summed_document_losses_scale_each_row_by_its_target_count(tiny_lm):
+    """task.loss_reduction sum (bergson's default): a document's row is its mean-loss row times its number of
+    target tokens, and the store's task description records the choice."""
+    config = text_config(tiny_lm)
+    summed = text_config(tiny_lm, task={"loss_reduction": "sum"})
+    rows = {}
+    for name, cfg in (("mean", config), ("sum", summed)):
+        task = make_task(cfg.task, cfg.model)
+        computer = make_gradient_computer(task.make_model(), task.per_example_loss, cfg.gradients, cfg.projection)
+        examples = task.examples("train").slice(0, 6)
+        rows[name] = computer(examples.inputs, examples.targets)[0].double()
+    counts = (examples.targets[:, 1:] != -100).sum(1).double()  # target tokens per document
+    torch.testing.assert_close(rows["sum"], rows["mean"] * counts[:, None], rtol=1e-4, atol=1e-6)
+    assert make_task(summed.task, summed.model).description()["loss_reduction"] == "sum"
+    assert "loss_reduction" not in make_task(config.task, config.model).description()  # older stores unchanged

@@ -176,6 +176,8 @@ class TextTask(Task):
         tokens = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
         ).view(labels.shape)  # [B, L - 1]
+        if self.task_config.loss_reduction == "sum":
+            return tokens.sum(1)  # [B]
         counted = (labels != IGNORE).sum(1).clamp(min=1)
         return tokens.sum(1) / counted  # [B]
 
@@ -340,10 +342,18 @@ class TextTask(Task):
             "kind": self.kind,
             "dataset": str(cfg.dataset),
             "model": self.model_config.name_or_path,
-            "adapter": base_and_adapter(self.model_config)[1],  # None: the model itself
             "max_length": cfg.max_length,
             "packing": cfg.packing,
             "completion_only": cfg.completion_only,
+        } | self._non_default_settings()
+
+    def _non_default_settings(self) -> dict:
+        """Settings added since stores were first built, described only when set: older stores keep their
+        fingerprints (and resume) while a store built with them says so."""
+        adapter = base_and_adapter(self.model_config)[1]
+        return {
+            **({"adapter": adapter} if adapter else {}),
+            **({"loss_reduction": "sum"} if self.task_config.loss_reduction == "sum" else {}),
         }
 
 
