@@ -170,6 +170,9 @@ class AttributionConfig:
     # paper: scores carry the paper's 1/n (the first-order change of g when one of n rows is left out); raw: the
     # inner products themselves (bergson's and most LLM tools' numbers). Rankings are the same
     scale: Literal["paper", "raw"] = "paper"
+    # what a query attributes (the test side only; the store is the same): loss | completion | logprob | margin |
+    # module:function (tdastore/tasks/measurements.py); recorded in the results' metadata
+    measurement: str = "loss"
 
 
 @dataclass

@@ -724,3 +724,71 @@ def test_summed_document_losses_scale_each_row_by_its_target_count(tiny_lm):
     torch.testing.assert_close(rows["sum"], rows["mean"] * counts[:, None], rtol=1e-4, atol=1e-6)
     assert make_task(summed.task, summed.model).description()["loss_reduction"] == "sum"
     assert "loss_reduction" not in make_task(config.task, config.model).description()  # older stores unchanged
+
+
+def summed_top_logit(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A measurement of the user's own (imported by name in the test below): each document's max logit summed
+    over its real tokens (targets mark padding -100: a batch is right-padded)."""
+    return (outputs.float().amax(-1) * (targets != -100)).sum(1)  # [B]
+
+
+def test_measurements_chosen_at_query_time(ray_cluster, tiny_lm, tmp_path):
+    """One store (prompt + text documents, loss over whole documents), measured at query time: `completion`
+    equals the test loss of a task built with completion_only; {prompt, completion} pairs and chat messages
+    measure the completion; logprob is the mean loss times the target count; module:function equals autograd on
+    it; the measurement is in the results' metadata."""
+    docs = [json.loads(line) for line in (tiny_lm / "corpus.jsonl").read_text().splitlines()[:120]]
+    records = [{"id": d["id"], "prompt": d["text"][:12], "text": d["text"][12:]} for d in docs if len(d["text"]) > 30]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    task_section = {"dataset": str(tmp_path / "qa.jsonl"), "prompt_column": "prompt", "test_fraction": 0.1}
+    projection = {"factors": [4, 4], "module_factors": {}}
+    config = text_config(tiny_lm, task=task_section, projection=projection)
+    store = build_store(config, tmp_path / "store", progress=False)
+
+    def attributor(measurement):
+        return Attributor(store, "grad_dot", {"attribution": {"measurement": measurement}})
+
+    completion = attributor("completion")
+    test = completion.examples(split="test")
+    rows = completion.test_rows(test)
+    only = text_config(tiny_lm, task={**task_section, "completion_only": True}, projection=projection)
+    masked_task = make_task(only.task, only.model)
+    computer = make_gradient_computer(completion.model, masked_task.test_function, only.gradients, only.projection)
+    masked = masked_task.examples("test")
+    np.testing.assert_allclose(rows, computer(masked.inputs, masked.targets)[0].numpy(), rtol=1e-5, atol=1e-7)
+
+    split_test = attributor("loss").task.examples("test")
+    pairs = [{"prompt": p, "completion": c} for p, c in zip(*_prompts_and_texts(records, split_test.ids))]
+    loss = attributor("loss")
+    np.testing.assert_allclose(loss.test_rows(loss.examples(pairs)), rows, rtol=1e-5, atol=1e-7)
+    chats = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["completion"]}]}
+             for p in pairs]  # fmt: skip
+    with pytest.raises(DataError, match="no chat template"):
+        loss.examples(chats)
+    loss.task.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    np.testing.assert_allclose(loss.test_rows(loss.examples(chats)), rows, rtol=1e-5, atol=1e-7)
+
+    logprob = attributor("logprob")
+    counts = (test.targets[:, 1:] != -100).sum(1).numpy()  # completion tokens of each query
+    in_pairs = logprob.test_rows(logprob.examples(pairs))
+    np.testing.assert_allclose(in_pairs, rows * counts[:, None], rtol=1e-4, atol=1e-6)
+
+    own = attributor("test_text:summed_top_logit")
+    whole = own.examples(split="test").slice(0, 4)
+    fake = type("Measured", (), {"per_example_loss": staticmethod(summed_top_logit)})()
+    expected = dense_projected(fake, own.model, own._gradient_computer(summed_top_logit), whole)
+    got = torch.as_tensor(own.test_rows(whole)).double()
+    assert float((got - expected).norm(dim=1).max() / expected.norm(dim=1).min()) <= 1e-4
+    table = own.top_k(whole, 2)
+    assert table.schema.metadata[b"tdastore.measurement"] == b"test_text:summed_top_logit"
+    with pytest.raises(ConfigError, match="function of yours"):
+        from tdastore.attribution.tokens import require_tokens
+
+        require_tokens(own)
+    with pytest.raises(ConfigError, match="unknown measurement"):
+        attributor("perplexity")
+
+
+def _prompts_and_texts(records, ids):
+    by_id = {r["id"]: r for r in records}
+    return [by_id[int(i)]["prompt"] for i in ids], [by_id[int(i)]["text"] for i in ids]

@@ -33,6 +33,7 @@ from tdastore.store.location import is_local
 from tdastore.store.normalisers import store_normaliser
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Examples, Task, model_fingerprint
+from tdastore.tasks.measurements import measurement_function
 from tdastore.tasks.objects import ModelTask
 from tdastore.training import load_model
 
@@ -152,7 +153,9 @@ class Attributor:
             self.model = on_device(self.model, self.config.device)  # test gradients and fitting passes run there
         per_row = 1.0 / store.n_rows if self.config.attribution.scale == "paper" else 1.0  # attribution.scale
         self.scale = per_row * (self.config.train.lr if self.method.learning_rate else 1.0)
-        self.info: dict = {"method": self.method.name, "path": self.path}
+        self.measurement = self.config.attribution.measurement
+        self.measure = measurement_function(self.task, self.measurement)  # the test side's g (query time)
+        self.info: dict = {"method": self.method.name, "path": self.path, "measurement": self.measurement}
         self.operator = self.index = self.exact = None
         if self.path == "exact":
             same = share is not None and share.exact is not None and share.config.attribution == self.config.attribution
@@ -229,11 +232,17 @@ class Attributor:
         """Test inputs as the task's examples: None (the task's `split`, default test), the task's own
         examples, or anything the task's `encode` reads (a file path, a table, texts)."""
         if inputs is None:
-            return self.task.examples(split or "test")
-        if self.task.is_examples(inputs):
+            examples = self.task.examples(split or "test")
+        elif self.task.is_examples(inputs):
             self.task.check_examples(inputs)
-            return inputs
-        return self.task.encode(inputs)
+            examples = inputs
+        else:
+            examples = self.task.encode(inputs)
+        if self.measurement == "completion":  # the prompt's tokens leave the loss
+            if not hasattr(self.task, "completion_view"):
+                raise ConfigError("measurement completion applies to causal_lm stores (prompt and completion)")
+            examples = self.task.completion_view(examples)
+        return examples
 
     def _gradient_computer(self, loss_fn):
         """The store's gradient computer (projection, seed, normaliser) over `loss_fn`, checked against its spec."""
@@ -256,7 +265,7 @@ class Attributor:
     def test_rows_of(self, inputs: torch.Tensor, targets: torch.Tensor, ids=None) -> np.ndarray:
         """Test-function gradients [m, k] of input and target tensors, in batches of gradients.batch_size."""
         if self._computer is None:  # built once: a projector caches its generated matrix blocks
-            self._computer = self._gradient_computer(self.task.test_function)
+            self._computer = self._gradient_computer(self.measure)
         rows = []
         batch, device = self.config.gradients.batch_size, model_device(self.model)
         ids = np.arange(len(inputs)) if ids is None else ids

@@ -22,21 +22,24 @@ import pyarrow as pa
 import torch
 
 from tdastore.errors import ConfigError
+from tdastore.tasks.measurements import sums_over_tokens
 
 IGNORE = -100  # a target token without a loss
 
 
-def query_token_copies(test) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+def query_token_copies(
+    test, summed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
     """One copy of each query per target token, every other target masked: (inputs [n, 2, L], targets [n, L],
     owner [n] (the query's row), position [n] (the target token's position), weight [n] (1 / the query's
-    target count, so the copies' gradients times it sum to the query's))."""
+    target count for a mean over tokens, 1 for a sum, so the copies' gradients times it sum to the query's))."""
     inputs, targets = test.inputs, test.targets  # [m, 2, L], [m, L]
     owner, position, weight = [], [], []
     for row in range(targets.shape[0]):
         counted = torch.nonzero(targets[row, 1:] != IGNORE).flatten() + 1  # position t predicts token t (t >= 1)
         owner += [row] * len(counted)
         position += counted.tolist()
-        weight += [1.0 / max(1, len(counted))] * len(counted)
+        weight += [1.0 if summed else 1.0 / max(1, len(counted))] * len(counted)
     owner_t, position_t = torch.tensor(owner, dtype=torch.long), torch.tensor(position, dtype=torch.long)
     copies = torch.full((len(owner), targets.shape[1]), IGNORE, dtype=targets.dtype)
     copies[torch.arange(len(owner)), position_t] = targets[owner_t, position_t]
@@ -59,7 +62,8 @@ def token_table(attributor, test, hits: pa.Table, decode) -> pa.Table:
     scale = np.float64(attributor.scale)
     # the query side: whole test gradients and per-target-token ones, in the store's space
     g = attributor.test_rows(test).astype(np.float64)  # [m, K]
-    inputs, targets, owner, position, weight = query_token_copies(test)
+    summed = bool(sums_over_tokens(attributor.task, attributor.measurement))
+    inputs, targets, owner, position, weight = query_token_copies(test, summed)
     token_g = attributor.test_rows_of(inputs, targets).astype(np.float64) * weight[:, None]  # [n, K]
     q_norm = np.linalg.norm(g, axis=1) if unit else [None] * len(g)
     queries = [transformed(g[j : j + 1], operator, q_norm[j])[0] * scale for j in range(len(g))]  # [K] each
@@ -109,3 +113,8 @@ def require_tokens(attributor) -> None:
         )
     if not getattr(attributor.task, "tokenizer", None) or attributor.task.describe_inputs().get("kind") != "causal_lm":
         raise ConfigError("token-level scores apply to causal language-model stores (task.kind: causal_lm)")
+    if sums_over_tokens(attributor.task, attributor.measurement) is None:
+        raise ConfigError(
+            f"measurement '{attributor.measurement}' is a function of yours: token shares need a sum or mean over "
+            "target tokens (loss, completion, logprob, margin)"
+        )

@@ -19,6 +19,7 @@ from tdastore.version import __version__
 ALL_SECTIONS = list(Config.__dataclass_fields__)  # every section of the config, in order
 QUERY_ALIASES = {
     "--path": "attribution.path",
+    "--measurement": "attribution.measurement",
     "--damping-factor": "attribution.damping_factor",
     "--lissa-depth": "attribution.lissa_depth",
     "--index-shard-rows": "index.shard_rows",

@@ -26,6 +26,7 @@ from tdastore.tasks.base import Examples, Split, Task, check_not_empty
 
 TEXT_KINDS = ("causal_lm", "sequence_classification")
 IGNORE = -100  # target id of tokens without a loss (padding, prompt)
+PROMPT = "__tdastore_prompt"  # the prompt column of a query's {prompt, completion} pairs and chats
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
@@ -209,29 +210,77 @@ class TextTask(Task):
 
     def encode(self, inputs: str | Path | list | object) -> TokenExamples:
         """Query inputs: a jsonl / json / parquet / csv / txt file, a `datasets.Dataset`, or a list of strings
-        (or of {text_column: ..., prompt_column: ...} records), tokenised exactly as the training data."""
+        (or of {text_column: ..., prompt_column: ...} records), tokenised exactly as the training data; or
+        {"prompt", "completion"} pairs and chat {"messages": [...]} lists (the last message, the assistant's,
+        is the completion; the rest rendered with the tokenizer's chat template is the prompt), whose loss
+        counts the completion's tokens only."""
         import datasets
 
+        text = self.task_config.text_column
         if isinstance(inputs, (list, tuple)):
-            rows = [r if isinstance(r, dict) else {self.task_config.text_column: str(r)} for r in inputs]
-            records = datasets.Dataset.from_list(rows)
+            records = datasets.Dataset.from_list([r if isinstance(r, dict) else {text: str(r)} for r in inputs])
         else:
-            records = load_records(inputs, self.task_config.text_column, "--inputs")
+            records = load_records(inputs, text, "--inputs")
         check_not_empty(len(records), "the query inputs")
         ids = (
             np.asarray(records["id"], dtype=np.int64)
             if "id" in records.column_names
             else np.arange(len(records), dtype=np.int64)
         )
+        columns = set(records.column_names)
+        if "messages" in columns or {"prompt", "completion"} <= columns:
+            rows = [self._completion_record(r) for r in records.to_list()]
+            records = datasets.Dataset.from_list(rows)
+            return self._encode_records(records, ids, "the query inputs", False, PROMPT, completion_only=True)
         return self._encode_records(records, ids, "the query inputs", packing=False)
 
-    def _encode_records(self, records, ids: np.ndarray, where: str, packing: bool | None = None) -> TokenExamples:
+    def _completion_record(self, record: dict) -> dict:
+        """{PROMPT: prompt text, text_column: completion} of a pair or a chat."""
+        if self.kind != "causal_lm":
+            raise DataError("prompt / completion pairs and chat messages are causal_lm queries")
+        if "messages" in record and record["messages"] is not None:
+            messages = record["messages"]
+            if not messages or messages[-1].get("role") != "assistant":
+                raise DataError("a chat query's last message must be the assistant's (the completion attributed)")
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise DataError(
+                    "the tokenizer has no chat template: give {prompt, completion} pairs, or a tokenizer with one "
+                    "(model.tokenizer)"
+                )
+            prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            return {PROMPT: prompt, self.task_config.text_column: str(messages[-1]["content"])}
+        return {PROMPT: str(record["prompt"]), self.task_config.text_column: str(record["completion"])}
+
+    def completion_view(self, examples: TokenExamples) -> TokenExamples:
+        """The same examples with the loss on their completions only (the `completion` measurement)."""
+        if not isinstance(examples, TokenExamples) or self.kind != "causal_lm":
+            raise ConfigError("measurement completion applies to causal_lm queries")
+        prompts = np.asarray(examples.dataset.data.table.column("n_prompt").to_numpy())
+        if not len(prompts) or prompts.min() <= 0:
+            raise DataError(
+                "measurement completion needs a prompt in every query: give {prompt, completion} pairs or chat "
+                "messages, or query a store whose task has a prompt_column"
+            )
+        return TokenExamples(examples.dataset, examples.kind, examples.pad_id, True)
+
+    def _encode_records(
+        self,
+        records,
+        ids: np.ndarray,
+        where: str,
+        packing: bool | None = None,
+        prompt_column: str | None = None,
+        completion_only: bool | None = None,
+    ) -> TokenExamples:
         """Tokenise with `datasets.map` into an Arrow table (cached on disk for file data sets, memory-mapped),
-        then check it: lengths, vocabulary, empty documents, documents without target tokens."""
+        then check it: lengths, vocabulary, empty documents, documents without target tokens. prompt_column /
+        completion_only: a query's own (pairs, chats), else the task's."""
 
         cfg, tok = self.task_config, self.tokenizer
         packing = cfg.packing if packing is None else packing
-        prompt = cfg.prompt_column if cfg.prompt_column and cfg.prompt_column in records.column_names else None
+        completion_only = cfg.completion_only if completion_only is None else completion_only
+        prompt = prompt_column or cfg.prompt_column
+        prompt = prompt if prompt and prompt in records.column_names else None
         index = {c: i for i, c in enumerate(self.classes or [])}
         records = records.add_column("__tdastore_id", [int(i) for i in ids])
         fingerprint = hashlib.sha256(
@@ -240,6 +289,8 @@ class TextTask(Task):
                     getattr(records, "_fingerprint", None),
                     sorted(self.description().items()),
                     packing,
+                    prompt,
+                    completion_only,
                     self.model_config.tokenizer,
                     len(tok),
                 )
@@ -261,7 +312,7 @@ class TextTask(Task):
                 "n_prompt": n_prompt,
             }
             out["n_targets"] = [
-                max(0, len(e) - 1 - (max(0, min(p, len(e)) - 1) if cfg.completion_only else 0))
+                max(0, len(e) - 1 - (max(0, min(p, len(e)) - 1) if completion_only else 0))
                 for e, p in zip(out["input_ids"], n_prompt)
             ]
             if self.kind == "sequence_classification":
@@ -282,7 +333,7 @@ class TextTask(Task):
             tokenised = tokenised.remove_columns("id").add_column("id", list(range(len(tokenised))))
             table = tokenised.data.table
         self._validate(table, where)
-        return TokenExamples(tokenised, self.kind, int(tok.pad_token_id), cfg.completion_only)
+        return TokenExamples(tokenised, self.kind, int(tok.pad_token_id), completion_only)
 
     def _validate(self, table, where: str) -> None:
         """Refuse what the model cannot be trained or queried on, naming the document and the fix: documents

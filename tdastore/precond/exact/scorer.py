@@ -16,6 +16,7 @@ from tdastore.methods import Method
 from tdastore.precond.exact.space import FullSpace, check_solution, lowest_eigenvalue
 from tdastore.precond.registry import operator_class
 from tdastore.tasks.base import Examples, Task
+from tdastore.tasks.measurements import measurement_function
 
 
 class ExactScorer:
@@ -23,10 +24,11 @@ class ExactScorer:
 
     def __init__(self, model: torch.nn.Module, task: Task, config: Config):
         self.task, self.config = task, config
+        self.measure = measurement_function(task, config.attribution.measurement)  # the test side's g
         self.space = FullSpace(
             model,
             task.per_example_loss,
-            task.test_function,
+            self.measure,
             config.gradients.params,
             task.examples("train"),
             config.attribution,
@@ -37,7 +39,7 @@ class ExactScorer:
 
     def test_gradients(self, test: Examples) -> torch.Tensor:
         """grad g(z) for each test input: [m, p]."""
-        return torch.cat([b for _, b in self.space.example_grads(test, self.task.test_function)])
+        return torch.cat([b for _, b in self.space.example_grads(test, self.measure)])
 
     def test_vectors(self, method: Method, test: Examples) -> torch.Tensor:
         """eps * K grad g(z), the test side of the score, [m, p]."""
