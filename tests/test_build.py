@@ -399,11 +399,13 @@ def test_plan_predicts_the_store_and_measures_the_rest(ray_cluster, tmp_path, tr
     assert plan.shard_buffer_bytes == trained_config.store.shard_rows * 1441 * 4
     assert plan.examples_per_s > 0 and plan.worker_bytes > plan.process_bytes > 0
     assert plan.build_seconds == pytest.approx(353 / (plan.examples_per_s * trained_config.build.workers))
+    assert plan.ray_seconds > 0 and plan.model_seconds > 0  # a worker started and the model loaded, measured
+    assert plan.total_seconds == pytest.approx(plan.ray_seconds + plan.model_seconds + plan.build_seconds)
     path = tmp_path / "cfg.yaml"
     tdastore.config.save_config(trained_config, path)
     assert cli_main(["plan", "--config", str(path), "--workers", "4"]) == 0
     out = capsys.readouterr().out
-    assert "353 x 1,441 columns" in out and "on 4 worker(s)" in out
+    assert "353 x 1,441 columns" in out and "on 4 worker(s)" in out and "fixed costs" in out
 
 
 def test_devices_and_gpu_requests(ray_cluster, tmp_path, trained_config):
