@@ -328,3 +328,55 @@ def test_second_moment_from_a_saved_optimizer_state_by_name(setup, tmp_path):
     torch.save(unnamed.state_dict(), tmp_path / "unnamed.pt")
     with pytest.raises(ConfigError, match="does not name its parameters"):
         scorer_for(setup, optimizer_state=str(tmp_path / "unnamed.pt")).scores(get_method("adam_dot"), ref.test)
+
+
+def test_ekfac_unfolds_conv2d_layers_as_kronfluence_does():
+    """A Conv2d layer (stride 2, padding 1, bias) in exact EK-FAC: the factors from patches cut out by explicit
+    loops and output gradients from autograd, G per example equal to autograd's weight gradient, and the
+    preconditioned vectors equal numpy's Q_S [(Q_S^T G Q_A) / (Lambda + lambda)] Q_A^T."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from tdastore.precond.exact.ekfac import EkfacFactors
+    from tdastore.tasks.base import Examples
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(27, 4)).double()
+    x, y = torch.randn(10, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (10,))
+
+    def loss(outputs, targets):
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+    factors = EkfacFactors(model, loss, ["*"], Examples(x, y, np.arange(10), y.numpy()), 4, 10.0)
+    conv = model[0]
+    out = conv(x)
+    out.retain_grad()
+    loss(model[1:](out), y).sum().backward()
+    d, padded = out.grad.numpy(), np.pad(x.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)))  # [B, 3, 3, 3], [B, 2, 7, 7]
+    a_cov, s_cov, per_example = np.zeros((19, 19)), np.zeros((3, 3)), []
+    for b in range(10):
+        g = np.zeros((3, 19))
+        for i in range(3):
+            for j in range(3):
+                a = np.append(padded[b, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].reshape(-1), 1.0)  # [2*3*3 + 1]
+                a_cov, s_cov, g = (
+                    a_cov + np.outer(a, a),
+                    s_cov + np.outer(d[b, :, i, j], d[b, :, i, j]),
+                    g + np.outer(d[b, :, i, j], a),
+                )
+        per_example.append(g)
+        model.zero_grad()
+        loss(model(x[b : b + 1]), y[b : b + 1]).sum().backward()
+        np.testing.assert_allclose(g[:, :18], conv.weight.grad.reshape(3, -1).numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(g[:, 18], conv.bias.grad.numpy(), rtol=1e-10, atol=1e-12)
+    q_a, q_s = np.linalg.eigh(a_cov / 10)[1], np.linalg.eigh(s_cov / 10)[1]
+    values = np.mean([(q_s.T @ g @ q_a) ** 2 for g in per_example], axis=0)
+    np.testing.assert_allclose(factors.eigenvalues[0].numpy(), values, rtol=1e-8, atol=1e-14)
+    vectors = torch.randn(5, factors.numel, dtype=torch.float64)
+    g = np.concatenate([vectors[:, :54].reshape(5, 3, 18).numpy(), vectors[:, 54:57].numpy()[:, :, None]], axis=2)
+    expected = q_s @ ((q_s.T @ g @ q_a) / (values + factors.damping)) @ q_a.T  # [5, 3, 19]
+    got = factors.apply(vectors).double().numpy()
+    np.testing.assert_allclose(
+        got[:, :54], expected[:, :, :18].reshape(5, -1), rtol=1e-4, atol=1e-6 * np.abs(expected).max()
+    )
+    np.testing.assert_allclose(got[:, 54:57], expected[:, :, 18], rtol=1e-4, atol=1e-6 * np.abs(expected).max())

@@ -155,16 +155,22 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
 
 
 def linear_modules(
-    model: nn.Module, patterns: list[str], what: str, module_patterns: list[str] | None = None, embeddings=False
+    model: nn.Module,
+    patterns: list[str],
+    what: str,
+    module_patterns: list[str] | None = None,
+    embeddings=False,
+    convolutions=False,
 ) -> list[tuple[str, nn.Module, bool]]:
-    """(module name, module, bias selected) for every Linear / Conv1D (and, with embeddings, Embedding) layer
-    whose weight is selected, a layer sharing a tied weight included; an error when a selected parameter belongs
-    to anything else, since hooks only see those layers."""
+    """(module name, module, bias selected) for every Linear / Conv1D (and, with embeddings, Embedding; with
+    convolutions, Conv2d) layer whose weight is selected, a layer sharing a tied weight included; an error when a
+    selected parameter belongs to anything else, since hooks only see those layers."""
     selected = set(select_parameters(model, patterns, module_patterns))
     canonical = parameter_names(model)
     modules, covered = [], set()
     for name, module in model.named_modules():
-        if not is_hookable(module) or isinstance(module, nn.Embedding) and not embeddings:
+        conv2d = convolutions and isinstance(module, nn.Conv2d)
+        if not (is_hookable(module) or conv2d) or isinstance(module, nn.Embedding) and not embeddings:
             continue
         weight = canonical.get(id(module.weight))
         if weight in selected:
@@ -173,9 +179,10 @@ def linear_modules(
             modules.append((name, module, with_bias))
             covered |= {weight} | ({bias} if with_bias else set())
     if selected - covered:
+        kinds = "Linear / Conv1D" + (" / Embedding" if embeddings else "") + (" / Conv2d" if convolutions else "")
         raise GradientError(
-            f"{what} handles the weights (and biases) of Linear / Conv1D{' / Embedding' if embeddings else ''} "
-            f"layers only; these selected parameters are not: {sorted(selected - covered)[:8]}. Narrow "
+            f"{what} handles the weights (and biases) of {kinds} layers only; these selected parameters are not: "
+            f"{sorted(selected - covered)[:8]}. Narrow "
             "gradients.params (or use gradients.modules), or use projection.kind sparse/gaussian"
         )
     return modules
@@ -185,10 +192,17 @@ class LinearHookGradients:
     """Shared machinery: capture each selected layer's inputs and output gradients in one pass."""
 
     def __init__(
-        self, model: nn.Module, loss_fn, patterns: list[str], what: str, module_patterns=None, embeddings=False
+        self,
+        model: nn.Module,
+        loss_fn,
+        patterns: list[str],
+        what: str,
+        module_patterns=None,
+        embeddings=False,
+        convolutions=False,
     ):
         self.model, self.loss_fn = model, loss_fn
-        self.modules = linear_modules(model, patterns, what, module_patterns, embeddings)
+        self.modules = linear_modules(model, patterns, what, module_patterns, embeddings, convolutions)
         self.statistics: KroneckerStatistics | None = None
         canonical = parameter_names(model)
         self.param_shapes: dict[str, list[int]] = {}  # every selected parameter once, a tied weight too
