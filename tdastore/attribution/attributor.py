@@ -155,6 +155,8 @@ class Attributor:
         self.scale = per_row * (self.config.train.lr if self.method.learning_rate else 1.0)
         self.measurement = self.config.attribution.measurement
         self.measure = measurement_function(self.task, self.measurement)  # the test side's g (query time)
+        if share is not None and share.measurement != self.measurement:
+            self._computer = None  # a shared computer differentiates the other measurement: build this one's own
         self.info: dict = {"method": self.method.name, "path": self.path, "measurement": self.measurement}
         self.operator = self.index = self.exact = None
         if self.path == "exact":
