@@ -173,6 +173,10 @@ class AttributionConfig:
     # what a query attributes (the test side only; the store is the same): loss | completion | logprob | margin |
     # module:function (tdastore/tasks/measurements.py); recorded in the results' metadata
     measurement: str = "loss"
+    # unit-normalise the gradients of any method before its operator, as grad_cos does for grad_dot: train (the
+    # stored rows; changes rankings), test (the query's gradient; changes magnitudes, e.g. across aggregated
+    # queries), both. In the space the path scores in (projected rows, or full gradients on the exact path)
+    normalize: Literal["none", "train", "test", "both"] = "none"
 
 
 @dataclass

@@ -23,7 +23,7 @@ in `tdastore evaluate`, not in single queries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tdastore.errors import ConfigError
 
@@ -39,11 +39,22 @@ class Method:
     learning_rate: bool = False  # multiply by the training learning rate (TracIn)
     further_training: bool = False  # scores a ground truth's further-training run, not a single query
     summary: str = ""
+    unit_sides: tuple[str, ...] = ()  # attribution.normalize's additions: "train", "test" (see with_normalize)
 
-    def unit_rows(self) -> bool:
-        """Projected path: unit-normalise stored and test rows (in a normalised store's space that is the
-        operator's metric, so adam_cos is TrackStar's form there)."""
-        return self.normalise or self.normalise_metric
+    def unit(self, side: str) -> bool:
+        """Unit-normalise this side's gradients ("train" or "test") before the operator: cosine methods, or
+        attribution.normalize."""
+        return self.normalise or side in self.unit_sides
+
+    def unit_projected(self, side: str) -> bool:
+        """Projected path: unit-normalise this side's rows (in a normalised store's space that is the operator's
+        metric, so adam_cos is TrackStar's form there)."""
+        return self.unit(side) or self.normalise_metric
+
+    @property
+    def index_name(self) -> str:
+        """The name of this method's FAISS indexes: unit-normalised train rows are other rows."""
+        return f"{self.name}-unit" if "train" in self.unit_sides and not self.normalise else self.name
 
     def operator(self, path: str) -> str:
         op = self.projected if path == "projected" else self.exact
@@ -123,6 +134,16 @@ METHODS: dict[str, Method] = {
         ),
     ]
 }
+
+
+NORMALIZE_SIDES = {"none": (), "train": ("train",), "test": ("test",), "both": ("train", "test")}
+
+
+def with_normalize(method: Method, normalize: str) -> Method:
+    """The method with attribution.normalize applied (none: the method as it is; grad_cos is already both)."""
+    if normalize not in NORMALIZE_SIDES:
+        raise ConfigError(f"attribution.normalize '{normalize}': use one of {list(NORMALIZE_SIDES)}")
+    return replace(method, unit_sides=NORMALIZE_SIDES[normalize]) if NORMALIZE_SIDES[normalize] else method
 
 
 def get_method(name: str) -> Method:

@@ -46,7 +46,8 @@ MAX_NUMBER_CHARS = 40  # longer numbers are not features of anything (and big-in
 # -- preparing a store for serving (the driver, once) ---------------------------------------------------------
 def served_methods(store_path: str, methods: list[str] | None, kind: str | None, overrides: dict | None) -> dict:
     """Fit (or load) every candidate method's operator and build (or open) its index, once, in this process, so
-    replicas only load them. Returns {"methods": answerable, "unavailable": {method: why}}."""
+    replicas only load them. Returns {"methods": answerable, "unavailable": {method: why}, "index_names": each
+    answerable method's index name (attribution.normalize: train indexes rows of its own)}."""
     from tdastore.attribution import Attributor
     from tdastore.store.gradient_store import open_store
 
@@ -57,16 +58,17 @@ def served_methods(store_path: str, methods: list[str] | None, kind: str | None,
     store = open_store(store_path)
     overrides = projected_overrides(overrides)
     base = Attributor(store, "grad_dot", overrides)  # task and model, loaded once
-    answerable, unavailable = [], {}
+    answerable, unavailable, index_names = [], {}, []
     for name in methods or candidates:
         try:
-            Attributor(store, name, overrides, kind=kind, share=base)
+            attributor = Attributor(store, name, overrides, kind=kind, share=base)
             answerable.append(name)
+            index_names.append(attributor.method.index_name)  # attribution.normalize: train rows of their own
         except TdaStoreError as err:  # e.g. kfac on a store built without factored gradients
             unavailable[name] = str(err)
     if not answerable:
         raise ConfigError(f"no method can be served from '{store_path}': {unavailable}")
-    return {"methods": answerable, "unavailable": unavailable}
+    return {"methods": answerable, "unavailable": unavailable, "index_names": index_names}
 
 
 def projected_overrides(overrides: dict | None) -> dict:
@@ -374,7 +376,9 @@ class QueryService:
         from tdastore.index.faiss_index import merge_top_k
 
         scaled = attributor.index_queries(queries, sign)
-        parts = await asyncio.gather(*[shard.search.remote(attributor.method.name, scaled, k) for shard in self.shards])
+        parts = await asyncio.gather(
+            *[shard.search.remote(attributor.method.index_name, scaled, k) for shard in self.shards]
+        )
         found, rows = merge_top_k(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1), k)
         return attributor.index_scores(found, sign), rows
 
@@ -511,7 +515,7 @@ def application(
     served = served_methods(store_path, methods, kind, overrides)
     served = {**served, "token_sha256": token_sha256}
     shards = [
-        IndexShard.options(name=f"IndexShard{i}").bind(store_path, served["methods"], kind, i, index_shards)
+        IndexShard.options(name=f"IndexShard{i}").bind(store_path, served["index_names"], kind, i, index_shards)
         for i in range(index_shards if index_shards > 1 else 0)
     ]
     # a replica queues requests itself (Serve's default of 5 leaves the rest to the router's backoff, which

@@ -488,3 +488,36 @@ def test_raw_scale_and_aggregation_over_a_set_of_queries(built, tmp_path, capsys
 
 def attributor_of(store, method, overrides=None):
     return tdastore.Attributor(store, method, overrides)
+
+
+def test_normalize_unit_normalises_either_side_of_any_method(built, tmp_path):
+    """attribution.normalize train / test / both: the method's scores with the stored rows and / or the query's
+    gradient unit-normalised first, as numpy computes them; train-normalised rows get an index of their own."""
+    config, store, task, test, t, g, tmp = built
+    expected = expected_scores("if_gn", t, g, config)  # [m, N]
+    g_norm, t_norm = np.linalg.norm(g, axis=1), np.linalg.norm(t, axis=1)
+    divisors = {"train": g_norm[None, :], "test": t_norm[:, None], "both": t_norm[:, None] * g_norm[None, :]}
+    for side, divisor in divisors.items():
+        attributor = attributor_of(store, "if_gn", {"attribution": {"normalize": side}})
+        got = attributor.score_matrix(test)
+        assert rel_err(got, expected / divisor) <= 1e-4, side
+        assert attributor.top_k(test, 3).schema.metadata[b"tdastore.normalize"] == side.encode()
+    table = tdastore.query(store, "if_gn", inputs=test, top_k=5, kind="flat",
+                           overrides={"attribution": {"normalize": "train"}})  # fmt: skip
+    ranked = np.argsort(-(expected / divisors["train"]), axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(table.column("train_row").to_numpy().reshape(len(test), 5), ranked)
+    assert (store.root / "indexes" / "if_gn-unit-flat" / "index.json").is_file()
+    plain = attributor_of(store, "grad_cos", {"attribution": {"normalize": "test"}}).score_matrix(test)
+    np.testing.assert_array_equal(plain, attributor_of(store, "grad_cos").score_matrix(test))  # already both
+    exact = {"path": "exact"}
+    exact_dot = attributor_of(store, "grad_dot", {"attribution": exact}).score_matrix(test)
+    exact_cos = attributor_of(store, "grad_cos", {"attribution": exact}).score_matrix(test)
+    exact_both = attributor_of(store, "grad_dot", {"attribution": {**exact, "normalize": "both"}}).score_matrix(test)
+    np.testing.assert_allclose(exact_both, exact_cos, rtol=1e-5, atol=1e-7 * np.abs(exact_cos).max())
+    assert not np.allclose(exact_dot, exact_cos)
+    with pytest.raises(ConfigError, match="normalize"):
+        attributor_of(store, "grad_dot", {"attribution": {"normalize": "rows"}})
+    out = tmp_path / "hits.parquet"
+    argv = ["query", str(store.root), "--split", "test", "--normalize", "train", "--scale", "raw", "--top-k", "2"]
+    assert cli_main([*argv, "--out", str(out), "--quiet"]) == 0
+    assert pq.read_schema(out).metadata[b"tdastore.normalize"] == b"train"

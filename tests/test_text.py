@@ -625,7 +625,7 @@ def test_token_scores_sum_to_the_score_and_equal_an_autograd_loop(ray_cluster, t
     test = attributor.examples(prompts)
     model, task = attributor.model, attributor.task
     computer = attributor._gradient_computer(task.per_example_loss)
-    operator, unit, scale = attributor.operator, attributor.method.unit_rows(), attributor.scale
+    operator, unit, scale = attributor.operator, attributor.method.unit_projected("train"), attributor.scale
 
     def through(rows, norm):  # the method's map on the rows of one gradient whose whole norm is norm
         rows = rows / norm if unit else rows

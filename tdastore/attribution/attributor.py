@@ -25,7 +25,7 @@ from tdastore.errors import ConfigError, StoreError
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.per_example import check_finite
 from tdastore.index.faiss_index import build_index, load_index, normalise_rows, transform_block
-from tdastore.methods import Method, get_method
+from tdastore.methods import Method, get_method, with_normalize
 from tdastore.precond.exact.scorer import ExactScorer
 from tdastore.precond.projected.cache import fit_or_load, operator_key
 from tdastore.precond.registry import FitInputs
@@ -132,6 +132,7 @@ class Attributor:
                 "`tdastore ground-truth --config CFG`, then `tdastore metagrad --config CFG` (or `tdastore evaluate`)"
             )
         self.config = store_config(store, overrides)
+        self.method = with_normalize(self.method, self.config.attribution.normalize)
         self.path = self.config.attribution.path
         if kind is not None and self.path == "exact":
             raise ConfigError(
@@ -158,6 +159,8 @@ class Attributor:
         if share is not None and share.measurement != self.measurement:
             self._computer = None  # a shared computer differentiates the other measurement: build this one's own
         self.info: dict = {"method": self.method.name, "path": self.path, "measurement": self.measurement}
+        if self.method.unit_sides:
+            self.info["normalize"] = self.config.attribution.normalize
         self.operator = self.index = self.exact = None
         if self.path == "exact":
             same = share is not None and share.exact is not None and share.config.attribution == self.config.attribution
@@ -204,7 +207,7 @@ class Attributor:
         return ray_block_map(self.store, self.workers, self.threads, self.address)
 
     def _open_index(self, key: str):
-        store, name, kind = self.store, self.method.name, self.kind
+        store, name, kind = self.store, self.method.index_name, self.kind
         handle = load_index(store, name, kind)
         if handle is not None and handle.description.get("operator") != key:
             raise StoreError(
@@ -325,7 +328,7 @@ class Attributor:
     def queries(self, test: Examples) -> np.ndarray:
         """Projected path: eps * K^(1/2) grad g(z) for each test input, [m, k]."""
         rows = self.test_rows(test)
-        if self.method.unit_rows():
+        if self.method.unit_projected("test"):
             rows = normalise_rows(rows)
         return self.operator.transform(rows) * np.float32(self.scale)
 

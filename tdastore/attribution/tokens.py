@@ -58,14 +58,14 @@ def token_table(attributor, test, hits: pa.Table, decode) -> pa.Table:
     """Per hit (test_id, rank, train_id, train_row) of `hits`: every training-document token's and every query
     target token's share of the score, with the token's text; decode(ids) -> token strings."""
     method, operator = attributor.method, attributor.operator
-    unit = method.unit_rows()
+    unit_train, unit_test = method.unit_projected("train"), method.unit_projected("test")
     scale = np.float64(attributor.scale)
     # the query side: whole test gradients and per-target-token ones, in the store's space
     g = attributor.test_rows(test).astype(np.float64)  # [m, K]
     summed = bool(sums_over_tokens(attributor.task, attributor.measurement))
     inputs, targets, owner, position, weight = query_token_copies(test, summed)
     token_g = attributor.test_rows_of(inputs, targets).astype(np.float64) * weight[:, None]  # [n, K]
-    q_norm = np.linalg.norm(g, axis=1) if unit else [None] * len(g)
+    q_norm = np.linalg.norm(g, axis=1) if unit_test else [None] * len(g)
     queries = [transformed(g[j : j + 1], operator, q_norm[j])[0] * scale for j in range(len(g))]  # [K] each
     # the training side: the hit documents' per-position terms
     test_index = {int(t): j for j, t in enumerate(test.ids)}
@@ -79,7 +79,7 @@ def token_table(attributor, test, hits: pa.Table, decode) -> pa.Table:
         j = test_index[int(test_id)]
         ids, terms = docs[int(train_row)]
         whole = terms.sum(0, keepdims=True)  # [1, K] the document's row
-        t_norm = float(np.linalg.norm(whole)) if unit else None
+        t_norm = float(np.linalg.norm(whole)) if unit_train else None
         train_side = transformed(terms, operator, t_norm)  # [T, K]
         document = transformed(whole, operator, t_norm)[0]  # [K]
         score = float(queries[j] @ document)

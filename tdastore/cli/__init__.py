@@ -20,6 +20,8 @@ ALL_SECTIONS = list(Config.__dataclass_fields__)  # every section of the config,
 QUERY_ALIASES = {
     "--path": "attribution.path",
     "--measurement": "attribution.measurement",
+    "--scale": "attribution.scale",
+    "--normalize": "attribution.normalize",
     "--damping-factor": "attribution.damping_factor",
     "--lissa-depth": "attribution.lissa_depth",
     "--index-shard-rows": "index.shard_rows",

@@ -215,9 +215,10 @@ def build_index(
     read_only: bool = False,
 ) -> IndexHandle:
     """Transform every row with the operator (and normalise for cosine), add them to FAISS, shard by shard."""
-    directory = store.root / INDEX_DIR / f"{method.name}-{kind}"
+    index_name = method.index_name  # a method's name, or with attribution.normalize: train its own rows
+    directory = store.root / INDEX_DIR / f"{index_name}-{kind}"
     description = {
-        "method": method.name,
+        "method": index_name,
         "kind": kind,
         "operator": operator_key,
         "projection": store.manifest["projection"],
@@ -229,22 +230,22 @@ def build_index(
     }
     if kind == "pq":
         _pq_m(config, reduced_width(store.dim))  # a pq_m that does not divide the width: refused before any work
-    existing = load_index(store, method.name, kind)
+    existing = load_index(store, index_name, kind)
     persist = writable(store.root) and not read_only  # a read-only store (e.g. one being served): in memory
     if existing is not None and existing.description == description:
         damage = index_problems(existing)
         if not damage:
             return existing
         if not persist:
-            raise StoreError(f"the {method.name}/{kind} index of '{store.root}' is damaged ({damage[0]}): "
+            raise StoreError(f"the {index_name}/{kind} index of '{store.root}' is damaged ({damage[0]}): "
                              + index_damage(existing.directory).split(": ", 1)[1])  # fmt: skip
-        print(f"the {method.name}/{kind} index is damaged ({'; '.join(damage)}): rebuilding it", file=sys.stderr)
+        print(f"the {index_name}/{kind} index is damaged ({'; '.join(damage)}): rebuilding it", file=sys.stderr)
     if persist:
         directory.mkdir(parents=True, exist_ok=True)
     shards, loaded, digests = [], {}, {}
     began = time.perf_counter()
     ranges = index_shards(store, config.shard_rows)
-    bar = tqdm(total=store.n_rows, desc=f"index {method.name}/{kind}", unit="row", disable=not progress)
+    bar = tqdm(total=store.n_rows, desc=f"index {index_name}/{kind}", unit="row", disable=not progress)
     for number, (start, stop) in enumerate(ranges):
         rows = transformed_rows(store, operator, method, start, stop)  # [n, k] float32
         max_norm = float(np.linalg.norm(rows, axis=1).max())
@@ -273,8 +274,8 @@ def build_index(
     write_json_atomic(directory / "index.json", description)
     store.register(
         "indexes",
-        f"{method.name}-{kind}",
-        {"directory": f"{INDEX_DIR}/{method.name}-{kind}", "operator": operator_key},
+        f"{index_name}-{kind}",
+        {"directory": f"{INDEX_DIR}/{index_name}-{kind}", "operator": operator_key},
     )
     return IndexHandle(directory, _without_build_facts(description), shards, digests=digests)
 
@@ -284,8 +285,9 @@ def transformed_rows(store, operator, method, start: int, stop: int) -> np.ndarr
 
 
 def transform_block(rows: np.ndarray, operator, method) -> np.ndarray:
-    """Train-side rows as the index holds them: unit-normalised for cosine methods, then K^(1/2)."""
-    if method.unit_rows():
+    """Train-side rows as the index holds them: unit-normalised for cosine methods (or attribution.normalize),
+    then K^(1/2)."""
+    if method.unit_projected("train"):
         rows = normalise_rows(rows)
     return np.ascontiguousarray(operator.transform(rows), dtype=np.float32)
 

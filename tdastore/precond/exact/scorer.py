@@ -44,7 +44,7 @@ class ExactScorer:
     def test_vectors(self, method: Method, test: Examples) -> torch.Tensor:
         """eps * K grad g(z), the test side of the score, [m, p]."""
         g = self.test_gradients(test)
-        if method.normalise:
+        if method.unit("test"):
             g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
         x = check_solution(self._apply_operator(method, g), method.name)
         if method.normalise_metric:  # x = K g / sqrt(g^T K g)
@@ -82,7 +82,7 @@ class ExactScorer:
 
     @staticmethod
     def _normalised(method: Method, block: torch.Tensor) -> torch.Tensor:
-        return block / block.norm(dim=1, keepdim=True).clamp_min(1e-30) if method.normalise else block
+        return block / block.norm(dim=1, keepdim=True).clamp_min(1e-30) if method.unit("train") else block
 
     def scores(self, method: Method, test: Examples) -> torch.Tensor:
         """The full score matrix [m, n] (use `score_blocks` to stream it)."""
