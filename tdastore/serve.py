@@ -102,6 +102,7 @@ class Ranked(BaseModel):
 
 class QueryResponse(BaseModel):
     method: str
+    measurement: str = "loss"
     path: str
     operator: str
     index: str | None = None
@@ -160,7 +161,15 @@ def request_model(meta: dict) -> type[BaseModel]:
             if meta["kind"] == "causal_lm"
             else {}
         ),
+        **({"measurement": measurement_field(meta["measurement"])} if meta.get("text") or classes else {}),
     )
+
+
+def measurement_field(default: str) -> tuple:
+    """What a request may attribute on a text or classification store: the built-in measurements over its
+    outputs (a module:function of the caller's is not imported from a request; the service's own default is)."""
+    choices = tuple(dict.fromkeys([default, "loss", "logprob", "margin"]))
+    return (Literal[choices], Field(default, description="loss | logprob | margin: what is attributed (see README)"))
 
 
 def positional(inputs: list) -> list:
@@ -250,6 +259,7 @@ class Job:
     top_k: int
     bottom_k: int
     tokens: bool = False
+    measurement: str | None = None  # None: the service's own (attribution.measurement)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -298,6 +308,8 @@ class QueryService:
         self.attributors = {
             name: Attributor(self.store, name, overrides, kind=kind, share=base) for name in served["methods"]
         }
+        self.overrides, self.kind = overrides, kind
+        self.measured: dict[tuple[str, str], Any] = {}  # (method, another measurement): its attributor, made once
         self.shards = shards or []
         described = base.task.describe_inputs()
         if not described.get("text") and "features" not in described:
@@ -307,7 +319,7 @@ class QueryService:
             )
         self.token_sha256 = served.get("token_sha256")
         served = {k: v for k, v in served.items() if k != "token_sha256"}
-        self.meta = {**described, "rows": self.store.n_rows, "index": kind, **served}
+        self.meta = {**described, "rows": self.store.n_rows, "index": kind, **served, "measurement": base.measurement}
         self.train_ids = self.store.meta.column("example_id").to_numpy()
         self.texts = None
         if "text" in self.store.meta.column_names:
@@ -323,9 +335,9 @@ class QueryService:
         """Requests that arrived together: one gradient pass and one search per method; a group that fails
         is answered request by request, so one request's error is its own."""
         answers: list[Any] = [None] * len(jobs)
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[str, str | None], list[int]] = {}
         for position, job in enumerate(jobs):
-            groups.setdefault(job.method, []).append(position)
+            groups.setdefault((job.method, job.measurement), []).append(position)
         for method, positions in groups.items():
             try:
                 found = await self.answer_group(method, [jobs[p] for p in positions])
@@ -340,8 +352,23 @@ class QueryService:
                 answers[p] = one
         return answers
 
-    async def answer_group(self, method: str, jobs: list[Job]) -> list[dict]:
-        attributor = self.attributors[method]
+    def attributor(self, method: str, measurement: str | None):
+        """The method's attributor for a request's measurement: the served one, or one sharing its model, task
+        and index with the test side's measurement changed (the store's rows do not depend on it)."""
+        served = self.attributors[method]
+        if measurement is None or measurement == served.measurement:
+            return served
+        if (method, measurement) not in self.measured:
+            from tdastore.attribution import Attributor
+
+            overrides = {**self.overrides, "attribution": {**self.overrides["attribution"], "measurement": measurement}}
+            self.measured[method, measurement] = Attributor(
+                self.store, method, overrides, kind=self.kind, share=served
+            )  # fmt: skip
+        return self.measured[method, measurement]
+
+    async def answer_group(self, key: tuple[str, str | None], jobs: list[Job]) -> list[dict]:
+        attributor = self.attributor(*key)
         inputs = [x for job in jobs for x in job.inputs]
         targets = None if jobs[0].targets is None else [t for job in jobs for t in job.targets]
 
@@ -462,7 +489,7 @@ def build_api(service: QueryService) -> FastAPI:
 
     async def query(body: Query) -> QueryResponse:  # type: ignore[valid-type]
         job = Job(body.method, positional(body.inputs), body.targets, body.top_k, body.bottom_k,
-                  getattr(body, "tokens", False))  # fmt: skip
+                  getattr(body, "tokens", False), getattr(body, "measurement", None))  # fmt: skip
         answer = await service.answer(job)
         if isinstance(answer, TdaStoreError):
             return JSONResponse({"error": str(answer)}, status_code=400)

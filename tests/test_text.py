@@ -245,6 +245,13 @@ def test_end_to_end_build_index_query_by_local_path(ray_cluster, serve_url, tiny
         assert_same_top_k(served_table(expected, hits), expected, ranked_atol(expected, store.dim))  # its threads
         assert [h["train_text"] for h in hits] == [str(train.texts[h["train_row"]]) for h in hits]
     assert post(url, {"method": "kfac", "inputs": prompts[:1]})[0] == 200  # a factored store answers K-FAC
+    # a request chooses its measurement: the answer equals the Python API's with that measurement
+    status, body = post(url, {"method": "grad_cos", "inputs": prompts, "top_k": 2, "measurement": "margin"})
+    assert status == 200 and body["measurement"] == "margin", body
+    expected = Attributor(store, "grad_cos", {"attribution": {"measurement": "margin"}}, kind="flat").top_k(prompts, 2)
+    hits = [hit for result in body["results"] for hit in result["top"]]
+    assert_same_top_k(served_table(expected, hits), expected, ranked_atol(expected, store.dim))
+    assert post(url, {"method": "grad_cos", "inputs": prompts[:1], "measurement": "os:system"})[0] == 422
     # token-level shares through the service equal the Python API's, and each side sums to the hit's score
     status, body = post(url, {"method": "grad_cos", "inputs": prompts[:2], "top_k": 2, "tokens": True})
     assert status == 200, body
