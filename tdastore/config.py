@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import types
@@ -496,6 +497,14 @@ def with_absolute_paths(settings: dict) -> dict:
         value = settings.get(section, {}).get(key)
         if isinstance(value, str) and "://" not in value and Path(value).exists():
             settings[section][key] = str(Path(value).resolve())
+    model = settings.get("model", {})
+    adapter_file = Path(str(model.get("name_or_path"))) / "adapter_config.json"
+    if isinstance(model, dict) and not model.get("adapter") and adapter_file.is_file():
+        # a PEFT adapter records its base as it was loaded, often a path relative to that run's folder: made
+        # absolute here (base in name_or_path, the adapter in model.adapter), workers elsewhere find it
+        base = json.loads(adapter_file.read_text()).get("base_model_name_or_path")
+        if isinstance(base, str) and "://" not in base and not Path(base).is_absolute() and Path(base).exists():
+            model["adapter"], model["name_or_path"] = model["name_or_path"], str(Path(base).resolve())
     return settings
 
 

@@ -164,6 +164,8 @@ def make_tiny_lm(
     (out / "model").mkdir(parents=True, exist_ok=True)
     (out / "model" / "train_loss.json").write_text(json.dumps(losses))
     model.save_pretrained(out / "model")
+    # a plain chat template (the turns' contents in order), so chat queries work as with an instruction-tuned LM
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     tokenizer.save_pretrained(out / "model")
     with open(out / "corpus.jsonl", "w") as f:
         for i, doc in enumerate(docs):

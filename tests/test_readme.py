@@ -89,3 +89,37 @@ def test_the_readme_object_route_runs_as_written_and_scores_like_an_autograd_loo
         np.testing.assert_array_equal(table["train_id"].to_numpy().reshape(-1, 3), ranked[:10])
     with pytest.raises(DataError, match="without targets"):
         again.top_k(X[400:410], k=3)
+
+
+def readme_llm_route() -> str:
+    blocks = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    return next(b for b in blocks if "make_tiny_lm(" in b)
+
+
+def test_the_readme_llm_route_runs_as_written(ray_cluster, tmp_path, monkeypatch):
+    """The README's LLM script: a factored store over every matrix, top-k, token shares that sum to each hit's
+    score, a completion pair and the same chat giving the same answer, and a LoRA adapter's store whose rows are
+    the adapter's parameters only, ranked as numpy ranks them."""
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_llm_route(), "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+    top, tokens = scope["top"].to_pandas(), scope["tokens"].to_pandas()
+    assert len(top) == 3 and (tmp_path / "runs" / "tokens" / "tokens.html").is_file()
+    for (rank, side), part in tokens.groupby(["rank", "side"]):
+        document = part["document_score"].iloc[0]
+        assert abs(part["score"].sum() - document) <= 1e-4 * abs(document) + 1e-6, (rank, side)
+        assert abs(document - top["score"][top["rank"] == rank].iloc[0]) <= 1e-4 * abs(document)
+    by_pair, by_chat = scope["by_pair"].to_pandas(), scope["by_chat"].to_pandas()
+    np.testing.assert_array_equal(by_pair["train_id"], by_chat["train_id"])
+    np.testing.assert_allclose(by_pair["score"], by_chat["score"], rtol=1e-5)
+    assert scope["by_pair"].schema.metadata[b"tdastore.measurement"] == b"completion"
+    lora, pair = scope["lora"], scope["pair"]
+    modules = lora.manifest["projection"]["modules"]
+    assert modules and all("lora_" in name for name in modules), modules
+    attributor = scope["tdastore"].Attributor(lora, "grad_cos")
+    t = attributor.test_rows(attributor.examples([pair])).astype(np.float64)[0]  # [K]
+    g = np.asarray(lora.grads[:], dtype=np.float64)  # [N, K]
+    cosines = g @ t / (np.linalg.norm(g, axis=1) * np.linalg.norm(t))
+    np.testing.assert_array_equal(scope["lora_top"].column("train_row").to_numpy(), np.argsort(-cosines)[:3])
