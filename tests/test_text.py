@@ -799,3 +799,97 @@ def test_measurements_chosen_at_query_time(ray_cluster, tiny_lm, tmp_path):
 def _prompts_and_texts(records, ids):
     by_id = {r["id"]: r for r in records}
     return [by_id[int(i)]["prompt"] for i in ids], [by_id[int(i)]["text"] for i in ids]
+
+
+def exact_position_terms(model, task, names, one) -> torch.Tensor:
+    """[T, p] by autograd alone: for each position t, every covered parameter's module output at t recomputed with
+    a zero perturbation Delta added to its parameters (their use at t only); d loss / d Delta is position t's term
+    of the full gradient, in `names` order."""
+    length = int(one.inputs[0, 1].sum())
+    inputs, targets = one.inputs[:, :, :length], one.targets[:, :length]
+    params = dict(model.named_parameters())
+    name_of = {id(p): n for n, p in params.items() if n in names}
+    terms = []
+    for t in range(length):
+        deltas = {n: torch.zeros_like(params[n], requires_grad=True) for n in names}
+        busy, handles = [False], []
+        for module in model.modules():
+            own = {local: p for local, p in module.named_parameters(recurse=False) if id(p) in name_of}
+            if not own:
+                continue
+
+            def hook(module, args, kwargs, output, own=own, t=t, deltas=deltas, busy=busy):
+                if busy[0]:
+                    return output
+                busy[0] = True
+                try:
+                    moved = functional_call(
+                        module, {k: p + deltas[name_of[id(p)]] for k, p in own.items()}, args, kwargs
+                    )
+                finally:
+                    busy[0] = False
+                output = output.clone()
+                output[:, t] = moved[:, t]
+                return output
+
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        try:
+            loss = task.per_example_loss(model(inputs), targets).sum()
+            grads = torch.autograd.grad(loss, [deltas[n] for n in names])
+        finally:
+            for handle in handles:
+                handle.remove()
+        terms.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    return torch.stack(terms)
+
+
+@pytest.mark.parametrize("method", ["grad_dot", "grad_cos", "if_diag"])
+def test_exact_path_token_scores_equal_an_autograd_loop(ray_cluster, tiny_lm, tmp_path_factory, method):
+    """Token shares on the exact path (every parameter of the LM): each training-document token's share is the
+    test vector times that position's part of the gradient (an autograd loop of per-position perturbations), each
+    query token's share the test vector of that token's gradient alone times the document's row, and both sides
+    sum to the exact score matrix's entry."""
+    root = tmp_path_factory.getbasetemp() / "exact_token_store"
+    root.mkdir(exist_ok=True)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join((tiny_lm / "corpus.jsonl").read_text().splitlines()[:24]) + "\n")
+    config = text_config(tiny_lm, task={"dataset": str(corpus), "max_length": 16}, gradients={"modules": "all"},
+                         projection={"factors": [4, 4], "module_factors": {}})  # fmt: skip
+    store = build_store(config, root / "store", progress=False)
+    attributor = Attributor(store, method, {"attribution": {"path": "exact"}})
+    prompts = ["Return the number of items", "Open a file"]
+    table = attributor.token_scores(prompts, k=2).to_pandas()
+    matrix = attributor.score_matrix(prompts)  # [m, N]
+    scorer, test = attributor.exact, attributor.examples(prompts)
+    space, task = scorer.space, attributor.task
+    x = scorer.test_vectors(attributor.method, test).double()  # [m, p]
+    for (test_id, train_row), hit in table.groupby(["test_id", "train_row"]):
+        j = int(np.flatnonzero(test.ids == test_id)[0])
+        doc = task.examples("train").take(np.array([train_row]))
+        terms = exact_position_terms(attributor.model, task, space.names, doc)  # [T, p]
+        row = terms.sum(0)
+        shrink = 1.0 / float(row.norm()) if method == "grad_cos" else 1.0
+        got_train = hit[hit.side == "train"].sort_values("position").score.to_numpy()
+        expected_train = (terms @ x[j]).numpy() * shrink
+        tol = 1e-4 * float(np.abs(expected_train).sum()) + 1e-9
+        np.testing.assert_allclose(got_train, expected_train, rtol=0, atol=tol)
+        whole = float(matrix[j, train_row])
+        for side in ("train", "test"):
+            total = hit[hit.side == side].score.sum()
+            assert abs(total - whole) <= 1e-3 * abs(whole) + 1e-6 * np.abs(matrix[j]).max(), (side, total, whole)
+        if method in ("grad_dot", "grad_cos"):  # the query side by a plain backward pass per target token
+            params = dict(attributor.model.named_parameters())
+            one = test.take(np.array([j]))
+            positions = [p for p in range(1, one.targets.shape[1]) if int(one.targets[0, p]) != -100]
+            g_query = torch.zeros(space.p, dtype=torch.float64)
+            token_g = []
+            for p in positions:
+                logits = attributor.model(one.inputs)
+                loss = torch.nn.functional.cross_entropy(logits[0, p - 1 : p], one.targets[0, p : p + 1])
+                grads = torch.autograd.grad(loss / len(positions), [params[n] for n in space.names])
+                token_g.append(torch.cat([g.reshape(-1) for g in grads]).double())
+                g_query += token_g[-1]
+            scale = attributor.scale / (float(g_query.norm()) if method == "grad_cos" else 1.0)
+            expected_test = np.array([float(g @ row) * scale * shrink for g in token_g])
+            got_test = hit[hit.side == "test"].sort_values("position").score.to_numpy()
+            np.testing.assert_allclose(got_test, expected_test, rtol=0, atol=1e-4 * np.abs(expected_test).sum())

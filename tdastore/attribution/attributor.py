@@ -319,11 +319,12 @@ class Attributor:
     def token_scores_of(self, test: Examples, hits: pa.Table) -> pa.Table:
         """Token shares (see `token_scores`) of given hits: a table with test_id, rank, train_id, train_row, as
         `top_k` returns it."""
-        from tdastore.attribution.tokens import require_tokens, token_table
+        from tdastore.attribution.tokens import exact_token_table, require_tokens, token_table
 
         require_tokens(self)
         tokenizer = self.task.tokenizer
-        return token_table(self, test, hits, lambda ids: [tokenizer.decode([int(t)]) for t in ids])
+        table = exact_token_table if self.exact is not None else token_table
+        return table(self, test, hits, lambda ids: [tokenizer.decode([int(t)]) for t in ids])
 
     def queries(self, test: Examples) -> np.ndarray:
         """Projected path: eps * K^(1/2) grad g(z) for each test input, [m, k]."""

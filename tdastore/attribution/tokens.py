@@ -13,6 +13,12 @@ score splits exactly:
 
 A cosine method divides by the whole row's norm (the document's, the query's), not each token's, so the shares
 still sum to the score.
+
+On the exact path (full parameter space) the score is x . r_i with x = eps K g (the method's test vector) and r_i
+the document's gradient (divided by its norm for cosine methods); token t's share is x . G_t, G_t the part of
+the gradient that flows through position t (FullSpace.position_products), and a target token's share is
+x_j . r_i with x_j the same test vector of that token's gradient alone (K is linear; a CG solve to its
+tolerance).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import pyarrow as pa
 import torch
 
 from tdastore.errors import ConfigError
+from tdastore.tasks.base import Examples
 from tdastore.tasks.measurements import sums_over_tokens
 
 IGNORE = -100  # a target token without a loss
@@ -101,15 +108,73 @@ def token_table(attributor, test, hits: pa.Table, decode) -> pa.Table:
     return pa.table(columns)
 
 
+def exact_token_table(attributor, test, hits: pa.Table, decode) -> pa.Table:
+    """`token_table` on the exact path: shares in full parameter space (see the module's docstring)."""
+    scorer, method, task = attributor.exact, attributor.method, attributor.task
+    space = scorer.space
+    x = scorer.test_vectors(method, test).double()  # [m, p] eps K g, normalised as the method says
+    summed = bool(sums_over_tokens(task, attributor.measurement))
+    inputs, targets, owner, position, weight = query_token_copies(test, summed)
+    copies = Examples(inputs, targets, np.arange(len(owner)), np.zeros(len(owner)), padded=True)
+    token_g = torch.cat([b for _, b in space.example_grads(copies, scorer.measure)]).double()  # [n, p]
+    token_x = scorer.operator(method).apply(scorer, token_g.float()).double()
+    token_x *= torch.from_numpy(weight).to(token_x.device)[:, None]
+    for j in range(len(x)):  # x_j is a multiple of K (sum of its tokens' gradients): the same multiple for each
+        mine = torch.from_numpy(np.flatnonzero(owner == j))
+        whole = token_x[mine].sum(0)
+        token_x[mine] *= float(x[j] @ whole) / max(float(whole @ whole), 1e-300)
+    test_index = {int(t): j for j, t in enumerate(test.ids)}
+    train = task.examples("train")
+    columns = {k: [] for k in ("test_id", "rank", "train_id", "train_row", "side", "position", "token_id", "token",
+                               "score", "document_score")}  # fmt: skip
+    hit_columns = [hits.column(c).to_pylist() for c in ("test_id", "rank", "train_id", "train_row")]
+    for row in sorted({int(r) for r in hit_columns[3]}):
+        one = train.take(np.asarray([row]))
+        length = int(one.inputs[0, 1].sum())
+        g = next(iter(space.example_grads(one)))[1].double()  # [1, p]
+        r = scorer.train_side(method, g.float()).double()[0]  # [p] the document's train-side row
+        shrink = float(r @ g[0]) / max(float(g[0] @ g[0]), 1e-300)  # r = shrink * g
+        mine = [k for k, train_row in enumerate(hit_columns[3]) if int(train_row) == row]
+        queries = [test_index[int(hit_columns[0][k])] for k in mine]
+        per_position = space.position_products(x[queries].float(), one).cpu().numpy() * shrink  # [q, T]
+        for q, k in enumerate(mine):
+            j = queries[q]
+            tokens_of_j = np.flatnonzero(owner == j)
+            sides = [
+                ("train", np.arange(length), one.inputs[0, 0, :length].numpy(), per_position[q, :length]),
+                ("test", position[tokens_of_j], test.inputs[j, 0, position[tokens_of_j]].numpy(),
+                 (token_x[torch.from_numpy(tokens_of_j)] @ r).cpu().numpy()),
+            ]  # fmt: skip
+            score = float(x[j] @ r)
+            for side, positions, token_ids, scores in sides:
+                columns["side"] += [side] * len(positions)
+                columns["position"] += [int(p) for p in positions]
+                columns["token_id"] += [int(t) for t in token_ids]
+                columns["token"] += decode(token_ids)
+                columns["score"] += [float(s) for s in scores]
+                for key, value in zip(("test_id", "rank", "train_id", "train_row"), (c[k] for c in hit_columns)):
+                    columns[key] += [value] * len(positions)
+                columns["document_score"] += [score] * len(positions)
+    order = np.lexsort((columns["position"], [s == "test" for s in columns["side"]], columns["rank"],
+                        [test_index[int(t)] for t in columns["test_id"]]))  # fmt: skip
+    return pa.table({key: [values[i] for i in order] for key, values in columns.items()})
+
+
 def require_tokens(attributor) -> None:
-    """Token shares need a text store on the projected path whose rows are factored (per-position terms)."""
-    if attributor.path != "projected":
-        raise ConfigError("token-level scores are computed on the projected path: use attribution.path: projected")
-    if attributor.store.manifest["projection"]["kind"] != "factored":
+    """Token shares need a causal-LM store: on the projected path one whose rows are factored (per-position
+    terms), on the exact path a method whose train side is the gradient (not if_gen's)."""
+    if attributor.path == "exact":
+        if attributor.method.operator("exact") == "generalised":
+            raise ConfigError(
+                "if_gen's train side adds Hess L_i dTheta(D) to each gradient: its token shares are not done; use "
+                "another method or attribution.path: projected"
+            )
+    elif attributor.store.manifest["projection"]["kind"] != "factored":
         raise ConfigError(
             f"token-level scores of training documents need a factored store (per-position terms P_out^T d_t (x) "
             f"P_in^T x_t); store '{attributor.store.root}' is projected with "
-            f"'{attributor.store.manifest['projection']['kind']}': rebuild it with projection.kind: factored"
+            f"'{attributor.store.manifest['projection']['kind']}': rebuild it with projection.kind: factored, or use "
+            "attribution.path: exact on a small model"
         )
     if not getattr(attributor.task, "tokenizer", None) or attributor.task.describe_inputs().get("kind") != "causal_lm":
         raise ConfigError("token-level scores apply to causal language-model stores (task.kind: causal_lm)")

@@ -75,10 +75,16 @@ class ExactScorer:
         """(first row, train-side rows [b, p]) in store order."""
         operator = self.operator(method)
         for start, block in operator.train_rows(self):
-            block = self._normalised(method, block)
-            if method.normalise_metric:  # g_i / sqrt(g_i^T K g_i)
-                block = block / (block * operator.apply(self, block)).sum(1, keepdim=True).clamp_min(1e-30).sqrt()
-            yield start, block
+            yield start, self.train_side(method, block, operator)
+
+    def train_side(self, method: Method, block: torch.Tensor, operator=None) -> torch.Tensor:
+        """Train-side rows [b, p] of raw rows: unit-normalised (cosine, attribution.normalize) and, for adam_cos,
+        normalised in the operator's metric, g_i / sqrt(g_i^T K g_i)."""
+        block = self._normalised(method, block)
+        if method.normalise_metric:
+            operator = operator or self.operator(method)
+            block = block / (block * operator.apply(self, block)).sum(1, keepdim=True).clamp_min(1e-30).sqrt()
+        return block
 
     @staticmethod
     def _normalised(method: Method, block: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,59 @@ class FullSpace:
             yield start, per_example(self.theta, part.inputs, part.targets)
             start += len(part)
 
+    def position_products(self, vectors: torch.Tensor, one: Examples, fn=None) -> torch.Tensor:
+        """[m, T]: v_j . G_t for one example of T positions, G_t the part of its gradient that flows through
+        position t's use of every covered parameter, so the sum over t is v_j . grad (token-level attribution on
+        the exact path). Every module holding covered parameters is applied position by position (Linear,
+        GPT-2's Conv1D, embeddings, norm layers, the tied head): its term at t is the output gradient at t times
+        the module's jvp along v_j with its inputs fixed. Memory: one example's activations and m vectors."""
+        fn = fn or self.loss_fn
+        one = one.to(self.device)
+        length = one.inputs.shape[-1]
+        covered = set(self.names)
+        name_of = {id(p): n for n, p in self.model.named_parameters() if n in covered}  # a tied weight: one name
+        pieces = [self.unflatten(v) for v in vectors]  # [{name: [shape]}] per vector
+        calls: list[tuple] = []
+
+        def record(module, args, kwargs, output):
+            calls.append((module, args, kwargs, output))
+
+        handles = [
+            module.register_forward_hook(record, with_kwargs=True)
+            for module in self.model.modules()
+            if any(id(p) in name_of for p in module.parameters(recurse=False))
+        ]
+        try:
+            with torch.enable_grad():
+                loss = fn(self.model(one.inputs), one.targets).sum()
+                deltas = torch.autograd.grad(loss, [c[3] for c in calls], allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        out = torch.zeros(len(pieces), length, dtype=torch.float64, device=self.device)
+        for (module, args, kwargs, output), delta in zip(calls, deltas):
+            if delta is None:
+                continue
+            if output.dim() < 2 or output.shape[0] != 1 or output.shape[1] != length:
+                raise ConfigError(
+                    f"token shares on the exact path need every module with covered parameters applied position by "
+                    f"position (output [1, T, ...]); {type(module).__name__} gives {tuple(output.shape)}: narrow "
+                    "gradients.params or use the projected path"
+                )
+            own = {local: p.detach() for local, p in module.named_parameters(recurse=False) if id(p) in name_of}
+            names = {local: name_of[id(p)] for local, p in module.named_parameters(recurse=False) if id(p) in name_of}
+            fixed_args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+            fixed_kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+
+            def apply(params, module=module, fixed_args=fixed_args, fixed_kwargs=fixed_kwargs):
+                return functional_call(module, params, fixed_args, fixed_kwargs)
+
+            for j, piece in enumerate(pieces):
+                tangents = {local: piece[names[local]].to(own[local].dtype) for local in own}
+                _, moved = jvp(apply, (own,), (tangents,))  # d output / d eps along v_j, output's shape
+                out[j] += (delta.double() * moved.double()).reshape(1, length, -1).sum(2)[0]
+        return out
+
     def mean_loss_grad(self) -> torch.Tensor:
         """grad R(D) [p], R = mean training loss."""
         total = torch.zeros(self.p, device=self.device)
