@@ -78,8 +78,7 @@ def token_table(attributor, test, hits: pa.Table, decode) -> pa.Table:
     test_index = {int(t): j for j, t in enumerate(test.ids)}
     rows = sorted({int(r) for r in hits.column("train_row").to_pylist()})
     docs = attributor.train_token_rows(rows)  # {row: (token ids [T], terms [T, K])}
-    columns = {k: [] for k in ("test_id", "rank", "train_id", "train_row", "side", "position", "token_id", "token",
-                               "score", "document_score")}  # fmt: skip
+    columns: dict[str, list] = {k: [] for k in TOKEN_COLUMNS}
     for test_id, rank, train_id, train_row in zip(
         *(hits.column(c).to_pylist() for c in ("test_id", "rank", "train_id", "train_row"))
     ):
@@ -96,16 +95,24 @@ def token_table(attributor, test, hits: pa.Table, decode) -> pa.Table:
             ("train", np.arange(len(ids)), ids, train_side @ queries[j]),
             ("test", position[mine], test.inputs[j, 0, position[mine]].numpy(), query_side @ document),
         ]
-        for side, positions, token_ids, scores in sides:
-            columns["side"] += [side] * len(positions)
-            columns["position"] += [int(p) for p in positions]
-            columns["token_id"] += [int(t) for t in token_ids]
-            columns["token"] += decode(token_ids)
-            columns["score"] += [float(s) for s in scores]
-            for key, value in (("test_id", test_id), ("rank", rank), ("train_id", train_id), ("train_row", train_row),
-                               ("document_score", score)):  # fmt: skip
-                columns[key] += [value] * len(positions)
+        append_hit(columns, (test_id, rank, train_id, train_row), score, sides, decode)
     return pa.table(columns)
+
+
+TOKEN_COLUMNS = ("test_id", "rank", "train_id", "train_row", "side", "position", "token_id", "token", "score",
+                 "document_score")  # fmt: skip
+
+
+def append_hit(columns: dict, hit: tuple, score: float, sides: list, decode) -> None:
+    """One hit's token shares into the table's columns: sides [(side, positions, token ids, shares)]."""
+    for side, positions, token_ids, scores in sides:
+        columns["side"] += [side] * len(positions)
+        columns["position"] += [int(p) for p in positions]
+        columns["token_id"] += [int(t) for t in token_ids]
+        columns["token"] += decode(token_ids)
+        columns["score"] += [float(s) for s in scores]
+        for key, value in zip(("test_id", "rank", "train_id", "train_row", "document_score"), (*hit, score)):
+            columns[key] += [value] * len(positions)
 
 
 def exact_token_table(attributor, test, hits: pa.Table, decode) -> pa.Table:
@@ -125,8 +132,7 @@ def exact_token_table(attributor, test, hits: pa.Table, decode) -> pa.Table:
         token_x[mine] *= float(x[j] @ whole) / max(float(whole @ whole), 1e-300)
     test_index = {int(t): j for j, t in enumerate(test.ids)}
     train = task.examples("train")
-    columns = {k: [] for k in ("test_id", "rank", "train_id", "train_row", "side", "position", "token_id", "token",
-                               "score", "document_score")}  # fmt: skip
+    columns: dict[str, list] = {k: [] for k in TOKEN_COLUMNS}
     hit_columns = [hits.column(c).to_pylist() for c in ("test_id", "rank", "train_id", "train_row")]
     for row in sorted({int(r) for r in hit_columns[3]}):
         one = train.take(np.asarray([row]))
@@ -145,16 +151,7 @@ def exact_token_table(attributor, test, hits: pa.Table, decode) -> pa.Table:
                 ("test", position[tokens_of_j], test.inputs[j, 0, position[tokens_of_j]].numpy(),
                  (token_x[torch.from_numpy(tokens_of_j)] @ r).cpu().numpy()),
             ]  # fmt: skip
-            score = float(x[j] @ r)
-            for side, positions, token_ids, scores in sides:
-                columns["side"] += [side] * len(positions)
-                columns["position"] += [int(p) for p in positions]
-                columns["token_id"] += [int(t) for t in token_ids]
-                columns["token"] += decode(token_ids)
-                columns["score"] += [float(s) for s in scores]
-                for key, value in zip(("test_id", "rank", "train_id", "train_row"), (c[k] for c in hit_columns)):
-                    columns[key] += [value] * len(positions)
-                columns["document_score"] += [score] * len(positions)
+            append_hit(columns, tuple(c[k] for c in hit_columns), float(x[j] @ r), sides, decode)
     order = np.lexsort((columns["position"], [s == "test" for s in columns["side"]], columns["rank"],
                         [test_index[int(t)] for t in columns["test_id"]]))  # fmt: skip
     return pa.table({key: [values[i] for i in order] for key, values in columns.items()})
