@@ -161,8 +161,7 @@ def make_tiny_lm(
         seen = docs if train_rows is None else [docs[i] for i in train_rows]
         # one thread: torch's own CPU reductions (layer norm, embedding and bias gradients) split their sums by
         # thread count outside MKL's strict mode, and 4,000 AdamW steps carry those last bits into a different
-        # LM (measured: 1 vs 2 threads apart from step 2, every text table cell moved by up to .08); on a model
-        # this small one thread is as fast
+        # LM (measured: 1 vs 2 threads apart from step 2, text table cells moved by up to .10)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
