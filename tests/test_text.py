@@ -770,9 +770,11 @@ def test_measurements_chosen_at_query_time(ray_cluster, tiny_lm, tmp_path):
     np.testing.assert_allclose(loss.test_rows(loss.examples(pairs)), rows, rtol=1e-5, atol=1e-7)
     chats = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["completion"]}]}
              for p in pairs]  # fmt: skip
-    with pytest.raises(DataError, match="no chat template"):
+    template, loss.task.tokenizer.chat_template = loss.task.tokenizer.chat_template, None
+    with pytest.raises(DataError, match="no chat template"):  # a tokenizer without one: a clear error
         loss.examples(chats)
-    loss.task.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    loss.task.tokenizer.chat_template = template  # the demo LM's: the turns' contents in order
+    assert template == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     np.testing.assert_allclose(loss.test_rows(loss.examples(chats)), rows, rtol=1e-5, atol=1e-7)
 
     logprob = attributor("logprob")
