@@ -16,6 +16,8 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in test and "torch==2.13.0" in test
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test in ci_lines
+    # set -e lets a failed link of an && chain pass (a ruff failure once skipped the whole suite): checked after
+    assert ci_lines[ci_lines.index(test) + 1].startswith("status=$?")
 
 
 def test_demo_command_installs_torch_first_and_uses_shipped_config():
