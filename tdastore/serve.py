@@ -318,7 +318,7 @@ class QueryService:
                 "encode_request (features or text) to serve it"
             )
         self.token_sha256 = served.get("token_sha256")
-        served = {k: v for k, v in served.items() if k != "token_sha256"}
+        served = {k: v for k, v in served.items() if k not in ("token_sha256", "index_names")}  # not for /methods
         self.meta = {**described, "rows": self.store.n_rows, "index": kind, **served, "measurement": base.measurement}
         self.train_ids = self.store.meta.column("example_id").to_numpy()
         self.texts = None

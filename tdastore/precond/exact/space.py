@@ -115,8 +115,9 @@ class FullSpace:
                     f"position (output [1, T, ...]); {type(module).__name__} gives {tuple(output.shape)}: narrow "
                     "gradients.params or use the projected path"
                 )
-            own = {local: p.detach() for local, p in module.named_parameters(recurse=False) if id(p) in name_of}
-            names = {local: name_of[id(p)] for local, p in module.named_parameters(recurse=False) if id(p) in name_of}
+            mine = [(local, p) for local, p in module.named_parameters(recurse=False) if id(p) in name_of]
+            own = {local: p.detach() for local, p in mine}
+            names = {local: name_of[id(p)] for local, p in mine}
             fixed_args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
             fixed_kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
 
