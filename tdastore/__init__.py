@@ -40,12 +40,18 @@ def build(
     loss=None,
     data=None,
     test_data=None,
+    append: bool = False,
+    keep_operators: bool = False,
 ) -> GradientStore:
     """Build (or resume) the gradient store of `split` at `output` (default store.path) with Ray actors.
 
     Bring your own model and data either as a Task (task=MyTask(...), or task.class in the config) or as
     objects: model= an nn.Module whose current weights are final, loss= a per-example loss (outputs, targets)
-    -> [B], data= / test_data= a torch Dataset, a datasets.Dataset, a Ray Dataset or (inputs, targets)."""
+    -> [B], data= / test_data= a torch Dataset, a datasets.Dataset, a Ray Dataset or (inputs, targets).
+
+    append=True grows an existing store by new rows of the same spec instead: config.task.dataset encoded by the
+    store's own task, or the objects' data= (row-number ids continue the store's); fitted operators are refit on
+    next use unless keep_operators=True (see tdastore.distributed.build.append_rows)."""
     from tdastore.distributed.build import build_store
     from tdastore.errors import ConfigError
 
@@ -57,7 +63,17 @@ def build(
     output = output if output is not None else config.store.path
     if output is None:
         raise ConfigError("say where the store goes: output=, or store.path in the config")
-    store = build_store(config, output, split=split, address=address, workers=workers, progress=progress, task=task)
+    store = build_store(
+        config,
+        output,
+        split=split,
+        address=address,
+        workers=workers,
+        progress=progress,
+        task=task,
+        append=append,
+        keep_operators=keep_operators,
+    )
     store.task = task  # store.attributor(method) and Attributor(store, ...) score with the same objects
     return store
 

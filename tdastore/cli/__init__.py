@@ -98,6 +98,18 @@ def make_parser() -> argparse.ArgumentParser:
         "--output", default=None, help="store directory or URI, created or resumed (default: store.path)"
     )
     build.add_argument("--split", choices=["train", "test"], default="train", help="which split's gradients")
+    build.add_argument(
+        "--append",
+        action="store_true",
+        help="grow the existing store by the rows of --task.dataset (encoded by the store's own task), as new "
+        "shards of the same spec; without --config, the store's own config is used. Resumes like a build",
+    )
+    build.add_argument(
+        "--keep-operators",
+        action="store_true",
+        help="with --append: keep fitted operators (fitted on the old rows only: an approximation) instead of "
+        "refitting them on next use",
+    )
     _quiet(build)
     add_config_flags(build, ALL_SECTIONS, {"--workers": "build.workers", "--address": "build.address"})
 

@@ -17,6 +17,8 @@ from tdastore.cli.flags import config_overrides
 from tdastore.config import Config, QueryConfig, load_config
 from tdastore.errors import ConfigError, StoreError
 from tdastore.store.gradient_store import open_store
+from tdastore.store.location import store_path
+from tdastore.store.manifest import MANIFEST_FILE, read_manifest
 
 QUERY_SECTIONS = ["attribution", "index"]
 
@@ -75,7 +77,12 @@ def cmd_build(args: argparse.Namespace) -> None:
     output = args.output or config.store.path
     if output is None:
         raise ConfigError("say where the store goes: --output STORE, or store.path in the config")
-    store = build_store(config, output, split=args.split, progress=not args.quiet)
+    if args.keep_operators and not args.append:
+        raise ConfigError("--keep-operators goes with --append (it keeps operators fitted before rows are appended)")
+    if args.append and args.config is None and (store_path(output) / MANIFEST_FILE).exists():
+        config = load_config(read_manifest(store_path(output))["config"], config_overrides(args))  # the store's own
+    append = {"append": args.append, "keep_operators": args.keep_operators}
+    store = build_store(config, output, split=args.split, progress=not args.quiet, **append)
     print(store.summary())
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from tdastore.config import Config, config_to_dict, load_config, with_absolute_paths
-from tdastore.distributed.gradient_worker import GradientWorker
+from tdastore.distributed.gradient_worker import GradientWorker, source_examples
 from tdastore.distributed.pool import device_options, run_pool
 from tdastore.distributed.ray_session import check_reachable, ray_session
 from tdastore.distributed.shipping import share_task
@@ -20,15 +23,23 @@ from tdastore.grads.normaliser import make_normaliser
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.job_store import writing
 from tdastore.store.location import absolute, is_local, store_path
-from tdastore.store.manifest import read_manifest
+from tdastore.store.manifest import (
+    IDENTITY_FIELDS,
+    MANIFEST_FILE,
+    identity_mismatches,
+    read_manifest,
+    write_json_atomic,
+)
 from tdastore.store.normalisers import save_normaliser
 from tdastore.store.verify import mark_for_rebuild, verify_store
 from tdastore.store.writer import (
+    add_segment,
     done_shards,
     finalize_store,
     not_a_store,
-    plan_shards,
     prepare_store,
+    segments,
+    store_shards,
     update_shard_table,
 )
 from tdastore.tasks import resolve_task
@@ -80,11 +91,16 @@ def build_store(
     progress: bool = True,
     fault: dict | None = None,
     task: Task | None = None,
+    append: bool = False,
+    keep_operators: bool = False,
 ) -> GradientStore:
     """Compute every row of `split` into the store at `output`; done shards of an earlier run are kept.
 
+    With `append`, the rows of new data are added to an existing store as new shards (see `append_rows`).
     `fault` is a testing hook ({"shard": i}): that shard's worker writes half its rows and is SIGKILLed.
     """
+    if append and (store_path(output) / MANIFEST_FILE).exists():
+        return append_rows(config, output, address, workers, progress, task, keep_operators, fault)
     if split not in ("train", "test"):
         raise StoreError(f"unknown split '{split}': use --split train or --split test")
     check_reachable(address or config.build.address or os.environ.get("RAY_ADDRESS", ""))  # before any write
@@ -122,13 +138,23 @@ def _build_leased(
     manifest = prepare_store(root, identity, n_rows, identity["projection"]["out_dim"], config.store.dtype, extra)
     if normaliser is not None:  # the second moments the workers (and every query) scale rows by
         save_normaliser(root, normaliser)
-    shards = plan_shards(n_rows, config.store.shard_rows)
+    return _compute_and_finalise(
+        config, root, split, manifest, identity["model"]["fingerprint"], address, workers, progress, fault, task
+    )
+
+
+def _compute_and_finalise(
+    config, root, split, manifest, model_fp, address, workers, progress, fault, task, source=None
+) -> GradientStore:
+    """Repair what verify finds, compute every shard without a marker on the worker pool, consolidate."""
     damaged = verify_store(root)  # cheap: markers, metadata files, chunk files at their written sizes
     if damaged:
         found = "; ".join(p.describe() for p in damaged)
         print(f"store '{root}': repairing what is damaged: {found}", file=sys.stderr)
         mark_for_rebuild(root, damaged)
         manifest = read_manifest(root)
+    shards = store_shards(manifest)
+    n_rows = manifest["n_rows"]
     done = done_shards(root)
     pending = [s for s in shards if s.index not in done]
     began = time.perf_counter()
@@ -140,7 +166,7 @@ def _build_leased(
                 config,
                 root,
                 split,
-                identity["model"]["fingerprint"],
+                model_fp,
                 pending,
                 n_workers,
                 progress,
@@ -149,6 +175,7 @@ def _build_leased(
                 total_rows=n_rows,
                 manifest=manifest,
                 task=task,
+                source=source,
             )
     seconds = time.perf_counter() - began
     computed = sum(r["rows"] for r in reports)
@@ -167,7 +194,7 @@ def _build_leased(
 
 
 def _run_pool(
-    config, root, split, model_fp, pending, n_workers, progress, fault, initial_rows, total_rows, manifest, task
+    config, root, split, model_fp, pending, n_workers, progress, fault, initial_rows, total_rows, manifest, task, source
 ) -> list[dict]:
     """One GradientWorker actor per worker, one shard at a time (tdastore/distributed/pool.py)."""
     threads = max(1, int(config.build.cpus_per_worker))
@@ -183,11 +210,12 @@ def _run_pool(
             threads,
             fault,
             shared,  # workers run elsewhere
+            source,
         ),
         workers=n_workers,
         max_retries=config.build.max_retries,
         describe=lambda shard: f"shard {shard.index}",
-        desc=f"build {split}",
+        desc=f"{'append' if source else 'build'} {split}",
         total=total_rows,
         initial=initial_rows,
         size=lambda shard: shard.rows,
@@ -195,3 +223,111 @@ def _run_pool(
         progress=progress,
         unit_name="ex",
     )
+
+
+def append_rows(
+    config: Config,
+    output: str | Path,
+    address: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    task: Task | None = None,
+    keep_operators: bool = False,
+    fault: dict | None = None,
+) -> GradientStore:
+    """Grow the complete store at `output` by the rows of new data, as new shards of the same spec.
+
+    The new data is `config.task.dataset` encoded by the store's own task (the tabular task's training z-scores,
+    the text task's tokeniser: exactly as the store's rows were), or, with `task=` (the Python API's objects),
+    that task's examples of the store's split, whose row-number ids continue the store's. The model, gradient,
+    projection and layout must be the store's (refused with the differences otherwise), and no new example id
+    may already be in the store. Fitted operators are marked stale (refit on next use) unless `keep_operators`;
+    indexes add the new rows on their next use. An interrupted append resumes when rerun."""
+    root = store_path(output)
+    check_reachable(address or config.build.address or os.environ.get("RAY_ADDRESS", ""))
+    config = load_config(with_absolute_paths(config_to_dict(config)))
+    with writing(root, "append", not_a_store(root)):
+        manifest = read_manifest(root)
+        if manifest.get("kind") is not None:
+            raise StoreError(f"'{root}' is a {manifest['kind']} store: only a store from `tdastore build` grows")
+        split = manifest["split"]
+        new_dataset = config.task.dataset  # the config route's new data; the store's own task encodes it
+        as_built = replace(config, task=load_config(manifest["config"]).task) if task is None else config
+        identity = store_identity(as_built, split, task)
+        identity.pop("_n_rows"), identity.pop("_normaliser")  # the store keeps its own normaliser
+        fields = [f for f in IDENTITY_FIELDS if f != "task"]
+        problems = identity_mismatches({k: manifest.get(k) for k in fields}, {k: identity[k] for k in fields})
+        for key in ("name", "kind"):
+            had, has = manifest["task"].get(key), identity["task"].get(key)
+            problems += [f"task {key}: store has {had}, this build has {has}"] if had != has else []
+        if problems:
+            raise StoreError(
+                f"cannot append to store '{root}': the new rows would mean something else ("
+                + "; ".join(problems)
+                + "); it was left unchanged. Append with the store's own config (`tdastore info` shows it) and a new "
+                "--task.dataset, or build a new store"
+            )
+        pending = segments(manifest)[-1] if manifest["status"] != "complete" else None
+        first_row = pending["start"] if pending is not None and "source" in pending else manifest["n_rows"]
+        source = {"dataset": new_dataset} if task is None else {"objects": type(task).__name__, "id_offset": first_row}
+        examples = source_examples(resolve_task(as_built.task, as_built.model, task), split, source)
+        check_not_empty(len(examples), f"the data appended to '{root}'")
+        source = {**source, "rows": len(examples), **data_digest(examples, ids=task is None)}
+        if pending is not None and pending.get("source") != source:
+            raise StoreError(
+                f"store '{root}' is incomplete: an earlier build or append of other data did not finish; rerun that "
+                "command to finish it before appending"
+            )
+        if pending is None:
+            if any(same_data(s.get("source"), source) for s in segments(manifest)):  # e.g. a cell run twice
+                print(f"store '{root}' already holds these {len(examples):,} rows: nothing appended", file=sys.stderr)
+                return GradientStore(root)
+            check_new_ids(GradientStore(root), examples.ids)
+            mark_operators_stale(root, manifest, keep_operators)
+            manifest = add_segment(root, read_manifest(root), len(examples), identity["task"], source)
+        return _compute_and_finalise(
+            as_built, root, split, manifest, identity["model"]["fingerprint"], address, workers, progress, fault,
+            task, source,
+        )  # fmt: skip
+
+
+def data_digest(examples, ids: bool) -> dict:
+    """What identifies appended data: its example ids (a dataset's), or its tensors (objects, whose ids are row
+    numbers and depend on where they land)."""
+    if ids:
+        return {"ids_sha256": hashlib.sha256(np.ascontiguousarray(examples.ids, dtype=np.int64).tobytes()).hexdigest()}
+    digest = hashlib.sha256()
+    for tensor in (examples.inputs, examples.targets):
+        digest.update(np.ascontiguousarray(tensor.numpy()).tobytes())
+    return {"data_sha256": digest.hexdigest()}
+
+
+def same_data(stored: dict | None, source: dict) -> bool:
+    """Whether an appended segment's source is this data (wherever its row-number ids would start)."""
+    return stored is not None and {**stored, "id_offset": 0} == {**source, "id_offset": 0}
+
+
+def check_new_ids(store: GradientStore, ids: np.ndarray) -> None:
+    """Refuse appended rows whose example ids repeat, or are already in the store (a row is found by its id)."""
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise StoreError(
+            f"the appended data repeats example id {int(unique[counts > 1][0])}: ids must be unique; nothing was "
+            "appended"
+        )
+    stored = store.meta.column("example_id").to_numpy()
+    clash = np.intersect1d(stored, unique)
+    if len(clash):
+        raise StoreError(
+            f"{len(clash):,} example id(s) of the appended data are already in store '{store.root}' (e.g. "
+            f"{clash[:5].tolist()}; the store's ids span {int(stored.min())}..{int(stored.max())}): give the new rows "
+            "ids of their own (an `id` column, or task.id_column for tables); nothing was appended"
+        )
+
+
+def mark_operators_stale(root, manifest: dict, keep: bool) -> None:
+    """Fitted operators were fitted on the old rows: marked stale (refit on next use), or kept with `keep` (the
+    curvature of the old rows stands for the grown store's: an approximation the manifest records)."""
+    for entry in manifest.get("preconditioners", {}).values():
+        entry["stale" if not keep else "kept_over_append"] = True
+    write_json_atomic(root / MANIFEST_FILE, manifest)

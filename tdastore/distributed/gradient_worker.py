@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ from tdastore.store.manifest import GRADS_DIR
 from tdastore.store.normalisers import store_normaliser
 from tdastore.store.writer import Shard, write_shard
 from tdastore.tasks import resolve_task
-from tdastore.tasks.base import Task, model_fingerprint
+from tdastore.tasks.base import Examples, Task, model_fingerprint
+from tdastore.tasks.objects import ModelTask
 from tdastore.training import load_model
 
 FLOAT16_MAX = 65504.0
@@ -39,7 +41,14 @@ FLOAT16_MAX = 65504.0
 class ShardComputer:
     """Everything a worker needs, loaded once: task, model and the (projected) gradient computer."""
 
-    def __init__(self, config: Config, split: str, task: Task | None = None, normaliser: Normaliser | None = None):
+    def __init__(
+        self,
+        config: Config,
+        split: str,
+        task: Task | None = None,
+        normaliser: Normaliser | None = None,
+        source: dict | None = None,
+    ):
         self.config = config
         self.split = split
         self.task = resolve_task(config.task, config.model, task)
@@ -48,7 +57,7 @@ class ShardComputer:
         loss_fn = self.task.per_example_loss if split == "train" else self.task.test_function
         normaliser = normaliser.bind(self.model) if normaliser is not None else None
         self.gradients = make_gradient_computer(self.model, loss_fn, config.gradients, config.projection, normaliser)
-        self.data = self.task.examples(split)
+        self.data = self.task.examples(split) if source is None else source_examples(self.task, split, source)
         self.dtype = getattr(torch, config.store.dtype)
         self.unprojected = self.gradients.spec()["kind"] == "none"
         self._buffer: torch.Tensor | None = None
@@ -64,7 +73,7 @@ class ShardComputer:
             self.gradients.statistics = KroneckerStatistics(self.gradients, self.task.token_mask)
         losses = torch.empty(shard.rows)
         norms = torch.empty(shard.rows)
-        part = self.data.slice(shard.start, shard.stop)
+        part = self.data.slice(shard.start - shard.offset, shard.stop - shard.offset)  # an appended segment's own
         cfg = self.config.gradients
         lengths = part.inputs[:, 1].sum(1).numpy() if part.padded else None  # [n] real tokens per document
         batches = plan_batches(shard.rows, cfg.batch_size, lengths, cfg.max_tokens)
@@ -114,6 +123,17 @@ class ShardComputer:
             )
 
 
+def source_examples(task: Task, split: str, source: dict) -> Examples:
+    """The rows an append adds (see tdastore.distributed.build.append_rows): `source["dataset"]` encoded by the
+    store's task, or the objects task's split with its row-number ids continued from `source["id_offset"]`."""
+    if "dataset" in source:
+        return task.encode(source["dataset"])
+    examples = task.examples(split)
+    if isinstance(task, ModelTask):  # its ids are row numbers: the store's rows
+        examples = replace(examples, ids=examples.ids + source["id_offset"])
+    return examples
+
+
 @ray.remote
 class GradientWorker:
     """A Ray actor computing and writing whole shards; returns a small report per shard."""
@@ -127,10 +147,11 @@ class GradientWorker:
         threads: int,
         fault: dict | None = None,
         task: Task | None = None,
+        source: dict | None = None,
     ):
         torch.set_num_threads(max(1, threads))
         self.root = store_path(root)
-        self.computer = ShardComputer(load_config(config_dict), split, task, store_normaliser(self.root))
+        self.computer = ShardComputer(load_config(config_dict), split, task, store_normaliser(self.root), source)
         if model_fingerprint(self.computer.model) != model_fp:
             raise StoreError("the model weights changed on disk while the build ran: restart the build")
         self.fault = fault

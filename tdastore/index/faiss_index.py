@@ -54,6 +54,7 @@ def _pq_m(config: IndexConfig, dim: int) -> int:
 # gradients). These kinds index x~ = [x, sqrt(M^2 - |x|^2), 0...] under L2 instead (Bachrach et al.
 # 2014): |q~ - x~|^2 = |q|^2 + M^2 - 2 q.x, so the nearest x~ has the largest inner product.
 L2_REDUCED = ("ivf", "pq")
+TRAINED_KINDS = ("ivf", "pq", "sq8")  # kinds whose quantiser is fitted to rows
 
 
 def augment_rows(rows: np.ndarray, max_norm: float, width: int) -> np.ndarray:
@@ -193,10 +194,11 @@ def merge_top_k(scores: np.ndarray, rows: np.ndarray, top_k: int) -> tuple[np.nd
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
-def index_shards(store, shard_rows: int) -> list[tuple[int, int]]:
-    """Row ranges made of whole store shards, each at most `shard_rows` rows (at least one shard)."""
+def index_shards(store, shard_rows: int, first_row: int = 0) -> list[tuple[int, int]]:
+    """Row ranges made of whole store shards from `first_row` on, each at most `shard_rows` rows (at least one
+    shard)."""
     ranges: list[tuple[int, int]] = []
-    for entry in store.manifest["shards"]:
+    for entry in (e for e in store.manifest["shards"] if e["start"] >= first_row):
         if ranges and entry["stop"] - ranges[-1][0] <= shard_rows:
             ranges[-1] = (ranges[-1][0], entry["stop"])
         else:
@@ -221,6 +223,8 @@ def build_index(
         "method": index_name,
         "kind": kind,
         "operator": operator_key,
+        # which fit of it (refit after an append): an index of another fit's rows is rebuilt, not grown
+        "operator_fit": store.manifest.get("preconditioners", {}).get(operator_key, {}).get("checksum"),
         "projection": store.manifest["projection"],
         "model": store.manifest["model"],
         "n_rows": store.n_rows,
@@ -244,14 +248,25 @@ def build_index(
         directory.mkdir(parents=True, exist_ok=True)
     shards, loaded, digests = [], {}, {}
     began = time.perf_counter()
-    ranges = index_shards(store, config.shard_rows)
-    bar = tqdm(total=store.n_rows, desc=f"index {index_name}/{kind}", unit="row", disable=not progress)
-    for number, (start, stop) in enumerate(ranges):
+    grown = existing is not None and persist and appended_to(existing, description)
+    trained = None  # a grown store's new rows go into new shards with the first shard's trained quantiser
+    if grown:
+        shards, digests = list(existing.shards), dict(existing.digests)
+        description["appended_from_row"] = existing.description["n_rows"]  # rows after it: not trained on
+        if kind in TRAINED_KINDS:
+            first = read_shard(directory / shards[0][2], existing.description, digests.get(shards[0][2]))
+            trained = faiss.clone_index(first)
+            trained.reset()
+    ranges = index_shards(store, config.shard_rows, first_row=shards[-1][1] if grown else 0)
+    done = shards[-1][1] if grown else 0
+    bar = tqdm(total=store.n_rows, initial=done, desc=f"index {index_name}/{kind}", unit="row", disable=not progress)
+    for number, (start, stop) in enumerate(ranges, start=len(shards)):
         rows = transformed_rows(store, operator, method, start, stop)  # [n, k] float32
         max_norm = float(np.linalg.norm(rows, axis=1).max())
         if kind in L2_REDUCED:
             rows = augment_rows(rows, max_norm, reduced_width(store.dim))
-        index = make_faiss_index(kind, rows.shape[1], stop - start, config)
+        index = faiss.clone_index(trained) if trained is not None else None
+        index = index or make_faiss_index(kind, rows.shape[1], stop - start, config)
         if not index.is_trained:
             index.train(rows)
         index.add(rows)
@@ -280,6 +295,15 @@ def build_index(
     return IndexHandle(directory, _without_build_facts(description), shards, digests=digests)
 
 
+def appended_to(existing: IndexHandle, description: dict) -> bool:
+    """Whether `existing` indexes a prefix of the rows `description` wants, with everything else equal (the store
+    grew by `tdastore build --append`): its shards stand, and only the new rows need adding."""
+    old = {k: v for k, v in existing.description.items() if k != "n_rows"}
+    new = {k: v for k, v in description.items() if k != "n_rows"}
+    ends = existing.shards[-1][1] if existing.shards else 0
+    return old == new and 0 < ends == existing.description["n_rows"] < description["n_rows"]
+
+
 def transformed_rows(store, operator, method, start: int, stop: int) -> np.ndarray:
     return transform_block(store.read_rows(start, stop), operator, method)
 
@@ -303,7 +327,8 @@ def _kind_settings(kind: str, config: IndexConfig) -> dict:
 
 
 def _without_build_facts(description: dict) -> dict:
-    return {k: v for k, v in description.items() if k not in ("shards", "build_seconds", "shard_sha256")}
+    facts = ("shards", "build_seconds", "shard_sha256", "appended_from_row")
+    return {k: v for k, v in description.items() if k not in facts}
 
 
 def load_index(store, method_name: str, kind: str) -> IndexHandle | None:

@@ -17,13 +17,12 @@ from tdastore.errors import StoreError
 from tdastore.store.checksums import read_region
 from tdastore.store.location import read_parquet, store_path, zarr_store
 from tdastore.store.manifest import (
-    GRADS_DIR,
     MANIFEST_FILE,
     META_FILE,
     read_manifest,
     write_json_atomic,
 )
-from tdastore.store.writer import done_shards
+from tdastore.store.writer import done_shards, segments
 
 
 class GradientStore:
@@ -47,18 +46,24 @@ class GradientStore:
                 f"store '{self.root}' is incomplete ({done}/{total} shards done): rerun the same "
                 "`tdastore build` command to resume it"
             )
-        try:
-            self.grads = zarr.open_array(store=zarr_store(self.root / GRADS_DIR, read_only=True), mode="r")
-        except Exception as err:  # zarr raises several kinds for missing/corrupt metadata
-            raise StoreError(
-                f"store '{self.root}': the gradient array's metadata is missing or corrupt ({err}); rerun the "
-                "same `tdastore build` command: it restores it from the manifest and keeps the rows"
-            ) from err
-        expected = (self.manifest["n_rows"], self.manifest["dim"])
-        if tuple(self.grads.shape) != expected:
-            raise StoreError(
-                f"store '{self.root}': gradient array has shape {self.grads.shape}, manifest says {expected}"
-            )
+        arrays = []
+        for segment in segments(self.manifest):  # one array, or one per appended segment
+            try:
+                array = zarr.open_array(store=zarr_store(self.root / segment["array"], read_only=True), mode="r")
+            except Exception as err:  # zarr raises several kinds for missing/corrupt metadata
+                raise StoreError(
+                    f"store '{self.root}': the metadata of gradient array {segment['array']} is missing or corrupt "
+                    f"({err}); rerun the same `tdastore build` command: it restores it from the manifest and keeps "
+                    "the rows"
+                ) from err
+            expected = (segment["stop"] - segment["start"], self.manifest["dim"])
+            if tuple(array.shape) != expected:
+                raise StoreError(
+                    f"store '{self.root}': gradient array {segment['array']} has shape {array.shape}, the manifest "
+                    f"says {expected}"
+                )
+            arrays.append((segment["start"], array))
+        self.grads = arrays[0][1] if len(arrays) == 1 else SegmentedRows(arrays, self.manifest["n_rows"])
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -162,6 +167,31 @@ class GradientStore:
             lines.append(f"loss         mean {loss.mean():.4g}, max {loss.max():.4g}")
             lines.append(f"grad norm    mean {norm.mean():.4g}, max {norm.max():.4g}")
         return "\n".join(lines)
+
+
+class SegmentedRows:
+    """The rows of a grown store, held by several Zarr arrays one after the other, read as one [n, k] array
+    (row slices; what `read_rows` and the index build ask for)."""
+
+    def __init__(self, arrays: list[tuple[int, zarr.Array]], n_rows: int):
+        self.arrays = arrays  # (first store row, array)
+        self.shape = (n_rows, arrays[0][1].shape[1])
+        self.chunks = arrays[0][1].chunks
+        self.dtype = arrays[0][1].dtype
+
+    def __getitem__(self, selection) -> np.ndarray:
+        rows, columns = selection if isinstance(selection, tuple) else (selection, slice(None))
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("a grown store reads contiguous row ranges")
+        parts = []
+        for first, array in self.arrays:
+            lo, hi = max(start, first), min(stop, first + array.shape[0])
+            if lo < hi:
+                parts.append(array[lo - first : hi - first, columns])
+        if not parts:
+            return np.empty((0, self.shape[1]), dtype=self.dtype)[:, columns]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def module_patterns(params: dict) -> str:

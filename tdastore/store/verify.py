@@ -17,7 +17,7 @@ import zarr
 from tdastore.store.checksums import FILE_NAME, RELATIVE_PATH, chunk_table_problem, confined, file_crc
 from tdastore.store.location import StorePath, zarr_store
 from tdastore.store.manifest import GRADS_DIR, MANIFEST_FILE, META_FILE, SHARDS_DIR, read_manifest, write_json_atomic
-from tdastore.store.writer import ZARR_JSON, done_shards, shard_marker, shard_meta_path
+from tdastore.store.writer import ZARR_JSON, array_metadata, done_shards, segments, shard_marker, shard_meta_path
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,15 @@ def verify_store(root: StorePath, deep: bool = False) -> list[ShardProblem]:
 
 def _store_problems(root: StorePath, manifest: dict) -> list[ShardProblem]:
     problems = []
-    try:
-        array_meta = json.loads((root / GRADS_DIR / ZARR_JSON).read_text())
-    except (OSError, ValueError):
-        array_meta = None
-    if array_meta is None or ("array" in manifest and array_meta != manifest["array"]):
-        state = "missing or unreadable" if array_meta is None else "changed since the build"
-        problems.append(ShardProblem(None, f"{GRADS_DIR}/{ZARR_JSON} is {state}"))
+    copies = array_metadata(manifest)
+    for name in [s["array"] for s in segments(manifest)]:  # grads.zarr, and appended segments' arrays
+        try:
+            array_meta = json.loads((root / name / ZARR_JSON).read_text())
+        except (OSError, ValueError):
+            array_meta = None
+        if array_meta is None or (name in copies and array_meta != copies[name]):
+            state = "missing or unreadable" if array_meta is None else "changed since the build"
+            problems.append(ShardProblem(None, f"{name}/{ZARR_JSON} is {state}"))
     meta = root / META_FILE
     if manifest.get("status") == "complete":
         if not meta.is_file():
@@ -122,7 +124,10 @@ def _shard_problem(root: StorePath, index: int, deep: bool) -> str | None:
             return f"its K-FAC statistics file {marker['statistics']} is missing"
         if "statistics_crc" in marker and file_crc(path) != marker["statistics_crc"]:
             return f"its K-FAC statistics file {marker['statistics']} does not match its checksum"
-    reason = chunk_table_problem(root / GRADS_DIR, marker.get("chunks", {}), deep)
+    array_dir = confined(root, str(marker.get("array", GRADS_DIR)), FILE_NAME)
+    if array_dir is None:
+        return f"its marker names an array outside the store ({str(marker.get('array'))[:80]!r})"
+    reason = chunk_table_problem(array_dir, marker.get("chunks", {}), deep)
     if reason:
         return reason
     if deep and "chunks" not in marker:  # markers of older builds: the decoded rows' checksum

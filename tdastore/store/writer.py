@@ -40,16 +40,43 @@ MAX_CHUNK_BYTES = 64 * 2**20
 @dataclass(frozen=True)
 class Shard:
     index: int
-    start: int
+    start: int  # store rows [start, stop)
     stop: int
+    array: str = GRADS_DIR  # the Zarr array holding them: grads.zarr, or an appended segment's
+    offset: int = 0  # the store row of that array's first row
 
     @property
     def rows(self) -> int:
         return self.stop - self.start
 
 
-def plan_shards(n_rows: int, shard_rows: int) -> list[Shard]:
-    return [Shard(i, start, min(start + shard_rows, n_rows)) for i, start in enumerate(range(0, n_rows, shard_rows))]
+def plan_shards(n_rows: int, shard_rows: int, first_row: int = 0, first_index: int = 0, array: str = GRADS_DIR):
+    """Shards of `shard_rows` rows over store rows [first_row, first_row + n_rows), held by `array` from its row 0."""
+    starts = range(first_row, first_row + n_rows, shard_rows)
+    return [
+        Shard(first_index + i, start, min(start + shard_rows, first_row + n_rows), array, first_row)
+        for i, start in enumerate(starts)
+    ]
+
+
+def store_shards(manifest: dict) -> list[Shard]:
+    """The shards of a store's manifest (appended ones in their segments' arrays)."""
+    return [
+        Shard(e["shard"], e["start"], e["stop"], e.get("array", GRADS_DIR), e.get("offset", 0))
+        for e in manifest["shards"]
+    ]
+
+
+def shard_entry(shard: Shard) -> dict:
+    entry = {"shard": shard.index, "start": shard.start, "stop": shard.stop, "done": False}
+    if shard.array != GRADS_DIR:
+        entry.update(array=shard.array, offset=shard.offset)
+    return entry
+
+
+def segments(manifest: dict) -> list[dict]:
+    """[{array, start, stop, ...}]: the Zarr arrays that hold a store's rows in order (one unless appended)."""
+    return manifest.get("segments") or [{"array": GRADS_DIR, "start": 0, "stop": manifest["n_rows"]}]
 
 
 def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype: str, extra: dict) -> dict:
@@ -61,18 +88,8 @@ def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype:
 
     def create() -> dict:
         (root / SHARDS_DIR).mkdir(exist_ok=True)
-        layout = identity["layout"]
-        chunk_cols = max(1, min(dim, MAX_CHUNK_BYTES // (layout["chunk_rows"] * np.dtype(dtype).itemsize)))
-        zarr.create_array(
-            store=zarr_store(root / GRADS_DIR),
-            shape=(n_rows, dim),
-            chunks=(layout["chunk_rows"], chunk_cols),
-            dtype=dtype,
-            fill_value=0,
-            compressors=checksummed(_compressors(layout["compressor"])),
-            overwrite=False,
-        )
-        shards = plan_shards(n_rows, layout["shard_rows"])
+        create_rows_array(root, GRADS_DIR, n_rows, dim, dtype, identity["layout"])
+        shards = plan_shards(n_rows, identity["layout"]["shard_rows"])
         return {
             "array": json.loads((root / GRADS_DIR / ZARR_JSON).read_text()),  # restores a lost zarr.json
             "schema_version": SCHEMA_VERSION,
@@ -82,7 +99,7 @@ def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype:
             "dtype": dtype,
             **identity,
             **extra,
-            "shards": [{"shard": s.index, "start": s.start, "stop": s.stop, "done": False} for s in shards],
+            "shards": [shard_entry(s) for s in shards],
             "preconditioners": {},
             "indexes": {},
         }
@@ -106,20 +123,70 @@ def prepare_store(root: StorePath, identity: dict, n_rows: int, dim: int, dtype:
 ZARR_JSON = "zarr.json"
 
 
+def create_rows_array(root: StorePath, name: str, n_rows: int, dim: int, dtype: str, layout: dict, overwrite=False):
+    """An empty [n_rows, dim] Zarr array `name` in the store's layout (chunks, checksummed compressors)."""
+    chunk_cols = max(1, min(dim, MAX_CHUNK_BYTES // (layout["chunk_rows"] * np.dtype(dtype).itemsize)))
+    zarr.create_array(
+        store=zarr_store(root / name),
+        shape=(n_rows, dim),
+        chunks=(layout["chunk_rows"], chunk_cols),
+        dtype=dtype,
+        fill_value=0,
+        compressors=checksummed(_compressors(layout["compressor"])),
+        overwrite=overwrite,
+    )
+
+
+def add_segment(root: StorePath, manifest: dict, n_rows: int, task: dict, source: dict) -> dict:
+    """Grow a complete store by `n_rows` rows of `source` (the appended data, encoded by the store's `task`,
+    its identity's task entry): a new Zarr array
+    `grads-NNNN.zarr` of the same layout, new shards after the last, status building. Rows already stored are
+    never rewritten: the new array starts at its own chunk 0, so every shard still owns whole chunks."""
+    first, number = manifest["n_rows"], len(segments(manifest))
+    name = f"grads-{number:04d}.zarr"
+    layout = manifest["layout"]
+    create_rows_array(root, name, n_rows, manifest["dim"], manifest["dtype"], layout, overwrite=True)
+    shards = plan_shards(n_rows, layout["shard_rows"], first, len(manifest["shards"]), name)
+    manifest = {**manifest, "segments": [dict(s) for s in segments(manifest)]}
+    manifest["segments"][0].setdefault("task", manifest["task"])
+    manifest["segments"].append(
+        {
+            "array": name,
+            "start": first,
+            "stop": first + n_rows,
+            "task": task,
+            "source": source,
+            "zarr_json": json.loads((root / name / ZARR_JSON).read_text()),
+        }
+    )
+    manifest["shards"] = manifest["shards"] + [shard_entry(s) for s in shards]
+    manifest["n_rows"] = first + n_rows
+    manifest["status"] = "building"
+    write_json_atomic(root / MANIFEST_FILE, manifest)  # the segment exists from here on; before, it is redone
+    return manifest
+
+
 def restore_array_metadata(root: StorePath, manifest: dict) -> bool:
-    """Rewrite grads.zarr/zarr.json from the manifest's copy when it is missing or differs (damaged): the
+    """Rewrite each rows array's zarr.json from the manifest's copy when it is missing or differs (damaged): the
     chunks are kept. Returns whether it did; stores from before the copy are left as they are."""
-    wanted = manifest.get("array")
-    if wanted is None:
-        return False
-    path = root / GRADS_DIR / ZARR_JSON
-    try:
-        if json.loads(path.read_text()) == wanted:
-            return False
-    except (OSError, ValueError):  # missing, unreadable or not JSON: damaged
-        pass
-    write_json_atomic(path, wanted)
-    return True
+    restored = False
+    for name, wanted in array_metadata(manifest).items():
+        path = root / name / ZARR_JSON
+        try:
+            if json.loads(path.read_text()) == wanted:
+                continue
+        except (OSError, ValueError):  # missing, unreadable or not JSON: damaged
+            pass
+        write_json_atomic(path, wanted)
+        restored = True
+    return restored
+
+
+def array_metadata(manifest: dict) -> dict[str, dict]:
+    """{array name: its zarr.json as written} for every rows array the manifest keeps a copy of."""
+    copies = {GRADS_DIR: manifest["array"]} if manifest.get("array") is not None else {}
+    copies.update({s["array"]: s["zarr_json"] for s in segments(manifest) if "zarr_json" in s})
+    return copies
 
 
 def not_a_store(root: StorePath) -> str:
@@ -182,14 +249,15 @@ def write_shard(
 ) -> dict:
     """Write one shard's rows [n, k], metadata and (factored stores) K-FAC factor sums, then mark it done.
     Safe to repeat."""
-    array = zarr.open_array(store=zarr_store(root / GRADS_DIR), mode="r+")
+    array = zarr.open_array(store=zarr_store(root / shard.array), mode="r+")
     if rows.shape != (shard.rows, array.shape[1]):
         raise StoreError(f"shard {shard.index}: rows of shape {rows.shape}, expected {(shard.rows, array.shape[1])}")
     rows = np.ascontiguousarray(rows, dtype=array.dtype)
-    array[shard.start : shard.stop] = rows
-    keys = region_chunk_keys(array, (slice(shard.start, shard.stop), slice(None)))  # this shard's chunks
+    region = slice(shard.start - shard.offset, shard.stop - shard.offset)  # rows of its own array
+    array[region] = rows
+    keys = region_chunk_keys(array, (region, slice(None)))  # this shard's chunks
     if is_local(root):  # object stores have no fsync: a finished put is durable
-        _fsync_chunks(root / GRADS_DIR, keys)
+        _fsync_chunks(root / shard.array, keys)
     meta_path = shard_meta_path(root, shard.index)
     write_parquet_atomic(meta, meta_path)
     if statistics is not None:  # durable before the marker, like the rows
@@ -199,7 +267,8 @@ def write_shard(
         "start": shard.start,
         "stop": shard.stop,
         "crc32": zlib.crc32(rows.data),  # of the rows as stored (decoded)
-        "chunks": chunk_table(root / GRADS_DIR, keys),
+        "chunks": chunk_table(root / shard.array, keys),
+        **({"array": shard.array} if shard.array != GRADS_DIR else {}),
         "meta": file_crc(meta_path),
         **({"statistics": shard_statistics_path(root, shard.index).name} if statistics is not None else {}),
         **({"statistics_crc": file_crc(shard_statistics_path(root, shard.index))} if statistics is not None else {}),

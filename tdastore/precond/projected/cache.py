@@ -30,7 +30,9 @@ def fit_or_load(name: str, inputs: FitInputs) -> SpectralOperator:
     key = cls.key(config)
     entry = store.manifest.get("preconditioners", {}).get(key)
     persist = name != "identity" and writable(store.root) and not inputs.config.store.read_only
-    if entry:
+    if entry and entry.get("stale"):  # fitted before rows were appended (`tdastore build --append`)
+        print(f"the fitted {name} operator predates rows appended to the store: refitting it", file=sys.stderr)
+    elif entry:
         path = _inside(store, entry["file"])
         if "checksum" not in entry or file_crc(path) == entry["checksum"]:
             return SpectralOperator.load(path, name, entry["info"])
