@@ -262,6 +262,11 @@ class Job:
     measurement: str | None = None  # None: the service's own (attribution.measurement)
 
 
+def share_of(handle, share: int, shares: int):
+    handle.shards = handle.shards[share::shares]  # this deployment's shards only; read on first search
+    return handle
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class IndexShard:
     """One share of every served method's index shards (scatter-gather mode): searches its rows only."""
@@ -270,12 +275,15 @@ class IndexShard:
         from tdastore.index.faiss_index import load_index
         from tdastore.store.gradient_store import open_store
 
-        store = open_store(store_path)
-        self.handles = {}
-        for name in methods:
-            handle = load_index(store, name, kind)
-            handle.shards = handle.shards[share::shares]  # this deployment's shards only; read on first search
-            self.handles[name] = handle
+        self.load = lambda: {
+            name: share_of(load_index(open_store(store_path), name, kind), share, shares) for name in methods
+        }
+        self.handles = self.load()
+
+    def reload(self) -> int:
+        """The store's indexes again (grown by an append): swapped in once read."""
+        self.handles = self.load()
+        return sum(stop - start for handle in self.handles.values() for start, stop, _, _ in handle.shards)
 
     def search(self, method: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         handle = self.handles[method]
@@ -299,16 +307,9 @@ class QueryService:
         batch_wait_ms: float,
         shards: list | None = None,
     ):
-        from tdastore.attribution import Attributor
-        from tdastore.store.gradient_store import open_store
-
-        self.store = open_store(store_path)
-        overrides = projected_overrides(overrides)
-        base = Attributor(self.store, "grad_dot", overrides)  # task and model, loaded once per replica
-        self.attributors = {
-            name: Attributor(self.store, name, overrides, kind=kind, share=base) for name in served["methods"]
-        }
-        self.overrides, self.kind = overrides, kind
+        self.store_path, self.methods = store_path, served["methods"]
+        self.overrides, self.kind = projected_overrides(overrides), kind
+        self.store, base, self.attributors = self.load()
         self.measured: dict[tuple[str, str], Any] = {}  # (method, another measurement): its attributor, made once
         self.shards = shards or []
         described = base.task.describe_inputs()
@@ -320,12 +321,32 @@ class QueryService:
         self.token_sha256 = served.get("token_sha256")
         served = {k: v for k, v in served.items() if k not in ("token_sha256", "index_names")}  # not for /methods
         self.meta = {**described, "rows": self.store.n_rows, "index": kind, **served, "measurement": base.measurement}
-        self.train_ids = self.store.meta.column("example_id").to_numpy()
-        self.texts = None
-        if "text" in self.store.meta.column_names:
-            self.texts = self.store.meta.column("text").to_numpy(zero_copy_only=False)
+        self.train_ids = self.store.train_ids  # [n] int64, in memory; documents are read per hit
+        self.texts = "text" in self.store.meta_columns
         self.answer.set_max_batch_size(max_batch)
         self.answer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+
+    def load(self) -> tuple:
+        """The store, and every served method's attributor sharing one task and model (index and operator loaded;
+        after an append, grown and refit)."""
+        from tdastore.attribution import Attributor
+        from tdastore.store.gradient_store import open_store
+
+        store = open_store(self.store_path)
+        base = Attributor(store, "grad_dot", self.overrides)  # task and model, loaded once per replica
+        made = {name: Attributor(store, name, self.overrides, kind=self.kind, share=base) for name in self.methods}
+        return store, base, made
+
+    async def reload(self) -> dict:
+        """Pick up a store grown by `tdastore build --append`: the new state is prepared in a thread while requests
+        are still answered from the old one, then swapped in between two batches (no downtime for reads)."""
+        before = self.store.n_rows
+        store, _, attributors = await asyncio.to_thread(self.load)
+        self.train_ids = store.train_ids  # first: appends keep every old row, and shards may answer new rows next
+        rows = [await shard.reload.remote() for shard in self.shards]
+        self.store, self.attributors, self.measured = store, attributors, {}
+        self.meta["rows"] = store.n_rows
+        return {"rows": store.n_rows, "rows_before": before, "index_shards_rows": rows}
 
     def __serve_build_asgi_app__(self):
         return build_api(self)
@@ -437,10 +458,11 @@ class QueryService:
             return []
         scores, rows = ranked[sign]
         hits = []
-        for score, row in zip(scores[i, :k].tolist(), rows[i, :k].tolist()):
+        texts = self.store.meta_values("text", rows[i, :k]) if self.texts else None  # the hits' row groups only
+        for j, (score, row) in enumerate(zip(scores[i, :k].tolist(), rows[i, :k].tolist())):
             hit = {"train_id": int(self.train_ids[row]), "train_row": row, "score": score}
-            if self.texts is not None:
-                hit["train_text"] = str(self.texts[row])
+            if texts is not None:
+                hit["train_text"] = str(texts[j])
             hits.append(hit)
         return hits
 
@@ -506,6 +528,10 @@ def build_api(service: QueryService) -> FastAPI:
         responses={400: {"description": "malformed body"}, 413: {"description": "body too large"}},
         summary="Top-k and bottom-k training rows per input",
     )
+
+    @api.post("/reload", summary="Reopen the store after `tdastore build --append` (reads go on meanwhile)")
+    async def reload() -> dict:
+        return await service.reload()
 
     @api.get("/methods", summary="The methods this store answers, its inputs, and why other methods not")
     async def methods() -> dict:

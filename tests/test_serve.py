@@ -303,3 +303,39 @@ def test_start_up_is_bounded_by_our_own_timeout(monkeypatch):
     monkeypatch.setattr(service_module, "start", proxy_too_slow)
     with pytest.raises(ConfigError, match="did not start .TimeoutError: Proxy actor did not become ready"):
         service_module.start_within(None, "127.0.0.1", 1, timeout_s=10)
+
+
+def test_reload_picks_up_an_appended_store(service, serve_url, tmp_path):
+    """Rows appended to a served store (scatter-gather over 2 index shards) are answered after POST /reload, equal
+    to the Python API over the grown store; requests answered meanwhile come from the old rows."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    from ray import serve
+
+    from tdastore.serve import application
+
+    _, served = service
+    root = tmp_path / "store"
+    shutil.copytree(served.root, root)
+    url = deploy(serve_url, application(str(root), methods=["grad_cos"], index_shards=2), "grows")
+    inputs, targets, ids = raw_test_rows(served, 3)
+    body = {"method": "grad_cos", "inputs": inputs, "targets": targets, "top_k": 3, "bottom_k": 1}
+    assert post(url, body)[0] == 200
+    task = Attributor(served, "grad_cos").task
+    columns = {name: [row[i] for row in inputs] for i, name in enumerate(task.columns)}
+    pacsv.write_csv(pa.table({**columns, "target": targets, "id": [9000, 9001, 9002]}), tmp_path / "new.csv")
+    config = tdastore.open_store(root).manifest["config"]
+    tdastore.build(tdastore.load_config(config, {"task": {"dataset": str(tmp_path / "new.csv")}}), root,
+                   append=True, progress=False)  # fmt: skip
+    status, stale = post(url, body)
+    assert status == 200 and all(h["train_row"] < served.n_rows for r in stale["results"] for h in r["top"])
+    status, reloaded = post(url, {}, path="/reload")
+    assert status == 200 and reloaded["rows"] == served.n_rows + 3 == get(url, "/methods")["rows"]
+    status, answer = post(url, body)
+    assert status == 200, answer
+    grown = tdastore.open_store(root)
+    assert_same_answers(answer, grown, "grad_cos", 3, 1, 3)
+    assert any(h["train_id"] >= 9000 for r in answer["results"] for h in r["top"])  # copies: cosine 1
+    serve.delete("grows")

@@ -309,7 +309,7 @@ class Attributor:
             rows = np.asarray([int(r) for r in train_rows], dtype=np.int64)
             if len(rows) == 0 or rows.min() < 0 or rows.max() >= self.store.n_rows:
                 raise ConfigError(f"train_rows must be store rows in [0, {self.store.n_rows}): got {rows.tolist()[:8]}")
-            train_ids = self.store.meta.column("example_id").to_numpy()
+            train_ids = self.store.train_ids
             hits = pa.table({
                 "test_id": np.repeat(test.ids, len(rows)), "rank": np.tile(np.arange(1, len(rows) + 1), len(test)),
                 "train_id": np.tile(train_ids[rows], len(test)), "train_row": np.tile(rows, len(test)),
@@ -407,7 +407,7 @@ class Attributor:
         if out is not None and not Path(out).parent.is_dir():
             raise ConfigError(f"--out '{out}': its directory does not exist; create it or choose another path")
         test = self.examples(inputs, split)
-        train_ids = store.meta.column("example_id").to_numpy()
+        train_ids = store.train_ids
         chunks = (min(len(test), self.score_chunks[0]), min(store.n_rows, self.score_chunks[1]))
         matrix = None if scores_out is None else create_scores_array(scores_out, test.ids, train_ids, chunks)
         info = self.info

@@ -95,7 +95,7 @@ class RowWindow:
 def result_table(store, test: Examples, scores: np.ndarray, rows: np.ndarray, info: dict) -> pa.Table:
     """One row per (test input, rank): test_id, rank, train_id, score, train_row (+ train_text, test_text)."""
     m, k = scores.shape
-    train_ids = store.meta.column("example_id").to_numpy()
+    train_ids = store.train_ids
     table = pa.table(
         {
             "test_id": np.repeat(test.ids, k),
@@ -105,9 +105,9 @@ def result_table(store, test: Examples, scores: np.ndarray, rows: np.ndarray, in
             "train_row": rows.reshape(-1),
         }
     )
-    if "text" in store.meta.column_names:  # text stores: the documents themselves, beside their scores
-        train_text = store.meta.column("text").to_numpy(zero_copy_only=False)
-        table = table.append_column("train_text", pa.array(train_text[rows.reshape(-1)], pa.string()))
+    if "text" in store.meta_columns:  # text stores: the documents themselves, beside their scores
+        train_text = store.meta_values("text", rows.reshape(-1))  # only the row groups that hold the hits
+        table = table.append_column("train_text", pa.array(train_text.astype(str), pa.string()))
         if test.texts is not None:
             table = table.append_column("test_text", pa.array(np.repeat(test.texts, k).astype(str), pa.string()))
     return table.replace_schema_metadata({f"tdastore.{key}": str(value) for key, value in info.items()})

@@ -315,7 +315,7 @@ def check_new_ids(store: GradientStore, ids: np.ndarray) -> None:
             f"the appended data repeats example id {int(unique[counts > 1][0])}: ids must be unique; nothing was "
             "appended"
         )
-    stored = store.meta.column("example_id").to_numpy()
+    stored = store.train_ids
     clash = np.intersect1d(stored, unique)
     if len(clash):
         raise StoreError(

@@ -15,7 +15,7 @@ import zarr
 
 from tdastore.errors import StoreError
 from tdastore.store.checksums import read_region
-from tdastore.store.location import read_parquet, store_path, zarr_store
+from tdastore.store.location import open_parquet, read_parquet, store_path, zarr_store
 from tdastore.store.manifest import (
     MANIFEST_FILE,
     META_FILE,
@@ -87,10 +87,51 @@ class GradientStore:
 
     @cached_property
     def meta(self) -> pa.Table:
+        """All of meta.parquet in memory (the documents' texts too): for a notebook; queries use `train_ids` and
+        `meta_values`."""
+        return read_parquet(self._meta_path())
+
+    @cached_property
+    def train_ids(self) -> np.ndarray:
+        """[n] int64: the example id of every row, one column of meta.parquet read once (the documents' texts
+        stay on disk)."""
+        if "meta" in self.__dict__:
+            return self.meta.column("example_id").to_numpy()
+        return read_parquet(self._meta_path(), columns=["example_id"]).column("example_id").to_numpy()
+
+    @cached_property
+    def meta_columns(self) -> list[str]:
+        return list(self._meta_file.schema_arrow.names)
+
+    @cached_property
+    def _meta_file(self):
+        return open_parquet(self._meta_path())
+
+    @cached_property
+    def _row_group_starts(self) -> np.ndarray:
+        sizes = [self._meta_file.metadata.row_group(i).num_rows for i in range(self._meta_file.num_row_groups)]
+        return np.concatenate([[0], np.cumsum(sizes)])
+
+    def meta_values(self, column: str, rows: np.ndarray) -> np.ndarray:
+        """`column` of meta.parquet at store rows `rows` (any shape): reads only the row groups holding them, so
+        a query's hits cost a few groups of a ten-million-row store, not the file."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if "meta" in self.__dict__:  # already in memory
+            return self.meta.column(column).to_numpy(zero_copy_only=False)[rows]
+        starts = self._row_group_starts
+        groups = np.searchsorted(starts, rows.reshape(-1), side="right") - 1
+        out = np.empty(rows.size, dtype=object)
+        for group in np.unique(groups):
+            values = self._meta_file.read_row_group(int(group), columns=[column]).column(0)
+            where = groups == group
+            out[where] = values.take(pa.array(rows.reshape(-1)[where] - starts[group])).to_numpy(zero_copy_only=False)
+        return out.reshape(rows.shape)
+
+    def _meta_path(self):
         path = self.root / META_FILE
         if not path.is_file():
             raise StoreError(f"store '{self.root}' has no {META_FILE}: it is incomplete; rerun the build to finish it")
-        return read_parquet(path)
+        return path
 
     def read_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) as float32 [n, k]."""
@@ -149,6 +190,11 @@ class GradientStore:
             f"projection   {proj['kind']} -> {proj['out_dim']}" + (f" (seed {proj['seed']})" if "seed" in proj else ""),
             f"gradients    [{m['n_rows']:,}, {m['dim']:,}] {m['dtype']}, chunks of {m['layout']['chunk_rows']} rows",
         ]
+        for segment in m.get("segments", [])[1:]:  # rows appended by `tdastore build --append`
+            lines.append(
+                f"appended     rows {segment['start']:,}..{segment['stop']:,} from "
+                f"{segment.get('source', {}).get('dataset', '?')} ({segment['array']})"
+            )
         if "summary" in m:
             s = m["summary"]
             lines.append(
@@ -162,8 +208,8 @@ class GradientStore:
         for key, entry in sorted(m.get("indexes", {}).items()):  # FAISS indexes beside the store
             lines.append(f"index        {key} in {entry.get('directory')} (operator {entry.get('operator')})")
         if self.manifest["status"] == "complete":
-            loss = np.asarray(self.meta.column("loss"))
-            norm = np.asarray(self.meta.column("grad_norm"))
+            columns = read_parquet(self._meta_path(), columns=["loss", "grad_norm"])  # not the documents
+            loss, norm = (np.asarray(columns.column(name)) for name in ("loss", "grad_norm"))
             lines.append(f"loss         mean {loss.mean():.4g}, max {loss.max():.4g}")
             lines.append(f"grad norm    mean {norm.mean():.4g}, max {norm.max():.4g}")
         return "\n".join(lines)

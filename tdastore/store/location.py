@@ -62,26 +62,35 @@ def zarr_store(path: StorePath, read_only: bool = False):
     return FsspecStore(AsyncFileSystemWrapper(path.fs, asynchronous=True), path=path.path, read_only=read_only)
 
 
-def read_parquet(path: StorePath):
-    import pyarrow.parquet as pq
-
-    return pq.read_table(str(path)) if is_local(path) else pq.read_table(path.path, filesystem=path.fs)
-
-
-def write_parquet(table, path: StorePath) -> None:
+def read_parquet(path: StorePath, columns: list[str] | None = None):
     import pyarrow.parquet as pq
 
     if is_local(path):
-        pq.write_table(table, str(path))
+        return pq.read_table(str(path), columns=columns)
+    return pq.read_table(path.path, filesystem=path.fs, columns=columns)
+
+
+def open_parquet(path: StorePath):
+    """A pyarrow ParquetFile (footer read, no data) for reading row groups on demand."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(str(path)) if is_local(path) else pq.ParquetFile(path.path, filesystem=path.fs)
+
+
+def write_parquet(table, path: StorePath, row_group_size: int | None = None) -> None:
+    import pyarrow.parquet as pq
+
+    if is_local(path):
+        pq.write_table(table, str(path), row_group_size=row_group_size)
     else:
-        pq.write_table(table, path.path, filesystem=path.fs)
+        pq.write_table(table, path.path, filesystem=path.fs, row_group_size=row_group_size)
 
 
-def write_parquet_atomic(table, path: StorePath) -> None:
+def write_parquet_atomic(table, path: StorePath, row_group_size: int | None = None) -> None:
     """No reader sees half a file: a temporary sibling renamed locally, one put on object storage."""
     if not is_local(path):
-        write_parquet(table, path)
+        write_parquet(table, path, row_group_size)
         return
     tmp = temporary_name(path)
-    write_parquet(table, tmp)
+    write_parquet(table, tmp, row_group_size)
     tmp.replace(path)

@@ -35,6 +35,7 @@ from tdastore.store.manifest import (
 )
 
 MAX_CHUNK_BYTES = 64 * 2**20
+META_ROW_GROUP = 2048  # rows per row group of meta.parquet
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,8 @@ def finalize_store(root: StorePath, manifest: dict, summary: dict) -> dict:
     meta = pa.concat_tables(tables)
     if meta.num_rows != manifest["n_rows"]:
         raise StoreError(f"store '{root}': metadata has {meta.num_rows} rows, expected {manifest['n_rows']}")
-    write_parquet_atomic(meta, root / META_FILE)
+    # small row groups: a query's hits read the few groups that hold them (train_text), never the whole file
+    write_parquet_atomic(meta, root / META_FILE, row_group_size=META_ROW_GROUP)
     manifest = update_shard_table(root, manifest)
     manifest["meta_checksum"] = file_crc(root / META_FILE)
     manifest["status"] = "complete"
