@@ -200,6 +200,7 @@ def _run_pool(
     threads = max(1, int(config.build.cpus_per_worker))
     config_dict, shared = config_to_dict(config), share_task(config, task)
     options = worker_options(config, ray.cluster_resources().get("GPU", 0.0))
+    table = ShardTable(root, manifest)
     return run_pool(
         pending,
         lambda: GradientWorker.options(**options).remote(
@@ -219,10 +220,24 @@ def _run_pool(
         total=total_rows,
         initial=initial_rows,
         size=lambda shard: shard.rows,
-        on_result=lambda shard, report: update_shard_table(root, manifest),
+        on_result=lambda shard, report: table.update(),
         progress=progress,
         unit_name="ex",
     )
+
+
+class ShardTable:
+    """The manifest's done flags, rewritten as shards finish but at most every `every_s` seconds: markers are the
+    truth (resume reads them), the table is for people, and rewriting a 10,000-shard manifest after every shard
+    made a ten-million-row build quadratic in its shard count. finalize_store writes the final table."""
+
+    def __init__(self, root, manifest: dict, every_s: float = 10.0):
+        self.root, self.manifest, self.every_s, self.last = root, manifest, every_s, time.perf_counter()
+
+    def update(self) -> None:
+        if time.perf_counter() - self.last >= self.every_s:
+            update_shard_table(self.root, self.manifest)
+            self.last = time.perf_counter()
 
 
 def append_rows(

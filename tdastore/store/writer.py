@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
+from tdastore.atomic import temporary_name
 from tdastore.errors import StoreError
 from tdastore.store.checksums import FILE_NAME, checksummed, chunk_table, confined, file_crc, region_chunk_keys
 from tdastore.store.job_store import create_or_reopen, done_markers
@@ -298,18 +299,44 @@ def update_shard_table(root: StorePath, manifest: dict) -> dict:
     return manifest
 
 
+def consolidate_meta(root: StorePath, manifest: dict) -> None:
+    """Every shard's metadata into one meta.parquet, streamed shard by shard (memory: one shard, not the store),
+    in small row groups: a query's hits read the few groups that hold them (train_text), never the whole file."""
+    import pyarrow.parquet as pq
+
+    target = root / META_FILE
+    part = temporary_name(target) if is_local(root) else target  # one put on object storage
+    sink = str(part) if is_local(root) else part.fs.open(part.path, "wb")
+    rows, writer = 0, None
+    try:
+        for entry in manifest["shards"]:
+            table = read_parquet(shard_meta_path(root, entry["shard"]))
+            if writer is None:
+                writer = pq.ParquetWriter(sink, table.schema)
+            elif table.schema != writer.schema:  # e.g. an appended file's integer labels beside float ones
+                table = table.cast(writer.schema)
+            writer.write_table(table, row_group_size=META_ROW_GROUP)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+        if not is_local(root):
+            sink.close()
+    if rows != manifest["n_rows"]:
+        raise StoreError(f"store '{root}': metadata has {rows} rows, expected {manifest['n_rows']}")
+    if is_local(root):
+        with open(part, "rb+") as handle:
+            os.fsync(handle.fileno())
+        part.replace(target)
+
+
 def finalize_store(root: StorePath, manifest: dict, summary: dict) -> dict:
     """All shards done: consolidate metadata into meta.parquet (its size and crc32 recorded in the manifest, for
     verify) and mark the store complete."""
     missing = [e["shard"] for e in manifest["shards"] if e["shard"] not in done_shards(root)]
     if missing:
         raise StoreError(f"store '{root}' cannot be finalised: shards {missing[:10]} are not done; rerun the build")
-    tables = [read_parquet(shard_meta_path(root, e["shard"])) for e in manifest["shards"]]
-    meta = pa.concat_tables(tables)
-    if meta.num_rows != manifest["n_rows"]:
-        raise StoreError(f"store '{root}': metadata has {meta.num_rows} rows, expected {manifest['n_rows']}")
-    # small row groups: a query's hits read the few groups that hold them (train_text), never the whole file
-    write_parquet_atomic(meta, root / META_FILE, row_group_size=META_ROW_GROUP)
+    consolidate_meta(root, manifest)
     manifest = update_shard_table(root, manifest)
     manifest["meta_checksum"] = file_crc(root / META_FILE)
     manifest["status"] = "complete"
