@@ -258,6 +258,8 @@ def build_index(
             trained = faiss.clone_index(first)
             trained.reset()
     ranges = index_shards(store, config.shard_rows, first_row=shards[-1][1] if grown else 0)
+    if trained is None and config.train_rows and kind in TRAINED_KINDS and store.n_rows > config.train_rows:
+        trained = shared_quantiser(store, operator, method, kind, config, max(b - a for a, b in ranges))
     done = shards[-1][1] if grown else 0
     bar = tqdm(total=store.n_rows, initial=done, desc=f"index {index_name}/{kind}", unit="row", disable=not progress)
     for number, (start, stop) in enumerate(ranges, start=len(shards)):
@@ -295,6 +297,23 @@ def build_index(
     return IndexHandle(directory, _without_build_facts(description), shards, digests=digests)
 
 
+def shared_quantiser(store, operator, method, kind: str, config: IndexConfig, shard_rows: int) -> faiss.Index:
+    """An empty index of `kind` whose quantiser is trained once on about `index.train_rows` rows spread evenly over
+    the store (whole chunks), for every shard to add its rows to: training reads a sample, not the store. The
+    sample's rows are widened with the sample's largest norm (L2-reduced kinds); each shard widens its own rows
+    with its own, as without a shared quantiser."""
+    chunk = store.grads.chunks[0]
+    picks = max(1, -(-config.train_rows // chunk))
+    starts = np.unique(np.linspace(0, (store.n_rows - 1) // chunk, picks).astype(np.int64)) * chunk
+    blocks = [transformed_rows(store, operator, method, s, min(s + chunk, store.n_rows)) for s in starts]
+    sample = np.concatenate(blocks)  # [~train_rows, k]
+    if kind in L2_REDUCED:
+        sample = augment_rows(sample, float(np.linalg.norm(sample, axis=1).max()), reduced_width(store.dim))
+    index = make_faiss_index(kind, sample.shape[1], shard_rows, config)
+    index.train(sample)
+    return index
+
+
 def appended_to(existing: IndexHandle, description: dict) -> bool:
     """Whether `existing` indexes a prefix of the rows `description` wants, with everything else equal (the store
     grew by `tdastore build --append`): its shards stand, and only the new rows need adding."""
@@ -323,7 +342,7 @@ def _kind_settings(kind: str, config: IndexConfig) -> dict:
         "hnsw": {"m": config.hnsw_m, "ef_search": config.ef_search},
         "sq8": {},
         "pq": {"nlist": config.nlist, "nprobe": config.nprobe, "pq_m": config.pq_m, "refine": config.refine},
-    }[kind]
+    }[kind] | ({"train_rows": config.train_rows} if config.train_rows and kind in TRAINED_KINDS else {})
 
 
 def _without_build_facts(description: dict) -> dict:

@@ -204,7 +204,7 @@ def _compressors(name: str):
 
     if name == "lz4":
         return [BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")]
-    return [ZstdCodec(level=1)]  # gradients compress little: favour write speed
+    return [ZstdCodec(level=1)]  # fast: gradients compress little
 
 
 def shard_marker(root: StorePath, index: int) -> StorePath:

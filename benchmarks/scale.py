@@ -1,0 +1,408 @@
+"""Ten million rows (issue 23): a store, its indexes and the query service at the scale users index, measured at
+several row counts in one run on this machine.
+
+The data: a regression MLP (32 features -> 64 -> 64 -> 1, 6,401 parameters, trained here for 300 Adam steps)
+over generated rows, projected by a Gaussian matrix to 256 columns, float16 on disk. Each row is generated from
+its own id (seeded per 4,096-row block), so neither the driver nor a worker ever holds the data set: a worker
+materialises one shard at a time, as a text store's memory-mapped token table does; everything after that
+(actors, shards, markers, manifest, meta.parquet, Zarr chunks, indexes, queries, the service) is the code a
+text store runs. Cheap enough for 10^7 per-example gradients on 2 cores.
+
+Per row count N, in a fresh process (so its peak RSS is its own):
+  build      rows/s of `tdastore.build` (2 Ray workers), driver and worker peak RSS, manifest size
+  open       open_store + the first block, and the first exact query (train ids read)
+  stream     a full `iter_blocks` pass (float16 -> float32) against reading the same chunk files raw, both
+             with the files evicted from the page cache first (posix_fadvise DONTNEED)
+  indexes    build seconds and peak RSS per kind, recall@10 against exact streamed top-10 for Q queries,
+             single-query p50/p99 (gradient + search) and batch-of-256 queries/s, in process
+  serve      through the query service with --index-shards 2: p50 of one query, same hits as in process
+
+    python benchmarks/scale.py --rows 100000 1000000 10000000 [--kinds flat ivf pq hnsw] [--queries 1000]
+    python benchmarks/scale.py --plot benchmarks/results/scale.json   # latency and recall against rows
+
+Results go to benchmarks/results/scale.json (one entry per N, merged with earlier runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).parent))  # `scale:GeneratedTask`, for Ray workers and replicas too
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+
+import numpy as np
+import torch
+
+FEATURES, HIDDEN, BLOCK = 32, 64, 4096
+RESULTS = Path(__file__).parent / "results" / "scale.json"
+
+
+def make_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.Tanh(),
+        torch.nn.Linear(HIDDEN, 1),
+    )  # fmt: skip
+
+
+def generated_block(seed: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [block * BLOCK, (block + 1) * BLOCK) of data set `seed`: x [BLOCK, F], y [BLOCK]."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + block)
+    x = torch.randn(BLOCK, FEATURES, generator=g)
+    w = torch.linspace(-1, 1, FEATURES)
+    y = torch.tanh(x @ w / 3) * 2 + x[:, 0] * x[:, 1] / 2 + 0.3 * torch.randn(BLOCK, generator=g)
+    return x, y
+
+
+class GeneratedRows:
+    """N rows generated from their ids on demand (slice / take materialise only what is asked for)."""
+
+    padded, texts = False, None
+
+    def __init__(self, n_rows: int, seed: int):
+        self.n_rows, self.seed = n_rows, seed
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.arange(self.n_rows, dtype=np.int64)
+
+    def take(self, rows):
+        rows = np.arange(self.n_rows)[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        x, y = torch.empty(len(rows), FEATURES), torch.empty(len(rows))
+        blocks = rows // BLOCK
+        for block in np.unique(blocks):
+            where = np.nonzero(blocks == block)[0]
+            bx, by = generated_block(self.seed, int(block))
+            x[where], y[where] = bx[rows[where] % BLOCK], by[rows[where] % BLOCK]
+        return Examples(x, y, rows.astype(np.int64), y.numpy().astype(np.float64))
+
+    def slice(self, start: int, stop: int):
+        return self.take(np.arange(start, stop))
+
+
+def train_weights(path: Path) -> None:
+    model = make_mlp()
+    data = GeneratedRows(20_000, seed=7).slice(0, 20_000)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(300):
+        index = torch.randint(0, 20_000, (256,), generator=torch.Generator().manual_seed(step))
+        loss = ((model(data.inputs[index]).squeeze(-1) - data.targets[index]) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    torch.save(model.state_dict(), path)
+
+
+from tdastore.tasks.base import Examples, Task  # noqa: E402
+
+
+class GeneratedTask(Task):
+    """A regression MLP over generated rows (see the module docstring); `task.class: scale:GeneratedTask`, its
+    `task.dataset` "ROWS:TEST_ROWS:WEIGHTS" (so a store's config rebuilds it: queries, the service)."""
+
+    name, pretrained = "generated", True
+
+    def __init__(self, task_config, model_config=None):
+        rows, test_rows, self.weights = str(task_config.dataset).split(":", 2)
+        self.rows, self.test_rows = int(rows), int(test_rows)
+        self.train = GeneratedRows(self.rows, seed=0)
+        self.test = GeneratedRows(self.test_rows, seed=1).slice(0, self.test_rows)
+
+    def make_model(self):
+        model = make_mlp()
+        model.load_state_dict(torch.load(self.weights))
+        return model
+
+    def per_example_loss(self, outputs, targets):
+        return (outputs.squeeze(-1) - targets) ** 2
+
+    def examples(self, split):
+        return self.train if split == "train" else self.test
+
+    def description(self):
+        return {"name": self.name, "kind": "regression", "rows": self.rows, "features": FEATURES}
+
+    def fingerprint(self):
+        return hashlib.sha256(json.dumps([self.rows, self.test_rows, FEATURES, BLOCK]).encode()).hexdigest()[:16]
+
+    def describe_inputs(self):
+        return {"kind": "regression", "features": [f"x{i}" for i in range(FEATURES)], "target": "y"}
+
+    def encode_request(self, inputs, targets):
+        y = torch.tensor(targets, dtype=torch.float32)
+        return Examples(torch.tensor(inputs, dtype=torch.float32), y, np.arange(len(y)), y.numpy())
+
+
+class PeakRss:
+    """Peak resident memory of this process over a `with` block, sampled every 20 ms (MB)."""
+
+    def __enter__(self):
+        import psutil
+
+        self.process, self.peak, self.running = psutil.Process(), 0.0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss / 2**20)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def evict(root: Path) -> None:
+    """Drop a directory's files from the page cache, so the next read comes from the disk."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def raw_read(root: Path) -> tuple[float, int]:
+    """Seconds and bytes to read every file under root (chunk files, in key order), 8 MB at a time."""
+    began, total = time.perf_counter(), 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        with open(path, "rb", buffering=0) as handle:
+            while chunk := handle.read(8 << 20):
+                total += len(chunk)
+    return time.perf_counter() - began, total
+
+
+def config_for(workers: int, dataset: str):
+    from tdastore.config import load_config
+
+    return load_config(
+        {
+            "device": "cpu",
+            "task": {"class": "scale:GeneratedTask", "dataset": dataset},
+            "projection": {"kind": "gaussian", "dim": 256, "seed": 0},
+            "gradients": {"batch_size": 1024},
+            "store": {"dtype": "float16", "chunk_rows": 1024, "shard_rows": 16384},
+            "build": {"workers": workers, "cpus_per_worker": 1, "max_retries": 1},
+            "index": {"shard_rows": 1_048_576, "nprobe": 32, "train_rows": 131_072},
+        }
+    )
+
+
+def measure(rows: int, kinds: list[str], queries: int, work: Path, serve: bool) -> dict:
+    """Every figure of one row count, in this process."""
+    import ray
+
+    import tdastore
+    from tdastore.attribution import Attributor
+
+    weights = work / "weights.pt"
+    if not weights.exists():
+        train_weights(weights)
+    out: dict = {"rows": rows}
+    config = config_for(2, f"{rows}:{queries}:{weights}")
+    task = GeneratedTask(config.task)
+    root = work / f"store-{rows}"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    began = time.perf_counter()
+    with PeakRss() as driver:
+        store = tdastore.build(config, root, progress=False)
+    summary = store.manifest["summary"]
+    out["build"] = {
+        "seconds": time.perf_counter() - began,
+        "rows_per_s": rows / (time.perf_counter() - began),
+        "worker_rows_per_s": summary["worker_examples_per_s"],
+        "driver_peak_rss_mb": driver.peak,
+        "driver_rss_before_mb": rss_before,
+        "worker_peak_rss_mb": summary["peak_worker_rss_mb"],
+        "manifest_bytes": (root / "manifest.json").stat().st_size,
+        "store_bytes": sum(p.stat().st_size for p in (root / "grads.zarr").rglob("*") if p.is_file()),
+        "shards": len(store.manifest["shards"]),
+    }
+    print(json.dumps({"rows": rows, "build": out["build"]}), flush=True)
+
+    evict(root)
+    began = time.perf_counter()
+    opened = tdastore.open_store(root)
+    opened.read_rows(0, 1024)
+    out["open_seconds"] = time.perf_counter() - began
+    evict(root / "grads.zarr")
+    raw_s, raw_bytes = raw_read(root / "grads.zarr")
+    evict(root / "grads.zarr")
+    began = time.perf_counter()
+    for _ in opened.iter_blocks(65536):
+        pass
+    stream_s = time.perf_counter() - began
+    out["stream"] = {
+        "raw_read_mb_per_s": raw_bytes / raw_s / 2**20,
+        "stream_mb_per_s": raw_bytes / stream_s / 2**20,
+        "ratio": raw_s / stream_s,
+        "rows_per_s": rows / stream_s,
+    }
+    print(json.dumps({"rows": rows, "open_seconds": out["open_seconds"], "stream": out["stream"]}), flush=True)
+
+    test = task.examples("test")
+    exact = Attributor(opened, "grad_dot")
+    began = time.perf_counter()
+    exact.top_k(test.slice(0, 1), 10)
+    out["first_exact_query_seconds"] = time.perf_counter() - began  # open + train ids + a streamed pass
+    began = time.perf_counter()
+    truth = exact.top_k(test, 10).column("train_row").to_numpy().reshape(queries, 10)
+    out["exact_seconds"] = time.perf_counter() - began
+    out["indexes"] = {}
+    served_kind = "ivf" if "ivf" in kinds else (kinds[0] if kinds else None)
+    expected = None
+    for kind in kinds:
+        began = time.perf_counter()
+        with PeakRss() as peak:
+            Attributor(opened, "grad_dot", kind=kind)
+        built = time.perf_counter() - began
+        gc.collect()
+        began = time.perf_counter()  # a reader that comes later: open, the index's shards loaded, one query
+        attributor = Attributor(tdastore.open_store(root), "grad_dot", kind=kind)
+        opened_s = time.perf_counter() - began
+        attributor.index.search(np.zeros((1, opened.dim), np.float32), 1)
+        load_s = time.perf_counter() - began - opened_s
+        attributor.top_k(test.slice(0, 1), 10)
+        first_s = time.perf_counter() - began - opened_s - load_s
+        found = attributor.top_k(test, 10).column("train_row").to_numpy().reshape(queries, 10)
+        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]))
+        expected = found[:100] if kind == served_kind else expected  # what the service must answer
+        single = []
+        for i in range(min(queries, 200)):
+            began = time.perf_counter()
+            attributor.top_k(test.slice(i, i + 1), 10)
+            single.append(time.perf_counter() - began)
+        batch = test.slice(0, min(256, queries))
+        began = time.perf_counter()
+        attributor.top_k(batch, 10)
+        batch_s = time.perf_counter() - began
+        index_dir = root / "indexes" / f"grad_dot-{kind}"
+        out["indexes"][kind] = {
+            "build_seconds": built,
+            "build_peak_rss_mb": peak.peak,
+            "open_seconds": opened_s,
+            "index_load_seconds": load_s,
+            "first_query_seconds": first_s,
+            "index_bytes": sum(p.stat().st_size for p in index_dir.glob("*.faiss")),
+            "recall_at_10": recall,
+            "p50_ms": 1000 * float(np.percentile(single, 50)),
+            "p99_ms": 1000 * float(np.percentile(single, 99)),
+            "batch256_queries_per_s": len(batch) / batch_s,
+        }
+        print(json.dumps({"rows": rows, "kind": kind, **out["indexes"][kind]}), flush=True)
+        del attributor  # its index shards leave memory before the next kind's
+        gc.collect()
+    if serve and kinds:
+        out["serve"] = measure_service(root, served_kind, test, expected)
+        print(json.dumps({"rows": rows, "serve": out["serve"]}), flush=True)
+    ray.shutdown()
+    return out
+
+
+def measure_service(root: Path, kind: str, test, expected: np.ndarray) -> dict:
+    """The service with 2 index shards: p50 of single queries over HTTP, and its hits against in process."""
+    import urllib.request
+
+    from ray import serve
+
+    from tdastore.serve import application
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+    began = time.perf_counter()
+    serve.run(application(str(root), methods=["grad_dot"], kind=kind, index_shards=2), name="scale", route_prefix="/s")
+    start_s = time.perf_counter() - began
+    times, same = [], 0
+    count = len(expected)
+    for i in range(count):
+        one = test.slice(i, i + 1)
+        body = {"method": "grad_dot", "inputs": one.inputs.tolist(), "targets": one.targets.tolist(), "top_k": 10}
+        request = urllib.request.Request("http://127.0.0.1:8765/s/query", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        began = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        times.append(time.perf_counter() - began)
+        same += [h["train_row"] for h in answer["results"][0]["top"]] == expected[i].tolist()
+    serve.shutdown()
+    return {"kind": kind, "index_shards": 2, "start_seconds": start_s, "p50_ms": 1000 * float(np.median(times)),
+            "p99_ms": 1000 * float(np.percentile(times, 99)), "same_hits": same / count}  # fmt: skip
+
+
+def plot(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(json.loads(path.read_text()).values(), key=lambda r: r["rows"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    kinds = sorted({k for r in runs for k in r.get("indexes", {})})
+    for kind in kinds:
+        have = [r for r in runs if kind in r.get("indexes", {})]
+        rows = [r["rows"] for r in have]
+        left.plot(rows, [r["indexes"][kind]["p50_ms"] for r in have], "o-", label=f"{kind} p50")
+        right.plot(rows, [r["indexes"][kind]["recall_at_10"] for r in have], "o-", label=kind)
+    for axis, label in ((left, "single-query latency, ms (gradient + search)"), (right, "recall@10 vs exact")):
+        axis.set_xscale("log")
+        axis.set_xlabel("rows in the store")
+        axis.set_ylabel(label)
+        axis.legend()
+    left.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+    print(f"wrote {path.with_suffix('.png')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--kinds", nargs="*", default=["flat", "ivf", "pq", "hnsw"])
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--work", default=None, help="where stores go (default: a temporary directory)")
+    parser.add_argument("--no-serve", action="store_true")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one row count
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+    if args.plot:
+        return plot(Path(args.plot))
+    work = Path(args.work or tempfile.mkdtemp(prefix="tdastore-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        result = measure(args.rows[0], args.kinds, args.queries, work, not args.no_serve)
+        (work / f"result-{args.rows[0]}.json").write_text(json.dumps(result))
+        return
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for rows in args.rows:
+        command = [sys.executable, __file__, "--one", "--rows", str(rows), "--kinds", *args.kinds,
+                   "--queries", str(args.queries), "--work", str(work)]  # fmt: skip
+        command += ["--no-serve"] if args.no_serve else []
+        subprocess.run(command, check=True)
+        results[str(rows)] = json.loads((work / f"result-{rows}.json").read_text())
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=1))
+    plot(RESULTS)
+
+
+if __name__ == "__main__":
+    main()
