@@ -144,3 +144,101 @@ def _peak_rss() -> int:
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+# -- queries: index sizes, per-replica memory, a streamed exact pass ------------------------------------------
+INDEX_KINDS = ("flat", "ivf", "pq", "hnsw", "sq8")
+
+
+@dataclass
+class QueryPlan:
+    rows: int
+    columns: int
+    index_shards: int
+    index_bytes: dict  # kind -> bytes of all its shard files (FAISS's own layout, computed)
+    process_bytes: int  # measured: this process with the libraries and the model, as a replica holds them
+    pass_bytes: int  # the store's rows as stored
+    stream_bytes_per_s: float  # measured here: reading and decoding rows in the store's layout (page cache)
+
+    def replica_bytes(self, kind: str) -> int:
+        """A replica's memory: the process, plus its share of the index (scatter-gather over index_shards)."""
+        return self.process_bytes + self.index_bytes[kind] // self.index_shards
+
+    @property
+    def pass_seconds(self) -> float:
+        return self.pass_bytes / max(self.stream_bytes_per_s, 1.0)
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"queries        {self.rows:,} rows x {self.columns:,} columns; index shards per replica set: "
+            f"{self.index_shards} (--index-shards)"
+        ]
+        for kind in INDEX_KINDS:
+            lines.append(
+                f"  {kind:<5}        index {self.index_bytes[kind] / MB:,.0f} MB, per replica "
+                f"{self.replica_bytes(kind) / MB:,.0f} MB"
+            )
+        lines.append(
+            f"exact pass     {self.pass_seconds:,.1f} s to stream {self.pass_bytes / MB:,.0f} MB of rows at "
+            f"{self.stream_bytes_per_s / MB:,.0f} MB/s (read + decode, measured here; a slower disk bounds it)"
+        )
+        return lines
+
+
+def index_bytes(kind: str, rows: int, columns: int, config) -> int:
+    """Bytes of a FAISS index of `kind` over rows x columns (flat inner product, or the L2-reduced kinds' width
+    columns + 1 rounded to 4), from FAISS's layouts: vectors, 8-byte ids of inverted lists, centroids, codes."""
+    from tdastore.index.faiss_index import _nlist, _pq_m, reduced_width
+
+    shards = -(-rows // config.index.shard_rows)
+    per_shard = -(-rows // shards)
+    width = reduced_width(columns)
+    nlist = _nlist(config.index, per_shard)
+    if kind == "flat":
+        return rows * columns * 4
+    if kind == "ivf":
+        return rows * (width * 4 + 8) + shards * nlist * width * 4
+    if kind == "pq":  # IVF-PQ codes and ids, the refine stage's full vectors, centroids and codebooks
+        m = _pq_m(config.index, width)
+        return rows * (m + 8 + width * 4) + shards * (nlist * width * 4 + 256 * width * 4)
+    if kind == "hnsw":  # vectors, level-0 links (2M), upper levels (~M per node on 1/M of them)
+        return rows * (columns * 4 + 2 * config.index.hnsw_m * 4 + 4 * 4 + 8)
+    if kind == "sq8":
+        return rows * columns + shards * columns * 8
+    raise ValueError(kind)
+
+
+def measure_stream(columns: int, dtype: str, compressor: str, rows: int = 32768) -> float:
+    """Bytes per second of reading and decoding rows stored in this layout (a temporary array in the page
+    cache: the decode rate; a disk slower than it bounds the pass instead)."""
+    import tempfile
+    from pathlib import Path
+
+    import zarr
+
+    from tdastore.store.checksums import checksummed
+    from tdastore.store.location import zarr_store
+    from tdastore.store.writer import _compressors
+
+    data = np.random.default_rng(0).standard_normal((rows, columns)).astype(dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = {"chunks": (1024, columns), "compressors": checksummed(_compressors(compressor))}
+        array = zarr.create_array(store=zarr_store(Path(tmp) / "rows"), shape=data.shape, dtype=dtype, **layout)
+        array[:] = data
+        began = time.perf_counter()
+        torch.from_numpy(np.asarray(array[:])).float()
+        return data.nbytes / (time.perf_counter() - began)
+
+
+def plan_queries(config: Config, rows: int, columns: int, index_shards: int = 1) -> QueryPlan:
+    """Index sizes of every kind and per-replica memory for `rows` x `columns`, and a streamed exact pass's time."""
+    dtype = np.dtype(config.store.dtype)
+    return QueryPlan(
+        rows=rows,
+        columns=columns,
+        index_shards=max(1, index_shards),
+        index_bytes={kind: index_bytes(kind, rows, columns, config) for kind in INDEX_KINDS},
+        process_bytes=_peak_rss(),
+        pass_bytes=rows * columns * dtype.itemsize,
+        stream_bytes_per_s=measure_stream(columns, config.store.dtype, config.store.compressor),
+    )

@@ -407,6 +407,18 @@ def test_plan_predicts_the_store_and_measures_the_rest(ray_cluster, tmp_path, tr
     out = capsys.readouterr().out
     assert "353 x 1,441 columns" in out and "on 4 worker(s)" in out and "fixed costs" in out
 
+    from tdastore.plan import plan_queries
+
+    queries = plan_queries(trained_config, store.n_rows, store.dim, index_shards=2)
+    for kind in ("flat", "ivf", "pq", "hnsw", "sq8"):  # the sizes FAISS writes, within 10%
+        tdastore.Attributor(store, "grad_dot", kind=kind)
+        written = sum(p.stat().st_size for p in (store.root / "indexes" / f"grad_dot-{kind}").glob("*.faiss"))
+        assert queries.index_bytes[kind] == pytest.approx(written, rel=0.1), kind
+    assert queries.replica_bytes("ivf") == queries.process_bytes + queries.index_bytes["ivf"] // 2
+    assert queries.pass_bytes == 353 * 1441 * 4 and queries.stream_bytes_per_s > 0
+    assert cli_main(["plan", "--config", str(path), "--rows", "10000000", "--index-shards", "2"]) == 0
+    assert "10,000,000 rows x 1,441 columns" in capsys.readouterr().out
+
 
 def test_devices_and_gpu_requests(ray_cluster, tmp_path, trained_config):
     """`device` resolves here (CPU only) or is refused clearly; GPU workers are requested from Ray exactly

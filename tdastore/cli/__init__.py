@@ -237,12 +237,17 @@ def make_parser() -> argparse.ArgumentParser:
     plan = command(
         "plan",
         commands.cmd_plan,
-        "what a build will need: memory per worker, store size, build time",
+        "what a build and its queries will need: memory, sizes, times",
         "Before anything heavy runs: the row and store sizes, each worker's memory (weights, projection matrices, "
         "a shard's buffer, the largest batch, measured) and the build time on build.workers workers from a "
-        "short calibration on this machine.",
+        "short calibration on this machine; then, for every index kind, its size and a service replica's memory "
+        "(with --index-shards), and the time of a streamed exact pass (read + decode rate measured here).",
     )
     _config_option(plan)
+    plan.add_argument("--rows", type=int, default=None, help="plan queries over this many rows (default: the data's)")
+    plan.add_argument(
+        "--index-shards", type=int, default=1, help="scatter-gather deployments the service splits an index over"
+    )
     add_config_flags(plan, ALL_SECTIONS, {"--workers": "build.workers"})
 
     lds = command(

@@ -257,10 +257,12 @@ def cmd_metagrad(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from tdastore.plan import plan_build
+    from tdastore.plan import plan_build, plan_queries
 
     config = run_config(args)
-    print("\n".join(plan_build(config).lines()))
+    build = plan_build(config)
+    queries = plan_queries(config, args.rows or build.rows, build.row_columns, args.index_shards)
+    print("\n".join(build.lines() + queries.lines()))
 
 
 def cmd_lds(args: argparse.Namespace) -> None:
