@@ -18,6 +18,7 @@ Per row count N, in a fresh process (so its peak RSS is its own):
   serve      through the query service with --index-shards 2: p50 of one query, same hits as in process
 
     python benchmarks/scale.py --rows 100000 1000000 10000000 [--kinds flat ivf pq hnsw] [--queries 1000]
+    python benchmarks/scale.py --s3 --rows 1000000 --work DIR   # that store on a local S3 endpoint vs the disk
     python benchmarks/scale.py --plot benchmarks/results/scale.json   # latency and recall against rows
 
 Results go to benchmarks/results/scale.json (one entry per N, merged with earlier runs).
@@ -31,6 +32,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -349,13 +351,69 @@ def measure_service(root: Path, kind: str, test, expected: np.ndarray) -> dict:
             "p99_ms": 1000 * float(np.percentile(times, 99)), "same_hits": same / count}  # fmt: skip
 
 
+def measure_s3(work: Path, rows: int, kind: str = "ivf") -> dict:
+    """The N-row store copied to a local S3 endpoint (moto's server, its own process): a streamed pass (Zarr
+    fetches a block's chunks concurrently while the next block is read ahead) and the index's load, against the
+    same from the local disk (evicted from the page cache first)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    os.environ["TDASTORE_CACHE"] = str(work / "cache")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        import boto3
+        import fsspec
+
+        for _ in range(100):
+            try:
+                boto3.client("s3").create_bucket(Bucket="bench")
+                break
+            except Exception:  # noqa: BLE001 - the server is starting
+                time.sleep(0.1)
+        import tdastore
+        from tdastore.attribution import Attributor
+
+        local = work / f"store-{rows}"
+        shutil.rmtree(work / "cache", ignore_errors=True)  # index shards are downloaded, not found cached
+        parts = ["manifest.json", "meta.parquet", "grads.zarr", f"indexes/grad_dot-{kind}"]  # what queries read
+        began = time.perf_counter()
+        for part in parts:
+            fsspec.filesystem("s3").put(str(local / part), f"bench/store/{part}", recursive=True)
+        upload_s = time.perf_counter() - began
+        files = [p for part in parts for p in [local / part, *(local / part).rglob("*")] if p.is_file()]
+        sent = sum(p.stat().st_size for p in files)
+        out = {"rows": rows, "upload_mb_per_s": sent / upload_s / 2**20}
+        for where, location in (("local", local), ("s3", "s3://bench/store")):
+            evict(local)
+            store = tdastore.open_store(location)
+            began = time.perf_counter()
+            for _ in store.iter_blocks(65536):
+                pass
+            seconds = time.perf_counter() - began
+            out[f"{where}_stream_rows_per_s"] = rows / seconds
+            out[f"{where}_stream_mb_per_s"] = rows * store.dim * 2 / seconds / 2**20
+            began = time.perf_counter()
+            attributor = Attributor(store, "grad_dot", kind=kind)
+            attributor.index.search(np.zeros((1, store.dim), np.float32), 1)
+            out[f"{where}_index_load_seconds"] = time.perf_counter() - began
+        out["stream_ratio_s3_to_local"] = out["s3_stream_rows_per_s"] / out["local_stream_rows_per_s"]
+        return out
+    finally:
+        server.terminate()
+
+
 def plot(path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = sorted(json.loads(path.read_text()).values(), key=lambda r: r["rows"])
+    runs = sorted((r for key, r in json.loads(path.read_text()).items() if key.isdigit()), key=lambda r: r["rows"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     kinds = sorted({k for r in runs for k in r.get("indexes", {})})
     for kind in kinds:
@@ -383,9 +441,17 @@ def main() -> None:
     parser.add_argument("--no-serve", action="store_true")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one row count
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--s3", action="store_true", help="the --rows store of an earlier run (--work) against S3")
     args = parser.parse_args()
     if args.plot:
         return plot(Path(args.plot))
+    if args.s3:
+        result = measure_s3(Path(args.work), args.rows[0])
+        print(json.dumps(result))
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        results.setdefault("s3", {})[str(args.rows[0])] = result
+        RESULTS.write_text(json.dumps(results, indent=1))
+        return
     work = Path(args.work or tempfile.mkdtemp(prefix="tdastore-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.one:
