@@ -14,7 +14,10 @@
 With `--device cuda` part 1 runs on the GPU with the model in bfloat16, 16 x 512 tokens a batch, and its Ray
 build is one GPU worker (tokens/s end to end instead of the RSS ratio, which measures host memory).
 
-    python benchmarks/lm_scale.py [--parts queries,kfac,gpt2] [--device cpu|cuda]
+4. bfloat16 against float32 builds on the CPU: tokens/s of each where the CPU has AMX (GPT-2-small shape), and
+   everywhere the rows' agreement (cosine of bf16 rows to fp32 rows).
+
+    python benchmarks/lm_scale.py [--parts queries,kfac,gpt2,bf16] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -145,6 +148,53 @@ def gpt2_small(work: Path, device: str = "cpu") -> None:
     )
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU runs bfloat16 matrix products on AMX tiles (Linux's amx_bf16 flag)."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def bf16_on_the_cpu(work: Path) -> dict:
+    """model.dtype bfloat16 against float32 on the CPU, in process, 2 threads: build tokens/s of each and the
+    rows' agreement (cosine of each bf16 row to its fp32 row). With AMX the GPT-2-small shape of part gpt2; without,
+    a 2 x 64 GPT-2 (bfloat16 products are ~100x slower than fp32 there: no throughput worth reporting, only the
+    agreement)."""
+    from tdastore.grads.computer import make_gradient_computer
+    from tdastore.tasks import make_task
+
+    amx = cpu_has_amx()
+    shape = (50257, 12, 768, 12, 1024, 2048) if amx else (2048, 2, 64, 2, 1024, 2048)
+    model_dir = save_gpt2(work / "bf16-gpt2", *shape)
+    corpus = work / "bf16.jsonl"
+    write_corpus(corpus, 40, 60)
+    torch.set_num_threads(2)
+    out, rows = {"amx": amx}, {}
+    for dtype in ("float32", "bfloat16"):
+        config = text_config(model_dir, corpus, work / f"bf16-store-{dtype}", task={"test_fraction": 0.2},
+                             model={"dtype": dtype})  # fmt: skip
+        task = make_task(config.task, config.model)
+        model = task.make_model()
+        computer = make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection)
+        train = task.examples("train")
+        batches = [train.slice(i * 2, (i + 1) * 2) for i in range(2)]
+        tokens = sum(int(b.inputs[:, 1].sum()) for b in batches)
+        _, seconds = train_and_build_seconds(task, model, computer, batches, repeats=2 if amx else 1)
+        out[f"{dtype}_tokens_per_s"] = tokens / seconds
+        rows[dtype] = torch.cat([computer(b.inputs, b.targets)[0].float() for b in batches])  # [4, k]
+    cosine = torch.nn.functional.cosine_similarity(rows["bfloat16"], rows["float32"], dim=1)
+    out.update(cosine_min=float(cosine.min()), cosine_mean=float(cosine.mean()))
+    ratio = out["bfloat16_tokens_per_s"] / out["float32_tokens_per_s"]
+    where = "AMX: GPT-2-small shape" if amx else "no AMX on this CPU: GPT-2 2 x 64"
+    print(
+        f"bfloat16 / float32 build tokens/s on the CPU ({where}): {ratio:.3f} ({out['bfloat16_tokens_per_s']:,.0f} vs "
+        f"{out['float32_tokens_per_s']:,.0f}); rows' cosine bf16 to fp32 min {out['cosine_min']:.4f}, mean "
+        f"{out['cosine_mean']:.4f}" + ("" if amx else " (throughput without AMX is not what bf16 is for)")
+    )
+    return out
+
+
 def unit_normaliser(model, computer):
     """An adafactor normaliser of the computer's parameters (its cost does not depend on v's values)."""
     from tdastore.grads.normaliser import Normaliser
@@ -252,7 +302,10 @@ def queries_on_ray(work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--parts", default="queries,kfac,gpt2", help="comma-separated subset of queries, kfac, gpt2 (the slowest)"
+        "--parts",
+        default="queries,kfac,gpt2,bf16",
+        help="comma-separated subset of queries, kfac, gpt2 (the "
+        "slowest), bf16 (bfloat16 against float32 on the CPU; the GPT-2-small shape where the CPU has AMX)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: the GPT-2-small part on the GPU in bfloat16")
     args = parser.parse_args()
@@ -268,6 +321,8 @@ def main() -> None:
             demo_lm_kfac(work)
         if "gpt2" in parts:
             gpt2_small(work, args.device)
+        if "bf16" in parts and args.device == "cpu":
+            bf16_on_the_cpu(work)
 
 
 if __name__ == "__main__":
