@@ -407,6 +407,44 @@ def measure_s3(work: Path, rows: int, kind: str = "ivf") -> dict:
         server.terminate()
 
 
+def table(path: Path) -> None:
+    """The README's tables from a results file (markdown)."""
+    results = json.loads(path.read_text())
+    runs = sorted((r for key, r in results.items() if key.isdigit()), key=lambda r: r["rows"])
+    print("| rows | build rows/s (workers' own) | driver / worker peak RSS MB | manifest KB | open + first block ms "
+          "| streamed pass MB/s / raw read MB/s | first exact query s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        b, st = r["build"], r["stream"]
+        cells = [
+            f"{r['rows']:,}",
+            f"{b['rows_per_s']:,.0f} ({b['worker_rows_per_s']:,.0f})",
+            f"{b['driver_peak_rss_mb']:,.0f} / {b['worker_peak_rss_mb']:,.0f}",
+            f"{b['manifest_bytes'] / 1024:,.0f}",
+            f"{1000 * r['open_seconds']:.0f}",
+            f"{st['stream_mb_per_s']:,.0f} / {st['raw_read_mb_per_s']:,.0f} = {st['ratio']:.2f}",
+            f"{r['first_exact_query_seconds']:.1f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    print("\n| rows | kind | build s | peak RSS MB | index MB | recall@10 | p50 / p99 ms | batch 256 q/s | load s "
+          "| open + first query s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        for kind, x in r.get("indexes", {}).items():
+            print(f"| {r['rows']:,} | {kind} | {x['build_seconds']:,.1f} | {x['build_peak_rss_mb']:,.0f} "
+                  f"| {x['index_bytes'] / 2**20:,.0f} | {x['recall_at_10']:.3f} "
+                  f"| {x['p50_ms']:.1f} / {x['p99_ms']:.1f} "
+                  f"| {x['batch256_queries_per_s']:,.0f} | {x['index_load_seconds']:.1f} "
+                  f"| {x['open_seconds'] + x['first_query_seconds']:.2f} |")  # fmt: skip
+    for r in runs:
+        if "serve" in r:
+            v = r["serve"]
+            print(
+                f"\nservice at {r['rows']:,} rows ({v['kind']}, {v['index_shards']} index shards): p50 "
+                f"{v['p50_ms']:.1f} ms, p99 {v['p99_ms']:.1f} ms, same hits as in process {v['same_hits']:.0%}"
+            )
+
+
 def plot(path: Path) -> None:
     import matplotlib
 
@@ -444,6 +482,7 @@ def main() -> None:
     parser.add_argument("--s3", action="store_true", help="the --rows store of an earlier run (--work) against S3")
     args = parser.parse_args()
     if args.plot:
+        table(Path(args.plot))
         return plot(Path(args.plot))
     if args.s3:
         result = measure_s3(Path(args.work), args.rows[0])

@@ -78,6 +78,11 @@ def test_append_then_append_equals_a_build_of_the_union(ray_cluster, tmp_path):
     again = tdastore.build(config, tmp_path / "grown", data=(x[450:], y[450:]), append=True, **objects)
     assert again.n_rows == 700  # the same data again (a notebook cell run twice): nothing appended
 
+    (tmp_path / "grown" / "shards" / "000000.done").unlink()  # a shard of A's rows lost
+    assert cli_main(["verify", str(tmp_path / "grown")]) == 2
+    with pytest.raises(StoreError, match="other data than this run's; rerun the store's own build"):
+        tdastore.build(config, tmp_path / "grown", data=(x[450:], y[450:]), append=True, **objects)
+
 
 def test_append_a_file_with_the_stores_own_encoding_and_refusals(ray_cluster, tmp_path, trained_config, capsys):
     """Config route: `tdastore build --append --task.dataset B.csv` encodes B with the store's own z-scores; its

@@ -157,6 +157,7 @@ def _compute_and_finalise(
     n_rows = manifest["n_rows"]
     done = done_shards(root)
     pending = [s for s in shards if s.index not in done]
+    check_this_runs_data(root, manifest, pending, source)
     began = time.perf_counter()
     reports: list[dict] = []
     n_workers = min(workers or config.build.workers, len(pending)) if pending else 0
@@ -224,6 +225,26 @@ def _run_pool(
         progress=progress,
         unit_name="ex",
     )
+
+
+def check_this_runs_data(root, manifest: dict, pending: list, source: dict | None) -> None:
+    """A grown store holds rows of several data sets: refuse to recompute a shard (damaged, or never written) from
+    data other than its own, naming the command whose data it is."""
+    owners = {s["array"]: s.get("source") for s in segments(manifest)}
+    foreign = [
+        s for s in pending if not (owners[s.array] is None if source is None else same_data(owners[s.array], source))
+    ]
+    if foreign:
+        owner = owners[foreign[0].array]
+        whose = (
+            "the store's own build (`tdastore build` with the store's config)"
+            if owner is None
+            else f"the append of {owner.get('dataset', '?')} (`tdastore build --append` with it)"
+        )
+        raise StoreError(
+            f"store '{root}': shard(s) {[s.index for s in foreign][:10]} need recomputing but hold rows of other data "
+            f"than this run's; rerun {whose} to recompute them, then this command"
+        )
 
 
 class ShardTable:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -147,11 +148,14 @@ class GradientStore:
             return torch.from_numpy(raw).float().numpy()
         return np.asarray(raw, dtype=np.float32)
 
-    def iter_blocks(self, block_rows: int = 8192, prefetch: bool = True) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, float32 [b, k]) over the whole store; memory bounded by two blocks.
+    def iter_blocks(
+        self, block_rows: int = 8192, prefetch: bool = True, readers: int = 2
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 [b, k]) over the whole store, in order; memory bounded by readers + 1 blocks.
 
-        With `prefetch`, the next block is read and decoded in a background thread while the caller
-        works on the current one (Zarr's decompression releases the GIL)."""
+        With `prefetch`, the next `readers` blocks are read and decoded in background threads while the caller
+        works on the current one (Zarr's reads, crc32c and decompression release the GIL: one reader decoded at
+        0.41 of the disk's rate at 10^6 rows, benchmarks/scale.py)."""
         chunk = self.grads.chunks[0]
         block_rows = max(chunk, block_rows // chunk * chunk)  # whole chunks: each is decoded once
         starts = list(range(0, self.n_rows, block_rows))
@@ -160,12 +164,12 @@ class GradientStore:
             for start in starts:
                 yield start, read(start)
             return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read, starts[0])
+        with ThreadPoolExecutor(max_workers=max(1, readers)) as pool:
+            pending = deque(pool.submit(read, start) for start in starts[: max(1, readers)])
             for index, start in enumerate(starts):
-                block = pending.result()
-                if index + 1 < len(starts):
-                    pending = pool.submit(read, starts[index + 1])
+                block = pending.popleft().result()
+                if index + len(pending) + 1 < len(starts):
+                    pending.append(pool.submit(read, starts[index + len(pending) + 1]))
                 yield start, block
 
     def register(self, section: str, key: str, entry: dict) -> None:
