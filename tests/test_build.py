@@ -351,8 +351,8 @@ def test_damaged_operators_and_indexes_are_found_refused_and_refitted_exactly(ra
         path.write_bytes(bytes(data))
 
     flip(shard)
-    with pytest.raises(StoreError, match="index .* is damaged .*sha256"):
-        tdastore.Attributor(tdastore.open_store(root), "if_gn", read_only, kind="flat")
+    with pytest.raises(StoreError, match="index shard .* does not match the hash its index.json records"):
+        tdastore.Attributor(tdastore.open_store(root), "if_gn", read_only, kind="flat").top_k(test, 5)  # on load
     flip(operator)
     with pytest.raises(StoreError, match="operator .* does not match its checksum"):
         tdastore.Attributor(tdastore.open_store(root), "if_gn", read_only)

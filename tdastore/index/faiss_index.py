@@ -104,6 +104,7 @@ class IndexHandle:
     loaded: dict = field(default_factory=dict)  # file -> faiss.Index, read on first search
     device: str = "cpu"  # the config's device: GPU FAISS for cuda / auto when the installed faiss has GPUs
     digests: dict = field(default_factory=dict)  # file -> sha256 of its bytes (indexes on object storage)
+    repair: object = None  # () -> IndexHandle rebuilt, when a shard fails its sha256 on load (writable stores)
 
     def search(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k inner products over all shards: (scores [m, K], rows [m, K]), best first."""
@@ -112,7 +113,15 @@ class IndexHandle:
         reduced = self.description["kind"] in L2_REDUCED
         for start, stop, name, max_norm in self.shards:
             if name not in self.loaded:
-                shard = read_shard(self.directory / name, self.description, self.digests.get(name))
+                try:
+                    shard = read_shard(self.directory / name, self.description, self.digests.get(name))
+                except StoreError:
+                    if self.repair is None:
+                        raise
+                    print(f"index shard {self.directory / name} is damaged (sha256): rebuilding", file=sys.stderr)
+                    fresh, self.repair = self.repair(), None
+                    self.shards, self.loaded, self.digests = fresh.shards, fresh.loaded, fresh.digests
+                    return self.search(queries, top_k)
                 self.loaded[name] = on_search_device(shard, self.device)
             index = self.loaded[name]
             k = min(top_k, stop - start)
@@ -160,14 +169,17 @@ def index_damage(path) -> str:
     )
 
 
-def index_problems(handle: IndexHandle) -> list[str]:
-    """What is wrong with an index's files: a shard missing, or not matching the sha256 recorded at build."""
+def index_problems(handle: IndexHandle, hashes: bool = True) -> list[str]:
+    """What is wrong with an index's files: a shard missing, or (`hashes`) not matching the sha256 recorded at
+    build. Opening an index checks presence only: hashing every shard read a 10 GB index once more at open."""
     problems = []
     for _, _, name, _ in handle.shards:
         path = handle.directory / name
         if not path.is_file():
             problems.append(f"{name} is missing")
-        elif name in handle.digests and hashlib.sha256(path.read_bytes()).hexdigest() != handle.digests[name]:
+        elif (
+            hashes and name in handle.digests and hashlib.sha256(path.read_bytes()).hexdigest() != handle.digests[name]
+        ):
             problems.append(f"{name} does not match its sha256 (corrupt)")
     return problems
 
@@ -215,8 +227,10 @@ def build_index(
     config: IndexConfig,
     progress: bool = True,
     read_only: bool = False,
+    rebuild: bool = False,
 ) -> IndexHandle:
-    """Transform every row with the operator (and normalise for cosine), add them to FAISS, shard by shard."""
+    """Transform every row with the operator (and normalise for cosine), add them to FAISS, shard by shard (an
+    index of the same description is reused; `rebuild`: it was found damaged)."""
     index_name = method.index_name  # a method's name, or with attribution.normalize: train its own rows
     directory = store.root / INDEX_DIR / f"{index_name}-{kind}"
     description = {
@@ -236,9 +250,12 @@ def build_index(
         _pq_m(config, reduced_width(store.dim))  # a pq_m that does not divide the width: refused before any work
     existing = load_index(store, index_name, kind)
     persist = writable(store.root) and not read_only  # a read-only store (e.g. one being served): in memory
-    if existing is not None and existing.description == description:
-        damage = index_problems(existing)
+    if existing is not None and existing.description == description and not rebuild:
+        damage = index_problems(existing, hashes=False)  # files present; each shard's sha256 is checked as it loads
         if not damage:
+            if persist:  # a shard found damaged on load is rebuilt with the rest (a reader never gets its rows)
+                existing.repair = lambda: build_index(store, method, operator, operator_key, kind, config, progress,
+                                                      read_only, rebuild=True)  # fmt: skip
             return existing
         if not persist:
             raise StoreError(f"the {index_name}/{kind} index of '{store.root}' is damaged ({damage[0]}): "
