@@ -351,6 +351,42 @@ def measure_service(root: Path, kind: str, test, expected: np.ndarray) -> dict:
             "p99_ms": 1000 * float(np.percentile(times, 99)), "same_hits": same / count}  # fmt: skip
 
 
+def measure_reopen(work: Path, rows: int, kind: str) -> dict:
+    """A store and index built by an earlier run, as a later reader meets them: the streamed pass with one and two
+    read-ahead threads, and open + the index's load + the first query (files evicted from the page cache)."""
+    import tdastore
+    from tdastore.attribution import Attributor
+
+    root, out = work / f"store-{rows}", {"rows": rows, "kind": kind}
+    evict(root / "grads.zarr")
+    raw_s, raw_bytes = raw_read(root / "grads.zarr")
+    out["raw_read_mb_per_s"] = raw_bytes / raw_s / 2**20
+    for readers in (1, 2):
+        evict(root / "grads.zarr")
+        began = time.perf_counter()
+        for _ in tdastore.open_store(root).iter_blocks(65536, readers=readers):
+            pass
+        out[f"stream_mb_per_s_{readers}_readers"] = raw_bytes / (time.perf_counter() - began) / 2**20
+        out[f"stream_ratio_{readers}_readers"] = out[f"stream_mb_per_s_{readers}_readers"] / out["raw_read_mb_per_s"]
+    evict(root)
+    test = GeneratedTask(_task_config(root)).test
+    began = time.perf_counter()
+    attributor = Attributor(tdastore.open_store(root), "grad_dot", kind=kind)
+    out["open_seconds"] = time.perf_counter() - began
+    attributor.index.search(np.zeros((1, attributor.store.dim), np.float32), 1)
+    out["index_load_seconds"] = time.perf_counter() - began - out["open_seconds"]
+    began = time.perf_counter()
+    attributor.top_k(test.slice(0, 1), 10)
+    out["first_query_seconds"] = time.perf_counter() - began
+    return out
+
+
+def _task_config(root: Path):
+    from tdastore.config import load_config
+
+    return load_config(json.loads((root / "manifest.json").read_text())["config"]).task
+
+
 def measure_s3(work: Path, rows: int, kind: str = "ivf") -> dict:
     """The N-row store copied to a local S3 endpoint (moto's server, its own process): a streamed pass (Zarr
     fetches a block's chunks concurrently while the next block is read ahead) and the index's load, against the
@@ -480,10 +516,19 @@ def main() -> None:
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one row count
     parser.add_argument("--plot", default=None)
     parser.add_argument("--s3", action="store_true", help="the --rows store of an earlier run (--work) against S3")
+    parser.add_argument("--reopen", action="store_true", help="the --rows store and --kinds index of an earlier "
+                        "run (--work), opened and streamed by a later reader")  # fmt: skip
     args = parser.parse_args()
     if args.plot:
         table(Path(args.plot))
         return plot(Path(args.plot))
+    if args.reopen:
+        result = measure_reopen(Path(args.work), args.rows[0], args.kinds[0])
+        print(json.dumps(result))
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        results.setdefault("reopen", {})[str(args.rows[0])] = result
+        RESULTS.write_text(json.dumps(results, indent=1))
+        return
     if args.s3:
         result = measure_s3(Path(args.work), args.rows[0])
         print(json.dumps(result))
