@@ -241,7 +241,7 @@ def measure(rows: int, kinds: list[str], queries: int, work: Path, serve: bool) 
         "store_bytes": sum(p.stat().st_size for p in (root / "grads.zarr").rglob("*") if p.is_file()),
         "shards": len(store.manifest["shards"]),
     }
-    print(json.dumps({"rows": rows, "build": out["build"]}), flush=True)
+    save(work, out, {"build": out["build"]})
 
     evict(root)
     began = time.perf_counter()
@@ -261,7 +261,7 @@ def measure(rows: int, kinds: list[str], queries: int, work: Path, serve: bool) 
         "ratio": raw_s / stream_s,
         "rows_per_s": rows / stream_s,
     }
-    print(json.dumps({"rows": rows, "open_seconds": out["open_seconds"], "stream": out["stream"]}), flush=True)
+    save(work, out, {"open_seconds": out["open_seconds"], "stream": out["stream"]})
 
     test = task.examples("test")
     exact = Attributor(opened, "grad_dot")
@@ -271,6 +271,11 @@ def measure(rows: int, kinds: list[str], queries: int, work: Path, serve: bool) 
     began = time.perf_counter()
     truth = exact.top_k(test, 10).column("train_row").to_numpy().reshape(queries, 10)
     out["exact_seconds"] = time.perf_counter() - began
+    save(
+        work,
+        out,
+        {"first_exact_query_seconds": out["first_exact_query_seconds"], "exact_seconds": out["exact_seconds"]},
+    )
     out["indexes"] = {}
     served_kind = "ivf" if "ivf" in kinds else (kinds[0] if kinds else None)
     expected = None
@@ -312,14 +317,21 @@ def measure(rows: int, kinds: list[str], queries: int, work: Path, serve: bool) 
             "p99_ms": 1000 * float(np.percentile(single, 99)),
             "batch256_queries_per_s": len(batch) / batch_s,
         }
-        print(json.dumps({"rows": rows, "kind": kind, **out["indexes"][kind]}), flush=True)
+        save(work, out, {"kind": kind, **out["indexes"][kind]})
         del attributor  # its index shards leave memory before the next kind's
         gc.collect()
-    if serve and kinds:
-        out["serve"] = measure_service(root, served_kind, test, expected)
-        print(json.dumps({"rows": rows, "serve": out["serve"]}), flush=True)
+    if serve and kinds:  # measured by a fresh process (this one's memory still holds what the indexes left)
+        np.save(work / f"expected-{rows}.npy", expected)
+        out["serve_kind"] = served_kind
+        save(work, out, {"serve_kind": served_kind})
     ray.shutdown()
     return out
+
+
+def save(work: Path, out: dict, shown: dict) -> None:
+    """Print a stage's figures and keep everything measured so far (a later stage that fails loses nothing)."""
+    print(json.dumps({"rows": out["rows"], **shown}), flush=True)
+    (work / f"result-{out['rows']}.json").write_text(json.dumps(out))
 
 
 def measure_service(root: Path, kind: str, test, expected: np.ndarray) -> dict:
@@ -378,6 +390,14 @@ def measure_reopen(work: Path, rows: int, kind: str) -> dict:
     began = time.perf_counter()
     attributor.top_k(test.slice(0, 1), 10)
     out["first_query_seconds"] = time.perf_counter() - began
+    expected = attributor.top_k(test.slice(0, 100), 10).column("train_row").to_numpy().reshape(-1, 10)
+    np.save(work / f"expected-{rows}.npy", expected)  # what the service (--serve-only) must answer
+    del attributor
+    gc.collect()
+    exact = Attributor(tdastore.open_store(root), "grad_dot")
+    began = time.perf_counter()
+    exact.top_k(test.slice(0, 1), 10)
+    out["first_exact_query_seconds"] = time.perf_counter() - began  # a streamed pass over every row
     return out
 
 
@@ -385,6 +405,17 @@ def _task_config(root: Path):
     from tdastore.config import load_config
 
     return load_config(json.loads((root / "manifest.json").read_text())["config"]).task
+
+
+def serve_in_a_fresh_process(work: Path, rows: int, kind: str, queries: int) -> dict:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        test = GeneratedTask(_task_config(work / f"store-{rows}")).test
+        return measure_service(work / f"store-{rows}", kind, test, np.load(work / f"expected-{rows}.npy"))
+    finally:
+        ray.shutdown()
 
 
 def measure_s3(work: Path, rows: int, kind: str = "ivf") -> dict:
@@ -514,6 +545,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="where stores go (default: a temporary directory)")
     parser.add_argument("--no-serve", action="store_true")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one row count
+    parser.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)  # a child: its service
     parser.add_argument("--plot", default=None)
     parser.add_argument("--s3", action="store_true", help="the --rows store of an earlier run (--work) against S3")
     parser.add_argument("--reopen", action="store_true", help="the --rows store and --kinds index of an earlier "
@@ -539,8 +571,13 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="tdastore-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.one:
-        result = measure(args.rows[0], args.kinds, args.queries, work, not args.no_serve)
-        (work / f"result-{args.rows[0]}.json").write_text(json.dumps(result))
+        measure(args.rows[0], args.kinds, args.queries, work, not args.no_serve)
+        return
+    if args.serve_only:
+        rows = args.rows[0]
+        result = json.loads((work / f"result-{rows}.json").read_text())
+        result["serve"] = serve_in_a_fresh_process(work, rows, result["serve_kind"], args.queries)
+        save(work, result, {"serve": result["serve"]})
         return
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for rows in args.rows:
@@ -548,6 +585,10 @@ def main() -> None:
                    "--queries", str(args.queries), "--work", str(work)]  # fmt: skip
         command += ["--no-serve"] if args.no_serve else []
         subprocess.run(command, check=True)
+        if not args.no_serve and args.kinds:
+            serve_command = [sys.executable, __file__, "--serve-only", "--rows", str(rows), "--queries",
+                             str(args.queries), "--work", str(work)]  # fmt: skip
+            subprocess.run(serve_command, check=True)
         results[str(rows)] = json.loads((work / f"result-{rows}.json").read_text())
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1))
