@@ -210,7 +210,7 @@ def config_for(workers: int, dataset: str):
     )
 
 
-def measure(rows: int, kinds: list[str], queries: int, work: Path, serve: bool) -> dict:
+def measure(rows: int, kinds: list[str], queries: int, work: Path, serve: bool, build_only: bool = False) -> dict:
     """Every figure of one row count, in this process."""
     import ray
 
@@ -242,6 +242,9 @@ def measure(rows: int, kinds: list[str], queries: int, work: Path, serve: bool) 
         "shards": len(store.manifest["shards"]),
     }
     save(work, out, {"build": out["build"]})
+    if build_only:
+        ray.shutdown()
+        return out
 
     evict(root)
     began = time.perf_counter()
@@ -544,6 +547,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--work", default=None, help="where stores go (default: a temporary directory)")
     parser.add_argument("--no-serve", action="store_true")
+    parser.add_argument("--build-only", action="store_true", help="the build's figures only (into build-N keys)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one row count
     parser.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)  # a child: its service
     parser.add_argument("--plot", default=None)
@@ -571,7 +575,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="tdastore-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.one:
-        measure(args.rows[0], args.kinds, args.queries, work, not args.no_serve)
+        measure(args.rows[0], args.kinds, args.queries, work, not args.no_serve, args.build_only)
         return
     if args.serve_only:
         rows = args.rows[0]
@@ -584,6 +588,12 @@ def main() -> None:
         command = [sys.executable, __file__, "--one", "--rows", str(rows), "--kinds", *args.kinds,
                    "--queries", str(args.queries), "--work", str(work)]  # fmt: skip
         command += ["--no-serve"] if args.no_serve else []
+        if args.build_only:
+            shutil.rmtree(work / f"store-{rows}", ignore_errors=True)  # a fresh build
+            subprocess.run([*command, "--build-only"], check=True)
+            results.setdefault("build_only", {})[str(rows)] = json.loads((work / f"result-{rows}.json").read_text())
+            RESULTS.write_text(json.dumps(results, indent=1))
+            continue
         subprocess.run(command, check=True)
         if not args.no_serve and args.kinds:
             serve_command = [sys.executable, __file__, "--serve-only", "--rows", str(rows), "--queries",

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from tdastore.config import IndexConfig
 from tdastore.errors import ConfigError, StoreError
+from tdastore.store.checksums import sha256_of
 from tdastore.store.location import writable
 from tdastore.store.manifest import write_bytes_atomic, write_json_atomic
 
@@ -177,9 +178,7 @@ def index_problems(handle: IndexHandle, hashes: bool = True) -> list[str]:
         path = handle.directory / name
         if not path.is_file():
             problems.append(f"{name} is missing")
-        elif (
-            hashes and name in handle.digests and hashlib.sha256(path.read_bytes()).hexdigest() != handle.digests[name]
-        ):
+        elif hashes and name in handle.digests and sha256_of(path) != handle.digests[name]:
             problems.append(f"{name} does not match its sha256 (corrupt)")
     return problems
 

@@ -6,7 +6,6 @@ a bad zarr.json or meta.parquet is rewritten by the next build from what the sto
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from tdastore.store.checksums import FILE_NAME, RELATIVE_PATH, chunk_table_problem, confined, file_crc
+from tdastore.store.checksums import FILE_NAME, RELATIVE_PATH, chunk_table_problem, confined, file_crc, sha256_of
 from tdastore.store.location import StorePath, zarr_store
 from tdastore.store.manifest import GRADS_DIR, MANIFEST_FILE, META_FILE, SHARDS_DIR, read_manifest, write_json_atomic
 from tdastore.store.writer import ZARR_JSON, array_metadata, done_shards, segments, shard_marker, shard_meta_path
@@ -95,7 +94,7 @@ def _derived_problems(root: StorePath, manifest: dict) -> list[ShardProblem]:
             path = confined(folder, name, FILE_NAME)
             if path is None or not path.is_file():
                 reason = f"lacks its shard {name[:80]!r}"
-            elif name in digests and hashlib.sha256(path.read_bytes()).hexdigest() != digests[name]:
+            elif name in digests and sha256_of(path) != digests[name]:
                 reason = f"has a shard {name} that does not match its sha256 (corrupt)"
             if reason:
                 break

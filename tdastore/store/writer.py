@@ -312,7 +312,7 @@ def consolidate_meta(root: StorePath, manifest: dict) -> None:
         for entry in manifest["shards"]:
             table = read_parquet(shard_meta_path(root, entry["shard"]))
             if writer is None:
-                writer = pq.ParquetWriter(sink, table.schema)
+                writer = pq.ParquetWriter(sink, table.schema, write_statistics=False)  # kept in memory per group
             elif table.schema != writer.schema:  # e.g. an appended file's integer labels beside float ones
                 table = table.cast(writer.schema)
             writer.write_table(table, row_group_size=META_ROW_GROUP)
@@ -333,7 +333,8 @@ def consolidate_meta(root: StorePath, manifest: dict) -> None:
 def finalize_store(root: StorePath, manifest: dict, summary: dict) -> dict:
     """All shards done: consolidate metadata into meta.parquet (its size and crc32 recorded in the manifest, for
     verify) and mark the store complete."""
-    missing = [e["shard"] for e in manifest["shards"] if e["shard"] not in done_shards(root)]
+    done = done_shards(root)
+    missing = [e["shard"] for e in manifest["shards"] if e["shard"] not in done]
     if missing:
         raise StoreError(f"store '{root}' cannot be finalised: shards {missing[:10]} are not done; rerun the build")
     consolidate_meta(root, manifest)
