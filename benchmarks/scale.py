@@ -255,7 +255,7 @@ def measure(rows: int, kinds: list[str], queries: int, work: Path, serve: bool, 
     raw_s, raw_bytes = raw_read(root / "grads.zarr")
     evict(root / "grads.zarr")
     began = time.perf_counter()
-    for _ in opened.iter_blocks(65536):
+    for _ in opened.iter_blocks():
         pass
     stream_s = time.perf_counter() - began
     out["stream"] = {
@@ -379,7 +379,7 @@ def measure_reopen(work: Path, rows: int, kind: str) -> dict:
     for readers in (1, 2):
         evict(root / "grads.zarr")
         began = time.perf_counter()
-        for _ in tdastore.open_store(root).iter_blocks(65536, readers=readers):
+        for _ in tdastore.open_store(root).iter_blocks(readers=readers):
             pass
         out[f"stream_mb_per_s_{readers}_readers"] = raw_bytes / (time.perf_counter() - began) / 2**20
         out[f"stream_ratio_{readers}_readers"] = out[f"stream_mb_per_s_{readers}_readers"] / out["raw_read_mb_per_s"]
@@ -462,7 +462,7 @@ def measure_s3(work: Path, rows: int, kind: str = "ivf") -> dict:
             evict(local)
             store = tdastore.open_store(location)
             began = time.perf_counter()
-            for _ in store.iter_blocks(65536):
+            for _ in store.iter_blocks():
                 pass
             seconds = time.perf_counter() - began
             out[f"{where}_stream_rows_per_s"] = rows / seconds

@@ -154,8 +154,8 @@ class GradientStore:
         """(first row, float32 [b, k]) over the whole store, in order; memory bounded by readers + 1 blocks.
 
         With `prefetch`, the next `readers` blocks are read and decoded in background threads while the caller
-        works on the current one (Zarr's reads, crc32c and decompression release the GIL: one reader decoded at
-        0.41 of the disk's rate at 10^6 rows, benchmarks/scale.py)."""
+        works on the current one (Zarr's reads, crc32c and decompression release the GIL; measured on a cold
+        10^6-row float16 store against reading its files raw at 902 MB/s: one reader 612 MB/s, two 799 MB/s)."""
         chunk = self.grads.chunks[0]
         block_rows = max(chunk, block_rows // chunk * chunk)  # whole chunks: each is decoded once
         starts = list(range(0, self.n_rows, block_rows))
