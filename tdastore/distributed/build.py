@@ -38,6 +38,7 @@ from tdastore.store.writer import (
     finalize_store,
     not_a_store,
     prepare_store,
+    restore_array_metadata,
     segments,
     store_shards,
     update_shard_table,
@@ -153,6 +154,7 @@ def _compute_and_finalise(
         print(f"store '{root}': repairing what is damaged: {found}", file=sys.stderr)
         mark_for_rebuild(root, damaged)
         manifest = read_manifest(root)
+    restore_array_metadata(root, manifest)  # every rows array's zarr.json, from the manifest's copies
     shards = store_shards(manifest)
     n_rows = manifest["n_rows"]
     done = done_shards(root)

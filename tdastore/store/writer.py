@@ -140,10 +140,10 @@ def create_rows_array(root: StorePath, name: str, n_rows: int, dim: int, dtype: 
 
 
 def add_segment(root: StorePath, manifest: dict, n_rows: int, task: dict, source: dict) -> dict:
-    """Grow a complete store by `n_rows` rows of `source` (the appended data, encoded by the store's `task`,
-    its identity's task entry): a new Zarr array
-    `grads-NNNN.zarr` of the same layout, new shards after the last, status building. Rows already stored are
-    never rewritten: the new array starts at its own chunk 0, so every shard still owns whole chunks."""
+    """Grow a complete store by `n_rows` rows of `source` (the appended data, encoded by the store's `task`):
+    a new Zarr array `grads-NNNN.zarr` of the same layout, new shards after the last, status building. Rows
+    already stored are never rewritten: the new array starts at its own chunk 0, so every shard still owns
+    whole chunks."""
     first, number = manifest["n_rows"], len(segments(manifest))
     name = f"grads-{number:04d}.zarr"
     layout = manifest["layout"]
