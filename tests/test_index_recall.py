@@ -44,3 +44,19 @@ def test_each_kind_reaches_recall_095(large_store, method):
     for kind in ("ivf", "hnsw", "sq8", "pq"):
         recall = recall_at_10(flat, tdastore.query(large_store, method, split="test", top_k=10, kind=kind))
         assert recall >= 0.95, (kind, recall)
+
+
+def test_a_quantiser_trained_on_a_sample_is_shared_by_every_shard(large_store):
+    """index.train_rows: one IVF quantiser trained on 16,384 rows spread over the store serves four index shards
+    (the same centroids in each) at recall >= 0.95 against flat."""
+    import faiss
+
+    overrides = {"index": {"shard_rows": 32768, "train_rows": 16384, "nlist": 256}}
+    flat = tdastore.query(large_store, "grad_dot", split="test", top_k=10, kind="flat")
+    shared = tdastore.query(large_store, "grad_dot", split="test", top_k=10, kind="ivf", overrides=overrides)
+    assert recall_at_10(flat, shared) >= 0.95
+    folder = large_store.root / "indexes" / "grad_dot-ivf"
+    indexes = [faiss.read_index(str(p)) for p in sorted(folder.glob("*.faiss"))]  # alive while their parts are read
+    assert len(indexes) == 4
+    centroids = [faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 256) for index in indexes]
+    assert all(np.array_equal(centroids[0], c) for c in centroids[1:])

@@ -283,8 +283,10 @@ def build_index(
         max_norm = float(np.linalg.norm(rows, axis=1).max())
         if kind in L2_REDUCED:
             rows = augment_rows(rows, max_norm, reduced_width(store.dim))
-        index = faiss.clone_index(trained) if trained is not None else None
-        index = index or make_faiss_index(kind, rows.shape[1], stop - start, config)
+        if trained is not None:  # the shared (or the grown index's first) quantiser, already trained
+            index = faiss.clone_index(trained)
+        else:
+            index = make_faiss_index(kind, rows.shape[1], stop - start, config)
         if not index.is_trained:
             index.train(rows)
         index.add(rows)
