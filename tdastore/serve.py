@@ -20,7 +20,9 @@ import contextlib
 import hashlib
 import hmac
 import inspect
+import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -319,34 +321,69 @@ class QueryService:
                 "encode_request (features or text) to serve it"
             )
         self.token_sha256 = served.get("token_sha256")
-        served = {k: v for k, v in served.items() if k not in ("token_sha256", "index_names")}  # not for /methods
+        self.index_names, self.follow_s = served.get("index_names", []), served.get("follow_s", 10.0)
+        self.next_look, self.reloading = time.monotonic() + self.follow_s, False
+        hidden = ("token_sha256", "index_names", "follow_s")
+        served = {k: v for k, v in served.items() if k not in hidden}  # not for /methods
         self.meta = {**described, "rows": self.store.n_rows, "index": kind, **served, "measurement": base.measurement}
         self.train_ids = self.store.train_ids  # [n] int64, in memory; documents are read per hit
         self.texts = "text" in self.store.meta_columns
         self.answer.set_max_batch_size(max_batch)
         self.answer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
-    def load(self) -> tuple:
+    def load(self, writes: bool = True) -> tuple:
         """The store, and every served method's attributor sharing one task and model (index and operator loaded;
-        after an append, grown and refit)."""
+        after an append, grown and refit; with `writes` False, nothing is written into the store)."""
         from tdastore.attribution import Attributor
         from tdastore.store.gradient_store import open_store
 
+        overrides = self.overrides
+        if not writes:
+            overrides = {**overrides, "store": {**overrides.get("store", {}), "read_only": True}}
         store = open_store(self.store_path)
-        base = Attributor(store, "grad_dot", self.overrides)  # task and model, loaded once per replica
-        made = {name: Attributor(store, name, self.overrides, kind=self.kind, share=base) for name in self.methods}
+        base = Attributor(store, "grad_dot", overrides)  # task and model, loaded once per replica
+        made = {name: Attributor(store, name, overrides, kind=self.kind, share=base) for name in self.methods}
         return store, base, made
 
-    async def reload(self) -> dict:
+    async def reload(self, follow: bool = False) -> dict:
         """Pick up a store grown by `tdastore build --append`: the new state is prepared in a thread while requests
-        are still answered from the old one, then swapped in between two batches (no downtime for reads)."""
-        before = self.store.n_rows
-        store, _, attributors = await asyncio.to_thread(self.load)
-        self.train_ids = store.train_ids  # first: appends keep every old row, and shards may answer new rows next
-        rows = [await shard.reload.remote() for shard in self.shards]
-        self.store, self.attributors, self.measured = store, attributors, {}
-        self.meta["rows"] = store.n_rows
+        are still answered from the old one, then swapped in between two batches (no downtime for reads). POST
+        /reload grows the indexes, refits stale operators and reloads the index shards; the other replicas
+        `follow` (see `look_for_growth`), loading what it wrote."""
+        before, self.reloading = self.store.n_rows, True
+        try:
+            store, _, attributors = await asyncio.to_thread(self.load, not follow)
+            self.train_ids = store.train_ids  # first: appends keep every old row, and shards may answer new rows
+            rows = [] if follow else [await shard.reload.remote() for shard in self.shards]
+            self.store, self.attributors, self.measured = store, attributors, {}
+            self.meta["rows"] = store.n_rows
+        finally:
+            self.reloading = False
         return {"rows": store.n_rows, "rows_before": before, "index_shards_rows": rows}
+
+    def look_for_growth(self) -> None:
+        """At most every `follow_s` seconds (on a request): has another replica's POST /reload grown the store? When
+        the manifest says complete with more rows and every served index already holds them, this replica reloads
+        too, in the background and writing nothing, so every replica follows one /reload."""
+        from tdastore.store.manifest import read_manifest
+
+        now = time.monotonic()
+        if self.reloading or now < self.next_look:
+            return
+        self.next_look = now + self.follow_s
+        try:
+            manifest = read_manifest(self.store.root)
+            grown = manifest.get("status") == "complete" and manifest["n_rows"] > self.store.n_rows
+            ready = grown and all(
+                json.loads((self.store.root / "indexes" / f"{name}-{self.kind}" / "index.json").read_text())["n_rows"]
+                == manifest["n_rows"]
+                for name in (self.index_names if self.kind else [])
+            )
+        except (OSError, ValueError, KeyError, TdaStoreError):  # a manifest or index.json being rewritten: next time
+            return
+        if ready:
+            self.reloading = True
+            asyncio.get_running_loop().create_task(self.reload(follow=True))
 
     def __serve_build_asgi_app__(self):
         return build_api(self)
@@ -355,6 +392,7 @@ class QueryService:
     async def answer(self, jobs: list[Job]) -> list[Any]:
         """Requests that arrived together: one gradient pass and one search per method; a group that fails
         is answered request by request, so one request's error is its own."""
+        self.look_for_growth()
         answers: list[Any] = [None] * len(jobs)
         groups: dict[tuple[str, str | None], list[int]] = {}
         for position, job in enumerate(jobs):
@@ -558,15 +596,17 @@ def application(
     overrides: dict | None = None,
     read_only: bool = False,
     token_sha256: str | None = None,
+    follow_s: float = 10.0,
 ):
     """The Serve application for a store (prepares operators and indexes here, once): `serve.run(...)` it.
     read_only: nothing is written into the store (operators and indexes it lacks are fitted in memory, by every
-    replica); token_sha256: the SHA-256 (hex) of a bearer token every request but /health must carry."""
+    replica); token_sha256: the SHA-256 (hex) of a bearer token every request but /health must carry; follow_s:
+    how often (at most, on requests) a replica looks whether another one's POST /reload grew the store."""
     check_options(kind, replicas, max_batch, batch_wait_ms, index_shards)
     if read_only:
         overrides = {**(overrides or {}), "store": {**(overrides or {}).get("store", {}), "read_only": True}}
     served = served_methods(store_path, methods, kind, overrides)
-    served = {**served, "token_sha256": token_sha256}
+    served = {**served, "token_sha256": token_sha256, "follow_s": follow_s}
     shards = [
         IndexShard.options(name=f"IndexShard{i}").bind(store_path, served["index_names"], kind, i, index_shards)
         for i in range(index_shards if index_shards > 1 else 0)
@@ -601,6 +641,7 @@ class ServiceArgs(BaseModel):
     index_shards: int = 1
     read_only: bool = False  # never write into the store (operators, indexes it lacks: fitted in memory)
     token_file: str | None = None  # a file (e.g. a mounted Kubernetes secret) holding the bearer token
+    follow_s: float = 10.0  # how often a replica looks whether another one's POST /reload grew the store
 
 
 def app_builder(args: dict):

@@ -306,8 +306,9 @@ def test_start_up_is_bounded_by_our_own_timeout(monkeypatch):
 
 
 def test_reload_picks_up_an_appended_store(service, serve_url, tmp_path):
-    """Rows appended to a served store (scatter-gather over 2 index shards) are answered after POST /reload, equal
-    to the Python API over the grown store; requests answered meanwhile come from the old rows."""
+    """Rows appended to a served store (2 replicas, scatter-gather over 2 index shards) are answered after one POST
+    /reload by every replica (the other follows), equal to the Python API over the grown store; requests answered
+    meanwhile come from the old rows."""
     import shutil
 
     import pyarrow as pa
@@ -319,7 +320,8 @@ def test_reload_picks_up_an_appended_store(service, serve_url, tmp_path):
     _, served = service
     root = tmp_path / "store"
     shutil.copytree(served.root, root)
-    url = deploy(serve_url, application(str(root), methods=["grad_cos"], index_shards=2), "grows")
+    app = application(str(root), methods=["grad_cos"], index_shards=2, replicas=2, follow_s=0.5)
+    url = deploy(serve_url, app, "grows")
     inputs, targets, ids = raw_test_rows(served, 3)
     body = {"method": "grad_cos", "inputs": inputs, "targets": targets, "top_k": 3, "bottom_k": 1}
     assert post(url, body)[0] == 200
@@ -331,11 +333,15 @@ def test_reload_picks_up_an_appended_store(service, serve_url, tmp_path):
                    append=True, progress=False)  # fmt: skip
     status, stale = post(url, body)
     assert status == 200 and all(h["train_row"] < served.n_rows for r in stale["results"] for h in r["top"])
-    status, reloaded = post(url, {}, path="/reload")
-    assert status == 200 and reloaded["rows"] == served.n_rows + 3 == get(url, "/methods")["rows"]
-    status, answer = post(url, body)
-    assert status == 200, answer
-    grown = tdastore.open_store(root)
-    assert_same_answers(answer, grown, "grad_cos", 3, 1, 3)
-    assert any(h["train_id"] >= 9000 for r in answer["results"] for h in r["top"])  # copies: cosine 1
+    status, reloaded = post(url, {}, path="/reload")  # one replica grows the index and reloads the shards
+    assert status == 200 and reloaded["rows"] == served.n_rows + 3
+    grown, deadline, fresh = tdastore.open_store(root), time.monotonic() + 60, 0
+    while fresh < 8:  # the other replica follows within follow_s of a request
+        assert time.monotonic() < deadline, "a replica did not follow the reload"
+        status, answer = post(url, body)
+        assert status == 200, answer
+        fresh = fresh + 1 if any(h["train_id"] >= 9000 for r in answer["results"] for h in r["top"]) else 0
+        time.sleep(0.1)
+    assert_same_answers(answer, grown, "grad_cos", 3, 1, 3)  # copies of the test inputs: cosine 1, on top
+    assert {get(url, "/methods")["rows"] for _ in range(6)} == {served.n_rows + 3}
     serve.delete("grows")
