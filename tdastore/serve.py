@@ -383,7 +383,7 @@ class QueryService:
             return
         if ready:
             self.reloading = True
-            asyncio.get_running_loop().create_task(self.reload(follow=True))
+            self.following = asyncio.get_running_loop().create_task(self.reload(follow=True))  # kept: not collected
 
     def __serve_build_asgi_app__(self):
         return build_api(self)
