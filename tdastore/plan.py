@@ -216,14 +216,13 @@ def measure_stream(columns: int, dtype: str, compressor: str, rows: int = 32768)
 
     import zarr
 
-    from tdastore.store.checksums import checksummed
     from tdastore.store.location import zarr_store
-    from tdastore.store.writer import _compressors
+    from tdastore.store.writer import create_rows_array
 
     data = np.random.default_rng(0).standard_normal((rows, columns)).astype(dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        layout = {"chunks": (1024, columns), "compressors": checksummed(_compressors(compressor))}
-        array = zarr.create_array(store=zarr_store(Path(tmp) / "rows"), shape=data.shape, dtype=dtype, **layout)
+        create_rows_array(Path(tmp), "rows", rows, columns, dtype, {"chunk_rows": 1024, "compressor": compressor})
+        array = zarr.open_array(store=zarr_store(Path(tmp) / "rows"), mode="r+")
         array[:] = data
         began = time.perf_counter()
         torch.from_numpy(np.asarray(array[:])).float()

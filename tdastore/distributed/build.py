@@ -28,7 +28,6 @@ from tdastore.store.manifest import (
     MANIFEST_FILE,
     identity_mismatches,
     read_manifest,
-    write_json_atomic,
 )
 from tdastore.store.normalisers import save_normaliser
 from tdastore.store.verify import mark_for_rebuild, verify_store
@@ -291,7 +290,8 @@ def append_rows(
         split = manifest["split"]
         new_dataset = config.task.dataset  # the config route's new data; the store's own task encodes it
         as_built = replace(config, task=load_config(manifest["config"]).task) if task is None else config
-        identity = store_identity(as_built, split, task)
+        store_task = resolve_task(as_built.task, as_built.model, task)  # built once: identity and rows share it
+        identity = store_identity(as_built, split, store_task)
         identity.pop("_n_rows"), identity.pop("_normaliser")  # the store keeps its own normaliser
         fields = [f for f in IDENTITY_FIELDS if f != "task"]
         problems = identity_mismatches({k: manifest.get(k) for k in fields}, {k: identity[k] for k in fields})
@@ -308,7 +308,7 @@ def append_rows(
         pending = segments(manifest)[-1] if manifest["status"] != "complete" else None
         first_row = pending["start"] if pending is not None and "source" in pending else manifest["n_rows"]
         source = {"dataset": new_dataset} if task is None else {"objects": type(task).__name__, "id_offset": first_row}
-        examples = source_examples(resolve_task(as_built.task, as_built.model, task), split, source)
+        examples = source_examples(store_task, split, source)
         check_not_empty(len(examples), f"the data appended to '{root}'")
         source = {**source, "rows": len(examples), **data_digest(examples, ids=task is None)}
         if pending is not None and pending.get("source") != source:
@@ -321,8 +321,8 @@ def append_rows(
                 print(f"store '{root}' already holds these {len(examples):,} rows: nothing appended", file=sys.stderr)
                 return GradientStore(root)
             check_new_ids(GradientStore(root), examples.ids)
-            mark_operators_stale(root, manifest, keep_operators)
-            manifest = add_segment(root, read_manifest(root), len(examples), identity["task"], source)
+            stale = with_operators_stale(manifest, keep_operators)  # written with the segment, in one manifest write
+            manifest = add_segment(root, stale, len(examples), identity["task"], source)
         return _compute_and_finalise(
             as_built, root, split, manifest, identity["model"]["fingerprint"], address, workers, progress, fault,
             task, source,
@@ -363,9 +363,9 @@ def check_new_ids(store: GradientStore, ids: np.ndarray) -> None:
         )
 
 
-def mark_operators_stale(root, manifest: dict, keep: bool) -> None:
+def with_operators_stale(manifest: dict, keep: bool) -> dict:
     """Fitted operators were fitted on the old rows: marked stale (refit on next use), or kept with `keep` (the
     curvature of the old rows stands for the grown store's: an approximation the manifest records)."""
     for entry in manifest.get("preconditioners", {}).values():
         entry["stale" if not keep else "kept_over_append"] = True
-    write_json_atomic(root / MANIFEST_FILE, manifest)
+    return manifest
