@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import hmac
 import inspect
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -326,7 +325,7 @@ class QueryService:
         hidden = ("token_sha256", "index_names", "follow_s")
         served = {k: v for k, v in served.items() if k not in hidden}  # not for /methods
         self.meta = {**described, "rows": self.store.n_rows, "index": kind, **served, "measurement": base.measurement}
-        self.train_ids = self.store.train_ids  # [n] int64, in memory; documents are read per hit
+        self.lookup = self.store  # hits' ids ([n] int64, in memory) and documents (read per hit) come from it
         self.texts = "text" in self.store.meta_columns
         self.answer.set_max_batch_size(max_batch)
         self.answer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
@@ -353,7 +352,7 @@ class QueryService:
         before, self.reloading = self.store.n_rows, True
         try:
             store, _, attributors = await asyncio.to_thread(self.load, not follow)
-            self.train_ids = store.train_ids  # first: appends keep every old row, and shards may answer new rows
+            self.lookup = store  # first: appends keep every old row, and shards may answer new rows next
             rows = [] if follow else [await shard.reload.remote() for shard in self.shards]
             self.store, self.attributors, self.measured = store, attributors, {}
             self.meta["rows"] = store.n_rows
@@ -365,6 +364,7 @@ class QueryService:
         """At most every `follow_s` seconds (on a request): has another replica's POST /reload grown the store? When
         the manifest says complete with more rows and every served index already holds them, this replica reloads
         too, in the background and writing nothing, so every replica follows one /reload."""
+        from tdastore.index.faiss_index import load_index
         from tdastore.store.manifest import read_manifest
 
         now = time.monotonic()
@@ -374,11 +374,8 @@ class QueryService:
         try:
             manifest = read_manifest(self.store.root)
             grown = manifest.get("status") == "complete" and manifest["n_rows"] > self.store.n_rows
-            ready = grown and all(
-                json.loads((self.store.root / "indexes" / f"{name}-{self.kind}" / "index.json").read_text())["n_rows"]
-                == manifest["n_rows"]
-                for name in (self.index_names if self.kind else [])
-            )
+            handles = [load_index(self.store, name, self.kind) for name in (self.index_names if self.kind else [])]
+            ready = grown and all(h is not None and h.description["n_rows"] == manifest["n_rows"] for h in handles)
         except (OSError, ValueError, KeyError, TdaStoreError):  # a manifest or index.json being rewritten: next time
             return
         if ready:
@@ -495,10 +492,16 @@ class QueryService:
         if k == 0:
             return []
         scores, rows = ranked[sign]
+        if rows[i, :k].max(initial=-1) >= self.lookup.n_rows:
+            # index shards reloaded by another replica's POST /reload answer appended rows before this replica
+            # follows: their ids and documents come from the grown store (appends keep every old row)
+            from tdastore.store.gradient_store import open_store
+
+            self.lookup, self.next_look = open_store(self.store_path), 0.0  # and follow at the next request
         hits = []
-        texts = self.store.meta_values("text", rows[i, :k]) if self.texts else None  # the hits' row groups only
+        texts = self.lookup.meta_values("text", rows[i, :k]) if self.texts else None  # the hits' row groups only
         for j, (score, row) in enumerate(zip(scores[i, :k].tolist(), rows[i, :k].tolist())):
-            hit = {"train_id": int(self.train_ids[row]), "train_row": row, "score": score}
+            hit = {"train_id": int(self.lookup.train_ids[row]), "train_row": row, "score": score}
             if texts is not None:
                 hit["train_text"] = str(texts[j])
             hits.append(hit)
