@@ -41,12 +41,12 @@ class TaskConfig:
     target: str | None = None  # target column for a file data set
     features: list[str] | None = None  # feature columns for a file data set (None: all but target)
     id_column: str | None = None  # column holding example ids (None: row numbers)
-    test_fraction: float = 0.2
-    split_seed: int = 0
+    test_fraction: float = 0.2  # share of the rows held out as the test split (when no test_dataset is given)
+    split_seed: int = 0  # seeds the train / test split
     standardize_target: bool = True  # regression targets are z-scored with training statistics
     # text tasks (kind causal_lm / sequence_classification, with model.name_or_path)
     test_dataset: str | None = None  # a separate test file (None: test_fraction of `dataset`)
-    text_column: str = "text"
+    text_column: str = "text"  # text tasks: the column holding each document
     prompt_column: str | None = None  # causal_lm: a prompt before the text (masked with completion_only)
     label_column: str = "label"  # sequence_classification: the class column
     max_length: int = 128  # tokens per example
@@ -63,8 +63,8 @@ class TaskConfig:
 class ModelConfig:
     """The MLP of PAPER.md (d-128-128-out with ReLU), or a Hugging Face model for text tasks."""
 
-    hidden: list[int] = field(default_factory=lambda: [128, 128])
-    seed: int = 0
+    hidden: list[int] = field(default_factory=lambda: [128, 128])  # the MLP's hidden widths (tabular tasks)
+    seed: int = 0  # seeds the model's initialisation
     name_or_path: str | None = None  # text tasks: a transformers model (hub name or local directory)
     tokenizer: str | None = None  # None: the model's own (an adapter folder's, when it holds one)
     # a PEFT adapter (e.g. LoRA) folder on top of name_or_path; or name_or_path itself names the adapter folder
@@ -78,12 +78,12 @@ class ModelConfig:
 class TrainConfig:
     """How the final model is trained (plain minibatch SGD, as in the paper's tabular setups)."""
 
-    lr: float = 0.03
-    batch_size: int = 128
-    epochs: int = 200
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    seed: int = 0
+    lr: float = 0.03  # SGD learning rate of the final model's training
+    batch_size: int = 128  # training minibatch size
+    epochs: int = 200  # training epochs
+    momentum: float = 0.0  # SGD momentum
+    weight_decay: float = 0.0  # SGD weight decay (coupled, torch.optim.SGD's)
+    seed: int = 0  # seeds the batch order
     output_dir: str = "runs/model"  # model.safetensors and config.yaml are written here
 
 
@@ -96,7 +96,7 @@ class GradientConfig:
     # Conv1D inside the transformer blocks (not embeddings, not the LM head or pooler / classifier); "all": every
     # Linear / Conv1D / Embedding, the LM head included (tied to the input embedding: one block); not norm layers
     modules: list[str] | Literal["auto", "all"] | None = None
-    batch_size: int = 256
+    batch_size: int = 256  # examples per per-example-gradient batch (see max_tokens for token budgets)
     max_tokens: int | None = None  # token sequences: batches of at most this many padded tokens (length-sorted)
     full_norms: bool = True  # factored: record the full gradient's norm (false: the stored row's; faster, long docs)
     # scale every row by Adam's second moment before projecting it (adam_dot / adam_cos on the projected path):
@@ -109,11 +109,12 @@ class GradientConfig:
 class ProjectionConfig:
     """Random projection of gradients to `dim` columns, deterministic from (seed, parameter name)."""
 
+    # none | gaussian | rademacher (dense) | sparse (Kane-Nelson JL) | factored (per layer)
     kind: Literal["none", "gaussian", "rademacher", "sparse", "factored"] = "none"
     dim: int = 1024  # output columns of gaussian / rademacher / sparse
     factors: list[int] = field(default_factory=lambda: [16, 16])  # factored: [k_out, k_in] per Linear layer
     module_factors: dict[str, list[int]] = field(default_factory=dict)  # factored: {module pattern: [k_out, k_in]}
-    seed: int = 0
+    seed: int = 0  # seeds every projection matrix (rows are a function of the spec: same seed, same rows)
     nonzeros: int = 1  # sparse JL: non-zeros per input coordinate (must divide dim)
     block_rows: int = 4096  # rows of the matrix generated per seeded block (part of the spec)
     cache_mb: int = 512  # generated blocks kept per process while they fit in this budget
@@ -123,7 +124,7 @@ class ProjectionConfig:
 class StoreConfig:
     """Layout of the gradient store on disk."""
 
-    dtype: Literal["float16", "float32"] = "float32"
+    dtype: Literal["float16", "float32"] = "float32"  # row dtype on disk (rows are computed and scored in float32)
     chunk_rows: int = 256  # Zarr chunk height; shards are whole chunks so writers never share one
     shard_rows: int = 1024  # rows per unit of work (a multiple of chunk_rows)
     # projected gradient rows are high-entropy floats: zstd saved 5% of a float16 store and halved its streamed
@@ -140,8 +141,8 @@ class StoreConfig:
 class BuildConfig:
     """How the store is built on Ray."""
 
-    workers: int = 2
-    cpus_per_worker: float = 1.0
+    workers: int = 2  # Ray actors computing shards
+    cpus_per_worker: float = 1.0  # CPUs (and torch threads) each worker asks Ray for
     gpus_per_worker: float = 1.0  # with a CUDA device: GPUs each worker asks Ray for (fractions share a GPU)
     max_retries: int = 2  # a shard whose worker died is retried on a fresh worker this many times
     address: str | None = None  # None: RAY_ADDRESS, else a local Ray cluster
@@ -156,11 +157,11 @@ class AttributionConfig:
     # damped curvature a condition number <= 1e4 (tdastore/precond/damping.py)
     damping_factor: float | Literal["auto"] = 10.0
     hessian_auto_damping: bool = True  # if_h / if_gen: raise lambda to 1.5 x |lowest Hessian eigenvalue| if larger
-    lissa_depth: int = 1000
+    lissa_depth: int = 1000  # LiSSA recursion steps
     lissa_scale: float | None = None  # None: 1.1 x the largest eigenvalue of the damped matrix (converges)
     lissa_batch_size: int | None = None  # exact path: None = full-batch products (deterministic)
     cg_tol: float = 1e-8  # relative residual
-    cg_max_iter: int = 1000
+    cg_max_iter: int = 1000  # conjugate-gradient iterations at most
     max_exact_params: int = 200_000  # the exact path is refused above this many parameters
     max_dense_dim: int = 8192  # projected preconditioners are k x k: refused above this k
     kfac_examples: int | None = None  # projected kfac / ekfac: training examples for the factors (None: all)
@@ -169,7 +170,9 @@ class AttributionConfig:
     # state_dict (e.g. a Hugging Face Trainer's optimizer.pt; exp_avg_sq by parameter name), or None: estimated at
     # the final model from the further training's batches (tdastore/precond/exact/diagonal.py)
     adam_eps: float = 1e-8
+    # adam_dot / adam_cos: a saved optimizer state_dict with exp_avg_sq (see adam_eps)
     optimizer_state: str | None = None
+    # methods `tdastore index` and `tdastore evaluate` take when none is named
     methods: list[str] = field(default_factory=lambda: ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf"])
     # paper: scores carry the paper's 1/n (the first-order change of g when one of n rows is left out); raw: the
     # inner products themselves (bergson's and most LLM tools' numbers). Rankings are the same
@@ -187,12 +190,12 @@ class AttributionConfig:
 class IndexConfig:
     """FAISS index over preconditioner-transformed rows."""
 
-    kind: IndexKind = "flat"
+    kind: IndexKind = "flat"  # flat (exact) | ivf | hnsw | sq8 | pq: see the indexes guide
     shard_rows: int = 262_144  # rows per index shard (whole store shards); searched with a top-k merge
     nlist: int | None = None  # ivf / pq: None = 4 x sqrt(rows)
-    nprobe: int = 64
-    hnsw_m: int = 32
-    ef_search: int = 256
+    nprobe: int = 64  # ivf / pq: lists searched per query
+    hnsw_m: int = 32  # hnsw: neighbours per node
+    ef_search: int = 256  # hnsw: candidates kept while searching
     pq_m: int | None = None  # pq: sub-quantizers (None: dim / 4, a divisor of dim)
     refine: int = 4  # pq: re-rank refine x top_k candidates exactly
     # ivf / pq / sq8: train one quantiser on this many rows spread over the store and share it with every index
@@ -204,11 +207,11 @@ class IndexConfig:
 class QueryConfig:
     """What the query job attributes (jobs/query.py; the CLI takes the same as flags)."""
 
-    method: str = "grad_dot"
+    method: str = "grad_dot"  # a method of `tdastore methods`
     inputs: str | None = None  # .csv / .parquet with the task's columns; None: the task's split
-    split: Literal["test", "train"] = "test"
-    top_k: int = 10
-    kind: IndexKind | None = None
+    split: Literal["test", "train"] = "test"  # the task's split queried when no inputs are given
+    top_k: int = 10  # training rows per test input
+    kind: IndexKind | None = None  # a FAISS index kind (None: exact streamed scoring)
     out: str | None = None  # write the table as Parquet (None: print only)
     workers: int = 0  # Ray actors scoring input blocks x store row ranges (0: in process)
     ray_min_inputs: int = 256  # fewer test inputs than this are scored in process even with workers set
@@ -220,22 +223,22 @@ class GroundTruthConfig:
     """Further training from the final model (PAPER.md's gold standard)."""
 
     coupling: Literal["delete", "subtract"] = "delete"  # delete: i removed from the seed's permutation
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"  # further training's optimizer
     lr: float = 0.003  # about 10x below the original training rate
-    batch_size: int = 128
-    weight_decay: float = 0.0
-    clip_norm: float | None = None
+    batch_size: int = 128  # further training's minibatch size
+    weight_decay: float = 0.0  # further training's weight decay (adamw: decoupled; sgd / adam: coupled)
+    clip_norm: float | None = None  # clip each step's gradient to this global norm (None: no clipping)
     epochs: int | None = 50  # amount of further training in epochs ...
     steps: int | None = None  # ... or in optimizer steps (then epochs must be null)
     eval_every: int = 1  # evaluation schedule, in epochs (or in steps when `steps` is set)
     left_out_indices: list[int] | None = None  # training rows to leave out, or:
     left_out_every: int | None = None  # every m-th training row, or:
     left_out_count: int | None = 50  # this many random rows (seeded by left_out_seed)
-    left_out_seed: int = 0
+    left_out_seed: int = 0  # seeds left_out_count's random rows
     test_points: int | None = None  # the first n test rows (None: all)
     seeds: int = 20  # seeds 0 .. seeds-1 (batch orders)
     seed_block: int = 10  # a unit of work: seed_block seeds x left_out_block rows
-    left_out_block: int = 50
+    left_out_block: int = 50  # a unit of work's left-out rows (see seed_block)
     max_replicas: int = 4096  # replicas trained together in one vmapped group (1: one at a time)
     # vectorised: replicas stacked and trained together (torch.func); sequential: one at a time with torch.optim;
     # auto: vectorised for feature-vector models up to 10M parameters; token sequences sequential, vectorised
@@ -245,9 +248,9 @@ class GroundTruthConfig:
     # element-wise work between the batched products; the first step of each shape compiles (seconds). An MLP's
     # products are written out already (groundtruth/stacked.py): only its update rule is compiled (AdamW 1.4x)
     compile: bool = False
-    workers: int = 2
+    workers: int = 2  # Ray workers of the job pool
     threads_per_worker: int = 1  # CPUs (and torch threads) per unit task
-    output: str = "runs/groundtruth"
+    output: str = "runs/groundtruth"  # the gold standard's job store (a directory or fsspec URI)
 
 
 @dataclass
@@ -264,7 +267,7 @@ class MetagradConfig:
     test_block: int | None = None  # None: all test points in one block (forward mode's cost ignores them)
     checkpoint_every: int | None = None  # reverse mode's trajectory checkpoints; None: from memory_mb
     memory_mb: float = 512.0  # budget for the stored trajectory states (reverse mode)
-    workers: int = 2
+    workers: int = 2  # Ray workers of the job pool
 
 
 @dataclass
@@ -277,7 +280,7 @@ class LdsConfig:
     seeds: int = 5  # batch-order seeds 0..seeds-1, averaged per subset
     subset_seed: int = 0  # draws the subsets
     subset_block: int = 10  # a unit of work: groundtruth.seed_block seeds x subset_block subsets
-    workers: int = 2
+    workers: int = 2  # Ray workers of the job pool
     # None: the ground truth's coupling; delete: each subset's rows dropped from every permutation, as TRAK and
     # datamodels train on subsets (in subtract coupling every step adds the subset's alpha x N rows)
     coupling: Literal["delete", "subtract"] | None = None
@@ -513,6 +516,20 @@ def with_absolute_paths(settings: dict) -> dict:
         if isinstance(base, str) and "://" not in base and not Path(base).is_absolute() and Path(base).exists():
             model["adapter"], model["name_or_path"] = model["name_or_path"], str(Path(base).resolve())
     return settings
+
+
+def absolute_location(location: str | Path) -> str:
+    """A local path made absolute (URIs stay as they are)."""
+    text = str(location)
+    return text if "://" in text else str(Path(text).resolve())
+
+
+def for_workers(config: Config) -> Config:
+    """The config with its local paths absolute: Ray workers run in the working directory Ray started in (a
+    notebook may have changed directory since) or on another node."""
+    settings = with_absolute_paths(config_to_dict(config))
+    settings["groundtruth"]["output"] = absolute_location(settings["groundtruth"]["output"])
+    return load_config(settings)
 
 
 def relocated_paths(settings: dict, built_at: str | None, root: Path) -> dict:

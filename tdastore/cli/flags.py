@@ -27,13 +27,24 @@ SEP = "."
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The comment beside each field in the dataclass's source (its help text)."""
-    docs = {}
+    """Each field's help text from the dataclass's source: the comment lines just above the field, then the
+    comment beside it (or on its default's continuation line)."""
+    docs: dict[str, str] = {}
+    above: list[str] = []
+    last = None
     for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
-        if match:
-            docs[match.group(1)] = match.group(2).strip()
-    return docs
+        comment = re.match(r"\s+#\s*(.*)$", line)
+        if comment:
+            above.append(comment.group(1).strip())
+            continue
+        field = re.match(r"\s+(\w+):[^#]*?(?:#\s*(.+))?$", line)
+        if field and not line.strip().startswith(('"', "'")):
+            last = field.group(1)
+            docs[last] = " ".join([*above, field.group(2) or ""]).strip()
+        elif last and not docs[last] and "#" in line:  # `field: T = (` with the comment on the next line
+            docs[last] = line.split("#", 1)[1].strip()
+        above = []
+    return {name: text for name, text in docs.items() if text}
 
 
 def _is_text(hint: Any) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 import ray
 import torch
 
-from tdastore.config import Config, config_to_dict, load_config
+from tdastore.config import Config, absolute_location, config_to_dict, for_workers, load_config
 from tdastore.devices import on_device
 from tdastore.distributed.pool import device_options
 from tdastore.errors import StoreError
@@ -172,7 +172,8 @@ def run_lds(
     """Run (or resume) the LDS job for a finished ground truth on Ray; returns its store's path."""
     from tdastore.distributed.shipping import share_task
 
-    groundtruth, gt_config = finished_groundtruth(groundtruth or config.groundtruth.output)
+    config = for_workers(config)  # workers run elsewhere: every local path absolute
+    groundtruth, gt_config = finished_groundtruth(absolute_location(groundtruth or config.groundtruth.output))
     output = lds_root(groundtruth, lds_coupling(config, gt_config.groundtruth.coupling))
     with writing(output, "LDS job", not_an_lds_store(output)):
         root, manifest, gt_config = prepare_lds(config, groundtruth, task)

@@ -20,7 +20,7 @@ import ray
 import torch
 import zarr
 
-from tdastore.config import Config, config_to_dict, load_config
+from tdastore.config import Config, absolute_location, config_to_dict, for_workers, load_config
 from tdastore.devices import on_device
 from tdastore.distributed.pool import device_options
 from tdastore.distributed.shipping import share_task
@@ -193,7 +193,8 @@ def run_metagrad(
     task: Task | None = None,
 ) -> Path:
     """Run (or resume) the metagradient job for a finished ground truth on Ray; returns its store's path."""
-    groundtruth, gt_config = finished_groundtruth(groundtruth or config.groundtruth.output)
+    config = for_workers(config)  # workers run elsewhere: every local path absolute
+    groundtruth, gt_config = finished_groundtruth(absolute_location(groundtruth or config.groundtruth.output))
     output = metagrad_root(groundtruth, config.metagrad.coupling or gt_config.groundtruth.coupling)
     with writing(output, "metagradient job", not_a_metagrad(output)):
         root, manifest, gt_config = prepare_metagrad(config, groundtruth, task)

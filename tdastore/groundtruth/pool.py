@@ -24,7 +24,7 @@ import ray
 import torch
 import zarr
 
-from tdastore.config import Config, config_to_dict, load_config
+from tdastore.config import Config, config_to_dict, for_workers, load_config
 from tdastore.devices import on_device
 from tdastore.distributed.pool import device_options, run_pool
 from tdastore.distributed.ray_session import ray_session
@@ -257,6 +257,7 @@ def run_groundtruth(
 ) -> Path:
     """Run (or resume) the ground-truth job on Ray; returns the store's path. task: a task object (Python API)
     instead of the one the config names."""
+    config = for_workers(config)
     output = store_path(config.groundtruth.output)
     with writing(output, "ground truth", not_a_groundtruth(output)):
         root, manifest = prepare_groundtruth(config, task)
