@@ -5,6 +5,7 @@ A page writes a marker, `<!-- generated: NAME -->`, and the build replaces it wi
   config   every config field (YAML key and flag, type, default, the comment beside it), from the dataclasses
   methods  the method table (each method's operator per path), from tdastore/methods.py
   http     the query service's endpoints and request / response fields, from its FastAPI app's OpenAPI
+  readme   the README (the overview) as the home page
 tests/test_docs.py calls these functions too (every command, field and public name is in the output).
 """
 
@@ -15,6 +16,7 @@ import dataclasses
 import json
 import re
 import typing
+from pathlib import Path
 from types import SimpleNamespace
 
 MARKER = re.compile(r"<!-- generated: (\w+) -->")
@@ -47,7 +49,15 @@ def cli_reference() -> str:
         out.append(f"## tdastore {name}\n\n```text\n{text.rstrip()}\n```\n")
         if sections:
             links = ", ".join(f"[`{s}`](config.md#{s})" for s in sections)
-            out.append(f"Config flags (`--section.field VALUE`, overriding `--config`): {links}.\n")
+            out.append(f"Config flags (`--section.field VALUE`, overriding `--config`): {links}.")
+            short = [
+                f"`{alias}` (`{action.option_strings[0]}`)"
+                for group in groups
+                if (group.title or "").startswith("config section")
+                for action in group._group_actions  # noqa: SLF001
+                for alias in action.option_strings[1:]
+            ]
+            out.append(f"Short forms: {', '.join(short)}.\n" if short else "")
     return "\n".join(out)
 
 
@@ -183,4 +193,17 @@ def json_type(prop: dict) -> str:
     return f"`{prop.get('type', 'object')}`" + (f" ({', '.join(bound)})" if bound else "")
 
 
-GENERATORS = {"cli": cli_reference, "config": config_reference, "methods": method_table, "http": http_reference}
+def readme() -> str:
+    """The README (the project's overview) as the site's home page, its links into docs/ made site-relative."""
+    root = Path(__file__).parents[1]
+    text = (root / "README.md").read_text().split("\n", 1)[1]  # the site has its own title
+    return text.replace("](docs/", "](")
+
+
+GENERATORS = {
+    "readme": readme,
+    "cli": cli_reference,
+    "config": config_reference,
+    "methods": method_table,
+    "http": http_reference,
+}

@@ -6,6 +6,9 @@
 # adapter's parameters only (the frozen base is not part of the fine-tuning).
 
 # %%
+import json
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,9 +23,7 @@ make_tiny_lm("runs/lm", documents=120, train_steps=40, max_length=32)  # the bas
 # does: the folder's `adapter_config.json` names the base model.
 
 # %%
-import json
-
-documents = [json.loads(line)["text"] for line in open("runs/lm/corpus.jsonl")][:96]
+documents = [json.loads(line)["text"] for line in Path("runs/lm/corpus.jsonl").read_text().splitlines()][:96]
 tokenizer = AutoTokenizer.from_pretrained("runs/lm/model")
 base = AutoModelForCausalLM.from_pretrained("runs/lm/model")
 torch.manual_seed(0)

@@ -11,6 +11,10 @@
 # each with `--config wine.yaml` (the settings below as YAML).
 
 # %%
+import os
+
+import zarr
+
 import tdastore
 from tdastore.evaluate.run import evaluate
 from tdastore.groundtruth.pool import run_groundtruth
@@ -43,8 +47,9 @@ print(store)
 # attribution of row i at test point z is how much g(z) changes when i is left out (averaged over seeds).
 
 # %%
-groundtruth = run_groundtruth(config, progress=False)
-print(f"gold standard: {groundtruth}")
+groundtruth = run_groundtruth(config, progress=False)  # its absolute path
+loo = zarr.open_array(groundtruth / "loo.zarr")  # g(z) after leaving out row i: [evaluations, test, left out, seeds]
+print(f"gold standard: {os.path.relpath(groundtruth)}, leave-one-out runs {loo.shape}")
 
 # %% [markdown]
 # Every method of the unified view against it (exact path: the model has 5,251 parameters), cosine per

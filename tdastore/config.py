@@ -288,6 +288,10 @@ class LdsConfig:
 
 @dataclass
 class Config:
+    """Every setting of a run, one section per step (task, model, train, gradients, projection, store, build,
+    attribution, index, groundtruth, query, metagrad, lds): from YAML, a dict, `--section.field` flags or
+    defaults, validated as a whole by `load_config` and written into every output so a run can be replayed."""
+
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps: where every step computes (build, queries, fits, replicas)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
