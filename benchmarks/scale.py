@@ -526,6 +526,12 @@ def table(path: Path) -> None:
             print(
                 f"\nservice at {r['rows']:,} rows ({v['kind']}, {v['index_shards']} index shards): p50 "
                 f"{v['p50_ms']:.1f} ms, p99 {v['p99_ms']:.1f} ms, same hits as in process {v['same_hits']:.0%}"
+                + (
+                    f"; one request of 256 queries: {v['batch256_queries_per_s']:,.0f} queries/s, same hits "
+                    f"{v['batch256_same_hits']:.0%}"
+                    if "batch256_queries_per_s" in v
+                    else ""
+                )
             )
 
 
