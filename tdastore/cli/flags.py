@@ -113,9 +113,10 @@ def add_config_flags(
         cls = typing.get_type_hints(Config)[section]
         if not dataclasses.is_dataclass(cls):  # a top-level setting (device): --device
             default = Config.__dataclass_fields__[section].default
+            text = f"{field_docs(Config).get(section, '')} (default: {default!r})".replace("%", "%%")  # argparse's %
             parser.add_argument(f"--{section}", dest=f"{SEP}{section}", default=argparse.SUPPRESS,
                                 type=lambda text, hint=cls: flag_value(text, hint), metavar=_metavar(cls),
-                                help=f"{field_docs(Config).get(section, '')} (default: {default!r})")  # fmt: skip
+                                help=text)  # fmt: skip
             continue
         hints, docs = typing.get_type_hints(cls), field_docs(cls)
         group = parser.add_argument_group(f"config section '{section}' (overrides the YAML file)")
@@ -123,7 +124,8 @@ def add_config_flags(
             key = f"{section}{SEP}{yaml_key(field)}"
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
             names = [f"--{key}"] + ([by_key[key]] if key in by_key else [])
-            hint, text = hints[field.name], f"{docs.get(field.name, '')} (default: {default!r})".strip()
+            text = f"{docs.get(field.name, '')} (default: {default!r})".strip().replace("%", "%%")  # argparse's %
+            hint = hints[field.name]
             if list_item_hint(hint) is not None:  # words, a comma list or a YAML list
                 action = group.add_argument(*names, dest=key, default=argparse.SUPPRESS, nargs="+", action=ListFlag,
                                             metavar="ITEM", help=text)  # fmt: skip
