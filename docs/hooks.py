@@ -1,6 +1,6 @@
 """MkDocs hook: the reference pages that are generated from the code, so they cannot drift from it.
 
-A page writes a marker, `<!-- generated: NAME -->`, and the build replaces it with NAME's Markdown:
+X
   cli      every `tdastore` command's --help, from the argparse parser the CLI runs
   config   every config field (YAML key and flag, type, default, the comment beside it), from the dataclasses
   methods  the method table (each method's operator per path), from tdastore/methods.py
@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from types import SimpleNamespace
 
-MARKER = re.compile(r"<!-- generated: (\w+) -->")
+MARKER = re.compile(r"^<!-- generated: (\w+) -->$", re.M)  # a line of its own (not one quoted in text)
 
 
 def on_page_markdown(markdown: str, page=None, config=None, files=None) -> str:
