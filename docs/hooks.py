@@ -1,6 +1,6 @@
 """MkDocs hook: the reference pages that are generated from the code, so they cannot drift from it.
 
-X
+A page writes a marker on a line of its own, `<!-- generated: NAME -->`, and the build replaces it with NAME:
   cli      every `tdastore` command's --help, from the argparse parser the CLI runs
   config   every config field (YAML key and flag, type, default, the comment beside it), from the dataclasses
   methods  the method table (each method's operator per path), from tdastore/methods.py
