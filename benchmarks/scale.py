@@ -349,30 +349,32 @@ def measure_service(root: Path, kind: str, test, expected: np.ndarray) -> dict:
     began = time.perf_counter()
     serve.run(application(str(root), methods=["grad_dot"], kind=kind, index_shards=2), name="scale", route_prefix="/s")
     start_s = time.perf_counter() - began
+
+    def ask(examples, timeout: float) -> tuple[dict, float]:
+        """One POST of these test inputs: the answer and its seconds."""
+        body = {"method": "grad_dot", "inputs": examples.inputs.tolist(), "targets": examples.targets.tolist(),
+                "top_k": 10}  # fmt: skip
+        request = urllib.request.Request("http://127.0.0.1:8765/s/query", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        began = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read()), time.perf_counter() - began
+
+    def top_rows(result: dict) -> list[int]:
+        return [hit["train_row"] for hit in result["top"]]
+
     times, same = [], 0
     count = len(expected)
     for i in range(count):
-        one = test.slice(i, i + 1)
-        body = {"method": "grad_dot", "inputs": one.inputs.tolist(), "targets": one.targets.tolist(), "top_k": 10}
-        request = urllib.request.Request("http://127.0.0.1:8765/s/query", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})  # fmt: skip
-        began = time.perf_counter()
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())
-        times.append(time.perf_counter() - began)
-        same += [h["train_row"] for h in answer["results"][0]["top"]] == expected[i].tolist()
+        answer, seconds = ask(test.slice(i, i + 1), 120)
+        times.append(seconds)
+        same += top_rows(answer["results"][0]) == expected[i].tolist()
     batch = test.slice(0, min(256, len(test)))  # one request of 256 test inputs (the service's MAX_BATCH)
-    body = {"method": "grad_dot", "inputs": batch.inputs.tolist(), "targets": batch.targets.tolist(), "top_k": 10}
     batch_times = []
     for _ in range(3):
-        request = urllib.request.Request("http://127.0.0.1:8765/s/query", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})  # fmt: skip
-        began = time.perf_counter()
-        with urllib.request.urlopen(request, timeout=600) as response:
-            answer = json.loads(response.read())
-        batch_times.append(time.perf_counter() - began)
-    batch_same = np.mean([[h["train_row"] for h in r["top"]] == expected[i].tolist()
-                          for i, r in enumerate(answer["results"][: len(expected)])])  # fmt: skip
+        answer, seconds = ask(batch, 600)
+        batch_times.append(seconds)
+    batch_same = np.mean([top_rows(r) == expected[i].tolist() for i, r in enumerate(answer["results"][:count])])
     serve.shutdown()
     return {"kind": kind, "index_shards": 2, "start_seconds": start_s, "p50_ms": 1000 * float(np.median(times)),
             "p99_ms": 1000 * float(np.percentile(times, 99)), "same_hits": same / count,
