@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -47,6 +46,8 @@ server = subprocess.Popen(
 for line in server.stdout:
     if line.startswith("serving"):
         break
+else:  # it ended without serving: its error is on stderr
+    raise SystemExit(f"tdastore serve stopped (exit {server.wait()}) before it served")
 URL = "http://127.0.0.1:8765"
 
 
@@ -83,6 +84,5 @@ bad = call("/query", {"method": "if_gn", "inputs": [[0.1, 0.2]], "targets": [1.0
 print(bad["status"], bad["error"])
 
 # %%
-os.killpg(server.pid, signal.SIGINT)  # Ctrl-C in the terminal: the service stops
-server.wait(timeout=60)
-time.sleep(1)
+server.send_signal(signal.SIGINT)  # Ctrl-C in the terminal: the service stops, and its local Ray cluster
+server.wait(timeout=120)

@@ -744,6 +744,9 @@ def run_service(
     given = {**defaults, **options}
     check_options(given["kind"], given["replicas"], given["max_batch"], given["batch_wait_ms"], given["index_shards"])
     with socket.socket() as probe:
+        # as the HTTP proxy binds: a port whose last service stopped a moment ago (its connections in
+        # TIME_WAIT for a minute) is free to listen on again, not "already in use"
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as err:
@@ -768,5 +771,22 @@ def run_service(
         except KeyboardInterrupt:
             print("stopping the service")
         finally:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
+            stop_serve_within(SHUTDOWN_TIMEOUT_S)
+
+
+SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def stop_serve_within(timeout_s: float) -> None:
+    """Shut Serve down, waiting at most `timeout_s`: after a Ctrl-C in a terminal the local cluster's own
+    processes (same process group) may be gone already, and `serve.shutdown` would then wait a minute for a
+    GCS that is not coming back; the cluster is torn down next either way."""
+    import threading
+
+    def shutdown():
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+
+    worker = threading.Thread(target=shutdown, name="serve-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)

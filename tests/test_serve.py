@@ -345,3 +345,32 @@ def test_reload_picks_up_an_appended_store(service, serve_url, tmp_path):
     assert_same_answers(answer, grown, "grad_cos", 3, 1, 3)  # copies of the test inputs: cosine 1, on top
     assert {get(url, "/methods")["rows"] for _ in range(6)} == {served.n_rows + 3}
     serve.delete("grows")
+
+
+def test_port_check_refuses_a_listener_not_a_port_just_freed(service, monkeypatch):
+    """`tdastore serve` refuses a port another process listens on, but not one whose last service stopped a
+    moment ago (its closed connections in TIME_WAIT): a restart on the same port must not wait a minute."""
+    import socket
+
+    import tdastore.distributed.ray_session as sessions
+    from tdastore.errors import ConfigError
+    from tdastore.serve import run_service
+
+    class PortAccepted(Exception):
+        pass
+
+    def no_ray(*args, **kwargs):
+        raise PortAccepted
+
+    monkeypatch.setattr(sessions, "ray_session", no_ray)
+    store = str(service[1].root)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+            run_service(store, port=port)
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+            client.recv(1)
+    with pytest.raises(PortAccepted):
+        run_service(store, port=port)
