@@ -268,6 +268,9 @@ def _table(results: dict) -> str:
         cos = np.asarray(entry["cosine"])
         lds = f"{max(entry['lds']):>10.3f}" if "lds" in entry else ""
         lines.append(f"{name:<13}{entry['path']:<10}" + "".join(f"{cos[i]:>11.3f}" for i in points) + lds)
+    if results.get("gold_ceiling"):  # a perfect method against these seeds: differences near it are noise
+        ceiling = results["gold_ceiling"]
+        lines.append(f"{'(ceiling)':<13}{'seeds':<10}" + "".join(f"{ceiling[i]:>11.3f}" for i in points))
     if "lds" in results:
         lines[0] += f"{'LDS best':>10}"
     return "\n".join(lines)

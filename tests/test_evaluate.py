@@ -3,7 +3,7 @@
 import numpy as np
 from scipy.stats import spearmanr
 
-from tdastore.evaluate.metrics import agreement, cosine_rows, gold_vectors, seed_curve
+from tdastore.evaluate.metrics import agreement, cosine_rows, gold_ceiling, gold_vectors, seed_curve
 
 
 def test_gold_vector_by_hand():
@@ -60,3 +60,20 @@ def test_seed_curve_by_hand():
             ]
         )
         assert curve[k]["cosine"] <= each_group_best + 1e-12
+
+
+def test_gold_ceiling_is_the_cosine_of_the_true_expectation():
+    """Seeds drawn as a known expectation plus noise: the ceiling estimated from the seeds alone equals the
+    cosine of that expectation with the seed-averaged gold vector, at two noise levels."""
+    rng = np.random.default_rng(0)
+    e, t, left, seeds = 2, 200, 60, 8
+    mean = rng.normal(size=(e, t, left))
+    mean -= mean.mean(axis=2, keepdims=True)
+    for noise, expected_range in ((0.5, (0.97, 0.995)), (2.0, (0.78, 0.85))):  # 1/sqrt(1 + noise^2/8): .985, .816
+        full = rng.normal(size=(e, t, seeds))
+        loo = full[:, :, None, :] + mean[..., None] + noise * rng.normal(size=(e, t, left, seeds))
+        true = cosine_rows(mean, gold_vectors(loo, full)).mean(axis=1)  # [E]: needs the expectation itself
+        estimate = gold_ceiling(loo, full)
+        np.testing.assert_allclose(estimate, true, atol=0.01)
+        assert expected_range[0] < true.min() and true.max() < expected_range[1]
+    assert gold_ceiling(loo[..., :1], full[..., :1]) is None

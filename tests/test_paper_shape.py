@@ -67,5 +67,8 @@ def test_report_files(results):
     assert set(entry["seed_curve"]) == {"1", "2", "5", "10"}
     report = (out / "report.md").read_text()
     assert "| grad_dot | exact |" in report and "Seed curves" in report
+    ceiling = np.asarray(saved["gold_ceiling"])  # [E]: a perfect method against these 10 seeds
+    assert len(ceiling) == 50 and "| *ceiling* | seeds |" in report
+    assert (ceiling > np.asarray(entry["cosine"]) - 0.05).all() and (ceiling <= 1).all()
     for plot in ("cosine.png", "seed_curves.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

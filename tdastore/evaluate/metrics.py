@@ -24,6 +24,23 @@ def gold_vectors(loo: np.ndarray, full: np.ndarray, seeds: slice = slice(None)) 
     return diff.mean(axis=3)
 
 
+def gold_ceiling(loo: np.ndarray, full: np.ndarray) -> np.ndarray | None:
+    """[E]: the cosine with this gold vector that a perfect method would reach (one predicting the expectation
+    over batch orders exactly), None with a single seed. The gold vector is that expectation plus seed noise
+    of variance var_s(d) / S per entry, so |gold|^2 ~ |mu|^2 + sum var_s(d) / S and cos(mu, gold) ~ |mu| / |gold|;
+    averaged over test points as the methods' cosines are. A method's cosine near it is all the ground truth can
+    tell apart: more seeds raise it."""
+    n_seeds = loo.shape[-1]
+    if n_seeds < 2:
+        return None
+    diff = loo.astype(np.float64) - full[:, :, None, :]
+    diff -= diff.mean(axis=2, keepdims=True)  # [E, T, L, S], as gold_vectors
+    total = (diff.mean(axis=3) ** 2).sum(axis=2)  # [E, T]
+    noise = diff.var(axis=3, ddof=1).sum(axis=2) / n_seeds
+    ratio = np.where(total > 0, np.maximum(total - noise, 0.0) / np.where(total > 0, total, 1.0), 0.0)
+    return np.sqrt(ratio).mean(axis=1)
+
+
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine along the last axis (0 where either vector is zero)."""
     num = (a * b).sum(-1)

@@ -30,7 +30,21 @@ def cosine_table(results: dict) -> str:
         cos, err = np.asarray(entry["cosine"]), np.asarray(entry["stderr"])
         cells = " | ".join(f"{cos[i]:.3f} ± {err[i]:.3f}" for i in points)
         lines.append(f"| {name} | {entry['path']} | {cells} | {cos.max():.3f} |")
+    if results.get("gold_ceiling"):  # what a perfect method would reach against these seeds
+        ceiling = np.asarray(results["gold_ceiling"])
+        cells = " | ".join(f"{ceiling[i]:.3f}" for i in points)
+        lines.append(f"| *ceiling* | seeds | {cells} | {ceiling.max():.3f} |")
     return "\n".join(lines)
+
+
+def ceiling_note(results: dict) -> str:
+    if not results.get("gold_ceiling"):
+        return ""
+    return (
+        f"\n*ceiling*: the cosine a perfect method would reach against this gold vector of {results['n_seeds']} "
+        "seeds (its seed noise estimated from the seeds' spread); differences between methods near it are noise, "
+        "and more seeds raise it.\n"
+    )
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -54,7 +68,7 @@ Mean cosine (± standard error over test points) between each method's scores an
 (leave-one-out minus full run, mean-centred over the left-out rows, averaged over seeds):
 
 {cosine_table(results)}
-
+{ceiling_note(results)}
 ![cosine vs further training](cosine.png)
 
 ## Seed curves
@@ -136,6 +150,8 @@ def write_plots(results: dict, out: Path) -> None:
         style = "-" if number < 10 else "--"  # matplotlib's cycle has ten colours
         (line,) = ax.plot(labels, cos, style if name != "tracin_final" else ":", label=name, lw=1.6)
         ax.fill_between(labels, cos - err, cos + err, color=line.get_color(), alpha=0.18, lw=0)
+    if results.get("gold_ceiling"):
+        ax.plot(labels, results["gold_ceiling"], color="0.4", ls="-.", lw=1.2, label="ceiling (seed noise)")
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xlabel(f"further training ({results['evals']['unit']}s)")
     ax.set_ylabel("cosine similarity to gold standard")

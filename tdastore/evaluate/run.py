@@ -11,7 +11,7 @@ import numpy as np
 
 from tdastore.attribution import Attributor, store_config
 from tdastore.errors import ConfigError, StoreError, TdaStoreError
-from tdastore.evaluate.metrics import agreement, gold_vectors, linear_datamodeling_score, seed_curve
+from tdastore.evaluate.metrics import agreement, gold_ceiling, gold_vectors, linear_datamodeling_score, seed_curve
 from tdastore.evaluate.report import write_plots, write_report
 from tdastore.groundtruth.lds import lds_coupling, lds_root, read_lds, read_lds_manifest, run_lds
 from tdastore.groundtruth.pool import read_groundtruth_manifest
@@ -221,6 +221,9 @@ def score_methods(
         "n_seeds": len(gold.manifest["seeds"]),
         "methods": {},
     }
+    ceiling = gold_ceiling(gold.loo, gold.full)  # [E]: what a perfect method would reach against these seeds
+    if ceiling is not None:
+        results["gold_ceiling"] = ceiling.tolist()
     if lds is not None:
         actual, lds_manifest = lds
         results["lds"] = {
