@@ -76,4 +76,10 @@ def test_gold_ceiling_is_the_cosine_of_the_true_expectation():
         estimate = gold_ceiling(loo, full)
         np.testing.assert_allclose(estimate, true, atol=0.01)
         assert expected_range[0] < true.min() and true.max() < expected_range[1]
+    # noise along the expectation (each seed's response scaled by 1 +- 0.5) does not turn the gold vector
+    scale = 1 + 0.5 * rng.standard_normal(size=(1, 1, 1, seeds))
+    loo = full[:, :, None, :] + mean[..., None] * scale + 0.1 * rng.normal(size=(e, t, left, seeds))
+    true = cosine_rows(mean, gold_vectors(loo, full)).mean(axis=1)
+    np.testing.assert_allclose(gold_ceiling(loo, full), true, atol=0.01)
+    assert true.min() > 0.99
     assert gold_ceiling(loo[..., :1], full[..., :1]) is None

@@ -26,17 +26,22 @@ def gold_vectors(loo: np.ndarray, full: np.ndarray, seeds: slice = slice(None)) 
 
 def gold_ceiling(loo: np.ndarray, full: np.ndarray) -> np.ndarray | None:
     """[E]: the cosine with this gold vector that a perfect method would reach (one predicting the expectation
-    over batch orders exactly), None with a single seed. The gold vector is that expectation plus seed noise
-    of variance var_s(d) / S per entry, so |gold|^2 ~ |mu|^2 + sum var_s(d) / S and cos(mu, gold) ~ |mu| / |gold|;
-    averaged over test points as the methods' cosines are. A method's cosine near it is all the ground truth can
-    tell apart: more seeds raise it."""
+    over batch orders exactly), None with a single seed. The gold vector is that expectation plus the mean of
+    the seeds' noise; only the noise across the gold vector's direction turns it (noise along it, such as one
+    seed's larger response overall, changes its length), so cos ~ sqrt(1 - |noise across|^2 / |gold|^2), that
+    noise estimated from the seeds' residuals, averaged over test points as the methods' cosines are (0 where
+    the gold vector is zero, as theirs). A method near it is as good as this ground truth can tell."""
     n_seeds = loo.shape[-1]
     if n_seeds < 2:
         return None
     diff = loo.astype(np.float64) - full[:, :, None, :]
     diff -= diff.mean(axis=2, keepdims=True)  # [E, T, L, S], as gold_vectors
-    total = (diff.mean(axis=3) ** 2).sum(axis=2)  # [E, T]
-    noise = diff.var(axis=3, ddof=1).sum(axis=2) / n_seeds
+    gold = diff.mean(axis=3)  # [E, T, L]
+    total = (gold**2).sum(axis=2)  # [E, T]
+    unit = gold / np.sqrt(np.where(total > 0, total, 1.0))[..., None]
+    residual = diff - gold[..., None]  # [E, T, L, S]
+    across = residual - np.einsum("etls,etl->ets", residual, unit)[:, :, None, :] * unit[..., None]
+    noise = (across**2).sum(axis=(2, 3)) / ((n_seeds - 1) * n_seeds)  # [E, T]: of the seed mean
     ratio = np.where(total > 0, np.maximum(total - noise, 0.0) / np.where(total > 0, total, 1.0), 0.0)
     return np.sqrt(ratio).mean(axis=1)
 
