@@ -172,6 +172,10 @@ class AttributionConfig:
     adam_eps: float = 1e-8
     # adam_dot / adam_cos: a saved optimizer state_dict with exp_avg_sq (see adam_eps)
     optimizer_state: str | None = None
+    # adam_replay: steps of the further training replayed (None: all of the groundtruth section's; `evaluate`
+    # replays to each evaluation point), and how many batch orders are averaged (tdastore/precond/exact/replay.py)
+    replay_steps: int | None = None
+    replay_seeds: int = 8
     # methods `tdastore index` and `tdastore evaluate` take when none is named
     methods: list[str] = field(default_factory=lambda: ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf"])
     # paper: scores carry the paper's 1/n (the first-order change of g when one of n rows is left out); raw: the
@@ -392,6 +396,9 @@ class Config:
                  "must be positive (or null: all training examples)")  # fmt: skip
         _require(a.max_exact_params > 0, "attribution.max_exact_params", "must be positive")
         _require(a.adam_eps > 0, "attribution.adam_eps", "must be positive (Adam's eps, 1e-8 by default)")
+        _require(a.replay_steps is None or a.replay_steps > 0, "attribution.replay_steps",
+                 "must be positive (or null: the whole further training)")  # fmt: skip
+        _require(a.replay_seeds > 0, "attribution.replay_seeds", "must be positive (batch orders averaged)")
         _require(a.max_dense_dim > 0, "attribution.max_dense_dim", "must be positive")
         _require(len(a.methods) > 0, "attribution.methods", "needs at least one method")
         _require(self.index.shard_rows > 0, "index.shard_rows", "must be positive")

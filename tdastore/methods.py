@@ -98,6 +98,12 @@ METHODS: dict[str, Method] = {
             summary="adam_dot of gradients unit-normalised in Adam's metric (TrackStar's form)",
         ),
         Method(
+            "adam_replay",
+            None,
+            "adam_replay",
+            summary="optimizer-aware: the further training's Adam steps replayed on frozen gradients without row i",
+        ),
+        Method(
             "if_h", None, "hessian", summary="damped true-Hessian influence; needs Hessian-vector products on the model"
         ),
         Method(

@@ -87,7 +87,7 @@ TEXT_METHODS = ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf", "trak1", "k
 # the demo LM (about 137k parameters) is small enough for the exact path over all of them; the CG and LiSSA solves
 # (if_gn, lissa, if_h) are left out there (a thousand Gauss-Newton products over every document per query block),
 # and so is ekfac, whose exact path covers Linear / Conv1D layers only, not the embeddings and norm layers
-TEXT_EXACT_METHODS = ["grad_dot", "grad_cos", "if_diag", "adam_dot", "adam_cos", "datainf"]
+TEXT_EXACT_METHODS = ["grad_dot", "grad_cos", "if_diag", "adam_dot", "adam_cos", "adam_replay", "datainf"]
 TEXT_LM_STEPS = 4000  # AdamW steps of the demo LM on the training documents: its loss has flattened (README)
 
 

@@ -380,3 +380,54 @@ def test_ekfac_unfolds_conv2d_layers_as_kronfluence_does():
         got[:, :54], expected[:, :, :18].reshape(5, -1), rtol=1e-4, atol=1e-6 * np.abs(expected).max()
     )
     np.testing.assert_allclose(got[:, 54:57], expected[:, :, 18], rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def reference_replay(ref, gt, rows, horizon, seeds):
+    """n (theta_i(H) - theta(H)) by torch.optim itself: a float64 parameter vector, its .grad set each step to the
+    frozen batch-mean gradient (minus g_i / n for the run without row i), clip_grad_norm_, optimizer.step()."""
+    from tdastore.precond.exact.replay import SEED_OFFSET
+
+    g_all = torch.from_numpy(ref.grads(ref.train))  # [N, p]
+    per_epoch = -(-ref.n // gt.batch_size)
+    out = np.zeros((len(rows), g_all.shape[1]))
+    for s in range(seeds):
+        generator = torch.Generator().manual_seed(SEED_OFFSET + s)
+        batches = []
+        for t in range(horizon):
+            if t % per_epoch == 0:
+                order = torch.randperm(ref.n, generator=generator)
+            batches.append(g_all[order[(t % per_epoch) * gt.batch_size : (t % per_epoch + 1) * gt.batch_size]].mean(0))
+
+        def run(minus):
+            theta = torch.nn.Parameter(ref.flat().clone())
+            optimizer = torch.optim.AdamW([theta], lr=gt.lr, weight_decay=gt.weight_decay)
+            for g in batches:
+                theta.grad = g - minus
+                torch.nn.utils.clip_grad_norm_([theta], gt.clip_norm)
+                optimizer.step()
+            return theta.detach()
+
+        full = run(torch.zeros_like(g_all[0]))
+        for k, i in enumerate(rows):
+            out[k] += ref.n * (run(g_all[i] / ref.n) - full).numpy()
+    return out / seeds
+
+
+def test_adam_replay_equals_torch_optim_on_frozen_gradients(setup):
+    """adam_replay's rows are the difference torch.optim.AdamW (decoupled decay, clipping that bites) makes after H
+    steps on the final model's frozen batch gradients without row i; with plain SGD and no clipping the replay is
+    linear: lr H grad_dot."""
+    config, task, model, ref, g_train, g_test, lambda_0 = setup
+    config = copy.deepcopy(config)
+    gt = config.groundtruth
+    gt.optimizer, gt.lr, gt.batch_size, gt.clip_norm, gt.weight_decay = "adamw", 1e-3, 32, 0.05, 0.01
+    config.attribution.replay_steps, config.attribution.replay_seeds = 40, 2  # four epochs of batches
+    scorer = ExactScorer(model, task, config)
+    got = scorer.scores(get_method("adam_replay"), ref.test)  # [T, N]
+    rows = [0, 5, 17]
+    expected = g_test @ reference_replay(ref, gt, rows, 40, 2).T / ref.n
+    assert rel_err(got[:, rows], expected) <= 1e-3  # float32 gradients through Adam's normalisation
+    assert scorer.info["replay_steps"] == 40
+    gt.optimizer, gt.clip_norm, gt.weight_decay = "sgd", None, 0.0
+    sgd = ExactScorer(model, task, config).scores(get_method("adam_replay"), ref.test)
+    assert rel_err(sgd, gt.lr * 40 * g_test @ g_train.T / ref.n) <= REL

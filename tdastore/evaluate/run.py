@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tdastore.attribution import Attributor, store_config
 from tdastore.errors import ConfigError, StoreError, TdaStoreError
@@ -245,6 +246,13 @@ def score_methods(
                                 for e in range(every.shape[0])]  # fmt: skip
                     info.update(lds=[float(f["lds"][0]) for f in per_eval],
                                 lds_stderr=[float(f["stderr"][0]) for f in per_eval])  # fmt: skip
+            elif replays_each_point(name, chosen, overrides):
+                attributor = Attributor(store, name, settings, share=shared)
+                if shared.exact is None:
+                    shared = attributor
+                scores = replay_at_evaluations(attributor, test, gold)  # [E, T, L]
+                info = {k: v for k, v in attributor.info.items() if k != "method"}
+                info["replay_steps"] = "each evaluation point"
             else:
                 attributor = Attributor(store, name, settings, share=shared)
                 if chosen == "exact" and shared.exact is None:
@@ -273,6 +281,27 @@ def score_methods(
             line = f"  {name:<13} {info['path']:<9} cosine first {c[0]:+.3f}  best {c.max():+.3f}  last {c[-1]:+.3f}"
             print(line + (f"  LDS best {max(info['lds']):+.3f}" if "lds" in info else ""))
     return results
+
+
+def replays_each_point(name: str, path: str, overrides: dict | None) -> bool:
+    """adam_replay on the exact path without a fixed attribution.replay_steps: scored at every evaluation point
+    with that point's own number of replayed steps, as the metagradient is."""
+    fixed = ((overrides or {}).get("attribution") or {}).get("replay_steps")
+    return path == "exact" and get_method(name).exact == "adam_replay" and fixed is None
+
+
+def replay_at_evaluations(attributor: Attributor, test, gold: GoldStandard) -> np.ndarray:
+    """[E, T, L]: adam_replay's scores of the left-out rows, replayed to each evaluation point's step (one pass)."""
+    from tdastore.precond.exact.replay import replay
+
+    scorer = attributor.exact
+    method = get_method("adam_replay")
+    x = scorer.test_vectors(method, test)  # [T, p]
+    left = scorer.space.train.take(torch.as_tensor(gold.left, dtype=torch.long))
+    rows = torch.cat([g for _, g in scorer.space.example_grads(left)])  # [L, p]
+    steps = [int(s) for s in gold.manifest["evals"]["steps"]]
+    per_step = replay(scorer, rows, steps)  # E x [L, p]
+    return np.stack([(x @ delta.T).double().cpu().numpy() for delta in per_step])
 
 
 def write_results(results: dict, out) -> None:

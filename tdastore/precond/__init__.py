@@ -4,7 +4,8 @@ registers the built-in operator classes."""
 
 from tdastore.precond.exact import diagonal as exact_diagonal
 from tdastore.precond.exact import operators as exact_operators
+from tdastore.precond.exact import replay as exact_replay
 from tdastore.precond.projected import kronecker
 from tdastore.precond.projected import operators as projected_operators
 
-__all__ = ["exact_diagonal", "exact_operators", "kronecker", "projected_operators"]
+__all__ = ["exact_diagonal", "exact_operators", "exact_replay", "kronecker", "projected_operators"]
