@@ -173,9 +173,9 @@ class AttributionConfig:
     # adam_dot / adam_cos: a saved optimizer state_dict with exp_avg_sq (see adam_eps)
     optimizer_state: str | None = None
     # adam_replay: steps of the further training replayed (None: all of the groundtruth section's; `evaluate`
-    # replays to each evaluation point), and how many batch orders are averaged (tdastore/precond/exact/replay.py)
+    # replays to each evaluation point) (tdastore/precond/exact/replay.py)
     replay_steps: int | None = None
-    replay_seeds: int = 8
+    replay_seeds: int = 8  # adam_replay: batch orders of the further training averaged
     # methods `tdastore index` and `tdastore evaluate` take when none is named
     methods: list[str] = field(default_factory=lambda: ["grad_dot", "grad_cos", "if_gn", "lissa", "datainf"])
     # paper: scores carry the paper's 1/n (the first-order change of g when one of n rows is left out); raw: the

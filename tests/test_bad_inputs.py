@@ -273,6 +273,8 @@ BAD_FIELDS = [  # (key, a wrong value, words of the message)
     ("build.cpus_per_worker", "-1", "build.cpus_per_worker"),
     ("attribution.path", "other", "must be one of"),
     ("attribution.lissa_depth", "0", "attribution.lissa_depth"),
+    ("attribution.replay_steps", "0", "attribution.replay_steps"),
+    ("attribution.replay_seeds", "-2", "attribution.replay_seeds"),
     ("attribution.lissa_scale", "0", "attribution.lissa_scale"),
     ("attribution.lissa_batch_size", "0", "attribution.lissa_batch_size"),
     ("attribution.cg_tol", "0", "cg_tol"),
