@@ -42,7 +42,8 @@ def results(ray_cluster, tmp_path_factory):
     store = build_store(config, tmp / "store", progress=False)
     root = run_groundtruth(config, progress=False)
     out = tmp / "evaluation"
-    evaluated = evaluate(store, root, methods=["grad_dot", "grad_cos", "if_gn", "datainf"], out=out, progress=False)
+    methods = ["grad_dot", "grad_cos", "if_gn", "datainf", "adam_replay"]
+    evaluated = evaluate(store, root, methods=methods, out=out, progress=False)
     return evaluated, out
 
 
@@ -56,12 +57,15 @@ def test_paper_shape(results):
     assert cos["grad_cos"][0] < cos["grad_dot"][0]
     assert np.abs(cos["datainf"] - cos["grad_dot"]).max() <= 0.1
     assert all(entry["path"] == "exact" for entry in evaluated["methods"].values())
+    # SGD on frozen gradients is linear in them: the replay to each point is lr x steps x Grad-Dot there
+    np.testing.assert_allclose(cos["adam_replay"], cos["grad_dot"], atol=1e-5)
+    assert evaluated["methods"]["adam_replay"]["replay_steps"] == "each evaluation point"
 
 
 def test_report_files(results):
     evaluated, out = results
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["methods"]) == {"grad_dot", "grad_cos", "if_gn", "datainf"}
+    assert set(saved["methods"]) == {"grad_dot", "grad_cos", "if_gn", "datainf", "adam_replay"}
     entry = saved["methods"]["grad_dot"]
     assert len(entry["cosine"]) == len(entry["stderr"]) == len(entry["spearman"]) == 50
     assert set(entry["seed_curve"]) == {"1", "2", "5", "10"}

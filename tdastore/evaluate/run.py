@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tdastore.attribution import Attributor, store_config
+from tdastore.config import GroundTruthConfig
 from tdastore.errors import ConfigError, StoreError, TdaStoreError
 from tdastore.evaluate.metrics import agreement, gold_ceiling, gold_vectors, linear_datamodeling_score, seed_curve
 from tdastore.evaluate.report import write_plots, write_report
@@ -291,16 +292,19 @@ def replays_each_point(name: str, path: str, overrides: dict | None) -> bool:
 
 
 def replay_at_evaluations(attributor: Attributor, test, gold: GoldStandard) -> np.ndarray:
-    """[E, T, L]: adam_replay's scores of the left-out rows, replayed to each evaluation point's step (one pass)."""
+    """[E, T, L]: adam_replay's scores of the left-out rows, replayed to each evaluation point's step (one pass)
+    of the gold standard's own further training (its manifest's optimizer, lr, batch size, clipping, decay)."""
     from tdastore.precond.exact.replay import replay
 
+    recorded = gold.manifest["groundtruth"]
+    further = GroundTruthConfig(**{f.name: recorded[f.name] for f in fields(GroundTruthConfig) if f.name in recorded})
     scorer = attributor.exact
     method = get_method("adam_replay")
     x = scorer.test_vectors(method, test)  # [T, p]
     left = scorer.space.train.take(torch.as_tensor(gold.left, dtype=torch.long))
     rows = torch.cat([g for _, g in scorer.space.example_grads(left)])  # [L, p]
     steps = [int(s) for s in gold.manifest["evals"]["steps"]]
-    per_step = replay(scorer, rows, steps)  # E x [L, p]
+    per_step = replay(scorer, rows, steps, further)  # E x [L, p]
     return np.stack([(x @ delta.T).double().cpu().numpy() for delta in per_step])
 
 

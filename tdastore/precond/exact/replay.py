@@ -45,7 +45,7 @@ class AdamReplay(ExactOperator):
         horizon = replay_horizon(scorer)
         scorer.info.update(replay_steps=horizon, replay_seeds=scorer.config.attribution.replay_seeds)
         for start, block in scorer.space.example_grads(scorer.space.train):
-            yield start, replay(scorer, block, [horizon])[0]
+            yield start, replay(scorer, block, [horizon], scorer.config.groundtruth)[0]
 
 
 def replay_horizon(scorer) -> int:
@@ -57,9 +57,9 @@ def replay_horizon(scorer) -> int:
     return gt.steps if gt.steps is not None else per_epoch * (gt.epochs or 1)
 
 
-def batch_gradients(scorer, horizon: int) -> torch.Tensor:
+def batch_gradients(scorer, horizon: int, gt) -> torch.Tensor:
     """[S, H, p]: each replay seed's first H batch-mean gradients at the final model (cached per scorer)."""
-    space, gt, seeds = scorer.space, scorer.config.groundtruth, scorer.config.attribution.replay_seeds
+    space, seeds = scorer.space, scorer.config.attribution.replay_seeds
     key = ("replay_batches", horizon, seeds, gt.batch_size)
     if key in scorer.cache:
         return scorer.cache[key]
@@ -77,15 +77,14 @@ def batch_gradients(scorer, horizon: int) -> torch.Tensor:
     return out
 
 
-def replay(scorer, rows: torch.Tensor, horizons: list[int]) -> list[torch.Tensor]:
+def replay(scorer, rows: torch.Tensor, horizons: list[int], gt) -> list[torch.Tensor]:
     """rows [b, p] (per-example loss gradients) -> n (theta_i(H) - theta(H)) [b, p] for each H in `horizons`,
-    averaged over the replay seeds."""
-    gt = scorer.config.groundtruth
+    averaged over the replay seeds; gt: the further training replayed (a GroundTruthConfig)."""
     if gt.optimizer not in ("adam", "adamw", "sgd"):
         raise ConfigError(f"adam_replay replays adam, adamw or sgd, not groundtruth.optimizer {gt.optimizer}")
     space = scorer.space
     n, last = space.n, max(horizons)
-    batches = batch_gradients(scorer, last)  # [S, H, p]
+    batches = batch_gradients(scorer, last, gt)  # [S, H, p]
     theta = space.theta.to(rows.dtype)  # [p]
     found = [torch.zeros_like(rows) for _ in horizons]
     for s in range(batches.shape[0]):
