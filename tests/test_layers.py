@@ -10,7 +10,7 @@ LAYERS = [
     ["devices"],
     ["config", "methods"],
     ["tasks"],
-    ["training"],
+    ["training", "optim"],
     ["grads"],
     ["store"],
     ["precond"],

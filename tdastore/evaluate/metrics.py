@@ -17,11 +17,16 @@ from scipy.stats import rankdata
 SEED_GROUPS = (1, 2, 5, 10, 20, 50, 100)
 
 
-def gold_vectors(loo: np.ndarray, full: np.ndarray, seeds: slice = slice(None)) -> np.ndarray:
-    """[E, T, L, S], [E, T, S] -> [E, T, L]: adjusted, mean-centred, seed-averaged gold vectors."""
+def seed_differences(loo: np.ndarray, full: np.ndarray, seeds: slice = slice(None)) -> np.ndarray:
+    """[E, T, L, S], [E, T, S] -> [E, T, L, S]: each seed's adjusted, mean-centred differences."""
     diff = loo[..., seeds].astype(np.float64) - full[:, :, None, seeds]
     diff -= diff.mean(axis=2, keepdims=True)
-    return diff.mean(axis=3)
+    return diff
+
+
+def gold_vectors(loo: np.ndarray, full: np.ndarray, seeds: slice = slice(None)) -> np.ndarray:
+    """[E, T, L, S], [E, T, S] -> [E, T, L]: adjusted, mean-centred, seed-averaged gold vectors."""
+    return seed_differences(loo, full, seeds).mean(axis=3)
 
 
 def gold_ceiling(loo: np.ndarray, full: np.ndarray) -> np.ndarray | None:
@@ -34,9 +39,8 @@ def gold_ceiling(loo: np.ndarray, full: np.ndarray) -> np.ndarray | None:
     n_seeds = loo.shape[-1]
     if n_seeds < 2:
         return None
-    diff = loo.astype(np.float64) - full[:, :, None, :]
-    diff -= diff.mean(axis=2, keepdims=True)  # [E, T, L, S], as gold_vectors
-    gold = diff.mean(axis=3)  # [E, T, L]
+    diff = seed_differences(loo, full)  # [E, T, L, S]
+    gold = diff.mean(axis=3)  # [E, T, L], as gold_vectors
     total = (gold**2).sum(axis=2)  # [E, T]
     unit = gold / np.sqrt(np.where(total > 0, total, 1.0))[..., None]
     residual = diff - gold[..., None]  # [E, T, L, S]

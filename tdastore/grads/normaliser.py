@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from tdastore.errors import ConfigError, StoreError
+from tdastore.optim import CLIP_EPS
 
 KINDS = ("adam", "adafactor")
-CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 FLOOR = 1e-30
 
 

@@ -21,8 +21,8 @@ from torch.func import functional_call, grad, vmap
 
 from tdastore.config import GroundTruthConfig
 from tdastore.devices import keep_cpu_allocations, model_device
-from tdastore.groundtruth.optim import UpdateRule
 from tdastore.groundtruth.stacked import StackedMLP
+from tdastore.optim import UpdateRule
 from tdastore.tasks.base import Examples, Task
 
 

@@ -4,7 +4,7 @@ weight w_i in the loss (w = 1: the full run, w_i = 0: row i left out), as a pure
 - subtract: loss_t(theta, w) = mean_{j in batch_t} L_j(theta) + sum_i (w_i - 1) L_i(theta) / N, exactly the
             `subtract` coupling's leave-one-out run at w_i = 0;
 - delete:   loss_t = sum_{j in batch_t} w_j L_j / sum_{j in batch_t} w_j on the full run's batches.
-The optimizer update is tdastore/groundtruth/optim.py's, the same as the replica engine's.
+The optimizer update is tdastore/optim.py's, the same as the replica engine's.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from tdastore.config import GroundTruthConfig
 from tdastore.devices import keep_cpu_allocations, model_device
 from tdastore.groundtruth.engine import Schedule, trainable_parameters
-from tdastore.groundtruth.optim import UpdateRule
+from tdastore.optim import UpdateRule
 from tdastore.tasks.base import Examples, Task
 
 
@@ -101,7 +101,7 @@ class WeightedRun:
         return jac
 
     def update(self, theta, m, v, g, t: int):
-        """One optimizer update from the raw gradient g (tdastore/groundtruth/optim.py, as the engine's)."""
+        """One optimizer update from the raw gradient g (tdastore/optim.py, as the engine's)."""
         rule = self.rule
         coef = rule.clip_coefficient(g.norm())
         if coef is not None:

@@ -24,12 +24,10 @@ import math
 
 import torch
 
-from tdastore.errors import ConfigError
+from tdastore.optim import UpdateRule
 from tdastore.precond.exact.operators import ExactOperator
 from tdastore.precond.registry import register
 
-BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8  # torch.optim's defaults, as the gold standard's optimizer
-CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 SEED_OFFSET = 10_000  # replay batch orders are not a gold standard's own (its seeds count from 0)
 
 
@@ -80,16 +78,14 @@ def batch_gradients(scorer, horizon: int, gt) -> torch.Tensor:
 def replay(scorer, rows: torch.Tensor, horizons: list[int], gt) -> list[torch.Tensor]:
     """rows [b, p] (per-example loss gradients) -> n (theta_i(H) - theta(H)) [b, p] for each H in `horizons`,
     averaged over the replay seeds; gt: the further training replayed (a GroundTruthConfig)."""
-    if gt.optimizer not in ("adam", "adamw", "sgd"):
-        raise ConfigError(f"adam_replay replays adam, adamw or sgd, not groundtruth.optimizer {gt.optimizer}")
     space = scorer.space
     n, last = space.n, max(horizons)
     batches = batch_gradients(scorer, last, gt)  # [S, H, p]
-    theta = space.theta.to(rows.dtype)  # [p]
+    theta, rule = space.theta.to(rows.dtype), UpdateRule(gt)  # [p]
     found = [torch.zeros_like(rows) for _ in horizons]
     for s in range(batches.shape[0]):
-        full = _Run(gt, theta, 1)
-        left = _Run(gt, theta, rows.shape[0])
+        full = _Run(rule, theta, 1)
+        left = _Run(rule, theta, rows.shape[0])
         for t in range(1, last + 1):
             g = batches[s, t - 1].to(rows.dtype)[None]  # [1, p]
             full.step(g, t)
@@ -100,27 +96,28 @@ def replay(scorer, rows: torch.Tensor, horizons: list[int], gt) -> list[torch.Te
 
 
 class _Run:
-    """One further training on frozen gradients: delta [r, p] = theta(t) - theta(0), by the update rule of
-    torch.optim's SGD / Adam / AdamW with torch.nn.utils.clip_grad_norm_ (tdastore/groundtruth/optim.py)."""
+    """One further training on frozen gradients: delta [r, p] = theta(t) - theta(0), stepped by the update rule
+    of the gold standard and its metagradient (tdastore/optim.py: torch.optim's SGD / Adam / AdamW with
+    torch.nn.utils.clip_grad_norm_)."""
 
-    def __init__(self, gt, theta: torch.Tensor, replicas: int):
-        self.gt, self.theta = gt, theta
+    def __init__(self, rule: UpdateRule, theta: torch.Tensor, replicas: int):
+        self.rule, self.theta = rule, theta
         self.delta = torch.zeros(replicas, theta.numel(), dtype=theta.dtype, device=theta.device)
         self.m = torch.zeros_like(self.delta)
         self.v = torch.zeros_like(self.delta)
 
     def step(self, grad: torch.Tensor, t: int) -> None:
-        gt = self.gt
-        if gt.clip_norm is not None:
-            grad = grad * (gt.clip_norm / (grad.norm(dim=1, keepdim=True) + CLIP_EPS)).clamp(max=1.0)
-        if gt.weight_decay and gt.optimizer != "adamw":  # coupled decay, on the current weights
-            grad = grad + gt.weight_decay * (self.theta + self.delta)
-        if gt.optimizer == "sgd":
-            self.delta -= gt.lr * grad
+        rule = self.rule
+        coefficient = rule.clip_coefficient(grad.norm(dim=1, keepdim=True))
+        if coefficient is not None:
+            grad = grad * coefficient
+        weights = self.theta + self.delta
+        grad = rule.coupled_gradient(weights, grad)
+        if not rule.adaptive:
+            self.delta -= rule.sgd_step(grad)
             return
-        if gt.optimizer == "adamw" and gt.weight_decay:
-            self.delta -= gt.lr * gt.weight_decay * (self.theta + self.delta)
-        self.m = BETA1 * self.m + (1 - BETA1) * grad
-        self.v = BETA2 * self.v + (1 - BETA2) * grad * grad
-        bias1, bias2 = 1 - BETA1**t, 1 - BETA2**t
-        self.delta -= gt.lr / bias1 * self.m / (self.v.sqrt() / math.sqrt(bias2) + ADAM_EPS)
+        decay = rule.decoupled_decay(weights)
+        if decay is not None:
+            self.delta -= decay
+        self.m, self.v = rule.moments(self.m, self.v, grad)
+        self.delta -= rule.adam_step(self.m, self.v, *rule.bias_corrections(t))

@@ -1,8 +1,9 @@
 """torch.optim's SGD / Adam / AdamW update formulas with gradient-norm clipping, written once.
 
 The replica engine applies them in place to stacked [R, ...] parameters (per-replica step counts and masks);
-the metagradient composes them functionally on one flat vector and differentiates through them. Both call
-the pieces below, so the gold standard and its metagradient follow the same optimizer by construction.
+the metagradient composes them functionally on one flat vector and differentiates through them; adam_replay
+(precond/exact/replay.py) steps them on frozen gradients. All call the pieces below, so the gold standard, its
+metagradient and the replay follow the same optimizer by construction (a layer below all three).
 """
 
 from __future__ import annotations
