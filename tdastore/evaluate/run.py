@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tdastore.attribution import Attributor, store_config
-from tdastore.config import GroundTruthConfig
+from tdastore.config import load_config
 from tdastore.errors import ConfigError, StoreError, TdaStoreError
 from tdastore.evaluate.metrics import agreement, gold_ceiling, gold_vectors, linear_datamodeling_score, seed_curve
 from tdastore.evaluate.report import write_plots, write_report
@@ -296,8 +296,7 @@ def replay_at_evaluations(attributor: Attributor, test, gold: GoldStandard) -> n
     of the gold standard's own further training (its manifest's optimizer, lr, batch size, clipping, decay)."""
     from tdastore.precond.exact.replay import replay
 
-    recorded = gold.manifest["groundtruth"]
-    further = GroundTruthConfig(**{f.name: recorded[f.name] for f in fields(GroundTruthConfig) if f.name in recorded})
+    further = load_config(gold.manifest["config"]).groundtruth  # as the LDS and metagradient jobs read it
     scorer = attributor.exact
     method = get_method("adam_replay")
     x = scorer.test_vectors(method, test)  # [T, p]
