@@ -117,6 +117,12 @@ class ProjectionConfig:
     seed: int = 0  # seeds every projection matrix (rows are a function of the spec: same seed, same rows)
     nonzeros: int = 1  # sparse JL: non-zeros per input coordinate (must divide dim)
     block_rows: int = 4096  # rows of the matrix generated per seeded block (part of the spec)
+    # factored: each side's matrix. random: Gaussian from the seed. pca: the top eigenvectors of the training
+    # gradients' own second moments per side (LoGra's PCA initialisation; fitted at build time, kept in the
+    # store): a biased but noise-free inner product, 1.5-2.3x the cosine of random sides at 16 x 16 on the text demo
+    basis: Literal["random", "pca"] = "random"
+    basis_examples: int = 1024  # pca: training examples (the first ones) whose per-example gradients it is fitted on
+    basis_max_dim: int = 8192  # pca: a block with a side wider than this keeps random sides (a vocabulary's embedding)
     cache_mb: int = 512  # generated blocks kept per process while they fit in this budget
 
 
@@ -348,6 +354,11 @@ class Config:
             "must be two positive sizes [k_out, k_in]",
         )
         _require(self.projection.block_rows > 0, "projection.block_rows", "must be positive")
+        _require(self.projection.basis == "random" or self.projection.kind == "factored", "projection.basis",
+                 "pca fits the sides of a factored projection: use it with projection.kind factored (dense and sparse "
+                 "projections are random)")  # fmt: skip
+        _require(self.projection.basis_examples > 0, "projection.basis_examples", "must be positive")
+        _require(self.projection.basis_max_dim > 0, "projection.basis_max_dim", "must be positive")
         _require(self.store.chunk_rows > 0, "store.chunk_rows", "must be positive")
         _require(
             self.store.shard_rows > 0 and self.store.shard_rows % self.store.chunk_rows == 0,

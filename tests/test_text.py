@@ -895,3 +895,100 @@ def test_exact_path_token_scores_equal_an_autograd_loop(ray_cluster, tiny_lm, tm
             expected_test = np.array([float(g @ row) * scale * shrink for g in token_g])
             got_test = hit[hit.side == "test"].sort_values("position").score.to_numpy()
             np.testing.assert_allclose(got_test, expected_test, rtol=0, atol=1e-4 * np.abs(expected_test).sum())
+
+
+def dense_blocks(task, model, computer, examples, scales=None) -> list[torch.Tensor]:
+    """Per block, every example's full gradient [n, out, in(+1)] by torch.func, scaled by `scales` (as
+    dense_projected, without the projection)."""
+    identity = FactoredLinearGradients.__new__(FactoredLinearGradients)  # the same blocks, every side unprojected
+    identity.blocks = computer.blocks
+    identity.p_out, identity.p_in = [None] * len(computer.blocks), [None] * len(computer.blocks)
+    rows = dense_projected(task, model, identity, examples, scales)  # [n, sum of out x in]
+    sizes = [d_out * d_in for _, d_out, d_in in computer.blocks]
+    return [part.reshape(len(examples), d_out, d_in)
+            for part, (_, d_out, d_in) in zip(rows.split(sizes, 1), computer.blocks)]  # fmt: skip
+
+
+def test_pca_basis_is_the_top_eigenvectors_of_the_gradients_second_moments(tiny_lm):
+    """projection.basis pca: each side is the top-k eigenvectors of sum_i G_i G_i^T (out) and sum_i G_i^T G_i (in)
+    of autograd's per-example gradients, Adafactor-scaled, a tied weight's two uses summed (numpy eigh); a block
+    with a side wider than basis_max_dim keeps the seed's random sides; rows equal projecting autograd's gradients
+    with the fitted sides."""
+    from tdastore.grads.basis import fit_pca_basis
+    from tdastore.grads.factored import _side_matrix
+    from tdastore.grads.normaliser import Normaliser
+
+    config = text_config(tiny_lm, gradients={"modules": "all"},
+                         projection={"factors": [8, 8], "module_factors": {}, "basis": "pca"})  # fmt: skip
+    task = make_task(config.task, config.model)
+    model = task.make_model()
+    moments = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(3)) + 0.1 for n, p in
+               model.named_parameters()}  # fmt: skip
+    normaliser = Normaliser("adafactor", moments, 1e-8, "test").bind(model)
+    computer = make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection, normaliser)
+    train = task.examples("train")
+    basis = fit_pca_basis(computer, train, 7, limit=20, max_dim=300)  # batches of 7: sums across batches
+    assert basis.examples == 20 and basis.spec()["kind"] == "pca"
+    wte = "model.transformer.wte"  # [384, 64] (tied head): 384 > 300 keeps random sides
+    assert f"{wte}.out" not in basis.matrices and f"{wte}.in" not in basis.matrices
+    scales = {n: normaliser.scale(n) for n in computer.param_shapes}
+    blocks = dense_blocks(task, model, computer, train.slice(0, 20), scales)
+    for (name, d_out, d_in), full in zip(computer.blocks, blocks):
+        for side, second, dim in (("out", np.einsum("noi,npi->op", full, full), d_out),
+                                  ("in", np.einsum("noi,noj->ij", full, full), d_in)):  # fmt: skip
+            if name == wte or dim <= 8:
+                continue
+            values, vectors = np.linalg.eigh(second)
+            assert values[-8] > values[-9] * (1 + 1e-3)  # a gap: the top-8 subspace is well defined
+            expected = vectors[:, -8:] @ vectors[:, -8:].T  # the subspace's projector
+            fitted = basis.matrices[f"{name}.{side}"].double().numpy()
+            assert fitted.shape == (dim, 8)
+            np.testing.assert_allclose(fitted.T @ fitted, np.eye(8), atol=1e-5)
+            assert np.abs(fitted @ fitted.T - expected).max() <= 1e-4, (name, side)
+            top = fitted[:, 0] @ second @ fitted[:, 0]  # the first column carries the largest eigenvalue
+            assert abs(top - values[-1]) <= 1e-5 * values[-1]
+    fitted_computer = make_gradient_computer(
+        model, task.per_example_loss, config.gradients, config.projection, normaliser, basis
+    )
+    assert fitted_computer.spec()["basis"] == basis.spec() and "basis" not in computer.spec()
+    assert torch.equal(fitted_computer.p_out[0], _side_matrix(config.projection.seed, f"{wte}.out", 384, 8))
+    examples = train.slice(0, 6)
+    rows, _, _ = fitted_computer(examples.inputs, examples.targets)
+    expected = dense_projected(task, model, fitted_computer, examples, scales)
+    rel = float((rows.double() - expected).norm(dim=1).max() / expected.norm(dim=1).min())
+    assert rel <= 1e-4, rel
+
+
+def test_a_pca_store_projects_queries_with_its_own_basis(ray_cluster, tiny_lm, tmp_path, monkeypatch):
+    """A store built with projection.basis pca keeps its sides (basis.safetensors, sha256 in the spec); workers'
+    rows and a query's test rows use them (store rows == the fitted computer's, scores == their products); a
+    resumed build keeps the stored basis; a damaged basis file and pca with a dense projection are clear errors."""
+    config = text_config(tiny_lm, projection={"basis": "pca", "basis_examples": 40})
+    store = build_store(config, tmp_path / "store", progress=False)
+    spec = store.manifest["projection"]["basis"]
+    assert spec["kind"] == "pca" and spec["examples"] == 40 and (store.root / "basis.safetensors").is_file()
+    attributor = Attributor(store, "grad_dot", {"attribution": {"path": "projected"}})
+    computer = attributor._gradient_computer(attributor.task.per_example_loss)
+    assert computer.basis is not None and computer.spec() == store.manifest["projection"]
+    some = attributor.task.examples("train").slice(0, 5)
+    rows, _, _ = computer(some.inputs, some.targets)
+    np.testing.assert_allclose(store.read_rows(0, 5), rows.detach().numpy(), rtol=1e-4, atol=1e-6)
+    test = attributor.task.examples("test").slice(0, 3)
+    scores = attributor.score_matrix(test)  # [3, N]
+    expected = attributor.test_rows(test) @ store.read_rows(0, store.n_rows).T / store.n_rows  # attribution.scale
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    before = (store.root / "basis.safetensors").read_bytes()
+    import tdastore.distributed.build as build_module
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("a resumed build refitted the basis")
+
+    monkeypatch.setattr(build_module, "fit_pca_basis", no_refit)
+    build_store(config, store.root, progress=False)  # the same command again: the stored basis, nothing refitted
+    assert (store.root / "basis.safetensors").read_bytes() == before
+    monkeypatch.undo()
+    (store.root / "basis.safetensors").write_bytes(before[:-8] + b"\0" * 8)
+    with pytest.raises(StoreError, match="basis .* sha256"):
+        Attributor(store, "grad_dot", {"attribution": {"path": "projected"}}).test_rows(test)
+    with pytest.raises(ConfigError, match="projection.basis"):
+        text_config(tiny_lm, projection={"kind": "gaussian", "basis": "pca"})

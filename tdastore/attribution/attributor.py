@@ -29,6 +29,7 @@ from tdastore.methods import Method, get_method, with_normalize
 from tdastore.precond.exact.scorer import ExactScorer
 from tdastore.precond.projected.cache import fit_or_load, operator_key
 from tdastore.precond.registry import FitInputs
+from tdastore.store.bases import store_basis
 from tdastore.store.location import is_local
 from tdastore.store.normalisers import store_normaliser
 from tdastore.tasks import resolve_task
@@ -258,6 +259,7 @@ class Attributor:
             self.config.gradients,
             self.config.projection,
             normaliser.bind(self.model) if normaliser is not None else None,
+            store_basis(self.store.root),  # test rows projected with the store's fitted sides
         )
         if computer.spec() != self.store.manifest["projection"]:
             raise StoreError("this query's projection differs from the store's; the store's config was edited")

@@ -18,8 +18,10 @@ from tdastore.distributed.pool import device_options, run_pool
 from tdastore.distributed.ray_session import check_reachable, ray_session
 from tdastore.distributed.shipping import share_task
 from tdastore.errors import StoreError
+from tdastore.grads.basis import Basis, fit_pca_basis
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.normaliser import make_normaliser
+from tdastore.store.bases import BASIS_FILE, save_basis, store_basis
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.job_store import writing
 from tdastore.store.location import absolute, is_local, store_path
@@ -48,20 +50,32 @@ from tdastore.training import load_model
 from tdastore.version import __version__
 
 
-def store_identity(config: Config, split: str, task: Task | None = None) -> dict:
-    """What a store's rows mean: split, task, model, gradient and projection spec, layout."""
+def store_identity(config: Config, split: str, task: Task | None = None, basis: Basis | None = None) -> dict:
+    """What a store's rows mean: split, task, model, gradient and projection spec, layout. basis: the fitted
+    sides of the store being resumed or grown (projection.basis pca), else they are fitted here."""
     task = resolve_task(config.task, config.model, task)
     model = load_model(config, task)
     loss_fn = task.per_example_loss if split == "train" else task.test_function
     computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection)
     normaliser = make_normaliser(config, model, task, list(computer.param_spec()["params"]))  # None: no normalizer
-    if normaliser is not None:  # the same parameters, rows scaled by D^(1/2)
-        computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection, normaliser)
+    fit_on = min(config.projection.basis_examples, len(task.examples("train")))
+    if config.projection.basis == "pca" and (basis is None or basis.examples != fit_on):  # training loss, any split
+        basis = fit_pca_basis(
+            make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection, normaliser),
+            task.examples("train"),
+            config.gradients.batch_size,
+            config.projection.basis_examples,
+            config.projection.basis_max_dim,
+        )
+    basis = basis if config.projection.basis == "pca" else None
+    if normaliser is not None or basis is not None:  # the same parameters, rows scaled by D^(1/2), fitted sides
+        computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection, normaliser, basis)
     description = task.description()
     if split == "train" and getattr(task, "held_out", None):
         print(f"note: {task.held_out}", file=sys.stderr)  # documents a user may expect in the store are not
     return {
         "_normaliser": normaliser,
+        "_basis": basis,
         "split": split,
         "task": {
             "name": task.name,
@@ -106,12 +120,23 @@ def build_store(
     check_reachable(address or config.build.address or os.environ.get("RAY_ADDRESS", ""))  # before any write
     root = store_path(output)
     config = load_config(with_absolute_paths(config_to_dict(config)))  # workers (and later queries) run elsewhere
-    identity = store_identity(config, split, task)
+    identity = store_identity(config, split, task, resumed_basis(root))
     n_rows = identity.pop("_n_rows")
-    normaliser = identity.pop("_normaliser")
+    sides = identity.pop("_normaliser"), identity.pop("_basis")
     check_not_empty(n_rows, f"the {split} split of '{config.task.dataset}'")
     with writing(root, "build", not_a_store(root)):
-        return _build_leased(config, root, split, identity, n_rows, address, workers, progress, fault, task, normaliser)
+        return _build_leased(config, root, split, identity, n_rows, address, workers, progress, fault, task, *sides)
+
+
+def resumed_basis(root) -> Basis | None:
+    """The fitted projection sides of an earlier, unfinished or finished build at `root` (a resume continues with
+    them rather than refitting: a refit on other hardware could differ in the last bits), else None."""
+    if not (root / MANIFEST_FILE).exists() or not (root / BASIS_FILE).exists():
+        return None
+    try:
+        return store_basis(root)
+    except StoreError:  # damaged or unreadable: the build fits afresh and prepare_store compares the spec
+        return None
 
 
 def worker_options(config: Config, cluster_gpus: float) -> dict:
@@ -127,7 +152,7 @@ def padding_fraction(reports: list[dict]) -> float:
 
 
 def _build_leased(
-    config, root, split, identity, n_rows, address, workers, progress, fault, task, normaliser=None
+    config, root, split, identity, n_rows, address, workers, progress, fault, task, normaliser=None, basis=None
 ) -> GradientStore:
     extra = {
         "config": config_to_dict(config),  # paths resolved: a store answers from any working directory
@@ -138,6 +163,8 @@ def _build_leased(
     manifest = prepare_store(root, identity, n_rows, identity["projection"]["out_dim"], config.store.dtype, extra)
     if normaliser is not None:  # the second moments the workers (and every query) scale rows by
         save_normaliser(root, normaliser)
+    if basis is not None:  # the sides the workers (and every query) project with
+        save_basis(root, basis)
     return _compute_and_finalise(
         config, root, split, manifest, identity["model"]["fingerprint"], address, workers, progress, fault, task
     )
@@ -291,8 +318,8 @@ def append_rows(
         new_dataset = config.task.dataset  # the config route's new data; the store's own task encodes it
         as_built = replace(config, task=load_config(manifest["config"]).task) if task is None else config
         store_task = resolve_task(as_built.task, as_built.model, task)  # built once: identity and rows share it
-        identity = store_identity(as_built, split, store_task)
-        identity.pop("_n_rows"), identity.pop("_normaliser")  # the store keeps its own normaliser
+        identity = store_identity(as_built, split, store_task, store_basis(root))  # grown with its own sides
+        identity.pop("_n_rows"), identity.pop("_normaliser"), identity.pop("_basis")  # the store keeps its own
         fields = [f for f in IDENTITY_FIELDS if f != "task"]
         problems = identity_mismatches({k: manifest.get(k) for k in fields}, {k: identity[k] for k in fields})
         for key in ("name", "kind"):

@@ -21,11 +21,13 @@ import torch
 from tdastore.config import Config, load_config
 from tdastore.devices import resolve_device
 from tdastore.errors import GradientError, StoreError
+from tdastore.grads.basis import Basis
 from tdastore.grads.batching import padded_tokens, plan_batches
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.factored import FactoredLinearGradients, KroneckerStatistics
 from tdastore.grads.normaliser import Normaliser
 from tdastore.grads.per_example import all_finite, check_finite
+from tdastore.store.bases import store_basis
 from tdastore.store.location import store_path, zarr_store
 from tdastore.store.manifest import GRADS_DIR
 from tdastore.store.normalisers import store_normaliser
@@ -48,6 +50,7 @@ class ShardComputer:
         task: Task | None = None,
         normaliser: Normaliser | None = None,
         source: dict | None = None,
+        basis: Basis | None = None,
     ):
         self.config = config
         self.split = split
@@ -56,7 +59,9 @@ class ShardComputer:
         self.model = load_model(config, self.task).to(self.device)
         loss_fn = self.task.per_example_loss if split == "train" else self.task.test_function
         normaliser = normaliser.bind(self.model) if normaliser is not None else None
-        self.gradients = make_gradient_computer(self.model, loss_fn, config.gradients, config.projection, normaliser)
+        self.gradients = make_gradient_computer(
+            self.model, loss_fn, config.gradients, config.projection, normaliser, basis
+        )
         self.data = self.task.examples(split) if source is None else source_examples(self.task, split, source)
         self.dtype = getattr(torch, config.store.dtype)
         self.unprojected = self.gradients.spec()["kind"] == "none"
@@ -151,7 +156,9 @@ class GradientWorker:
     ):
         torch.set_num_threads(max(1, threads))
         self.root = store_path(root)
-        self.computer = ShardComputer(load_config(config_dict), split, task, store_normaliser(self.root), source)
+        self.computer = ShardComputer(
+            load_config(config_dict), split, task, store_normaliser(self.root), source, store_basis(self.root)
+        )
         if model_fingerprint(self.computer.model) != model_fp:
             raise StoreError("the model weights changed on disk while the build ran: restart the build")
         self.fault = fault

@@ -84,8 +84,10 @@ def make_gradient_computer(
     gradients: GradientConfig,
     projection: ProjectionConfig,
     normaliser: Normaliser | None = None,
+    basis=None,
 ) -> GradientComputer:
-    """normaliser: rows scaled by Adam's second moment before projection (gradients.normalizer; the store's)."""
+    """normaliser: rows scaled by Adam's second moment before projection (gradients.normalizer; the store's).
+    basis: a factored projection's fitted sides (projection.basis pca; the store's, tdastore/grads/basis.py)."""
     if normaliser is not None and normaliser.kind == "adam" and projection.kind == "factored":
         raise GradientError(
             "gradients.normalizer: adam needs the full diagonal, which a factored projection cannot apply: use "
@@ -93,7 +95,7 @@ def make_gradient_computer(
         )
     if projection.kind == "factored":
         return FactoredLinearGradients(
-            model, loss_fn, gradients.params, projection, gradients.modules, gradients.full_norms, normaliser
+            model, loss_fn, gradients.params, projection, gradients.modules, gradients.full_norms, normaliser, basis
         )
     if gradients.modules:  # module patterns name the parameters for the other computers too
         gradients = GradientConfig(

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tdastore.config import ProjectionConfig
-from tdastore.errors import GradientError
+from tdastore.errors import GradientError, StoreError
 from tdastore.grads.projection import derive_seed
 
 
@@ -336,10 +336,12 @@ class FactoredLinearGradients(LinearHookGradients):
         module_patterns=None,
         full_norms: bool = True,
         normaliser=None,
+        basis=None,
     ):
         super().__init__(model, loss_fn, patterns, "projection.kind 'factored'", module_patterns, embeddings=True)
         self.config = config
         self.normaliser = normaliser
+        self.basis = basis  # fitted sides (tdastore/grads/basis.py) or None: every side random
         self.full_norms = full_norms  # |full per-example gradient|^2 per row: B T^2 (d_in + d_out) extra work
         canonical = parameter_names(model)
         self.blocks: list[tuple[str, int, int]] = []  # (owner module, d_out, d_in (+1 with a bias)) per weight
@@ -372,14 +374,27 @@ class FactoredLinearGradients(LinearHookGradients):
         col = 0
         for name, d_out, d_in in self.blocks:
             k_out, k_in = module_factors(config, name)
-            p_out = _side_matrix(config.seed, f"{name}.out", d_out, k_out)  # generated on the CPU: same bits
-            p_in = _side_matrix(config.seed, f"{name}.in", d_in, k_in)
+            p_out = self._side(f"{name}.out", d_out, k_out)
+            p_in = self._side(f"{name}.in", d_in, k_in)
             self.p_out.append(None if p_out is None else p_out.to(device))
             self.p_in.append(None if p_in is None else p_in.to(device))
             self.dims.append((min(d_out, k_out), min(d_in, k_in)))
             self.offsets.append(col)
             col += self.dims[-1][0] * self.dims[-1][1]
         self.out_dim = col
+
+    def _side(self, name: str, dim: int, k: int) -> torch.Tensor | None:
+        """[dim, k]: the basis's fitted side where it has one, else the seed's Gaussian (generated on the CPU: the
+        same bits everywhere); None where the side is no wider than k."""
+        fitted = self.basis.matrices.get(name) if self.basis is not None else None
+        if fitted is not None and dim > k:
+            if tuple(fitted.shape) != (dim, k):
+                raise StoreError(
+                    f"the store's projection basis holds {name} as {tuple(fitted.shape)}, this model's side is "
+                    f"({dim}, {k}): the model or projection.factors changed; rebuild the store"
+                )
+            return fitted
+        return _side_matrix(self.config.seed, name, dim, k)
 
     def spec(self) -> dict:
         spec = {
@@ -392,6 +407,8 @@ class FactoredLinearGradients(LinearHookGradients):
         }
         if self.tied:
             spec["tied"] = dict(self.tied)
+        if self.basis is not None:
+            spec["basis"] = self.basis.spec()
         return with_normaliser(spec, self.normaliser)
 
     def __call__(self, inputs, targets, out=None):

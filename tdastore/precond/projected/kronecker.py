@@ -27,6 +27,7 @@ from tdastore.precond.damping import resolve_damping
 from tdastore.precond.projected.operators import ProjectedOperator
 from tdastore.precond.projected.spectral import Block, SpectralOperator, column_groups
 from tdastore.precond.registry import FitInputs, register
+from tdastore.store.bases import store_basis
 from tdastore.store.writer import read_shard_statistics
 
 
@@ -75,6 +76,7 @@ class KroneckerOperator(ProjectedOperator):
             config.gradients.params,
             config.projection,
             config.gradients.modules,
+            basis=store_basis(store.root),  # the store's fitted sides (projection.basis pca), else random
         )
         if computer.spec() != store.manifest["projection"]:
             raise StoreError("the model's factored projection differs from the store's: the store's config was edited")
