@@ -64,6 +64,9 @@ def main() -> None:
                     results = evaluate(store, run / "groundtruth", methods=methods, path="projected", progress=False,
                                        metrics=("cosine", "lds"))  # fmt: skip
                     for name, entry in results["methods"].items():
+                        if "error" in entry:  # e.g. a dense operator too wide for these columns
+                            print(f"{factors} x {factors} {basis} {name}: skipped ({entry['error']})", flush=True)
+                            continue
                         found["rows"][f"{factors} {basis} {name}"] = {
                             "cosine": entry["cosine"],
                             "lds_best": max(entry["lds"]),
@@ -74,9 +77,11 @@ def main() -> None:
                         size = f"{factors} x {factors}"
                         line = f"{size:<9} {basis:<7} {name:<9} cosine first {first:.3f}  LDS best {lds:.3f}"
                         print(line, flush=True)
-    points = report_points(found["evals"])
+    Path(args.out).write_text(json.dumps(found, indent=1))
+    labels = found["evals"]["labels"]
+    points = report_points(labels)
     print(f"\n{'factors':<8} {'basis':<7} {'method':<9} {'columns':>8} "
-          + " ".join(f"{'step ' + str(found['evals'][p]):>8}" for p in points) + "  LDS best")  # fmt: skip
+          + " ".join(f"{'step ' + str(labels[p]):>8}" for p in points) + "  LDS best")  # fmt: skip
     for label, row in found["rows"].items():
         cells = " ".join(f"{row['cosine'][p]:>8.3f}" for p in points)
         parts = label.split(" ")
@@ -85,7 +90,6 @@ def main() -> None:
             head = f"{'exact':<8} {'-':<7} {parts[-1]:<9}"
         lds = f"  {row['lds_best']:.3f}" if "lds_best" in row else ""
         print(f"{head} {row['columns'] or '-':>8} {cells}{lds}")
-    Path(args.out).write_text(json.dumps(found, indent=1))
     print(f"wrote {args.out}")
 
 

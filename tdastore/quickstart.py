@@ -95,7 +95,8 @@ def text_demo_config(output: Path, n_train: int | None = None) -> Config:
     """The paper's text setting (PAPER.md, SST-2) on the offline demo LM: subtract coupling, AdamW at a tenth of
     the demo LM's training rate (3e-3), clipping 1.0, one epoch in batches of 8, an evaluation every 5 steps,
     8 seeds, 50 left-out documents, 50 test documents; a factored 16 x 16 store over every matrix of the model
-    (modules: all: embeddings, the tied head and every block Linear)."""
+    (modules: all: embeddings, the tied head and every block Linear) with PCA sides (projection.basis: pca, fitted
+    on every training document: 1.5-2.3x the cosine of random sides at these 2,560 columns)."""
     root = output / TEXT_DEMO
     steps = -(-n_train // 8) if n_train else 1  # one epoch
     return load_config(
@@ -110,7 +111,7 @@ def text_demo_config(output: Path, n_train: int | None = None) -> Config:
             },  # fmt: skip
             "model": {"name_or_path": str(root / "model")},
             "gradients": {"modules": "all", "batch_size": 32},
-            "projection": {"kind": "factored", "factors": [16, 16]},
+            "projection": {"kind": "factored", "factors": [16, 16], "basis": "pca"},
             "store": {"chunk_rows": 128, "shard_rows": 128, "path": str(root / "store")},
             "build": {"workers": 2},
             "attribution": {"lissa_depth": 100},
