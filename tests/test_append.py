@@ -126,3 +126,30 @@ def test_append_a_file_with_the_stores_own_encoding_and_refusals(ray_cluster, tm
     with pytest.raises(StoreError, match="already in store"):
         dup = dataclasses.replace(config.task, dataset=str(tmp_path / "dup.csv"))
         build_store(dataclasses.replace(config, task=dup), store.root, progress=False, append=True)
+
+
+def test_appending_to_a_pca_store_keeps_its_basis(ray_cluster, tmp_path):
+    """projection.basis pca: rows appended later are projected with the store's own fitted sides (the new data
+    never refits them), so build(A) + append(B) holds build(A+B)'s basis and rows when both fit on A's first rows
+    (rows to float32 rounding: the appended rows are batched from another first row)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(400, 6), torch.randn(400)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    loss = lambda out, target: (out.squeeze(-1) - target) ** 2  # noqa: E731
+    config = load_config(
+        {
+            "device": "cpu",
+            "store": {"chunk_rows": 32, "shard_rows": 64},
+            "projection": {"kind": "factored", "factors": [4, 4], "basis": "pca", "basis_examples": 200},
+            "build": {"workers": 2, "max_retries": 0},
+        }
+    )
+    objects = {"model": model, "loss": loss, "test_data": (x[:5], y[:5]), "progress": False}
+    union = tdastore.build(config, tmp_path / "union", data=(x, y), **objects)
+    grown = tdastore.build(config, tmp_path / "grown", data=(x[:250], y[:250]), append=True, **objects)
+    basis = (grown.root / "basis.safetensors").read_bytes()
+    assert grown.manifest["projection"]["basis"]["examples"] == 200  # more than B holds: B alone would refit
+    grown = tdastore.build(config, tmp_path / "grown", data=(x[250:], y[250:]), append=True, **objects)
+    assert grown.n_rows == 400 and (grown.root / "basis.safetensors").read_bytes() == basis
+    assert grown.manifest["projection"] == union.manifest["projection"]
+    np.testing.assert_allclose(grown.read_rows(), union.read_rows(), rtol=1e-5, atol=1e-6)

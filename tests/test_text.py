@@ -967,6 +967,7 @@ def test_a_pca_store_projects_queries_with_its_own_basis(ray_cluster, tiny_lm, t
     store = build_store(config, tmp_path / "store", progress=False)
     spec = store.manifest["projection"]["basis"]
     assert spec["kind"] == "pca" and spec["examples"] == 40 and (store.root / "basis.safetensors").is_file()
+    assert "PCA sides fitted on 40 examples" in store.summary()  # what `tdastore info` prints
     attributor = Attributor(store, "grad_dot", {"attribution": {"path": "projected"}})
     computer = attributor._gradient_computer(attributor.task.per_example_loss)
     assert computer.basis is not None and computer.spec() == store.manifest["projection"]

@@ -50,16 +50,20 @@ from tdastore.training import load_model
 from tdastore.version import __version__
 
 
-def store_identity(config: Config, split: str, task: Task | None = None, basis: Basis | None = None) -> dict:
+def store_identity(
+    config: Config, split: str, task: Task | None = None, basis: Basis | None = None, keep_basis: bool = False
+) -> dict:
     """What a store's rows mean: split, task, model, gradient and projection spec, layout. basis: the fitted
-    sides of the store being resumed or grown (projection.basis pca), else they are fitted here."""
+    sides of the store being resumed (kept if fitted on as many examples as the config asks) or grown
+    (`keep_basis`: new data never refits them), else (projection.basis pca) they are fitted here."""
     task = resolve_task(config.task, config.model, task)
     model = load_model(config, task)
     loss_fn = task.per_example_loss if split == "train" else task.test_function
     computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection)
     normaliser = make_normaliser(config, model, task, list(computer.param_spec()["params"]))  # None: no normalizer
     fit_on = min(config.projection.basis_examples, len(task.examples("train")))
-    if config.projection.basis == "pca" and (basis is None or basis.examples != fit_on):  # training loss, any split
+    refit = basis is None or not keep_basis and basis.examples != fit_on
+    if config.projection.basis == "pca" and refit:  # the training loss, for either split
         basis = fit_pca_basis(
             make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection, normaliser),
             task.examples("train"),
@@ -318,7 +322,7 @@ def append_rows(
         new_dataset = config.task.dataset  # the config route's new data; the store's own task encodes it
         as_built = replace(config, task=load_config(manifest["config"]).task) if task is None else config
         store_task = resolve_task(as_built.task, as_built.model, task)  # built once: identity and rows share it
-        identity = store_identity(as_built, split, store_task, store_basis(root))  # grown with its own sides
+        identity = store_identity(as_built, split, store_task, store_basis(root), keep_basis=True)
         identity.pop("_n_rows"), identity.pop("_normaliser"), identity.pop("_basis")  # the store keeps its own
         fields = [f for f in IDENTITY_FIELDS if f != "task"]
         problems = identity_mismatches({k: manifest.get(k) for k in fields}, {k: identity[k] for k in fields})

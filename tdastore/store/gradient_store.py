@@ -191,7 +191,10 @@ class GradientStore:
             f"model        fingerprint {m['model']['fingerprint']}, {m['gradients']['numel']:,} gradient entries "
             f"over {len(m['gradients']['params'])} parameter tensors",
             f"modules      {module_patterns(m['gradients']['params'])}",
-            f"projection   {proj['kind']} -> {proj['out_dim']}" + (f" (seed {proj['seed']})" if "seed" in proj else ""),
+            f"projection   {proj['kind']} -> {proj['out_dim']}"
+            + (f" (seed {proj['seed']})" if "seed" in proj else "")
+            + (f", PCA sides fitted on {proj['basis']['examples']:,} examples" if "basis" in proj else "")
+            + (f", rows scaled by Adam's v ({proj['normaliser']['kind']})" if "normaliser" in proj else ""),
             f"gradients    [{m['n_rows']:,}, {m['dim']:,}] {m['dtype']}, chunks of {m['layout']['chunk_rows']} rows",
         ]
         for segment in m.get("segments", [])[1:]:  # rows appended by `tdastore build --append`
