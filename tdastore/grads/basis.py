@@ -28,7 +28,7 @@ from tdastore.devices import model_device
 from tdastore.errors import StoreError
 from tdastore.grads.normaliser import moments_digest
 
-KINDS = ("random", "pca")
+CHUNK_ENTRIES = 1 << 25  # per-example gradient entries formed at once while fitting (256 MB in float64)
 
 
 @dataclass
@@ -73,9 +73,8 @@ def top_eigenvectors(second_moment: torch.Tensor, k: int) -> torch.Tensor:
 
 def fit_pca_basis(computer, examples, batch_size: int, limit: int, max_dim: int, progress: bool = False) -> Basis:
     """The PCA sides of a FactoredLinearGradients' blocks from its own per-example gradients (see the module
-    docstring); `computer` differentiates the training loss with the store's normaliser."""
-    from torch import nn
-
+    docstring); `computer` differentiates the training loss with the store's normaliser. One block's per-example
+    gradients are formed at a time, CHUNK_ENTRIES at most."""
     from tdastore.grads.factored import module_factors
 
     fitted = {}  # block -> (k_out, k_in), the blocks a basis is fitted for
@@ -83,6 +82,9 @@ def fit_pca_basis(computer, examples, batch_size: int, limit: int, max_dim: int,
         k_out, k_in = module_factors(computer.config, name)
         if max(d_out, d_in) <= max_dim and (d_out > k_out or d_in > k_in):
             fitted[block] = (k_out, k_in)
+    uses: dict[int, list[int]] = {}  # block -> its modules (a tied weight has two)
+    for index, block in enumerate(computer.block_of):
+        uses.setdefault(block, []).append(index)
     n = min(limit, len(examples))
     device = model_device(computer.model)
     c_out = {b: torch.zeros(computer.blocks[b][1], computer.blocks[b][1], dtype=torch.float64) for b in fitted}
@@ -90,22 +92,14 @@ def fit_pca_basis(computer, examples, batch_size: int, limit: int, max_dim: int,
     for start in tqdm(range(0, n, batch_size), desc="PCA basis", unit="batch", disable=not progress):
         part = examples.slice(start, min(start + batch_size, n)).to(device)
         _, captured = computer.capture(part.inputs, part.targets)
-        blocks: dict[int, torch.Tensor] = {}  # per block, the batch's per-example gradients [B, d_out, d_in]
-        for index, (acts, grads) in enumerate(captured):
-            block = computer.block_of[index]
-            if block not in fitted:
-                continue
-            u, w = computer._scaled_sides(index, acts, grads)
-            if isinstance(u, tuple):  # an embedding's out side: one-hot ids times the per-id scale
-                ids, scale = u
-                u = nn.functional.one_hot(ids, computer.blocks[block][1]).float()  # [B, T, num]
-                u = u if scale is None else u * scale[ids].unsqueeze(-1)
-            gradient = torch.bmm(u.transpose(1, 2), w)  # [B, d_out, d_in]
-            blocks[block] = blocks[block] + gradient if block in blocks else gradient
-        for block, gradient in blocks.items():
-            gradient = gradient.detach().double().cpu()
-            c_out[block] += torch.einsum("boi,bpi->op", gradient, gradient)
-            c_in[block] += torch.einsum("boi,boj->ij", gradient, gradient)
+        for block in fitted:
+            _, d_out, d_in = computer.blocks[block]
+            sides = [computer._scaled_sides(index, *captured[index]) for index in uses[block]]
+            step = max(1, CHUNK_ENTRIES // (d_out * d_in))
+            for lo in range(0, len(part), step):
+                gradient = sum(_per_example(u, w, d_out, lo, lo + step) for u, w in sides).double()  # [b, out, in]
+                c_out[block] += torch.einsum("boi,bpi->op", gradient, gradient).cpu()
+                c_in[block] += torch.einsum("boi,boj->ij", gradient, gradient).cpu()
     matrices = {}
     for block, (k_out, k_in) in fitted.items():
         name, d_out, d_in = computer.blocks[block]
@@ -114,3 +108,17 @@ def fit_pca_basis(computer, examples, batch_size: int, limit: int, max_dim: int,
         if d_in > k_in:
             matrices[f"{name}.in"] = top_eigenvectors(c_in[block], k_in)
     return Basis(matrices, n)
+
+
+def _per_example(u, w, d_out: int, lo: int, hi: int) -> torch.Tensor:
+    """Examples lo:hi of one module's per-example gradient sum_t u_t w_t^T, [b, d_out, d_in] float32; an
+    embedding's out side (ids [B, T], per-id scale or None) is scattered by id, no one-hot formed."""
+    w = w[lo:hi].detach()  # [b, T, d_in]
+    if not isinstance(u, tuple):
+        return torch.bmm(u[lo:hi].detach().transpose(1, 2), w)
+    ids, scale = u
+    ids = ids[lo:hi]  # [b, T]
+    if scale is not None:
+        w = w * scale[ids].unsqueeze(-1)
+    out = w.new_zeros(w.shape[0], d_out, w.shape[2])
+    return out.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, w.shape[2]), w)
