@@ -4,7 +4,8 @@ On the text demo of a finished `tdastore quickstart --datasets text-demo` (its L
 builds the factored store over every matrix (`modules: all`) at each size in --factors with random and with PCA
 sides, plain and with the Adafactor normaliser, and evaluates the projected methods on each against the same
 gold standard; the exact path over the same matrices is the ceiling every projection approaches. Reference in
-the same run: the random sides at the same size.
+the same run: the random sides at the same size; `--factors 0` keeps every side whole (the exact inner products
+over the store's matrices, what any projection of them approaches).
 
     python benchmarks/projection_basis.py --run runs/quickstart/text-demo [--factors 16 32 64]
 
@@ -21,12 +22,13 @@ from pathlib import Path
 
 PLAIN = ["grad_dot", "if_gn", "datainf", "ekfac"]
 NORMALISED = ["adam_dot", "adam_cos"]
+WHOLE = 1 << 20  # a side this wide is never projected (the identity)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default="runs/quickstart/text-demo", help="a finished text-demo folder")
-    parser.add_argument("--factors", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--factors", type=int, nargs="+", default=[16, 32, 64, 0], help="0: every side whole")
     parser.add_argument("--out", default="benchmarks/results/projection_basis.json")
     args = parser.parse_args()
 
@@ -51,12 +53,16 @@ def main() -> None:
             found["rows"][f"exact all parameters {name}"] = {"cosine": entry["cosine"], "columns": None}
         found["evals"] = exact["evals"]
         for factors in args.factors:
-            for basis in ("random", "pca"):
-                for normalizer, methods in (("none", PLAIN), ("adafactor", NORMALISED)):
+            whole = factors == 0  # every side kept whole: the exact inner products over the store's matrices
+            for basis in ("random",) if whole else ("random", "pca"):
+                kinds = (("none", ["grad_dot"]), ("adafactor", ["adam_dot"])) if whole else (
+                    ("none", PLAIN), ("adafactor", NORMALISED))  # fmt: skip
+                for normalizer, methods in kinds:
+                    sides = [WHOLE, WHOLE] if whole else [factors, factors]
                     config = load_config({
                         **base,
                         "gradients": {**base["gradients"], "normalizer": normalizer},
-                        "projection": {**base["projection"], "basis": basis, "factors": [factors, factors]},
+                        "projection": {**base["projection"], "basis": basis, "factors": sides},
                     })  # fmt: skip
                     began = time.perf_counter()
                     store = build_store(config, run / f"basis-{basis}-{factors}-{normalizer}", progress=False)
@@ -67,14 +73,14 @@ def main() -> None:
                         if "error" in entry:  # e.g. a dense operator too wide for these columns
                             print(f"{factors} x {factors} {basis} {name}: skipped ({entry['error']})", flush=True)
                             continue
-                        found["rows"][f"{factors} {basis} {name}"] = {
+                        found["rows"][f"{'whole' if whole else factors} {basis} {name}"] = {
                             "cosine": entry["cosine"],
                             "lds_best": max(entry["lds"]),
                             "columns": store.manifest["dim"],
                             "build_s": built,
                         }
                         first, lds = entry["cosine"][0], max(entry["lds"])
-                        size = f"{factors} x {factors}"
+                        size = "whole" if whole else f"{factors} x {factors}"
                         line = f"{size:<9} {basis:<7} {name:<9} cosine first {first:.3f}  LDS best {lds:.3f}"
                         print(line, flush=True)
     Path(args.out).write_text(json.dumps(found, indent=1))
