@@ -978,6 +978,8 @@ def test_a_pca_store_projects_queries_with_its_own_basis(ray_cluster, tiny_lm, t
     scores = attributor.score_matrix(test)  # [3, N]
     expected = attributor.test_rows(test) @ store.read_rows(0, store.n_rows).T / store.n_rows  # attribution.scale
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    ekfac = Attributor(store, "ekfac", {"attribution": {"path": "projected"}})  # the K-FAC fit projects with it
+    assert np.isfinite(ekfac.score_matrix(test)).all()
     before = (store.root / "basis.safetensors").read_bytes()
     import tdastore.distributed.build as build_module
 

@@ -1,8 +1,8 @@
 """Data-dependent sides of the factored projection (projection.basis: pca), LoGra's PCA initialisation.
 
 A random Kronecker projection P_out^T G P_in keeps a per-example gradient's inner products only on average, and
-each side is a k-column sketch of its own: at 16 x 16 the product's error is about that of a 16-column Gaussian
-projection, not a 256-column one. Projecting each side onto the top eigenvectors of the training gradients' own
+each side is a k-column sketch of its own: at 16 x 16 the product's error is of the order of a 16-column Gaussian
+projection's, not a 256-column one's. Projecting each side onto the top eigenvectors of the training gradients' own
 second moments instead,
     C_out = sum_i G_i G_i^T  [d_out, d_out],    C_in = sum_i G_i^T G_i  [d_in, d_in],
 keeps the k_out x k_in directions where the gradients carry most of their energy (per side, Eckart-Young), so a
