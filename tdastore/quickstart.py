@@ -9,7 +9,7 @@ evaluate both metrics, and write a report with plots. For diabetes a second, sub
 (4 seeds) checks the metagradient where it is exact to first order. Every step resumes.
 
 Then the same measurement on the offline demo LM (`text-demo`: GPT-2 2 x 64 trained here on 400 of Python's
-docstrings) in the paper's text setting (text_demo_config), about 5 minutes on 2 cores. Further training runs
+docstrings) in the paper's text setting (text_demo_config), about 8 minutes on 2 cores. Further training runs
 at a tenth of the training rate everywhere, as the paper's.
 """
 
