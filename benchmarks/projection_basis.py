@@ -3,11 +3,11 @@
 On the text demo of a finished `tdastore quickstart --datasets text-demo` (its LM, config and gold standard),
 builds the factored store over every matrix (`modules: all`) at each size in --factors with random and with PCA
 sides, plain and with the Adafactor normaliser, and evaluates the projected methods on each against the same
-gold standard; the exact path over the same matrices is the ceiling every projection approaches. Reference in
-the same run: the random sides at the same size; `--factors 0` keeps every side whole (the exact inner products
-over the store's matrices, what any projection of them approaches).
+gold standard, beside the exact path over all parameters. Reference in the same run: the random sides at the
+same size; `--factors 0` keeps every side whole (the exact inner products over the store's matrices, what a
+projection of them approaches).
 
-    python benchmarks/projection_basis.py --run runs/quickstart/text-demo [--factors 16 32 64]
+    python benchmarks/projection_basis.py --run runs/quickstart/text-demo [--factors 16 32 64 0]
 
 Writes benchmarks/results/projection_basis.json and prints cosine at the report's evaluation points and the best
 LDS for each (size, basis, method).
