@@ -25,8 +25,7 @@ import torch
 from tqdm import tqdm
 
 from tdastore.devices import model_device
-from tdastore.errors import StoreError
-from tdastore.grads.normaliser import moments_digest
+from tdastore.grads.normaliser import checked_tensors, moments_digest, tensors_to_bytes
 
 CHUNK_ENTRIES = 1 << 25  # per-example gradient entries formed at once while fitting (256 MB in float64)
 
@@ -42,24 +41,12 @@ class Basis:
         return {"kind": "pca", "examples": self.examples, "sha256": moments_digest(self.matrices)}
 
     def to_bytes(self) -> bytes:
-        from safetensors.torch import save
-
-        return save({n: t.contiguous() for n, t in self.matrices.items()})
+        return tensors_to_bytes(self.matrices)
 
     @classmethod
     def from_bytes(cls, data: bytes, spec: dict, where: str) -> Basis:
         """The basis a store was built with; its bytes must give the sha256 its spec recorded."""
-        from safetensors.torch import load
-
-        try:
-            matrices = load(data)
-        except Exception as err:  # noqa: BLE001 - safetensors raises several kinds for damaged bytes
-            raise StoreError(f"the store's projection basis {where} cannot be read ({err}): rebuild it") from None
-        if moments_digest(matrices) != spec.get("sha256"):
-            raise StoreError(
-                f"the store's projection basis {where} does not match its recorded sha256: rebuild the store"
-            )
-        return cls(matrices, int(spec["examples"]))
+        return cls(checked_tensors(data, spec, f"projection basis {where}"), int(spec["examples"]))
 
 
 def top_eigenvectors(second_moment: torch.Tensor, k: int) -> torch.Tensor:

@@ -90,22 +90,34 @@ class Normaliser:
 
     # -- bytes (the store keeps them: tdastore/store/normalisers.py) ----------------------------------
     def to_bytes(self) -> bytes:
-        from safetensors.torch import save
-
-        return save({n: t.contiguous() for n, t in self.moments.items()})
+        return tensors_to_bytes(self.moments)
 
     @classmethod
     def from_bytes(cls, data: bytes, spec: dict, where: str) -> Normaliser:
         """The normaliser a store was built with; its bytes must give the sha256 its spec recorded."""
-        from safetensors.torch import load
-
-        try:
-            moments = load(data)
-        except Exception as err:  # noqa: BLE001 - safetensors raises several kinds for damaged bytes
-            raise StoreError(f"the store's normaliser {where} cannot be read ({err}): rebuild the store") from None
-        if moments_digest(moments) != spec.get("sha256"):
-            raise StoreError(f"the store's normaliser {where} does not match its recorded sha256: rebuild the store")
+        moments = checked_tensors(data, spec, f"normaliser {where}")
         return cls(spec["kind"], moments, float(spec["eps"]), spec["source"])
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of named tensors (what a store keeps beside its rows)."""
+    from safetensors.torch import save
+
+    return save({n: t.contiguous() for n, t in tensors.items()})
+
+
+def checked_tensors(data: bytes, spec: dict, what: str) -> dict[str, torch.Tensor]:
+    """Named tensors from safetensors bytes that must give the sha256 `spec` recorded; a clear StoreError
+    naming `what` otherwise."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except Exception as err:  # noqa: BLE001 - safetensors raises several kinds for damaged bytes
+        raise StoreError(f"the store's {what} cannot be read ({err}): rebuild the store") from None
+    if moments_digest(tensors) != spec.get("sha256"):
+        raise StoreError(f"the store's {what} does not match its recorded sha256: rebuild the store")
+    return tensors
 
 
 def moments_digest(moments: dict[str, torch.Tensor]) -> str:
