@@ -61,17 +61,18 @@ def store_identity(
     loss_fn = task.per_example_loss if split == "train" else task.test_function
     computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection)
     normaliser = make_normaliser(config, model, task, list(computer.param_spec()["params"]))  # None: no normalizer
-    fit_on = min(config.projection.basis_examples, len(task.examples("train")))
-    refit = basis is None or not keep_basis and basis.examples != fit_on
-    if config.projection.basis == "pca" and refit:  # the training loss, for either split
-        basis = fit_pca_basis(
-            make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection, normaliser),
-            task.examples("train"),
-            config.gradients.batch_size,
-            config.projection.basis_examples,
-            config.projection.basis_max_dim,
-        )
-    basis = basis if config.projection.basis == "pca" else None
+    if config.projection.basis != "pca":
+        basis = None
+    else:  # fitted on the training loss, for either split
+        train = task.examples("train")
+        if basis is None or not keep_basis and basis.examples != min(config.projection.basis_examples, len(train)):
+            basis = fit_pca_basis(
+                make_gradient_computer(model, task.per_example_loss, config.gradients, config.projection, normaliser),
+                train,
+                config.gradients.batch_size,
+                config.projection.basis_examples,
+                config.projection.basis_max_dim,
+            )
     if normaliser is not None or basis is not None:  # the same parameters, rows scaled by D^(1/2), fitted sides
         computer = make_gradient_computer(model, loss_fn, config.gradients, config.projection, normaliser, basis)
     description = task.description()
