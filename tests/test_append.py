@@ -23,14 +23,20 @@ from tdastore.tasks import TabularTask
 from tdastore.training import load_model
 
 
+def objects_route(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A small regression on the objects route: inputs [n, 6], targets [n], and build's model / loss / test data."""
+    torch.manual_seed(seed)
+    x, y = torch.randn(n, 6), torch.randn(n)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    loss = lambda out, target: (out.squeeze(-1) - target) ** 2  # noqa: E731
+    return x, y, {"model": model, "loss": loss, "test_data": (x[:5], y[:5]), "progress": False}
+
+
 def test_append_then_append_equals_a_build_of_the_union(ray_cluster, tmp_path):
     """Objects route: append(A) (a build) then append(B) holds the rows of build(A+B) bit for bit, with the same
     ids and metadata; a fitted operator is refit on the grown store (scores equal the union store's), a flat index
     grows to brute force's top-k, and an IVF index keeps its old shard and quantiser for the new rows."""
-    torch.manual_seed(0)
-    x, y = torch.randn(700, 6), torch.randn(700)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    loss = lambda out, target: (out.squeeze(-1) - target) ** 2  # noqa: E731
+    x, y, objects = objects_route(700, seed=0)
     config = load_config(
         {
             "device": "cpu",
@@ -40,7 +46,6 @@ def test_append_then_append_equals_a_build_of_the_union(ray_cluster, tmp_path):
             "index": {"nlist": 4, "nprobe": 4},
         }
     )
-    objects = {"model": model, "loss": loss, "test_data": (x[:5], y[:5]), "progress": False}
     union = tdastore.build(config, tmp_path / "union", data=(x, y), **objects)
     grown = tdastore.build(config, tmp_path / "grown", data=(x[:450], y[:450]), append=True, **objects)
     test = (x[:5], y[:5])
@@ -132,10 +137,7 @@ def test_appending_to_a_pca_store_keeps_its_basis(ray_cluster, tmp_path):
     """projection.basis pca: rows appended later are projected with the store's own fitted sides (the new data
     never refits them), so build(A) + append(B) holds build(A+B)'s basis and rows when both fit on A's first rows
     (rows to float32 rounding: the appended rows are batched from another first row)."""
-    torch.manual_seed(1)
-    x, y = torch.randn(400, 6), torch.randn(400)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    loss = lambda out, target: (out.squeeze(-1) - target) ** 2  # noqa: E731
+    x, y, objects = objects_route(400, seed=1)
     config = load_config(
         {
             "device": "cpu",
@@ -144,7 +146,6 @@ def test_appending_to_a_pca_store_keeps_its_basis(ray_cluster, tmp_path):
             "build": {"workers": 2, "max_retries": 0},
         }
     )
-    objects = {"model": model, "loss": loss, "test_data": (x[:5], y[:5]), "progress": False}
     union = tdastore.build(config, tmp_path / "union", data=(x, y), **objects)
     grown = tdastore.build(config, tmp_path / "grown", data=(x[:250], y[:250]), append=True, **objects)
     basis = (grown.root / "basis.safetensors").read_bytes()

@@ -29,9 +29,8 @@ from tdastore.methods import Method, get_method, with_normalize
 from tdastore.precond.exact.scorer import ExactScorer
 from tdastore.precond.projected.cache import fit_or_load, operator_key
 from tdastore.precond.registry import FitInputs
-from tdastore.store.bases import store_basis
+from tdastore.store.fitted import store_basis, store_normaliser
 from tdastore.store.location import is_local
-from tdastore.store.normalisers import store_normaliser
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Examples, Task, model_fingerprint
 from tdastore.tasks.measurements import measurement_function

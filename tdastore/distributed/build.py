@@ -21,7 +21,7 @@ from tdastore.errors import StoreError
 from tdastore.grads.basis import Basis, fit_pca_basis
 from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.normaliser import make_normaliser
-from tdastore.store.bases import BASIS_FILE, save_basis, store_basis
+from tdastore.store.fitted import BASIS_FILE, save_basis, save_normaliser, store_basis
 from tdastore.store.gradient_store import GradientStore
 from tdastore.store.job_store import writing
 from tdastore.store.location import absolute, is_local, store_path
@@ -31,7 +31,6 @@ from tdastore.store.manifest import (
     identity_mismatches,
     read_manifest,
 )
-from tdastore.store.normalisers import save_normaliser
 from tdastore.store.verify import mark_for_rebuild, verify_store
 from tdastore.store.writer import (
     add_segment,

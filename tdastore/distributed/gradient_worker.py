@@ -27,10 +27,9 @@ from tdastore.grads.computer import make_gradient_computer
 from tdastore.grads.factored import FactoredLinearGradients, KroneckerStatistics
 from tdastore.grads.normaliser import Normaliser
 from tdastore.grads.per_example import all_finite, check_finite
-from tdastore.store.bases import store_basis
+from tdastore.store.fitted import store_basis, store_normaliser
 from tdastore.store.location import store_path, zarr_store
 from tdastore.store.manifest import GRADS_DIR
-from tdastore.store.normalisers import store_normaliser
 from tdastore.store.writer import Shard, write_shard
 from tdastore.tasks import resolve_task
 from tdastore.tasks.base import Examples, Task, model_fingerprint

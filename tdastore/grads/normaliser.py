@@ -88,7 +88,7 @@ class Normaliser:
             name.endswith(".bias") and self.moments.get(name.rsplit(".", 1)[0] + ".weight", torch.empty(0)).dim() == 2
         )
 
-    # -- bytes (the store keeps them: tdastore/store/normalisers.py) ----------------------------------
+    # -- bytes (the store keeps them: tdastore/store/fitted.py) ----------------------------------
     def to_bytes(self) -> bytes:
         return tensors_to_bytes(self.moments)
 

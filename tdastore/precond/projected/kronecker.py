@@ -27,7 +27,7 @@ from tdastore.precond.damping import resolve_damping
 from tdastore.precond.projected.operators import ProjectedOperator
 from tdastore.precond.projected.spectral import Block, SpectralOperator, column_groups
 from tdastore.precond.registry import FitInputs, register
-from tdastore.store.bases import store_basis
+from tdastore.store.fitted import store_basis
 from tdastore.store.writer import read_shard_statistics
 
 
