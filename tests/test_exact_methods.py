@@ -413,10 +413,13 @@ def reference_replay(ref, gt, rows, horizon, seeds):
     return out / seeds
 
 
-def test_adam_replay_equals_torch_optim_on_frozen_gradients(setup):
+def test_adam_replay_equals_torch_optim_on_frozen_gradients(setup, monkeypatch):
     """adam_replay's rows are the difference torch.optim.AdamW (decoupled decay, clipping that bites) makes after H
-    steps on the final model's frozen batch gradients without row i; with plain SGD and no clipping the replay is
-    linear: lr H grad_dot."""
+    steps on the final model's frozen batch gradients without row i, the runs stepped a few columns at a time
+    (clipping's norms found first); with plain SGD and no clipping the replay is linear: lr H grad_dot."""
+    import tdastore.precond.exact.replay as replay_module
+
+    monkeypatch.setattr(replay_module, "CHUNK_ENTRIES", 1000)  # chunks of 1000 // b columns, and a shorter last one
     config, task, model, ref, g_train, g_test, lambda_0 = setup
     config = copy.deepcopy(config)
     gt = config.groundtruth

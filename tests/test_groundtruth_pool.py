@@ -244,7 +244,7 @@ def test_lds_runs_and_score(ray_cluster, tmp_path):
     np.testing.assert_allclose(stored[:, :, :, 0], direct[:, :, 0, 1:], rtol=1e-6)
 
     store = build_store(config, tmp_path / "store", progress=False)
-    methods = ["grad_dot", "if_gn", "adam_dot", "metagrad"]
+    methods = ["grad_dot", "if_gn", "adam_dot", "metagrad", "adam_replay"]
     results = evaluate(store, gt, methods=methods, out=tmp_path / "ev", progress=False,
                        metrics=("cosine", "lds"), damping_grid=(10.0, 0.1, "auto"))  # fmt: skip
     for name in ("grad_dot", "if_gn", "metagrad"):
@@ -257,6 +257,11 @@ def test_lds_runs_and_score(ray_cluster, tmp_path):
         by_hand = [spearmanr([every[e, t, rows].sum() for rows in manifest["subsets"]], actual[e, t]).statistic
                    for t in range(5)]  # fmt: skip
         assert results["methods"]["metagrad"]["lds"][e] == pytest.approx(np.mean(by_hand), rel=1e-9)
+    # adam_replay's LDS at e uses its replay to e's step over every row: with SGD on frozen gradients that is
+    # lr x steps x Grad-Dot, so the same ranking of the subsets as Grad-Dot's at every point
+    np.testing.assert_allclose(
+        results["methods"]["adam_replay"]["lds"], results["methods"]["grad_dot"]["lds"], atol=1e-9
+    )
     report = (tmp_path / "ev" / "report.md").read_text()
     assert "Linear datamodeling score" in report
     assert results["lds"]["subsets"] == 6

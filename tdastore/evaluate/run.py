@@ -243,17 +243,17 @@ def score_methods(
             if get_method(name).further_training:
                 scores, info, every = metagrad_scores(store, gold.root, gold.manifest, overrides, progress, task)
                 if lds is not None and every is not None:  # metagrad.rows: all -> a prediction for every subset
-                    per_eval = [linear_datamodeling_score(lds[0][e : e + 1], every[e], lds[1]["subsets"])
-                                for e in range(every.shape[0])]  # fmt: skip
-                    info.update(lds=[float(f["lds"][0]) for f in per_eval],
-                                lds_stderr=[float(f["stderr"][0]) for f in per_eval])  # fmt: skip
+                    info.update(lds_each_point(lds, every))
             elif replays_each_point(name, chosen, overrides):
                 attributor = Attributor(store, name, settings, share=shared)
                 if shared.exact is None:
                     shared = attributor
-                scores = replay_at_evaluations(attributor, test, gold)  # [E, T, L]
+                every = replay_at_evaluations(attributor, test, gold, every_row=lds is not None)  # [E, T, N or L]
+                scores = every[:, :, gold.left] if lds is not None else every  # [E, T, L]
                 info = {k: v for k, v in attributor.info.items() if k != "method"}
                 info["replay_steps"] = "each evaluation point"
+                if lds is not None:
+                    info.update(lds_each_point(lds, every))
             else:
                 attributor = Attributor(store, name, settings, share=shared)
                 if chosen == "exact" and shared.exact is None:
@@ -291,20 +291,32 @@ def replays_each_point(name: str, path: str, overrides: dict | None) -> bool:
     return path == "exact" and get_method(name).exact == "adam_replay" and fixed is None
 
 
-def replay_at_evaluations(attributor: Attributor, test, gold: GoldStandard) -> np.ndarray:
+def replay_at_evaluations(attributor: Attributor, test, gold: GoldStandard, every_row: bool = False) -> np.ndarray:
     """[E, T, L]: adam_replay's scores of the left-out rows, replayed to each evaluation point's step (one pass)
-    of the gold standard's own further training (its manifest's optimizer, lr, batch size, clipping, decay)."""
+    of the gold standard's own further training (its manifest's optimizer, lr, batch size, clipping, decay);
+    every_row: [E, T, N], every training row's (for the LDS), a block of rows at a time. A row's replay does not
+    depend on the others replayed beside it, so the left-out rows' scores are the same either way."""
     from tdastore.precond.exact.replay import replay
 
     further = load_config(gold.manifest["config"]).groundtruth  # as the LDS and metagradient jobs read it
     scorer = attributor.exact
-    method = get_method("adam_replay")
-    x = scorer.test_vectors(method, test)  # [T, p]
-    left = scorer.space.train.take(torch.as_tensor(gold.left, dtype=torch.long))
-    rows = torch.cat([g for _, g in scorer.space.example_grads(left)])  # [L, p]
+    x = scorer.test_vectors(get_method("adam_replay"), test)  # [T, p]
+    rows = scorer.space.train
+    if not every_row:
+        rows = rows.take(torch.as_tensor(gold.left, dtype=torch.long))
     steps = [int(s) for s in gold.manifest["evals"]["steps"]]
-    per_step = replay(scorer, rows, steps, further)  # E x [L, p]
-    return np.stack([(x @ delta.T).double().cpu().numpy() for delta in per_step])
+    out = np.empty((len(steps), x.shape[0], len(rows)))
+    for start, block in scorer.space.example_grads(rows):  # block [b, p]
+        for e, delta in enumerate(replay(scorer, block, steps, further)):  # delta [b, p]
+            out[e, :, start : start + len(block)] = (x @ delta.T).double().cpu().numpy()
+    return out
+
+
+def lds_each_point(lds: tuple, every: np.ndarray) -> dict:
+    """The LDS at each evaluation point of scores that differ by point ([E, T, N]: the metagradient's, the replay's),
+    each against that point's actual changes (lds = (actual [E, T, M], LDS manifest))."""
+    per_eval = [linear_datamodeling_score(lds[0][e : e + 1], every[e], lds[1]["subsets"]) for e in range(len(every))]
+    return {"lds": [float(f["lds"][0]) for f in per_eval], "lds_stderr": [float(f["stderr"][0]) for f in per_eval]}
 
 
 def write_results(results: dict, out) -> None:
