@@ -62,3 +62,11 @@ class UpdateRule:
         positive = v > 0
         root = torch.where(positive, torch.sqrt(torch.where(positive, v, torch.ones_like(v))), torch.zeros_like(v))
         return (self.cfg.lr / bias1) * m / (root / bias2**0.5 + ADAM_EPS)
+
+    def adam_step_(self, delta: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, t: int) -> None:
+        """moments + adam_step in place, for runs nothing differentiates through (adam_replay): delta, m, v [r, w]
+        updated where they lie, two passes over the state instead of about ten temporaries."""
+        m.mul_(BETA1).add_(grad, alpha=1 - BETA1)
+        v.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
+        bias1, bias2 = self.bias_corrections(t)
+        delta.addcdiv_(m, v.sqrt().div_(bias2**0.5).add_(ADAM_EPS), value=-self.cfg.lr / bias1)

@@ -151,5 +151,4 @@ class _Run:
         decay = rule.decoupled_decay(weights)
         if decay is not None:
             self.delta -= decay
-        self.m, self.v = rule.moments(self.m, self.v, grad)
-        self.delta -= rule.adam_step(self.m, self.v, *rule.bias_corrections(t))
+        rule.adam_step_(self.delta, self.m, self.v, grad, t)
