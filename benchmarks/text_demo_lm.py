@@ -28,19 +28,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from tdastore.demo_text import make_tiny_lm
     from tdastore.distributed.ray_session import ray_session
-    from tdastore.quickstart import TEXT_DEMO, _table, run_text_demo, text_demo_config
-    from tdastore.tasks.text import quiet_hugging_face, split_rows
+    from tdastore.quickstart import TEXT_DEMO, _table, make_demo_lm, run_text_demo
+    from tdastore.tasks.text import quiet_hugging_face
 
     quiet_hugging_face()
     out, began = Path(args.output), time.perf_counter()
-    root = out / TEXT_DEMO
-    if not (root / "model" / "config.json").is_file():  # the quickstart trains its own LM only when none is there
-        draft = text_demo_config(out)
-        train_rows = None if args.all_documents else split_rows(400, draft.task.test_fraction, draft.task.split_seed)[0]
-        make_tiny_lm(root, vocab_size=512, n_positions=64, train_steps=args.lm_steps, documents=400, max_length=32,
-                     train_rows=None if train_rows is None else train_rows.tolist(), seed=args.seed)  # fmt: skip
+    if not (out / TEXT_DEMO / "model" / "config.json").is_file():  # else the quickstart would train its own LM
+        make_demo_lm(out, False, args.seed, steps=args.lm_steps, all_documents=args.all_documents)
     with ray_session(None, num_cpus=2):
         found = run_text_demo(out, progress=False, seed=args.seed)
     summary = {}

@@ -146,20 +146,17 @@ def run_text_demo(out: Path, progress: bool, seed: int = 0) -> dict:
     path over all parameters. Returns {label: evaluation results}. The LDS subsets are dropped from further
     training (lds.coupling: delete): in the gold standard's subtract coupling each subset's N/2 rows would join
     every step, about 20x its cost."""
-    from tdastore.demo_text import make_tiny_lm
     from tdastore.distributed.build import build_store
     from tdastore.evaluate.run import evaluate
     from tdastore.groundtruth.pool import run_groundtruth
     from tdastore.tasks import make_task
-    from tdastore.tasks.text import quiet_hugging_face, split_rows
+    from tdastore.tasks.text import quiet_hugging_face
 
     quiet_hugging_face()
     root = out / TEXT_DEMO
     draft = text_demo_config(out)
     if not (root / "model" / "config.json").is_file():
-        train_rows, _ = split_rows(400, draft.task.test_fraction, draft.task.split_seed)  # test documents unseen
-        make_tiny_lm(root, vocab_size=512, n_positions=64, train_steps=TEXT_LM_STEPS, documents=400, max_length=32,
-                     progress=progress, train_rows=train_rows.tolist(), seed=seed)  # fmt: skip
+        make_demo_lm(out, progress, seed)
     n_train = len(make_task(draft.task, draft.model).examples("train"))
     config = text_demo_config(out, n_train)
     save_config(config, root / "config.yaml")
@@ -182,6 +179,21 @@ def run_text_demo(out: Path, progress: bool, seed: int = 0) -> dict:
     )  # fmt: skip
     explain_prompts(store, found[TEXT_DEMO], root)
     return found
+
+
+def make_demo_lm(out: Path, progress: bool, seed: int = 0, steps: int = TEXT_LM_STEPS, all_documents: bool = False):
+    """OUT/text-demo's LM, corpus and prompts (tdastore.demo_text.make_tiny_lm): `steps` AdamW steps on the
+    training documents, the test documents left unseen; all_documents trains on those too (the demo LM of
+    before issue 22, benchmarks/text_demo_lm.py)."""
+    from tdastore.demo_text import make_tiny_lm
+    from tdastore.tasks.text import split_rows
+
+    draft = text_demo_config(out)
+    train_rows = None
+    if not all_documents:
+        train_rows = split_rows(400, draft.task.test_fraction, draft.task.split_seed)[0].tolist()
+    make_tiny_lm(out / TEXT_DEMO, vocab_size=512, n_positions=64, train_steps=steps, documents=400, max_length=32,
+                 progress=progress, train_rows=train_rows, seed=seed)  # fmt: skip
 
 
 def explain_prompts(store, results: dict, root: Path, prompts: int = 2, k: int = 3) -> None:

@@ -293,7 +293,7 @@ def make_parser() -> argparse.ArgumentParser:
         commands.cmd_quickstart,
         "the whole method end to end on embedded data sets",
         "Train, build a store with Ray, run the gold standard and every method, evaluate, and write "
-        "reports (diabetes, breast_cancer and a demo language model; about 15 minutes on 2 cores).",
+        "reports (diabetes, breast_cancer and a demo language model; about 17 minutes on 2 cores).",
     )
     quick.add_argument("--output", default="runs/quickstart", help="output directory")
     quick.add_argument(
